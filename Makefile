@@ -1,0 +1,38 @@
+# netswap: `make run` and `make test` each do the whole set-up on Debian 12.
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd clean
+
+setup:
+	@bash deploy/setup-host.sh
+
+run: setup
+	$(VENV)/bin/netswap serve
+
+test: setup lint typecheck pytest
+
+lint:
+	$(VENV)/bin/ruff check protocol server client tests
+	$(VENV)/bin/ruff format --check protocol server client tests
+
+# mypy resolves `netswap.*` through a tree of symlinks that mirrors the installed
+# layout (setuptools' editable finder is an import hook mypy cannot follow).
+typecheck:
+	@mkdir -p .cache/typecheck/netswap
+	@for p in protocol server client; do ln -sfn "$(CURDIR)/$$p" .cache/typecheck/netswap/$$p; done
+	cd .cache/typecheck && MYPYPATH=. $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		-p netswap.protocol -p netswap.server -p netswap.client
+
+pytest:
+	$(PY) -m pytest -q -ra
+
+bench-store: setup
+	$(PY) -m tests.bench.bench_store
+
+bench-nbd: setup
+	$(PY) -m tests.bench.bench_nbd
+
+clean:
+	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache

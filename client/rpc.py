@@ -1,0 +1,240 @@
+"""Pipelined asyncio client for a page store (asyncpg-style thin shell).
+
+Each call sends one request, registers a future under its request id and
+waits for the reply with one deadline for the whole call. Replies may come
+back in any order. When the connection drops, every pending call fails with
+ConnectionLost; a call whose deadline passes fails with TimeoutError and its
+late reply, if any, is dropped. Writers wait while the transport is paused
+(pause_writing), so a slow store pushes back instead of growing a buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+from collections.abc import Sequence
+from typing import cast
+
+from netswap.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Connection,
+    Discard,
+    Failed,
+    Flush,
+    Hello,
+    Ok,
+    Pages,
+    RemoteProtocolError,
+    Reply,
+    Request,
+    Role,
+    Stats,
+    StatsReply,
+    Swapfile,
+    SwapIn,
+    SwapOut,
+    Welcome,
+    batch_crcs,
+)
+
+DEFAULT_DEADLINE_S = 10.0
+
+
+class ConnectionLost(ConnectionError):
+    """The store connection closed with this request still pending."""
+
+
+class StoreFailed(Exception):
+    """The store answered Failed; `errno` says why (ENOSPC, EPERM, EIO, ...)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{errno.errorcode.get(code, code)}: {reason}")
+        self.errno = code
+        self.reason = reason
+
+
+class _RpcProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.conn = Connection(Role.CLIENT)
+        self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                self._fail_all(ConnectionLost(f"store sent garbage: {exc}"))
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            if event is NEED_DATA or event is CLOSED:
+                return
+            assert isinstance(event, Reply)
+            future = self.pending.pop(event.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(event)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def writable(self) -> None:
+        await self._can_write.wait()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(ConnectionLost(f"connection to store lost: {exc or 'closed by peer'}"))
+        self._can_write.set()
+
+    def _fail_all(self, exc: Exception) -> None:
+        self.lost = self.lost or exc
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+class StoreClient:
+    """One authenticated connection to one page store, bound to one area."""
+
+    def __init__(self, protocol: _RpcProtocol, deadline: float) -> None:
+        self._protocol = protocol
+        self._ids = itertools.count(1)
+        self.deadline = deadline
+        self.welcome: Welcome | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        area: str,
+        token: str = "",
+        deadline: float = DEFAULT_DEADLINE_S,
+    ) -> StoreClient:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(deadline):
+            _, protocol = await loop.create_connection(_RpcProtocol, host, port)
+            client = cls(protocol, deadline)
+            try:
+                reply = await client._call(Hello(client._next_id(), PROTOCOL_VERSION, area, token))
+            except BaseException:
+                client.abort()
+                raise
+        assert isinstance(reply, Welcome)
+        client.welcome = reply
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol.lost is None and self._protocol.transport is not None
+
+    def _next_id(self) -> int:
+        while True:
+            rid = next(self._ids) & 0xFFFFFFFF
+            if rid not in self._protocol.pending:
+                return rid
+
+    async def _call(self, request: Request, deadline: float | None = None) -> Reply:
+        protocol = self._protocol
+        if protocol.lost is not None:
+            raise ConnectionLost(str(protocol.lost))
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        rid = request.request_id
+        try:
+            async with asyncio.timeout(deadline if deadline is not None else self.deadline):
+                await protocol.writable()
+                if protocol.lost is not None:
+                    raise ConnectionLost(str(protocol.lost))
+                assert protocol.transport is not None
+                protocol.pending[rid] = future
+                protocol.transport.write(protocol.conn.send(request))
+                reply = await future
+        finally:
+            protocol.pending.pop(rid, None)
+        if isinstance(reply, Failed):
+            raise StoreFailed(reply.errno, reply.reason)
+        return reply
+
+    async def swapfile(self, activate: bool, pages: int) -> None:
+        await self._call(Swapfile(self._next_id(), activate, pages, PAGE_SIZE))
+
+    async def swap_out(
+        self, slots: Sequence[int], data: bytes, checksums: Sequence[int] | None = None
+    ) -> None:
+        crcs = tuple(checksums) if checksums is not None else batch_crcs(data)
+        reply = await self._call(SwapOut(self._next_id(), tuple(slots), data, crcs))
+        assert isinstance(reply, Ok)
+
+    async def swap_in(self, slots: Sequence[int]) -> bytes:
+        """Fetch pages; checksums are verified end to end (mismatch: StoreFailed EIO)."""
+        reply = await self._call(SwapIn(self._next_id(), tuple(slots)))
+        assert isinstance(reply, Pages)
+        if len(reply.checksums) != len(slots):
+            raise StoreFailed(errno.EIO, "store returned the wrong number of pages")
+        if batch_crcs(reply.data) != reply.checksums:
+            raise StoreFailed(errno.EIO, "page checksum mismatch after transfer")
+        return reply.data
+
+    async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        await self._call(Discard(self._next_id(), tuple(ranges)))
+
+    async def flush(self) -> None:
+        await self._call(Flush(self._next_id()))
+
+    async def stats(self) -> dict[str, int]:
+        reply = await self._call(Stats(self._next_id()))
+        assert isinstance(reply, StatsReply)
+        return reply.as_dict()
+
+    def abort(self) -> None:
+        if self._protocol.transport is not None:
+            self._protocol.transport.abort()
+
+    async def close(self) -> None:
+        transport = self._protocol.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+        self._protocol._fail_all(ConnectionLost("client closed"))
+        await asyncio.sleep(0)
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """'HOST:PORT', 'HOST' or '[V6]:PORT' -> (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, ""
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, number
+
+
+def read_token(path: str | None) -> str:
+    if not path:
+        return os.environ.get("NETSWAP_TOKEN", "")
+    with open(path) as f:
+        return f.read().strip()

@@ -1,0 +1,85 @@
+"""Frame codec: a 4-byte big-endian length, then a msgpack array body.
+
+Body layout: [TYPE, request_id, field, field, ...] in dataclass field order.
+Decoding never trusts the peer: msgpack is asked to bound every container, the
+shape is checked before a dataclass is built, and every failure surfaces as
+RemoteProtocolError -- never as a msgpack, Type or Value error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .limits import FRAME_HEADER_SIZE, MAX_BATCH_PAGES, MAX_DISCARD_RANGES, MAX_FRAME_SIZE
+from .messages import BY_TYPE, Message
+
+_HEADER = struct.Struct(">I")
+_FIELDS: dict[int, tuple[str, ...]] = {
+    code: tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    for code, cls in BY_TYPE.items()
+}
+# Largest array in any message: a batch's slots/checksums or a Discard's ranges.
+_MAX_ARRAY = max(MAX_BATCH_PAGES, MAX_DISCARD_RANGES, 16)
+
+
+def encode(message: Message) -> bytes:
+    """Serialize one message into one complete frame (header included)."""
+    if not isinstance(message, Message) or type(message).TYPE not in BY_TYPE:
+        raise LocalProtocolError(f"not a netswap message: {message!r}")
+    fields = _FIELDS[message.TYPE]
+    body: bytes = msgpack.packb(
+        [message.TYPE, *(getattr(message, name) for name in fields)], use_bin_type=True
+    )
+    if len(body) > MAX_FRAME_SIZE:
+        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_SIZE}")
+    return _HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes | bytearray | memoryview) -> int:
+    """Body length announced by a frame header; rejects oversized frames at once."""
+    (length,) = _HEADER.unpack_from(header)
+    if length == 0 or length > MAX_FRAME_SIZE:
+        raise RemoteProtocolError(f"frame length {length} outside 1..{MAX_FRAME_SIZE}")
+    return int(length)
+
+
+def decode(body: bytes | bytearray | memoryview) -> Message:
+    """Parse one frame body into a validated message."""
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_bin_len=MAX_FRAME_SIZE,
+            max_str_len=MAX_FRAME_SIZE,
+            max_array_len=_MAX_ARRAY,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}") from None
+    return _build(obj)
+
+
+def _build(obj: Any) -> Message:
+    if type(obj) is not tuple or len(obj) < 2 or type(obj[0]) is not int:
+        raise RemoteProtocolError("frame body is not [type, request_id, ...]")
+    cls = BY_TYPE.get(obj[0])
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {obj[0]}")
+    fields = _FIELDS[obj[0]]
+    if len(obj) - 1 != len(fields):
+        raise RemoteProtocolError(f"{cls.__name__} takes {len(fields)} fields")
+    try:
+        return cls(*obj[1:])
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}") from None
+
+
+HEADER_SIZE = FRAME_HEADER_SIZE

@@ -1,0 +1,86 @@
+"""Running a page store: listen, serve until a signal, shut down in stages.
+
+Stage 1 on SIGTERM/SIGINT: stop accepting. Stage 2: close every connection
+gracefully (in-flight replies are already written; transports flush them).
+Stage 3: flush the backend so a file store is durable, then close it. A second
+signal while shutting down exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .backends import PageBackend
+from .service import StoreService, Tokens
+from .transport import StoreProtocol
+
+log = logging.getLogger("netswap.store")
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass
+class StoreServer:
+    service: StoreService
+    server: asyncio.Server
+    connections: set[StoreProtocol]
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self.server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        pending = [c.closed for c in list(self.connections)]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), SHUTDOWN_GRACE_S)
+        await self.server.wait_closed()
+        self.service.backend.flush()
+        self.service.backend.close()
+
+
+async def start_store(
+    backend: PageBackend, host: str, port: int, tokens: Tokens | None = None
+) -> StoreServer:
+    service = StoreService(backend, tokens or Tokens.open())
+    connections: set[StoreProtocol] = set()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: StoreProtocol(service, connections), host, port, reuse_address=True
+    )
+    return StoreServer(service, server, connections)
+
+
+async def serve_until_signal(
+    backend: PageBackend,
+    host: str,
+    port: int,
+    tokens: Tokens,
+    on_ready: Callable[[StoreServer], None] | None = None,
+) -> None:
+    store = await start_store(backend, host, port, tokens)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if on_ready is not None:
+        on_ready(store)
+    await stop.wait()
+    await store.close()

@@ -1,0 +1,164 @@
+"""The page store's request logic, free of I/O: one Session per connection.
+
+A session starts unbound; Hello authenticates it and binds it to exactly one
+area, and every later request acts on that area only -- so a client that
+proved itself for area A has no way to even name area B. Backend refusals
+become Failed replies with their errno; nothing a client sends raises here.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+from pathlib import Path
+
+from netswap.protocol import (
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Discard,
+    Failed,
+    Flush,
+    Hello,
+    Ok,
+    Pages,
+    Reply,
+    Request,
+    Stats,
+    StatsReply,
+    Swapfile,
+    SwapIn,
+    SwapOut,
+    Welcome,
+)
+
+from .backends import PageBackend, StoreError
+
+
+class Tokens:
+    """Who may bind which area. File lines: `TOKEN` (any area) or `AREA TOKEN`."""
+
+    def __init__(self, any_area: list[str], per_area: dict[str, str]) -> None:
+        self.any_area = any_area
+        self.per_area = per_area
+
+    @classmethod
+    def open(cls) -> Tokens:
+        return cls([], {})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokens:
+        any_area: list[str] = []
+        per_area: dict[str, str] = {}
+        for raw in Path(path).read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) == 1:
+                any_area.append(parts[0])
+            elif len(parts) == 2:
+                per_area[parts[0]] = parts[1]
+            else:
+                raise ValueError(f"{path}: expected 'TOKEN' or 'AREA TOKEN', got {line!r}")
+        if not any_area and not per_area:
+            raise ValueError(f"{path}: no tokens")
+        return cls(any_area, per_area)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.any_area or self.per_area)
+
+    def allows(self, area: str, token: str) -> bool:
+        if not self.required:
+            return True
+        given = token.encode()
+        candidates = [*self.any_area, self.per_area.get(area, "")]
+        # compare_digest on every candidate: timing does not reveal which matched.
+        matches = [hmac.compare_digest(given, c.encode()) for c in candidates if c]
+        return any(matches)
+
+
+class StoreService:
+    """State shared by all sessions: the backend, the tokens, the counters."""
+
+    def __init__(self, backend: PageBackend, tokens: Tokens) -> None:
+        self.backend = backend
+        self.tokens = tokens
+        self.counters = {"connections": 0, "protocol_errors": 0, "auth_failures": 0}
+
+    def session(self) -> Session:
+        self.counters["connections"] += 1
+        return Session(self)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.backend.stats(), **self.counters}
+
+
+class Session:
+    def __init__(self, service: StoreService) -> None:
+        self.service = service
+        self.area_name: str | None = None
+
+    def handle(self, request: Request) -> Reply:
+        rid = request.request_id
+        try:
+            return self._dispatch(request)
+        except StoreError as exc:
+            return Failed(rid, exc.errno, exc.reason[:1000])
+
+    def _dispatch(self, request: Request) -> Reply:
+        rid = request.request_id
+        if isinstance(request, Hello):
+            return self._hello(request)
+        if self.area_name is None:
+            raise StoreError(errno.EPERM, "send Hello first")
+        backend = self.service.backend
+        if isinstance(request, SwapOut):
+            area = backend.area(self.area_name)
+            backend.write(area, request.slots, memoryview(request.data), request.checksums)
+            return Ok(rid)
+        if isinstance(request, SwapIn):
+            area = backend.area(self.area_name)
+            out = bytearray(len(request.slots) * PAGE_SIZE)
+            crcs = backend.read(area, request.slots, memoryview(out))
+            return Pages(rid, bytes(out), tuple(crcs))
+        if isinstance(request, Discard):
+            area = backend.area(self.area_name)
+            for start, count in request.ranges:
+                backend.discard(area, start, count)
+            return Ok(rid)
+        if isinstance(request, Flush):
+            backend.flush()
+            return Ok(rid)
+        if isinstance(request, Swapfile):
+            return self._swapfile(request)
+        if isinstance(request, Stats):
+            return StatsReply.from_mapping(rid, self.service.stats())
+        raise StoreError(errno.EOPNOTSUPP, f"unsupported request {type(request).__name__}")
+
+    def _hello(self, hello: Hello) -> Reply:
+        if self.area_name is not None:
+            raise StoreError(errno.EINVAL, "this connection is already bound to an area")
+        if hello.version != PROTOCOL_VERSION:
+            raise StoreError(
+                errno.EPROTONOSUPPORT, f"protocol {hello.version}; store speaks {PROTOCOL_VERSION}"
+            )
+        if not self.service.tokens.allows(hello.area, hello.token):
+            self.service.counters["auth_failures"] += 1
+            raise StoreError(errno.EPERM, f"token not valid for area {hello.area}")
+        self.area_name = hello.area
+        area = self.service.backend.areas.get(hello.area)
+        capacity = self.service.backend.capacity_pages
+        return Welcome(hello.request_id, PROTOCOL_VERSION, area.pages if area else 0, capacity)
+
+    def _swapfile(self, request: Swapfile) -> Reply:
+        assert self.area_name is not None
+        if request.page_size != PAGE_SIZE:
+            raise StoreError(errno.EINVAL, f"page size {request.page_size}; store uses {PAGE_SIZE}")
+        if request.activate:
+            if request.pages == 0:
+                raise StoreError(errno.EINVAL, "an area needs at least one page")
+            self.service.backend.activate(self.area_name, request.pages)
+        else:
+            self.service.backend.release(self.area_name)
+        return Ok(request.request_id)

@@ -1,0 +1,87 @@
+"""`netswap store`: run one page-store server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import sys
+
+from netswap.protocol import PAGE_SIZE
+
+from .app import StoreServer, serve_until_signal
+from .backends import BACKENDS, open_backend
+from .service import Tokens
+from .units import format_size, parse_size
+
+DEFAULT_LISTEN = "127.0.0.1:7177"
+
+
+class UsageError(Exception):
+    """Bad command line or configuration: printed as one line, exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address to listen on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="memory")
+    parser.add_argument("--capacity", default="1G", help="pages this store holds, as bytes (4G)")
+    parser.add_argument("--path", help="directory for the file backend")
+    parser.add_argument("--token-file", help="tokens: 'TOKEN' or 'AREA TOKEN' per line")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from netswap.client.rpc import parse_hostport
+
+    try:
+        host, port = parse_hostport(args.listen, 7177)
+        capacity = parse_size(args.capacity)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if capacity < PAGE_SIZE or capacity % PAGE_SIZE:
+        raise UsageError(f"--capacity must be a positive multiple of {PAGE_SIZE}")
+    tokens = Tokens.from_file(args.token_file) if args.token_file else Tokens.open()
+    if not is_loopback(host) and not tokens.required:
+        raise UsageError(f"listening on {host} needs --token-file (only loopback may be open)")
+    try:
+        backend = open_backend(args.backend, capacity // PAGE_SIZE, args.path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def ready(store: StoreServer) -> None:
+        logging.getLogger("netswap.store").info(
+            "page store (%s, %s) listening on %s:%d",
+            args.backend,
+            format_size(capacity),
+            host,
+            store.port,
+        )
+        print(f"netswap store ready on {host}:{store.port}", file=sys.stderr, flush=True)
+
+    runner = _runner()
+    with runner:
+        runner.run(serve_until_signal(backend, host, port, tokens, ready))
+    return 0
+
+
+def _runner() -> asyncio.Runner:
+    """An asyncio.Runner on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)

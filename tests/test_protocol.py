@@ -1,0 +1,240 @@
+"""The sans-IO protocol: round trips, validation, and hostile bytes."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import netswap.protocol as p
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from netswap.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PAGE_SIZE,
+    Connection,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Role,
+)
+
+ids = st.integers(0, 2**32 - 1)
+slot_tuples = st.lists(st.integers(0, p.MAX_SLOTS - 1), min_size=1, max_size=8, unique=True).map(
+    tuple
+)
+crc = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def swap_outs(draw: st.DrawFn) -> p.SwapOut:
+    slots = draw(slot_tuples)
+    data = draw(st.binary(min_size=len(slots) * PAGE_SIZE, max_size=len(slots) * PAGE_SIZE))
+    crcs = tuple(draw(crc) for _ in slots)
+    return p.SwapOut(draw(ids), slots, data, crcs)
+
+
+@st.composite
+def pages_replies(draw: st.DrawFn) -> p.Pages:
+    n = draw(st.integers(1, 4))
+    data = draw(st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE))
+    return p.Pages(draw(ids), data, tuple(draw(crc) for _ in range(n)))
+
+
+area_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
+requests = st.one_of(
+    st.builds(p.Hello, ids, st.integers(0, 2**32 - 1), area_names, st.text(max_size=40)),
+    st.builds(p.Swapfile, ids, st.booleans(), st.integers(0, p.MAX_SLOTS), st.just(PAGE_SIZE)),
+    swap_outs(),
+    st.builds(p.SwapIn, ids, slot_tuples),
+    st.builds(
+        p.Discard,
+        ids,
+        st.lists(
+            st.tuples(st.integers(0, 2**30), st.integers(1, 2**20)), min_size=1, max_size=5
+        ).map(tuple),
+    ),
+    st.builds(p.Flush, ids),
+    st.builds(p.Stats, ids),
+)
+replies = st.one_of(
+    st.builds(p.Ok, ids),
+    st.builds(
+        p.Failed, ids, st.sampled_from([errno.ENOSPC, errno.EIO, errno.EPERM]), st.text(max_size=50)
+    ),
+    st.builds(p.Welcome, ids, st.integers(0, 9), st.integers(0, 2**30), st.integers(0, 2**40)),
+    pages_replies(),
+    st.builds(
+        p.StatsReply,
+        ids,
+        st.lists(
+            st.tuples(st.text(min_size=1, max_size=10), st.integers(0, 2**64 - 1)), max_size=5
+        ).map(tuple),
+    ),
+)
+
+
+@given(requests)
+def test_every_request_round_trips_through_both_sides(message: p.Request) -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    server.receive_data(client.send(message))
+    assert server.next_event() == message
+    assert server.next_event() is NEED_DATA
+    assert server.in_flight == 1 and client.in_flight == 1
+
+
+@given(replies)
+def test_every_reply_round_trips(message: p.Reply) -> None:
+    assert p.decode(p.encode(message)[4:]) == message
+
+
+@given(requests, st.integers(1, 97))
+def test_byte_by_byte_and_chunked_feeding_give_the_same_message(
+    message: p.Request, chunk: int
+) -> None:
+    frame = p.encode(message)
+    server = Connection(Role.SERVER)
+    events = []
+    for i in range(0, len(frame), chunk):
+        server.receive_data(frame[i : i + chunk])
+        while (event := server.next_event()) is not NEED_DATA:
+            events.append(event)
+    assert events == [message]
+
+
+def _drain(conn: Connection) -> list[object]:
+    out: list[object] = []
+    while True:
+        try:
+            event = conn.next_event()
+        except RemoteProtocolError:
+            out.append(RemoteProtocolError)
+            return out
+        if event is NEED_DATA or event is CLOSED:
+            return out
+        out.append(event)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2000), st.booleans())
+def test_arbitrary_bytes_yield_only_messages_or_remote_protocol_error(
+    junk: bytes, byte_by_byte: bool
+) -> None:
+    conn = Connection(Role.SERVER)
+    chunks = [junk[i : i + 1] for i in range(len(junk))] if byte_by_byte else [junk] * bool(junk)
+    seen: list[object] = []
+    for piece in chunks:
+        conn.receive_data(piece)
+        seen += _drain(conn)
+        if RemoteProtocolError in seen:
+            break
+    conn2 = Connection(Role.SERVER)
+    conn2.receive_data(junk)
+    conn2.receive_data(b"")
+    seen += _drain(conn2)
+    assert all(isinstance(e, p.Request) or e is RemoteProtocolError for e in seen)
+
+
+@given(requests, st.binary(min_size=1, max_size=64))
+def test_a_valid_frame_followed_by_junk_yields_the_message_then_at_most_an_error(
+    message: p.Request, junk: bytes
+) -> None:
+    conn = Connection(Role.SERVER)
+    conn.receive_data(p.encode(message) + junk)
+    conn.receive_data(b"")
+    events = _drain(conn)
+    assert events[0] == message
+    assert events[1:] in ([], [RemoteProtocolError])
+
+
+def test_oversized_length_is_rejected_before_any_payload_arrives() -> None:
+    conn = Connection(Role.SERVER)
+    conn.receive_data(struct.pack(">I", p.MAX_FRAME_SIZE + 1))
+    with pytest.raises(RemoteProtocolError, match="frame length"):
+        conn.next_event()
+    with pytest.raises(RemoteProtocolError):  # the connection stays dead
+        conn.next_event()
+
+
+def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
+    frame = p.encode(p.Flush(1))
+    conn = Connection(Role.SERVER)
+    conn.receive_data(frame[:-1])
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="inside a frame"):
+        conn.next_event()
+    clean = Connection(Role.SERVER)
+    clean.receive_data(frame)
+    clean.receive_data(b"")
+    assert clean.next_event() == p.Flush(1)
+    assert clean.next_event() is CLOSED
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: p.SwapOut(1, (1, 2), bytes(PAGE_SIZE), (0, 0)),  # data too short
+        lambda: p.SwapOut(1, (1, 1), bytes(2 * PAGE_SIZE), (0, 0)),  # duplicate slot
+        lambda: p.SwapOut(1, (), b"", ()),  # empty batch
+        lambda: p.SwapIn(1, tuple(range(p.MAX_BATCH_PAGES + 1))),  # batch too big
+        lambda: p.SwapIn(1, (-1,)),
+        lambda: p.SwapIn(2**32, (1,)),  # request id overflows uint32
+        lambda: p.Hello(1, 1, "../etc", ""),  # area names are identifiers
+        lambda: p.Hello(1, 1, "a" * 65, ""),
+        lambda: p.Swapfile(1, 1, 10, PAGE_SIZE),  # type: ignore[arg-type]  # int is not bool
+        lambda: p.Swapfile(1, True, 10, 4000),
+        lambda: p.Discard(1, ((5, 0),)),
+        lambda: p.Failed(1, 0, "no errno"),
+    ],
+)
+def test_invalid_messages_cannot_be_built(build: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        build()  # type: ignore[operator]
+
+
+def test_roles_and_request_ids_are_enforced() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    with pytest.raises(LocalProtocolError):
+        client.send(p.Ok(1))  # clients do not send replies
+    with pytest.raises(LocalProtocolError):
+        server.send(p.Ok(1))  # nothing to reply to
+    server.receive_data(client.send(p.Flush(7)) + client.send(p.Stats(8)))
+    assert [server.next_event(), server.next_event()] == [p.Flush(7), p.Stats(8)]
+    # replies may come out of order
+    client.receive_data(server.send(p.Ok(8)) + server.send(p.Ok(7)))
+    assert [client.next_event(), client.next_event()] == [p.Ok(8), p.Ok(7)]
+    with pytest.raises(LocalProtocolError):
+        client.send(p.Flush(9)) and client.send(p.Flush(9))
+    # a reply nobody asked for is the store's fault
+    rogue = Connection(Role.CLIENT)
+    rogue.receive_data(p.encode(p.Ok(42)))
+    with pytest.raises(RemoteProtocolError, match="unknown request"):
+        rogue.next_event()
+
+
+def test_a_duplicate_request_id_in_flight_is_a_remote_error() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(p.encode(p.Flush(3)) * 2)
+    assert server.next_event() == p.Flush(3)
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        server.next_event()
+
+
+def test_well_formed_msgpack_with_the_wrong_shape_is_a_remote_error() -> None:
+    import msgpack
+
+    for body in ([3, 1, [1], b"x", [0]], [99, 1], {"a": 1}, [1, 1, 1, "area", "t", "extra"]):
+        packed = msgpack.packb(body)
+        conn = Connection(Role.SERVER)
+        conn.receive_data(struct.pack(">I", len(packed)) + packed)
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
+
+
+def test_batch_crcs_match_zlib() -> None:
+    import zlib
+
+    data = bytes(range(256)) * 32
+    assert p.batch_crcs(data) == (zlib.crc32(data[:4096]), zlib.crc32(data[4096:]))
+    assert zlib.crc32(bytes(4096)) == p.ZERO_PAGE_CRC

@@ -1,0 +1,164 @@
+"""The page-store server with real sockets on 127.0.0.1 and the real RPC client."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import struct
+
+import pytest
+from netswap.client.rpc import ConnectionLost, StoreClient, StoreFailed
+from netswap.protocol import PAGE_SIZE, encode
+from netswap.protocol.messages import Flush, Hello
+from netswap.server.app import StoreServer
+
+
+async def connect(server: StoreServer, area: str = "a", token: str = "") -> StoreClient:
+    return await StoreClient.connect("127.0.0.1", server.port, area, token, deadline=5)
+
+
+async def test_concurrent_clients_store_thousands_of_random_pages(store: StoreServer) -> None:
+    async def worker(n: int) -> None:
+        rng = random.Random(n)
+        client = await connect(store, f"host{n}")
+        await client.swapfile(True, 1024)
+        truth: dict[int, bytes] = {}
+        for _ in range(60):
+            slots = rng.sample(range(1024), rng.randint(1, 32))
+            data = rng.randbytes(len(slots) * PAGE_SIZE)
+            await client.swap_out(slots, data)
+            for i, s in enumerate(slots):
+                truth[s] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        slots = sorted(truth)
+        for i in range(0, len(slots), 64):
+            chunk = slots[i : i + 64]
+            assert await client.swap_in(chunk) == b"".join(truth[s] for s in chunk)
+        await client.close()
+
+    await asyncio.gather(*(worker(n) for n in range(4)))
+    stats = store.service.stats()
+    assert stats["pages_written"] >= 4 * 60 and stats["areas"] == 4
+
+
+async def test_pipelined_requests_on_one_connection(store: StoreServer) -> None:
+    client = await connect(store)
+    await client.swapfile(True, 512)
+    data = {s: random.Random(s).randbytes(PAGE_SIZE) for s in range(256)}
+    await asyncio.gather(*(client.swap_out([s], d) for s, d in data.items()))
+    got = await asyncio.gather(*(client.swap_in([s]) for s in data))
+    assert got == list(data.values())
+    await client.close()
+
+
+async def test_full_store_answers_enospc_and_keeps_working(small_store: StoreServer) -> None:
+    client = await connect(small_store)
+    await client.swapfile(True, 1000)
+    await client.swap_out(list(range(60)), bytes(60 * PAGE_SIZE))
+    with pytest.raises(StoreFailed) as info:
+        await client.swap_out(list(range(100, 110)), b"\1" * (10 * PAGE_SIZE))
+    assert info.value.errno == errno.ENOSPC
+    await client.discard([(0, 20)])
+    await client.swap_out(list(range(100, 110)), b"\1" * (10 * PAGE_SIZE))
+    assert await client.swap_in([105]) == b"\1" * PAGE_SIZE
+
+
+async def test_wrong_token_is_eperm_and_areas_are_isolated(token_store: StoreServer) -> None:
+    with pytest.raises(StoreFailed) as info:
+        await connect(token_store, "alpha", "s3cret-b")
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(StoreFailed):
+        await connect(token_store, "alpha", "")
+    alpha = await connect(token_store, "alpha", "s3cret-a")
+    await alpha.swapfile(True, 16)
+    await alpha.swap_out([3], b"A" * PAGE_SIZE)
+    beta = await connect(token_store, "beta", "s3cret-b")
+    await beta.swapfile(True, 16)
+    # Beta's slot 3 is its own: it reads zeros, discards nothing of alpha's.
+    assert await beta.swap_in([3]) == bytes(PAGE_SIZE)
+    await beta.discard([(0, 16)])
+    await beta.swapfile(False, 0)
+    assert await alpha.swap_in([3]) == b"A" * PAGE_SIZE
+    assert token_store.service.counters["auth_failures"] == 2
+
+
+async def test_requests_before_hello_or_before_swapfile_fail_cleanly(store: StoreServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", store.port)
+    writer.write(encode(Flush(1)))
+    reply = await reader.read(4096)
+    assert b"Hello" in reply  # Failed(EPERM, "send Hello first")
+    writer.close()
+    await writer.wait_closed()
+    client = await connect(store, "fresh")
+    with pytest.raises(StoreFailed) as info:
+        await client.swap_in([0])
+    assert info.value.errno == errno.ENXIO
+    await client.close()
+
+
+async def test_garbage_closes_only_that_connection(store: StoreServer) -> None:
+    good = await connect(store, "good")
+    await good.swapfile(True, 8)
+    await good.swap_out([1], b"g" * PAGE_SIZE)
+    for junk in (b"\xff" * 64, struct.pack(">I", 1 << 30), struct.pack(">I", 3) + b"\x93\x01\x02"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", store.port)
+        writer.write(encode(Hello(1, 1, "bad")) + junk)
+        await reader.read(4096)  # the Welcome
+        assert await asyncio.wait_for(reader.read(4096), 5) == b""  # then closed by the store
+        writer.close()
+        await writer.wait_closed()
+    assert store.service.counters["protocol_errors"] == 3
+    assert await good.swap_in([1]) == b"g" * PAGE_SIZE
+
+
+async def test_pending_calls_fail_with_connection_lost_when_the_store_goes(
+    store: StoreServer,
+) -> None:
+    client = await connect(store)
+    await client.swapfile(True, 8)
+    await store.close()
+    with pytest.raises(ConnectionLost):
+        await client.swap_in([0])
+
+
+async def test_each_call_has_one_deadline_against_a_silent_peer() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read(1 << 20)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(TimeoutError):
+        await StoreClient.connect("127.0.0.1", port, "a", deadline=0.3)
+    for writer in writers:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_client_that_never_reads_replies_is_paused_not_buffered(
+    store: StoreServer,
+) -> None:
+    client = await connect(store, "reader")
+    await client.swapfile(True, 256)
+    await client.swap_out(list(range(256)), bytes(256 * PAGE_SIZE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", store.port)
+    writer.write(encode(Hello(1, 1, "reader")))
+    await reader.readexactly(4)
+    from netswap.protocol import SwapIn
+
+    # 400 requests for 1 MiB each, replies never read: the store must stop reading.
+    for rid in range(2, 402):
+        writer.write(encode(SwapIn(rid, tuple(range(256)))))
+    await asyncio.sleep(1.0)
+    stuck = [c for c in store.connections if c._conn.buffered > 0]
+    assert len(stuck) == 1
+    transport = stuck[0]._transport
+    assert transport is not None
+    # Bounded by the high-water mark plus one reply and one read's worth of requests.
+    assert transport.get_write_buffer_size() < 8 * 1024 * 1024
+    assert stuck[0]._conn.buffered < 1024 * 1024
+    writer.transport.abort()
+    assert await client.swap_in([0]) == bytes(PAGE_SIZE)
