@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from netswap.server import storecmd
+from netswap.server import servecmd, storecmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("store", help="run a page-store server")
     storecmd.add_arguments(store)
     store.set_defaults(run=storecmd.run)
+    serve = sub.add_parser("serve", help="export swap over NBD (nbdkit + the netswap plugin)")
+    servecmd.add_arguments(serve)
+    serve.set_defaults(run=servecmd.run)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Area, PageBackend, StoreError
+from .base import UNMAPPED, Area, PageBackend, StoreError
 from .file import FileBackend
 from .memory import MemoryBackend
 
@@ -24,6 +24,7 @@ def open_backend(
 
 __all__ = [
     "BACKENDS",
+    "UNMAPPED",
     "Area",
     "FileBackend",
     "MemoryBackend",

@@ -1,0 +1,75 @@
+"""Putting a swap server inside the kernel's reclaim exemption, before exec.
+
+The kernel's nbd driver sends with __GFP_MEMALLOC on a SOCK_MEMALLOC socket,
+but the process on the other end of that socket is ordinary userspace: if it
+has to wait for memory reclaim -- which may need swap, which needs it -- the
+host deadlocks. Three measures, all inherited across fork and exec:
+
+- prctl(PR_SET_IO_FLUSHER) (Linux >= 5.6, CAP_SYS_RESOURCE): its allocations
+  behave as GFP_NOIO, so reclaim never recurses into I/O on its behalf.
+- oom_score_adj = -1000: the OOM killer never picks the process serving swap.
+- mlockall (nbdkit --swap, or the agent itself): its pages are never swapped.
+Each is reported, never fatal: a test run as an ordinary user still works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+PR_SET_IO_FLUSHER = 57
+PR_GET_IO_FLUSHER = 58
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    what: str
+    ok: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {'ok' if self.ok else 'NOT applied'} ({self.detail})"
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def set_io_flusher() -> Outcome:
+    what = "prctl(PR_SET_IO_FLUSHER)"
+    if _libc().prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
+        return Outcome(what, True, "reclaim will not recurse into I/O")
+    err = ctypes.get_errno()
+    if err == 22:
+        detail = "kernel older than 5.6 has no PR_SET_IO_FLUSHER"
+    elif err == 1:
+        detail = "needs CAP_SYS_RESOURCE (run as root)"
+    else:
+        detail = os.strerror(err)
+    return Outcome(what, False, detail)
+
+
+def protect_from_oom(score: int = -1000) -> Outcome:
+    what = f"oom_score_adj={score}"
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except OSError as exc:
+        return Outcome(what, False, exc.strerror or str(exc))
+    return Outcome(what, True, "the OOM killer will not pick this process")
+
+
+def lock_memory() -> Outcome:
+    what = "mlockall(MCL_CURRENT|MCL_FUTURE)"
+    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
+        return Outcome(what, True, "no page of this process can be swapped out")
+    return Outcome(what, False, os.strerror(ctypes.get_errno()) + " (RLIMIT_MEMLOCK or not root)")
+
+
+def harden_for_swap() -> list[Outcome]:
+    """IO_FLUSHER and OOM protection; mlockall is left to the caller (nbdkit --swap)."""
+    return [set_io_flusher(), protect_from_oom()]

@@ -1,0 +1,169 @@
+"""`netswap serve`: nbdkit with the netswap plugin, in the foreground.
+
+Checks everything a user could get wrong before nbdkit starts (so errors are
+one clear line, not a Python traceback from inside nbdkit), hardens the
+process for serving swap, prints the commands that attach the export, then
+exec()s nbdkit: the nbdkit process *is* the server, with --exit-with-parent so
+it never outlives whoever started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from .hardening import harden_for_swap
+from .plugin_config import BACKENDS, ConfigError, PluginConfig
+from .storecmd import UsageError, is_loopback
+
+DEFAULT_LISTEN = "127.0.0.1:10809"
+PLUGIN = Path(__file__).resolve().with_name("nbdkit_plugin.py")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"NBD address (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument("--size", default="1G", help="export size (default 1G)")
+    parser.add_argument("--backend", choices=BACKENDS, default="memory")
+    parser.add_argument("--export", default="swap", help="NBD export name (default swap)")
+    parser.add_argument("--path", help="directory for --backend file")
+    parser.add_argument("--capacity", help="pages the embedded store may hold (default: size)")
+    parser.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="page store for --backend remote (repeatable)",
+    )
+    parser.add_argument("--replicas", type=int, help="copies of each page (remote)")
+    parser.add_argument("--reserve", help="swap-out reserve (remote, default 16M)")
+    parser.add_argument("--slab", help="placement unit (remote, default 64M)")
+    parser.add_argument("--area", help="area name on the stores (default: the host name)")
+    parser.add_argument("--token-file", help="token for the page stores")
+    parser.add_argument(
+        "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
+    )
+    parser.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
+    parser.add_argument("--verbose-nbdkit", action="store_true", help="nbdkit -v")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the nbdkit command line, do not run it",
+    )
+
+
+def plugin_params(args: argparse.Namespace) -> list[str]:
+    params = [f"backend={args.backend}", f"size={args.size}"]
+    for key in ("path", "capacity", "replicas", "reserve", "slab", "area", "token_file"):
+        value = getattr(args, key)
+        if value is not None:
+            params.append(f"{key.replace('_', '-')}={value}")
+    if args.backend == "remote" and args.area is None:
+        params.append(f"area={_default_area()}")
+    params += [f"store={s}" for s in args.store]
+    return params
+
+
+def _default_area() -> str:
+    name = socket.gethostname().split(".")[0] or "host"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:64]
+
+
+def check_nbdkit() -> str:
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise UsageError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    out = subprocess.run([nbdkit, "--dump-config"], capture_output=True, text=True, check=False)
+    plugindir = next(
+        (ln.split("=", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("plugindir=")), ""
+    )
+    if not Path(plugindir, "nbdkit-python-plugin.so").exists():
+        raise UsageError("nbdkit's python plugin is missing (apt-get install nbdkit-plugin-python)")
+    return nbdkit
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"{host}:{port} is already in use (another nbd server?)") from None
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) -> list[str]:
+    cmd = [nbdkit, "-f", "--exit-with-parent", "-i", host, "-p", str(port), "-e", args.export]
+    if not args.no_mlock:
+        cmd.append("--swap")
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    if args.verbose_nbdkit:
+        cmd.append("-v")
+    return [*cmd, "python", str(PLUGIN), *plugin_params(args)]
+
+
+def plugin_env() -> dict[str, str]:
+    """nbdkit embeds /usr/bin/python3: point it at this venv's site-packages."""
+    site = sysconfig.get_paths()["purelib"]
+    env = dict(os.environ)
+    env["NETSWAP_SITE"] = os.pathsep.join(filter(None, [site, env.get("NETSWAP_SITE")]))
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    from netswap.client.rpc import parse_hostport
+
+    try:
+        host, port = parse_hostport(args.listen, 10809)
+        config = PluginConfig()
+        for param in plugin_params(args):
+            key, _, value = param.partition("=")
+            config.set(key, value)
+        config.complete()
+    except (ValueError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None
+    if not is_loopback(host):
+        print(
+            f"netswap serve: warning: NBD has no authentication; {host} is reachable by others",
+            file=sys.stderr,
+        )
+    nbdkit = check_nbdkit()
+    cmd = nbdkit_command(nbdkit, args, host, port)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    check_port_free(host, port)
+    for outcome in harden_for_swap():
+        print(f"netswap serve: {outcome}", file=sys.stderr)
+    print_next_steps(args, host, port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(nbdkit, cmd, plugin_env())
+
+
+def print_next_steps(args: argparse.Namespace, host: str, port: int) -> None:
+    print(
+        f"netswap: serving a {args.size} {args.backend} export {args.export!r} "
+        f"on nbd://{host}:{port}/{args.export}\n"
+        "Attach it as swap, as root on the host that swaps:\n"
+        "  modprobe nbd\n"
+        f"  nbd-client {host} {port} /dev/nbd0 -N {args.export} -b 4096 -swap\n"
+        "  mkswap /dev/nbd0\n"
+        "  swapon /dev/nbd0\n"
+        "Detach: swapoff /dev/nbd0 && nbd-client -d /dev/nbd0   (Ctrl-C stops this server)",
+        flush=True,
+    )
