@@ -63,15 +63,21 @@ class PageDevice:
 
     def pread(self, buf: memoryview, offset: int) -> None:
         count = len(buf)
-        check_aligned(count, offset)
-        first = offset // PAGE_SIZE
-        self.backend.read(self.area, range(first, first + count // PAGE_SIZE), buf)
+        if offset % PAGE_SIZE or count % PAGE_SIZE:
+            check_aligned(count, offset)
+        if count == PAGE_SIZE:
+            self.backend.read(self.area, (offset // PAGE_SIZE,), buf)
+        else:
+            self.backend.read_range(self.area, offset // PAGE_SIZE, count // PAGE_SIZE, buf)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         count = len(buf)
-        check_aligned(count, offset)
-        first = offset // PAGE_SIZE
-        self.backend.write(self.area, range(first, first + count // PAGE_SIZE), buf, None)
+        if offset % PAGE_SIZE or count % PAGE_SIZE:
+            check_aligned(count, offset)
+        if count == PAGE_SIZE:
+            self.backend.write(self.area, (offset // PAGE_SIZE,), buf, None)
+        else:
+            self.backend.write_range(self.area, offset // PAGE_SIZE, count // PAGE_SIZE, buf)
         if fua:
             self.backend.flush()
 

@@ -60,6 +60,22 @@ class FileBackend(PageBackend):
         if got != PAGE_SIZE:
             raise StoreError(errno.EIO, "short read from the page file")
 
+    def _store_run(self, page: int, count: int, data: memoryview) -> None:
+        try:
+            written = os.pwrite(self._fd, data, page * PAGE_SIZE)
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"page file write: {exc.strerror}") from None
+        if written != count * PAGE_SIZE:
+            raise StoreError(errno.EIO, "short write to the page file")
+
+    def _load_run(self, page: int, count: int, out: memoryview) -> None:
+        try:
+            got = os.preadv(self._fd, [out], page * PAGE_SIZE)
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"page file read: {exc.strerror}") from None
+        if got != count * PAGE_SIZE:
+            raise StoreError(errno.EIO, "short read from the page file")
+
     def _retire(self, page: int) -> None:
         self._retired.append(page)
 

@@ -33,6 +33,14 @@ class MemoryBackend(PageBackend):
         offset = page * PAGE_SIZE
         out[:] = self._view[offset : offset + PAGE_SIZE]
 
+    def _store_run(self, page: int, count: int, data: memoryview) -> None:
+        offset = page * PAGE_SIZE
+        self._view[offset : offset + count * PAGE_SIZE] = data
+
+    def _load_run(self, page: int, count: int, out: memoryview) -> None:
+        offset = page * PAGE_SIZE
+        out[:] = self._view[offset : offset + count * PAGE_SIZE]
+
     def release(self, name: str) -> None:
         super().release(name)
         if not self.areas:

@@ -1,0 +1,106 @@
+"""make bench-nbd: fio against `netswap serve` and `nbdkit memory`, same run, same client.
+
+All servers are nbdkit processes on loopback with the same flags (no --swap,
+default threads), both exports are prefilled, and the workloads alternate
+between them for ROUNDS rounds so drift on this shared machine hits both
+alike. Prints IOPS and p50/p99 completion latency per server and the ratios
+netswap / nbdkit-memory (medians over rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..conftest import free_port, wait_for_port
+from .fio import WORKLOADS, Result, fio, prefill
+
+SIZE = "256M"
+
+
+@contextmanager
+def server(cmd: list[str], port: int) -> Iterator[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        yield f"nbd://127.0.0.1:{port}/swap"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def netswap_cmd(port: int, extra: list[str]) -> list[str]:
+    netswap = str(Path(sys.executable).parent / "netswap")
+    return [netswap, "serve", "--listen", f"127.0.0.1:{port}", "--size", SIZE, "--no-mlock",
+            *extra]  # fmt: skip
+
+
+def peer_cmd(port: int) -> list[str]:
+    return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "memory",
+            SIZE]  # fmt: skip
+
+
+def floor_cmd(port: int) -> list[str]:
+    plugin = str(Path(__file__).with_name("floor_plugin.py"))
+    return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "python",
+            plugin]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtime", type=float, default=4)
+    parser.add_argument("--netswap-arg", action="append", default=[])
+    args = parser.parse_args()
+    results: dict[str, dict[str, list[Result]]] = {
+        "netswap": {},
+        "nbdkit-memory": {},
+        "py-floor": {},
+    }
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    with (
+        server(netswap_cmd(p1, args.netswap_arg), p1) as ours,
+        server(peer_cmd(p2), p2) as peer,
+        server(floor_cmd(p3), p3) as floor,
+    ):
+        uris = {"netswap": ours, "nbdkit-memory": peer, "py-floor": floor}
+        for uri in uris.values():
+            prefill(uri, SIZE)
+        for _ in range(args.rounds):
+            for work in WORKLOADS:
+                for name, uri in uris.items():
+                    res = fio(uri, work, SIZE, args.runtime)
+                    results[name].setdefault(work.name, []).append(res)
+    report(results, args.rounds)
+
+
+def report(results: dict[str, dict[str, list[Result]]], rounds: int) -> None:
+    print(f"fio ioengine=nbd, {SIZE} prefilled exports, medians of {rounds} alternating rounds")
+    head = f"{'workload':<20}{'server':<15}{'IOPS':>10}{'p50 us':>9}{'p99 us':>9}"
+    print(head + f"{'IOPS x':>9}{'p50 x':>8}")
+    for work in WORKLOADS:
+        med = {}
+        for name in results:
+            runs = results[name][work.name]
+            med[name] = (
+                statistics.median(r.iops for r in runs),
+                statistics.median(r.p50_us for r in runs),
+                statistics.median(r.p99_us for r in runs),
+            )
+        peer = med["nbdkit-memory"]
+        for name, (iops, p50, p99) in med.items():
+            ratio = (
+                f"{iops / peer[0]:>9.2f}{p50 / peer[1]:>8.2f}" if name != "nbdkit-memory" else ""
+            )
+            print(f"{work.name:<20}{name:<15}{iops:>10,.0f}{p50:>9.1f}{p99:>9.1f}{ratio}")
+    print("ratios are against nbdkit-memory (IOPS: higher is better; p50: lower is better);")
+    print("py-floor is a Python plugin doing one memoryview copy per request: the glue's cost")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""fio (ioengine=nbd) runs against NBD servers, and what their JSON says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+
+
+@dataclass(frozen=True)
+class Result:
+    iops: float
+    p50_us: float
+    p99_us: float
+
+
+WORKLOADS = (
+    Workload("4K randread QD1", "randread", "4k", 1),
+    Workload("4K randread QD32", "randread", "4k", 32),
+    Workload("4K randwrite QD1", "randwrite", "4k", 1),
+    Workload("4K randwrite QD32", "randwrite", "4k", 32),
+    Workload("64K randwrite QD8", "randwrite", "64k", 8),
+)
+
+
+def fio(uri: str, work: Workload, size: str, runtime: float) -> Result:
+    cmd = [
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={work.rw}",
+        f"--bs={work.bs}", f"--iodepth={work.iodepth}", f"--size={size}", "--time_based",
+        f"--runtime={runtime}", "--ramp_time=0.5", "--output-format=json", "--randrepeat=0",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+    side = job["read"] if work.rw.endswith("read") else job["write"]
+    pct = side["clat_ns"]["percentile"]
+    return Result(side["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000)
+
+
+def prefill(uri: str, size: str) -> None:
+    """Write the whole export once so reads hit real pages, not holes."""
+    cmd = [
+        "fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1m",
+        "--iodepth=4", f"--size={size}", "--output-format=json",
+    ]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, check=True, timeout=300)
