@@ -14,7 +14,7 @@ import asyncio
 import errno
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from netswap.protocol import (
@@ -64,6 +64,7 @@ class _RpcProtocol(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.on_lost: Callable[[Exception], None] | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -97,8 +98,11 @@ class _RpcProtocol(asyncio.Protocol):
         await self._can_write.wait()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(ConnectionLost(f"connection to store lost: {exc or 'closed by peer'}"))
+        lost = ConnectionLost(f"connection to store lost: {exc or 'closed by peer'}")
+        self._fail_all(lost)
         self._can_write.set()
+        if self.on_lost is not None:
+            self.on_lost(lost)
 
     def _fail_all(self, exc: Exception) -> None:
         self.lost = self.lost or exc
@@ -138,6 +142,10 @@ class StoreClient:
         assert isinstance(reply, Welcome)
         client.welcome = reply
         return client
+
+    def on_lost(self, callback: Callable[[Exception], None]) -> None:
+        """Call `callback` (on the loop) when the connection drops, for whatever reason."""
+        self._protocol.on_lost = callback
 
     @property
     def connected(self) -> bool:

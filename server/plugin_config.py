@@ -91,7 +91,9 @@ class PluginConfig:
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":
-            raise ConfigError("backend=remote: the agent is not in this build yet")
+            from netswap.client.remote import RemoteDevice
+
+            return RemoteDevice.from_config(self)
         from .backends import open_backend
 
         pages = (self.capacity or self.size) // PAGE_SIZE

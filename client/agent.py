@@ -1,0 +1,435 @@
+"""The per-host agent: swap slots -> replicated pages on remote page stores.
+
+It runs one event loop (uvloop when present) in its own thread, started from
+nbdkit's after_fork; nbdkit's threads hand it WriteOps / ReadOps through
+call_soon_threadsafe and wait on the op. Everything below runs on that loop,
+so the slab table, links and batches need no locks.
+
+Writes: each page goes to every up replica of its slab (placed on first write
+by power-of-two-choices); an op is acknowledged when every such replica has
+answered and each page has at least `quorum` acks. A replica whose store
+fails mid-write is marked STALE: it serves no reads until resynced.
+Reads: each page goes to the first in-sync replica on an up store and falls
+back to the next on error or timeout. A background task re-replicates stale
+replicas -- onto another store when one is free of that slab, else back onto
+the same store once it returns -- copying every written slot from an in-sync
+replica while new writes also go to the target (slots written meanwhile are
+not copied, so the copy never overwrites newer data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from netswap.protocol import MAX_DISCARD_RANGES
+
+from .links import TRANSPORT_ERRORS, StoreLink
+from .ops import CallOp, ReadEntry, ReadOp, WriteOp
+from .placement import DOWN, IN_SYNC, STALE, SYNCING, SlabTable, power_of_two_choices
+from .policy import BatchPolicy, Decision
+from .pressure import Pressure, sample
+from .reserve import Reserve
+from .rpc import StoreClient, StoreFailed
+
+log = logging.getLogger("netswap.agent")
+
+PRESSURE_PERIOD_S = 0.25
+USAGE_PERIOD_S = 2.0
+RESYNC_PERIOD_S = 0.5
+# A store down this long has its replicas copied elsewhere (when a spare store
+# exists): long enough to ride out a restart, short enough to shrink the window
+# in which a second failure loses pages.
+REPLACE_AFTER_S = 3.0
+SYNC_CHUNK = 64
+
+
+class Agent:
+    def __init__(
+        self,
+        stores: list[tuple[str, int]],
+        area: str,
+        pages: int,
+        reserve: Reserve,
+        *,
+        replicas: int,
+        slab_pages: int,
+        token: str = "",
+        quorum: int = 1,
+        io_timeout: float = 5.0,
+        policy: BatchPolicy | None = None,
+    ) -> None:
+        self.area, self.token, self.pages = area, token, pages
+        self.reserve = reserve
+        self.quorum = quorum
+        self.io_timeout = io_timeout
+        self.policy = policy or BatchPolicy()
+        self.table = SlabTable(pages, slab_pages, replicas)
+        self.rng = random.Random()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.links: list[StoreLink] = []
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self._stores = stores
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._syncing: dict[int, set[int]] = {}  # slab -> slots written during its sync
+        self._resync_wake: asyncio.Event | None = None
+        self.pressure = Pressure.calm()
+        self.decisions: Counter[str] = Counter()
+        self.batch_pages: Counter[str] = Counter()
+        self.batches: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+
+    # -- lifecycle (called from nbdkit's threads) -------------------------------
+    def start(self, connect_timeout: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="netswap-agent", daemon=True)
+        self._thread.start()
+        if not self._started.wait(connect_timeout + 5):
+            raise TimeoutError("agent loop did not start")
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        except ImportError:
+            runner = asyncio.Runner()
+        with runner:
+            runner.run(self._main())
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._resync_wake = asyncio.Event()
+        self.links = [StoreLink(self, i, h, p) for i, (h, p) in enumerate(self._stores)]
+        await asyncio.gather(*(self._first_connect(link) for link in self.links))
+        for coro in (self._sample_pressure(), self._refresh_usage(), self._resync_loop()):
+            self._background(coro)
+        for link in self.links:
+            self._background(link.reconnect_forever())
+        self._started.set()
+        await self._stop.wait()
+        for task in list(self.tasks):
+            task.cancel()
+        for link in self.links:
+            if link.client is not None:
+                await link.client.close()
+
+    async def _first_connect(self, link: StoreLink) -> None:
+        try:
+            await link.connect(fresh=True)
+        except (*TRANSPORT_ERRORS, StoreFailed) as exc:
+            log.warning("store %s unavailable at start: %s", link.name, exc)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def run_call(self, op: CallOp, coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> None:
+        """From a foreign thread: run a control coroutine, result into op."""
+
+        async def wrapper() -> None:
+            try:
+                op.error = await coro_fn()
+            except Exception as exc:  # a bug: report EIO rather than hang the caller
+                log.exception("agent %s failed", op.what)
+                op.error = getattr(exc, "errno", 0) or errno.EIO
+            op.done.set()
+
+        self.submit(lambda: self._background(wrapper()))
+
+    # -- policy ---------------------------------------------------------------
+    def decide(self) -> Decision:
+        return self.policy.decide(self.reserve.occupancy, self.pressure)
+
+    def count_decision(self, reason: str) -> None:
+        self.decisions[reason] += 1
+
+    def observe_batch(self, direction: str, pages: int) -> None:
+        self.batches[direction] += 1
+        self.batch_pages[direction] += pages
+
+    async def _sample_pressure(self) -> None:
+        while True:
+            self.pressure = sample()
+            await asyncio.sleep(PRESSURE_PERIOD_S)
+
+    async def _refresh_usage(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_PERIOD_S)
+            await asyncio.gather(*(link.refresh_usage() for link in self.links))
+
+    # -- writes ---------------------------------------------------------------
+    def up_stores(self) -> list[int]:
+        return [link.index for link in self.links if link.up]
+
+    def submit_write(self, op: WriteOp) -> None:
+        table, links = self.table, self.links
+        kicked: set[StoreLink] = set()
+        for i in range(op.count):
+            slot = op.first + i
+            slab = table.slab_of(slot)
+            if not table.placed(slab) and not self._place(slab):
+                op.error = errno.EIO
+                continue
+            dirty = self._syncing.get(slab)
+            if dirty is not None:
+                dirty.add(slot)
+            for position, store, state in table.replicas_of(slab):
+                link = links[store]
+                if state in (IN_SYNC, SYNCING) and link.up:
+                    link.add_write(slot, op, i)
+                    op.remaining += 1
+                    kicked.add(link)
+                elif state == DOWN:  # it misses this write: it needs a copy now
+                    table.set_state(slab, position, STALE)
+                    self.counters["replicas_stale"] += 1
+        for link in kicked:
+            link.kick()
+        if op.remaining == 0:
+            op.error = op.error or errno.EIO  # no replica of some page is reachable
+            op.done.set()
+
+    def _place(self, slab: int) -> bool:
+        up = self.up_stores()
+        if not up:
+            return False
+        self.table.place(slab, up, lambda s: self.links[s].free_pages, self.rng)
+        self.counters["slabs_placed"] += 1
+        return True
+
+    def writes_done(
+        self, link: StoreLink, batch: list[tuple[int, WriteOp, int]], error: int
+    ) -> None:
+        """error: 0 ok, errno from the store, -1 the store is unreachable."""
+        table = self.table
+        for slot, op, i in batch:
+            if error == 0:
+                op.acks[i] += 1
+                link.used_pages += 1
+            elif error > 0:
+                op.error = op.error or error
+            else:
+                self._mark_stale(table.slab_of(slot), link.index)
+            op.remaining -= 1
+            if op.remaining == 0:
+                op.finish(self.quorum)
+
+    def _mark_stale(self, slab: int, store: int) -> None:
+        for position, s, state in self.table.replicas_of(slab):
+            if s == store and state != STALE:
+                self.table.set_state(slab, position, STALE)
+                self.counters["replicas_stale"] += 1
+
+    # -- reads ----------------------------------------------------------------
+    def submit_read(self, op: ReadOp) -> None:
+        for index in range(len(op.slots)):
+            self._route_read(ReadEntry(op, index))
+        for link in self.links:
+            if link.reads:
+                link.kick()
+
+    def _route_read(self, entry: ReadEntry) -> bool:
+        slab = self.table.slab_of(entry.slot)
+        for _, store, state in self.table.replicas_of(slab):
+            link = self.links[store]
+            if state == IN_SYNC and link.up and not entry.tried & (1 << store):
+                entry.tried |= 1 << store
+                link.add_read(entry)
+                return True
+        self.read_page_done(entry.op, errno.EIO)
+        return False
+
+    def reads_failed(self, link: StoreLink, batch: list[ReadEntry], error: int) -> None:
+        self.counters["read_fallbacks"] += len(batch)
+        for entry in batch:
+            self._route_read(entry)
+        for other in self.links:
+            if other.reads:
+                other.kick()
+
+    def read_page_done(self, op: ReadOp, error: int) -> None:
+        if error:
+            op.error = op.error or error
+        op.remaining -= 1
+        if op.remaining == 0:
+            op.done.set()
+
+    # -- control: discard, flush ------------------------------------------------
+    async def discard(self, first: int, count: int) -> int:
+        table = self.table
+        by_store: dict[int, list[tuple[int, int]]] = {}
+        slot, end = first, first + count
+        while slot < end:
+            slab = table.slab_of(slot)
+            stop = min(end, table.slab_slots(slab).stop)
+            for _, store, _ in table.replicas_of(slab):
+                by_store.setdefault(store, []).append((slot, stop - slot))
+            slot = stop
+
+        def discard_on(store: int, ranges: list[tuple[int, int]]) -> Awaitable[int]:
+            async def rpc(client: StoreClient) -> None:
+                for at in range(0, len(ranges), MAX_DISCARD_RANGES):
+                    await client.discard(ranges[at : at + MAX_DISCARD_RANGES])
+
+            return self.links[store].call(rpc)
+
+        calls = [discard_on(store, ranges) for store, ranges in by_store.items()]
+        await asyncio.gather(*calls)
+        return 0  # discard is advisory: the bitmap already reads these as zeros
+
+    async def flush(self) -> int:
+        up = [link for link in self.links if link.up]
+        if not up:
+            return errno.EIO
+        results = await asyncio.gather(*(link.call(lambda c: c.flush()) for link in up))
+        failures = [r for r in results if r > 0]
+        return failures[0] if failures else (0 if any(r == 0 for r in results) else errno.EIO)
+
+    # -- store health and re-replication ----------------------------------------
+    def store_down(self, link: StoreLink) -> None:
+        table = self.table
+        for slab, position in table.slabs_on(link.index):
+            state = table.state[slab * table.replicas + position]
+            if state == IN_SYNC:
+                table.set_state(slab, position, DOWN)
+            elif state == SYNCING:
+                table.set_state(slab, position, STALE)
+        self._wake_resync()
+
+    def store_up(self, link: StoreLink, lost: bool) -> None:
+        """A store is back: replicas that missed nothing and kept pages are in sync."""
+        table = self.table
+        for slab, position in table.slabs_on(link.index):
+            if table.state[slab * table.replicas + position] == DOWN:
+                table.set_state(slab, position, STALE if lost else IN_SYNC)
+        self._wake_resync()
+
+    def _wake_resync(self) -> None:
+        if self._resync_wake is not None:
+            self._resync_wake.set()
+
+    async def _resync_loop(self) -> None:
+        assert self._resync_wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync_wake.wait(), RESYNC_PERIOD_S)
+            self._resync_wake.clear()
+            now = asyncio.get_running_loop().time()
+            for slab in range(self.table.slabs):
+                for position, store, state in self.table.replicas_of(slab):
+                    link = self.links[store]
+                    gone = state == DOWN and now - link.down_since >= REPLACE_AFTER_S
+                    if state == STALE or (gone and not link.up):
+                        await self._repair(slab, position, store)
+
+    def replication_lag(self) -> int:
+        """Slots whose slab has a replica that is not in sync."""
+        table = self.table
+        lag = 0
+        for slab in range(table.slabs):
+            if any(state != IN_SYNC for _, _, state in table.replicas_of(slab)):
+                lag += sum(1 for s in table.slab_slots(slab) if table.is_written(s))
+        return lag
+
+    async def _repair(self, slab: int, position: int, store: int) -> None:
+        table = self.table
+        replicas = table.replicas_of(slab)
+        holders = {s for _, s, _ in replicas}
+        sources = [s for _, s, st in replicas if st == IN_SYNC and self.links[s].up]
+        if not sources:
+            if all(st == STALE for _, _, st in replicas) and self.links[store].up:
+                self._declare_lost(slab, position)
+            return  # else wait: a DOWN or unreachable in-sync replica may come back
+        spare = [s for s in self.up_stores() if s not in holders]
+        if spare:
+            target = power_of_two_choices(spare, lambda s: self.links[s].free_pages, self.rng)
+        elif self.links[store].up and table.state[slab * table.replicas + position] == STALE:
+            target = store
+        else:
+            return
+        table.set_replica(slab, position, target, SYNCING)
+        dirty = self._syncing[slab] = set()
+        try:
+            ok = await self._copy_slab(slab, sources[0], target, dirty)
+        finally:
+            del self._syncing[slab]
+        still = table.store[slab * table.replicas + position] == target
+        if ok and still and table.state[slab * table.replicas + position] == SYNCING:
+            table.set_state(slab, position, IN_SYNC)
+            self.counters["slabs_resynced"] += 1
+        elif still:
+            table.set_state(slab, position, STALE)
+
+    def _declare_lost(self, slab: int, position: int) -> None:
+        """Every copy of this slab's pages is gone: they read as EIO from now on."""
+        table = self.table
+        lost = 0
+        for slot in table.slab_slots(slab):
+            if table.is_written(slot):
+                table.clear_written(slot)
+                table.set_lost(slot, True)
+                lost += 1
+        for pos, _, _ in table.replicas_of(slab):
+            table.set_state(slab, pos, IN_SYNC)
+        self.counters["pages_lost"] += lost
+        log.error("slab %d: every replica lost its pages; %d pages now read as EIO", slab, lost)
+
+    async def _copy_slab(self, slab: int, source: int, target: int, dirty: set[int]) -> bool:
+        table = self.table
+        written = [s for s in table.slab_slots(slab) if table.is_written(s)]
+        for at in range(0, len(written), SYNC_CHUNK):
+            src, dst = self.links[source].client, self.links[target].client
+            if src is None or dst is None:
+                return False
+            chunk = written[at : at + SYNC_CHUNK]
+            try:
+                data = await src.swap_in(chunk)
+                keep = [i for i, s in enumerate(chunk) if s not in dirty and table.is_written(s)]
+                if keep:
+                    pages = b"".join(data[i * 4096 : (i + 1) * 4096] for i in keep)
+                    await dst.swap_out([chunk[i] for i in keep], pages)
+                    self.counters["pages_resynced"] += len(keep)
+            except StoreFailed as exc:
+                log.warning("resync of slab %d failed: %s", slab, exc)
+                return False
+            except TRANSPORT_ERRORS as exc:
+                for link in (self.links[source], self.links[target]):
+                    if link.client is not None and not link.client.connected:
+                        link.mark_down(exc)
+                return False
+        return True
+
+    # -- figures --------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = dict(self.counters)
+        out["reserve_pages"] = self.reserve.pages
+        out["reserve_used_pages"] = self.reserve.used
+        out["reserve_waits"] = self.reserve.waits
+        out["stores_up"] = len(self.up_stores())
+        out["metadata_bytes"] = self.table.metadata_bytes()
+        for reason, n in self.decisions.items():
+            out[f"decision_{reason}"] = n
+        for direction in ("out", "in"):
+            out[f"batches_{direction}"] = self.batches[direction]
+            out[f"batch_pages_{direction}"] = self.batch_pages[direction]
+        return out

@@ -1,0 +1,229 @@
+"""One link per page store: its connection, health, reconnects and batches.
+
+A link is up while its StoreClient is connected. Any transport failure or
+missed deadline marks it down at once (the agent then stops routing to it and
+marks its replicas stale) and a reconnect loop retries with exponential
+backoff. Batches: writes and reads for this store queue here and go out as one
+SwapOut / SwapIn when the batch is full, when the store has nothing in flight
+(no reason to wait), when the linger timer fires, or at once when the policy
+says pressure is high. At most MAX_INFLIGHT batches per store are on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
+
+from .ops import ReadEntry, WriteOp
+from .rpc import ConnectionLost, StoreClient, StoreFailed
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger("netswap.agent")
+
+MAX_INFLIGHT = 4
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 2.0
+TRANSPORT_ERRORS = (ConnectionLost, TimeoutError, OSError)
+
+
+class StoreLink:
+    def __init__(self, agent: Agent, index: int, host: str, port: int) -> None:
+        self.agent = agent
+        self.index = index
+        self.host, self.port = host, port
+        self.name = f"{host}:{port}"
+        self.client: StoreClient | None = None
+        self.capacity_pages = 0
+        self.used_pages = 0
+        self.inflight = 0
+        self.writes: list[tuple[int, WriteOp, int]] = []  # (slot, op, page index)
+        self.write_slots: set[int] = set()
+        self.reads: list[ReadEntry] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._down = asyncio.Event()
+        self._down.set()
+        self.down_since = 0.0
+        self.counters = {"batches_out": 0, "batches_in": 0, "reconnects": 0, "failures": 0}
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and self.client.connected
+
+    @property
+    def free_pages(self) -> int:
+        return max(0, self.capacity_pages - self.used_pages)
+
+    # -- connection -----------------------------------------------------------
+    async def connect(self, fresh: bool) -> bool:
+        """Connect and activate the area; True when the store lost our pages."""
+        agent = self.agent
+        client = await StoreClient.connect(
+            self.host, self.port, agent.area, agent.token, deadline=agent.io_timeout
+        )
+        try:
+            assert client.welcome is not None
+            lost = client.welcome.area_pages == 0
+            if fresh and not lost:
+                await client.swapfile(False, 0)  # a new swap area starts empty
+            await client.swapfile(True, agent.pages)
+            stats = await client.stats()
+        except BaseException:
+            client.abort()
+            raise
+        self.capacity_pages = client.welcome.capacity_pages
+        self.used_pages = stats.get("used_pages", 0)
+        self.client = client
+        client.on_lost(self.mark_down)
+        self._down.clear()
+        return lost
+
+    async def reconnect_forever(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            await self._down.wait()
+            try:
+                lost = await self.connect(fresh=False)
+            except (*TRANSPORT_ERRORS, StoreFailed) as exc:
+                log.debug("store %s still down: %s", self.name, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                continue
+            backoff = BACKOFF_MIN_S
+            self.counters["reconnects"] += 1
+            log.warning("store %s is back (%s)", self.name, "empty" if lost else "kept pages")
+            self.agent.store_up(self, lost)
+
+    def mark_down(self, why: object) -> None:
+        if self.client is None:
+            return
+        log.warning("store %s is down: %s", self.name, why)
+        self.counters["failures"] += 1
+        client, self.client = self.client, None
+        client.abort()
+        self._down.set()
+        self.down_since = asyncio.get_running_loop().time()
+        self.agent.store_down(self)
+
+    async def refresh_usage(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(*TRANSPORT_ERRORS, StoreFailed):
+                self.used_pages = (await self.client.stats()).get("used_pages", self.used_pages)
+
+    # -- batching -------------------------------------------------------------
+    def add_write(self, slot: int, op: WriteOp, index: int) -> None:
+        while slot in self.write_slots:  # one slot twice in a batch: send the first now
+            self._send_writes(MAX_BATCH_PAGES)
+        self.writes.append((slot, op, index))
+        self.write_slots.add(slot)
+
+    def add_read(self, entry: ReadEntry) -> None:
+        self.reads.append(entry)
+
+    def kick(self) -> None:
+        """Send what is queued now, or arm the linger timer, as the policy says."""
+        decision = self.agent.decide()
+        if self.inflight >= MAX_INFLIGHT:
+            return  # a completing batch kicks again
+        full = len(self.writes) >= decision.max_pages or len(self.reads) >= decision.max_pages
+        if full or self.inflight == 0 or decision.send_now:
+            self._flush(decision.max_pages, decision.reason)
+        elif self._timer is None and (self.writes or self.reads):
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(decision.linger_s, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._timer = None
+        self._flush(self.agent.decide().max_pages, "linger")
+
+    def _flush(self, max_pages: int, reason: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while (self.writes or self.reads) and self.inflight < MAX_INFLIGHT:
+            if self.writes:
+                self._send_writes(max_pages)
+            if self.reads and self.inflight < MAX_INFLIGHT:
+                self._send_reads(max_pages)
+            self.agent.count_decision(reason)
+
+    def _send_writes(self, max_pages: int) -> None:
+        batch, self.writes = self.writes[:max_pages], self.writes[max_pages:]
+        self.write_slots = {slot for slot, _, _ in self.writes}
+        if batch:
+            self._spawn(self._swap_out(batch))
+
+    def _send_reads(self, max_pages: int) -> None:
+        batch, self.reads = self.reads[:max_pages], self.reads[max_pages:]
+        if batch:
+            self._spawn(self._swap_in(batch))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        self.inflight += 1
+        task = asyncio.ensure_future(coro)
+        self.agent.tasks.add(task)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Future[None]) -> None:
+        self.agent.tasks.discard(task)
+        self.inflight -= 1
+        if self.writes or self.reads:
+            self.kick()
+
+    async def _swap_out(self, batch: list[tuple[int, WriteOp, int]]) -> None:
+        reserve = self.agent.reserve
+        slots = [slot for slot, _, _ in batch]
+        data = b"".join([reserve.page(op.bufs[i]) for _, op, i in batch])
+        crcs = [op.crcs[i] for _, op, i in batch]
+        error = 0
+        try:
+            if self.client is None:
+                raise ConnectionLost("store is down")
+            await self.client.swap_out(slots, data, crcs)
+            self.counters["batches_out"] += 1
+            self.agent.observe_batch("out", len(batch))
+        except StoreFailed as exc:
+            error = exc.errno
+        except TRANSPORT_ERRORS as exc:
+            self.mark_down(exc)
+            error = -1
+        self.agent.writes_done(self, batch, error)
+
+    async def _swap_in(self, batch: list[ReadEntry]) -> None:
+        try:
+            if self.client is None:
+                raise ConnectionLost("store is down")
+            data = await self.client.swap_in([e.slot for e in batch])
+        except StoreFailed as exc:
+            self.agent.reads_failed(self, batch, exc.errno)
+            return
+        except TRANSPORT_ERRORS as exc:
+            self.mark_down(exc)
+            self.agent.reads_failed(self, batch, -1)
+            return
+        self.counters["batches_in"] += 1
+        self.agent.observe_batch("in", len(batch))
+        view = memoryview(data)
+        for i, entry in enumerate(batch):
+            at = entry.index * PAGE_SIZE
+            entry.op.out[at : at + PAGE_SIZE] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            self.agent.read_page_done(entry.op, 0)
+
+    async def call(self, fn: Callable[[StoreClient], Awaitable[None]]) -> int:
+        """Run one control RPC; 0, an errno, or -1 when the store is unreachable."""
+        if self.client is None:
+            return -1
+        try:
+            await fn(self.client)
+        except StoreFailed as exc:
+            return exc.errno
+        except TRANSPORT_ERRORS as exc:
+            self.mark_down(exc)
+            return -1
+        return 0

@@ -1,0 +1,69 @@
+"""Operations handed from nbdkit's threads to the agent's event loop.
+
+An op is created by the nbdkit thread, completed by the loop thread, and
+waited on with a threading.Event. The loop never touches nbdkit's `buf`: a
+write's pages sit in reserve buffers, a read's land in the op's own `out`
+buffer and the nbdkit thread copies them into `buf` itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+
+class WriteOp:
+    """`count` consecutive slots from `first`, pages in reserve buffers `bufs`."""
+
+    __slots__ = ("acks", "bufs", "count", "crcs", "done", "error", "first", "remaining")
+
+    def __init__(self, first: int, count: int, bufs: list[int], crcs: list[int]) -> None:
+        self.first = first
+        self.count = count
+        self.bufs = bufs
+        self.crcs = crcs
+        self.acks = [0] * count
+        self.remaining = 0
+        self.error = 0
+        self.done = threading.Event()
+
+    def finish(self, quorum: int) -> None:
+        if not self.error and min(self.acks) < quorum:
+            self.error = errno.EIO
+        self.done.set()
+
+
+class ReadOp:
+    """Pages for slots `slots`, gathered into `out` in that order."""
+
+    __slots__ = ("done", "error", "out", "remaining", "slots")
+
+    def __init__(self, slots: list[int], out: bytearray) -> None:
+        self.slots = slots
+        self.out = out
+        self.remaining = len(slots)
+        self.error = 0
+        self.done = threading.Event()
+
+
+class ReadEntry:
+    """One page of a ReadOp on its way to one replica; `tried` is a store bitmask."""
+
+    __slots__ = ("index", "op", "slot", "tried")
+
+    def __init__(self, op: ReadOp, index: int) -> None:
+        self.op = op
+        self.index = index
+        self.slot = op.slots[index]
+        self.tried = 0
+
+
+class CallOp:
+    """A control request (discard, flush) run as one coroutine on the loop."""
+
+    __slots__ = ("done", "error", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.error = 0
+        self.done = threading.Event()

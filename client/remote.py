@@ -1,0 +1,209 @@
+"""RemoteDevice: the NBD plugin's `backend=remote`, run in nbdkit's threads.
+
+Thread side of the agent. pwrite copies nbdkit's buffer into reserve buffers
+(with each page's CRC) before anything else, registers the pages as in flight
+so that reads see them (read-your-writes), hands the op to the agent's loop,
+and waits for the replicas' acknowledgement (write-through). pread serves
+in-flight pages from the reserve, never-written pages as zeros, and fetches
+the rest through the loop into the op's own buffer, then copies them into
+nbdkit's buffer itself. No reference to nbdkit's buffer survives a callback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import zlib
+from typing import TYPE_CHECKING
+
+from netswap.protocol import PAGE_SIZE, ZERO_PAGE
+from netswap.server.backends import StoreError
+from netswap.server.device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
+
+from .agent import Agent
+from .ops import CallOp, ReadOp, WriteOp
+from .placement import slab_pages_for
+from .policy import BatchPolicy
+from .reserve import Reserve, ReserveTimeout
+from .rpc import parse_hostport, read_token
+
+if TYPE_CHECKING:
+    from netswap.server.plugin_config import PluginConfig
+
+log = logging.getLogger("netswap.agent")
+
+# Pages per op: a kernel request is at most 32 pages; bigger NBD requests (nbdcopy,
+# qemu-img) are cut so one op never pins more than this much of the reserve.
+CHUNK_PAGES = 64
+# The loop completes every op within its RPC deadlines; this is a last-resort
+# guard against a bug, after which the op's reserve buffers are leaked, not reused.
+HARD_TIMEOUT_FACTOR = 6
+
+
+class RemoteDevice:
+    multi_conn = True  # one agent per nbdkit: flush waits for every connection's writes
+    parallel = True
+
+    def __init__(self, agent: Agent, size: int, reserve_wait: float) -> None:
+        self.agent = agent
+        self.size = size
+        self.reserve = agent.reserve
+        self._reserve_wait = reserve_wait
+        self._lock = threading.Lock()
+        self._inflight: dict[int, tuple[WriteOp, int]] = {}  # slot -> (op, reserve buffer)
+        self._ops: set[WriteOp] = set()
+        self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
+
+    @classmethod
+    def from_config(cls, config: PluginConfig) -> RemoteDevice:
+        stores = [parse_hostport(s, 7177) for s in config.stores]
+        replicas = config.replicas or (2 if len(stores) >= 2 else 1)
+        if replicas > len(stores):
+            raise ValueError(f"replicas={replicas} needs at least {replicas} stores")
+        reserve = Reserve(config.reserve)
+        agent = Agent(
+            stores,
+            config.area,
+            config.size // PAGE_SIZE,
+            reserve,
+            replicas=replicas,
+            slab_pages=slab_pages_for(config.slab),
+            token=read_token(config.token_file or None),
+            policy=BatchPolicy(linger_s=config.batch_linger_us / 1e6),
+        )
+        return cls(agent, config.size, reserve_wait=agent.io_timeout * 2)
+
+    def start(self) -> None:
+        self.agent.start()
+
+    def close(self) -> None:
+        self.agent.stop()
+
+    # -- writes ---------------------------------------------------------------
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        check_aligned(len(buf), offset)
+        first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
+        for at in range(0, count, CHUNK_PAGES):
+            n = min(CHUNK_PAGES, count - at)
+            self._write_chunk(buf[at * PAGE_SIZE : (at + n) * PAGE_SIZE], first + at, n)
+        if fua:
+            self.flush()
+
+    def _write_chunk(self, view: memoryview, first: int, count: int) -> None:
+        reserve = self.reserve
+        try:
+            bufs = reserve.acquire(count, self._reserve_wait)
+        except ReserveTimeout as exc:
+            raise StoreError(errno.EIO, str(exc)) from None
+        crcs = []
+        for i, index in enumerate(bufs):
+            page = reserve.page(index)
+            page[:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            crcs.append(zlib.crc32(page))
+        op = WriteOp(first, count, bufs, crcs)
+        table = self.agent.table
+        with self._lock:
+            for i in range(count):
+                self._inflight[first + i] = (op, bufs[i])
+                table.mark_written(first + i)
+                table.set_lost(first + i, False)
+            self._ops.add(op)
+        self.agent.submit(self.agent.submit_write, op)
+        finished = op.done.wait(self._hard_timeout)
+        with self._lock:
+            for i in range(count):
+                if self._inflight.get(first + i, (None, 0))[0] is op:
+                    del self._inflight[first + i]
+            self._ops.discard(op)
+        if not finished:
+            log.error("write of %d pages at slot %d never completed", count, first)
+            raise StoreError(errno.EIO, "agent did not complete a write")
+        reserve.release(bufs)
+        if op.error:
+            raise StoreError(op.error, f"write of slots {first}+{count} failed")
+
+    # -- reads ----------------------------------------------------------------
+    def pread(self, buf: memoryview, offset: int) -> None:
+        check_aligned(len(buf), offset)
+        first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
+        table, reserve = self.agent.table, self.reserve
+        remote: list[int] = []
+        with self._lock:
+            for i in range(count):
+                slot = first + i
+                page = buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                pending = self._inflight.get(slot)
+                if pending is not None:
+                    page[:] = reserve.page(pending[1])
+                elif table.is_written(slot):
+                    remote.append(i)
+                elif table.is_lost(slot):
+                    raise StoreError(errno.EIO, f"slot {slot}: every copy was lost")
+                else:
+                    page[:] = ZERO_PAGE
+        for at in range(0, len(remote), CHUNK_PAGES):
+            self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
+
+    def _read_chunk(self, buf: memoryview, first: int, indexes: list[int]) -> None:
+        op = ReadOp([first + i for i in indexes], bytearray(len(indexes) * PAGE_SIZE))
+        self.agent.submit(self.agent.submit_read, op)
+        if not op.done.wait(self._hard_timeout):
+            raise StoreError(errno.EIO, "agent did not complete a read")
+        if op.error:
+            raise StoreError(op.error, f"read of {len(indexes)} pages from slot {first} failed")
+        out = memoryview(op.out)
+        for j, i in enumerate(indexes):
+            buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]
+
+    # -- control --------------------------------------------------------------
+    def flush(self) -> None:
+        with self._lock:
+            earlier = list(self._ops)
+        for op in earlier:  # write-through: wait for every earlier write's acks
+            op.done.wait(self._hard_timeout)
+        self._call("flush", self.agent.flush)
+
+    def trim(self, count: int, offset: int, fua: bool) -> None:
+        first = -(-offset // PAGE_SIZE)
+        end = (offset + count) // PAGE_SIZE
+        if end > first:
+            self._forget(first, end - first)
+
+    def zero(self, count: int, offset: int, fua: bool) -> None:
+        check_aligned(count, offset)
+        self._forget(offset // PAGE_SIZE, count // PAGE_SIZE)
+
+    def _forget(self, first: int, count: int) -> None:
+        table = self.agent.table
+        with self._lock:
+            for slot in range(first, first + count):
+                table.clear_written(slot)
+                table.set_lost(slot, False)
+        self._call("discard", lambda: self.agent.discard(first, count))
+
+    def _call(self, what: str, coro_fn: object) -> None:
+        op = CallOp(what)
+        self.agent.run_call(op, coro_fn)  # type: ignore[arg-type]
+        if not op.done.wait(self._hard_timeout):
+            raise StoreError(errno.EIO, f"agent did not complete {what}")
+        if op.error:
+            raise StoreError(op.error, f"{what} failed")
+
+    def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
+        """Never-written slots are holes that read as zeros; the rest is data."""
+        table = self.agent.table
+        runs: list[tuple[int, int, int]] = []
+        end = offset + count
+        at = offset
+        while at < end:
+            hole = not table.is_written(at // PAGE_SIZE)
+            stop = (at // PAGE_SIZE + 1) * PAGE_SIZE
+            while stop < end and (not table.is_written(stop // PAGE_SIZE)) == hole:
+                stop += PAGE_SIZE
+            stop = min(stop, end)
+            runs.append((at, stop - at, EXTENT_HOLE | EXTENT_ZERO if hole else 0))
+            if req_one:
+                break
+            at = stop
+        return runs

@@ -1,0 +1,103 @@
+"""Test helpers: real `netswap store` and `netswap serve --backend remote` processes."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from .conftest import free_port, wait_for_port
+from .nbdserver import NETSWAP
+
+
+class StoreProc:
+    """A page store on a fixed port that tests can kill -9 and start again."""
+
+    def __init__(self, capacity: str = "256M", extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.capacity = capacity
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> StoreProc:
+        cmd = [NETSWAP, "store", "--listen", self.address, "--capacity", self.capacity]
+        self.proc = subprocess.Popen([*cmd, *self.extra], stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@contextmanager
+def stores(count: int, capacity: str = "256M") -> Iterator[list[StoreProc]]:
+    procs = [StoreProc(capacity) for _ in range(count)]
+    try:
+        yield [p.start() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@contextmanager
+def agent_serve(
+    store_procs: list[StoreProc], size: str = "64M", *extra: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`netswap serve --backend remote` over the given stores; yields (uri, nbdkit)."""
+    port = free_port()
+    cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--size", size,
+           "--backend", "remote", "--no-mlock", "--area", "testhost", *extra]  # fmt: skip
+    for s in store_procs:
+        cmd += ["--store", s.address]
+    with ExitStack() as stack:
+        log = stack.enter_context(open(Path("/tmp") / f"netswap-agent-{port}.log", "w+b"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for_port(port, proc, timeout=30)
+            yield f"nbd://127.0.0.1:{port}/swap", proc
+        finally:
+            proc.kill()
+            proc.wait()
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+            assert "Traceback" not in text, text
+
+
+def store_used_pages(store: StoreProc) -> int:
+    """The store's own count of pages it holds (all areas), over a probe connection."""
+    import asyncio
+
+    from netswap.client.rpc import StoreClient
+
+    async def ask() -> int:
+        client = await StoreClient.connect("127.0.0.1", store.port, "probe", deadline=5)
+        try:
+            return (await client.stats())["used_pages"]
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.25)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError("no VmRSS")
