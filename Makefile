@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd clean
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -30,6 +30,9 @@ pytest:
 
 bench-store: setup
 	$(PY) -m tests.bench.bench_store
+
+bench-agent: setup
+	$(PY) -m tests.bench.bench_agent
 
 bench-nbd: setup
 	$(PY) -m tests.bench.bench_nbd

@@ -25,7 +25,7 @@ import errno
 import logging
 import random
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -77,6 +77,9 @@ class Agent:
         self.links: list[StoreLink] = []
         self.tasks: set[asyncio.Future[Any]] = set()
         self._stores = stores
+        self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._drain_scheduled = False
+        self._decision: tuple[int, Pressure, Decision] | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -141,8 +144,24 @@ class Agent:
             self._thread.join(10)
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(fn, *args)
+        """From any thread: run fn(*args) on the loop, soon, in submission order.
+
+        Items queue in a deque and one call_soon_threadsafe wakes the loop for
+        all that arrive before it drains: one self-pipe write per burst, not
+        per request.
+        """
+        self._inbox.append((fn, args))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon_threadsafe(self._drain_inbox)
+
+    def _drain_inbox(self) -> None:
+        self._drain_scheduled = False  # before draining: a later append reschedules
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            fn(*args)
 
     def run_call(self, op: CallOp, coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> None:
         """From a foreign thread: run a control coroutine, result into op."""
@@ -159,7 +178,17 @@ class Agent:
 
     # -- policy ---------------------------------------------------------------
     def decide(self) -> Decision:
-        return self.policy.decide(self.reserve.occupancy, self.pressure)
+        """The policy's decision, recomputed only when its inputs change band."""
+        occupancy = self.reserve.occupancy
+        band = int(occupancy * 20)  # 5 % steps: finer than any policy threshold
+        cached = self._decision
+        if cached is None or cached[0] != band or cached[1] is not self.pressure:
+            cached = self._decision = (
+                band,
+                self.pressure,
+                self.policy.decide(occupancy, self.pressure),
+            )
+        return cached[2]
 
     def count_decision(self, reason: str) -> None:
         self.decisions[reason] += 1

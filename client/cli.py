@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from netswap.server import servecmd, storecmd
 
+from . import attach
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netswap", description="Swap over network storage.")
@@ -24,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="export swap over NBD (nbdkit + the netswap plugin)")
     servecmd.add_arguments(serve)
     serve.set_defaults(run=servecmd.run)
+    attach_p = sub.add_parser("attach", help="swap on a netswap export (nbd-client + swapon)")
+    attach.add_attach_arguments(attach_p)
+    attach_p.set_defaults(run=attach.run_attach)
+    detach_p = sub.add_parser("detach", help="undo `netswap attach`")
+    attach.add_detach_arguments(detach_p)
+    detach_p.set_defaults(run=attach.run_detach)
     return parser
 
 
@@ -36,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.run(args)
-    except storecmd.UsageError as exc:
+    except (storecmd.UsageError, attach.AttachError) as exc:
+        print(f"netswap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"netswap {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

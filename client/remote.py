@@ -70,7 +70,7 @@ class RemoteDevice:
             replicas=replicas,
             slab_pages=slab_pages_for(config.slab),
             token=read_token(config.token_file or None),
-            policy=BatchPolicy(linger_s=config.batch_linger_us / 1e6),
+            policy=BatchPolicy(config.batch_pages, config.batch_linger_us / 1e6),
         )
         return cls(agent, config.size, reserve_wait=agent.io_timeout * 2)
 

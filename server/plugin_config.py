@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from netswap.protocol import PAGE_SIZE
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
 
 from .device import BlockDevice, PageDevice
 from .units import parse_size
@@ -28,7 +28,8 @@ replicas=N                  copies of every page for backend=remote
 reserve=SIZE                swap-out reserve for backend=remote (default 16M)
 slab=SIZE                   placement unit for backend=remote (default 64M)
 token-file=FILE             token for the page stores
-batch-linger-us=N           longest a batch waits to fill (default 200)"""
+batch-linger-us=N           longest a batch waits to fill (default 200)
+batch-pages=N               largest batch per RPC, 1..256 (default 64; 1 = no batching)"""
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,7 @@ class PluginConfig:
     slab: int = 64 << 20
     token_file: str = ""
     batch_linger_us: int = 200
+    batch_pages: int = 64
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -68,7 +70,7 @@ class PluginConfig:
             setattr(self, key.replace("-", "_"), value)
         elif key == "store":
             self.stores.append(value)
-        elif key in ("replicas", "batch-linger-us"):
+        elif key in ("replicas", "batch-linger-us", "batch-pages"):
             setattr(self, key.replace("-", "_"), _natural(key, value))
         else:
             raise ConfigError(f"unknown parameter {key!r}; known: " + _known())
@@ -80,6 +82,8 @@ class PluginConfig:
             raise ConfigError("backend=file needs path=DIR")
         if self.backend == "remote" and not self.stores:
             raise ConfigError("backend=remote needs at least one store=HOST:PORT")
+        if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
+            raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
         if self.backend != "remote" and self.stores:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
         # capacity < size is allowed: a thin export whose writes fail with ENOSPC when full.

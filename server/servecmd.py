@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slab", help="placement unit (remote, default 64M)")
     parser.add_argument("--area", help="area name on the stores (default: the host name)")
     parser.add_argument("--token-file", help="token for the page stores")
+    parser.add_argument("--batch-pages", type=int, help="largest batch per RPC (remote)")
+    parser.add_argument("--batch-linger-us", type=int, help="longest batch wait (remote)")
     parser.add_argument(
         "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
     )
@@ -65,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plugin_params(args: argparse.Namespace) -> list[str]:
     params = [f"backend={args.backend}", f"size={args.size}"]
-    for key in ("path", "capacity", "replicas", "reserve", "slab", "area", "token_file"):
+    keys = ("path", "capacity", "replicas", "reserve", "slab", "area", "token_file",
+            "batch_pages", "batch_linger_us")  # fmt: skip
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             params.append(f"{key.replace('_', '-')}={value}")

@@ -1,0 +1,75 @@
+"""attach/detach on this machine: its kernel has no nbd driver, so every path here is
+a refusal that must be clear and change nothing. The real attach runs in the VM lab."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from .nbdserver import NETSWAP
+
+MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
+
+
+def as_nobody(*args: str) -> tuple[int, str]:
+    """Run the CLI in a forked child that has really dropped to uid/gid 65534."""
+    from netswap.client.cli import main
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no exec, so the venv's permissions do not matter
+        import sys
+
+        sys.stderr = os.fdopen(write_end, "w")
+        os.setgid(65534)
+        os.setuid(65534)
+        status = main(list(args))
+        sys.stderr.flush()
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+def netswap(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [NETSWAP, *args]
+    env = {**os.environ, "NETSWAP_STATE_DIR": "/tmp/netswap-test-state"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_attach_without_nbd_support_is_a_clear_error_and_changes_nothing() -> None:
+    before = MIN_FREE.read_text()
+    result = netswap("attach", "--device", "/dev/nbd0")
+    assert result.returncode == 2
+    assert "nbd" in result.stderr and "Traceback" not in result.stderr
+    assert MIN_FREE.read_text() == before
+    assert not Path("/tmp/netswap-test-state/attach-nbd0.json").exists()
+
+
+def test_attach_and_detach_refuse_non_root() -> None:
+    for command in ("attach", "detach"):
+        status, err = as_nobody(command)
+        assert status == 2, err
+        assert "run as root" in err and "Traceback" not in err
+
+
+def test_detach_of_a_device_netswap_did_not_attach_is_refused() -> None:
+    result = netswap("detach", "--device", "/dev/nbd7")
+    assert result.returncode == 2 and "was not attached by netswap" in result.stderr
+
+
+def test_attach_plan_is_the_documented_sequence() -> None:
+    result = netswap(
+        "attach", "--print-plan", "--server", "10.0.2.2:10809", "--priority", "3", "--discard"
+    )
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        "modprobe nbd",
+        "sysctl -w vm.min_free_kbytes=16384",
+        "nbd-client 10.0.2.2 10809 /dev/nbd0 -N swap -b 4096",
+        "mkswap /dev/nbd0",
+        "swapon -p 3 --discard /dev/nbd0",
+    ]
