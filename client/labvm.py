@@ -73,8 +73,9 @@ def run_lab(args: argparse.Namespace) -> Outcome:
         if args.backend == "remote":
             for _ in range(args.stores):
                 store_port = free_port()
-                stack.enter_context(child(["store", "--listen", f"127.0.0.1:{store_port}",
-                                           "--capacity", f"{export_mib}M"], store_port))  # fmt: skip
+                store = ["store", "--listen", f"127.0.0.1:{store_port}", "--capacity",
+                         f"{export_mib}M"]  # fmt: skip
+                stack.enter_context(child(store, store_port))
                 serve += ["--store", f"127.0.0.1:{store_port}"]
             serve += ["--backend", "remote", "--area", "labguest"]
             if args.replicas:
@@ -203,7 +204,10 @@ def print_summary(args: argparse.Namespace, o: Outcome) -> None:
     print(f"netswap lab vm ({args.backend}): {o.verdict}" + (f" -- {o.reason}" if o.reason else ""))
     print(f"  guest RAM {args.ram} MiB, pattern {size} MiB x {args.passes} pass(es)")
     if "boot" in o.stages:
-        print(f"  boot to init {o.stages['boot']:.1f}s, attached at {o.stages.get('attached', 0):.1f}s")
+        print(
+            f"  boot to init {o.stages['boot']:.1f}s, "
+            f"attached at {o.stages.get('attached', 0):.1f}s"
+        )
     print(f"  pages written {o.pages}, verified {o.verified}")
     print(f"  pswpout {o.pswpout} pages ({o.pswpout // 256} MiB), pswpin {o.pswpin} pages")
     if seconds:

@@ -58,9 +58,7 @@ class RemoteDevice:
     @classmethod
     def from_config(cls, config: PluginConfig) -> RemoteDevice:
         stores = [parse_hostport(s, 7177) for s in config.stores]
-        replicas = config.replicas or (2 if len(stores) >= 2 else 1)
-        if replicas > len(stores):
-            raise ValueError(f"replicas={replicas} needs at least {replicas} stores")
+        replicas = config.effective_replicas  # validated by PluginConfig.complete()
         reserve = Reserve(config.reserve)
         agent = Agent(
             stores,
@@ -70,6 +68,7 @@ class RemoteDevice:
             replicas=replicas,
             slab_pages=slab_pages_for(config.slab),
             token=read_token(config.token_file or None),
+            quorum=config.quorum,
             policy=BatchPolicy(config.batch_pages, config.batch_linger_us / 1e6),
         )
         return cls(agent, config.size, reserve_wait=agent.io_timeout * 2)

@@ -8,7 +8,8 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 EXTRA_APT=${EXTRA_APT:-}
 APT_PACKAGES="nbdkit nbdkit-plugin-python nbd-client python3-libnbd libnbd-bin python3-venv
-  python3-dev fio qemu-utils procps iproute2 $EXTRA_APT"
+  python3-dev fio qemu-utils procps iproute2 qemu-system-x86 busybox-static cpio gcc libc6-dev
+  $EXTRA_APT"
 
 missing=()
 for pkg in $APT_PACKAGES; do

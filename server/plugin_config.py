@@ -25,6 +25,7 @@ path=DIR                    directory of the file backend
 area=NAME                   area name on the page store(s) (default nbd)
 store=HOST:PORT             a page store for backend=remote (repeatable)
 replicas=N                  copies of every page for backend=remote
+quorum=N                    copies a write needs before it is acknowledged (default 1)
 reserve=SIZE                swap-out reserve for backend=remote (default 16M)
 slab=SIZE                   placement unit for backend=remote (default 64M)
 token-file=FILE             token for the page stores
@@ -45,6 +46,7 @@ class PluginConfig:
     area: str = "nbd"
     stores: list[str] = field(default_factory=list)
     replicas: int = 0
+    quorum: int = 1
     reserve: int = 16 << 20
     slab: int = 64 << 20
     token_file: str = ""
@@ -70,7 +72,7 @@ class PluginConfig:
             setattr(self, key.replace("-", "_"), value)
         elif key == "store":
             self.stores.append(value)
-        elif key in ("replicas", "batch-linger-us", "batch-pages"):
+        elif key in ("replicas", "quorum", "batch-linger-us", "batch-pages"):
             setattr(self, key.replace("-", "_"), _natural(key, value))
         else:
             raise ConfigError(f"unknown parameter {key!r}; known: " + _known())
@@ -82,11 +84,21 @@ class PluginConfig:
             raise ConfigError("backend=file needs path=DIR")
         if self.backend == "remote" and not self.stores:
             raise ConfigError("backend=remote needs at least one store=HOST:PORT")
+        if self.backend == "remote":
+            if self.replicas > len(self.stores):
+                raise ConfigError(f"replicas={self.replicas} needs {self.replicas} store= entries")
+            if not 1 <= self.quorum <= self.effective_replicas:
+                raise ConfigError(f"quorum={self.quorum} must be 1..{self.effective_replicas}")
         if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
             raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
         if self.backend != "remote" and self.stores:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
         # capacity < size is allowed: a thin export whose writes fail with ENOSPC when full.
+
+    @property
+    def effective_replicas(self) -> int:
+        """replicas=, or 2 when there are two or more stores, else 1."""
+        return self.replicas or (2 if len(self.stores) >= 2 else 1)
 
     @property
     def parallel(self) -> bool:

@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="page store for --backend remote (repeatable)",
     )
     parser.add_argument("--replicas", type=int, help="copies of each page (remote)")
+    parser.add_argument(
+        "--quorum",
+        type=int,
+        help="copies a write needs before it is acknowledged (remote, default 1)",
+    )
     parser.add_argument("--reserve", help="swap-out reserve (remote, default 16M)")
     parser.add_argument("--slab", help="placement unit (remote, default 64M)")
     parser.add_argument("--area", help="area name on the stores (default: the host name)")
@@ -67,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plugin_params(args: argparse.Namespace) -> list[str]:
     params = [f"backend={args.backend}", f"size={args.size}"]
-    keys = ("path", "capacity", "replicas", "reserve", "slab", "area", "token_file",
+    keys = ("path", "capacity", "replicas", "quorum", "reserve", "slab", "area", "token_file",
             "batch_pages", "batch_linger_us")  # fmt: skip
     for key in keys:
         value = getattr(args, key)

@@ -168,3 +168,15 @@ def test_flush_fua_trim_and_zero_through_the_agent() -> None:
         expect = data[: 4 * PAGE] + bytes(4 * PAGE) + data[8 * PAGE : 10 * PAGE]
         assert got == expect + bytes(2 * PAGE) + data[12 * PAGE :]
         h.shutdown()
+
+
+def test_quorum_two_refuses_writes_with_one_replica_down() -> None:
+    with stores(2) as (s1, s2), agent_serve([s1, s2], "16M", "--quorum", "2") as (uri, _):
+        h = connect(uri)
+        h.pwrite(b"q" * PAGE, 0)
+        s2.kill()
+        with pytest.raises(nbd.Error) as info:
+            h.pwrite(b"r" * PAGE, PAGE)
+        assert errno_of(info.value) == errno.EIO
+        assert h.pread(PAGE, 0) == b"q" * PAGE  # the surviving copy still serves reads
+        h.shutdown()

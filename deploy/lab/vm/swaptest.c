@@ -7,6 +7,7 @@
  * caught, and named. One wrong byte is a FAIL.
  *
  * usage: swaptest MIB SEED     output lines start with SWAPTEST
+ * SWAPTEST_CORRUPT=PAGE in the environment flips a byte of PAGE (the verifier's self-test).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -60,6 +61,10 @@ int main(int argc, char **argv) {
             printf("SWAPTEST progress write %llu%%\n", (unsigned long long)(i * 100 / pages)), fflush(stdout);
     }
     double t1 = now();
+    /* Self-test hook: SWAPTEST_CORRUPT=PAGE flips one byte of PAGE before the check. */
+    const char *corrupt = getenv("SWAPTEST_CORRUPT");
+    if (corrupt && strtoull(corrupt, NULL, 10) < pages)
+        ((unsigned char *)(mem + strtoull(corrupt, NULL, 10) * (PAGE / 8)))[1234] ^= 1;
     uint64_t verified = 0;
     for (uint64_t i = 0; i < pages; i++) {
         fill(expect, i, seed);
