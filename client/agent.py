@@ -25,11 +25,13 @@ import errno
 import logging
 import random
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from netswap.protocol import MAX_DISCARD_RANGES
+from netswap.server.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 from .links import TRANSPORT_ERRORS, StoreLink
 from .ops import CallOp, ReadEntry, ReadOp, WriteOp
@@ -90,6 +92,9 @@ class Agent:
         self.batch_pages: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self.rpc_latency = {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")}
+        self.batch_sizes = {op: Recorder(BATCH_BUCKETS) for op in ("swap_out", "swap_in")}
+        self.recent_decisions: deque[tuple[float, str, int]] = deque(maxlen=50)
 
     # -- lifecycle (called from nbdkit's threads) -------------------------------
     def start(self, connect_timeout: float = 10.0) -> None:
@@ -190,12 +195,16 @@ class Agent:
             )
         return cached[2]
 
-    def count_decision(self, reason: str) -> None:
+    def count_decision(self, reason: str, queued: int) -> None:
         self.decisions[reason] += 1
+        self.recent_decisions.append((time.monotonic(), reason, queued))
 
-    def observe_batch(self, direction: str, pages: int) -> None:
+    def observe_batch(self, direction: str, pages: int, seconds: float) -> None:
+        op = "swap_out" if direction == "out" else "swap_in"
         self.batches[direction] += 1
         self.batch_pages[direction] += pages
+        self.rpc_latency[op].observe(seconds)
+        self.batch_sizes[op].observe(pages)
 
     async def _sample_pressure(self) -> None:
         while True:
@@ -212,6 +221,7 @@ class Agent:
         return [link.index for link in self.links if link.up]
 
     def submit_write(self, op: WriteOp) -> None:
+        self.counters["swap_out_pages"] += op.count
         table, links = self.table, self.links
         kicked: set[StoreLink] = set()
         for i in range(op.count):
@@ -254,7 +264,6 @@ class Agent:
         for slot, op, i in batch:
             if error == 0:
                 op.acks[i] += 1
-                link.used_pages += 1
             elif error > 0:
                 op.error = op.error or error
             else:
@@ -271,6 +280,7 @@ class Agent:
 
     # -- reads ----------------------------------------------------------------
     def submit_read(self, op: ReadOp) -> None:
+        self.counters["swap_in_pages"] += len(op.slots)
         for index in range(len(op.slots)):
             self._route_read(ReadEntry(op, index))
         for link in self.links:
@@ -449,6 +459,22 @@ class Agent:
         return True
 
     # -- figures --------------------------------------------------------------
+    def store_table(self) -> list[dict[str, Any]]:
+        """One row per store for the dashboard: health, usage, slabs by state."""
+        table = self.table
+        rows = []
+        for link in self.links:
+            states = [table.state[i] for i, s in enumerate(table.store) if s == link.index]
+            rows.append({
+                "name": link.name, "up": link.up,
+                "used_bytes": link.used_pages * 4096,
+                "capacity_bytes": link.capacity_pages * 4096,
+                "slabs": len(states),
+                "stale": sum(1 for st in states if st in (STALE, DOWN)),
+                "syncing": sum(1 for st in states if st == SYNCING),
+            })  # fmt: skip
+        return rows
+
     def stats(self) -> dict[str, int]:
         out: dict[str, int] = dict(self.counters)
         out["reserve_pages"] = self.reserve.pages

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from netswap.server import servecmd, storecmd
 
-from . import attach, labvm
+from . import attach, labvm, statscmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     detach_p = sub.add_parser("detach", help="undo `netswap attach`")
     attach.add_detach_arguments(detach_p)
     detach_p.set_defaults(run=attach.run_detach)
+    stats = sub.add_parser("stats", help="live figures from a store or `serve --http` endpoint")
+    statscmd.add_arguments(stats)
+    stats.set_defaults(run=statscmd.run)
     lab = sub.add_parser("lab", help="labs: `lab vm` swaps a real kernel through netswap")
     lab_sub = lab.add_subparsers(dest="lab", required=True, metavar="LAB")
     vm = lab_sub.add_parser("vm", help="a QEMU guest attaches netswap as swap and verifies it")
@@ -49,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.run(args)
-    except (storecmd.UsageError, attach.AttachError, labvm.LabError) as exc:
+    except (storecmd.UsageError, attach.AttachError, labvm.LabError, statscmd.StatsError) as exc:
         print(f"netswap {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

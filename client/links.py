@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -147,11 +148,12 @@ class StoreLink:
             self._timer.cancel()
             self._timer = None
         while (self.writes or self.reads) and self.inflight < MAX_INFLIGHT:
+            queued = len(self.writes) + len(self.reads)
             if self.writes:
                 self._send_writes(max_pages)
             if self.reads and self.inflight < MAX_INFLIGHT:
                 self._send_reads(max_pages)
-            self.agent.count_decision(reason)
+            self.agent.count_decision(reason, queued - len(self.writes) - len(self.reads))
 
     def _send_writes(self, max_pages: int) -> None:
         batch, self.writes = self.writes[:max_pages], self.writes[max_pages:]
@@ -185,9 +187,10 @@ class StoreLink:
         try:
             if self.client is None:
                 raise ConnectionLost("store is down")
+            began = time.perf_counter()
             await self.client.swap_out(slots, data, crcs)
             self.counters["batches_out"] += 1
-            self.agent.observe_batch("out", len(batch))
+            self.agent.observe_batch("out", len(batch), time.perf_counter() - began)
         except StoreFailed as exc:
             error = exc.errno
         except TRANSPORT_ERRORS as exc:
@@ -199,7 +202,9 @@ class StoreLink:
         try:
             if self.client is None:
                 raise ConnectionLost("store is down")
+            began = time.perf_counter()
             data = await self.client.swap_in([e.slot for e in batch])
+            elapsed = time.perf_counter() - began
         except StoreFailed as exc:
             self.agent.reads_failed(self, batch, exc.errno)
             return
@@ -208,7 +213,7 @@ class StoreLink:
             self.agent.reads_failed(self, batch, -1)
             return
         self.counters["batches_in"] += 1
-        self.agent.observe_batch("in", len(batch))
+        self.agent.observe_batch("in", len(batch), elapsed)
         view = memoryview(data)
         for i, entry in enumerate(batch):
             at = entry.index * PAGE_SIZE

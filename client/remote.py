@@ -11,6 +11,7 @@ nbdkit's buffer itself. No reference to nbdkit's buffer survives a callback.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import threading
@@ -53,6 +54,7 @@ class RemoteDevice:
         self._lock = threading.Lock()
         self._inflight: dict[int, tuple[WriteOp, int]] = {}  # slot -> (op, reserve buffer)
         self._ops: set[WriteOp] = set()
+        self.local_reads = 0  # pages served from the reserve or as zeros, under _lock
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
 
     @classmethod
@@ -75,6 +77,15 @@ class RemoteDevice:
 
     def start(self) -> None:
         self.agent.start()
+
+    def start_ops(self, host: str, port: int) -> None:
+        """The ops endpoint runs on the agent's own loop."""
+        from netswap.server.http import start_http
+        from netswap.server.sources import agent_source
+
+        source = agent_source(self.agent, lambda: self.local_reads)
+        assert self.agent.loop is not None
+        asyncio.run_coroutine_threadsafe(start_http(source, host, port), self.agent.loop).result(10)
 
     def close(self) -> None:
         self.agent.stop()
@@ -141,6 +152,7 @@ class RemoteDevice:
                     raise StoreError(errno.EIO, f"slot {slot}: every copy was lost")
                 else:
                     page[:] = ZERO_PAGE
+            self.local_reads += count - len(remote)
         for at in range(0, len(remote), CHUNK_PAGES):
             self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
 

@@ -66,8 +66,19 @@ async def serve_until_signal(
     port: int,
     tokens: Tokens,
     on_ready: Callable[[StoreServer], None] | None = None,
+    http: tuple[str, int] | None = None,
 ) -> None:
     store = await start_store(backend, host, port, tokens)
+    ops = None
+    if http is not None:
+        from .http import start_http
+        from .sources import store_source
+
+        try:
+            ops = await start_http(store_source(store.service), *http)
+        except BaseException:
+            await store.close()
+            raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -83,4 +94,6 @@ async def serve_until_signal(
     if on_ready is not None:
         on_ready(store)
     await stop.wait()
+    if ops is not None:
+        await ops.cleanup()
     await store.close()

@@ -30,6 +30,7 @@ class BlockDevice(Protocol):
     parallel: bool
 
     def start(self) -> None: ...
+    def start_ops(self, host: str, port: int) -> None: ...
     def pread(self, buf: memoryview, offset: int) -> None: ...
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None: ...
     def flush(self) -> None: ...
@@ -60,6 +61,12 @@ class PageDevice:
 
     def start(self) -> None:
         """Nothing to start: local backends need no threads."""
+
+    def start_ops(self, host: str, port: int) -> None:
+        from .http import HttpThread
+        from .sources import backend_source
+
+        HttpThread(backend_source(self.backend), host, port).start()
 
     def pread(self, buf: memoryview, offset: int) -> None:
         count = len(buf)

@@ -89,6 +89,7 @@ def after_fork() -> None:
     global _device
     _device = _config.build_device()
     _device.start()
+    _config.start_ops(_device)
 
 
 def cleanup() -> None:

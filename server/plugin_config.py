@@ -29,6 +29,7 @@ quorum=N                    copies a write needs before it is acknowledged (defa
 reserve=SIZE                swap-out reserve for backend=remote (default 16M)
 slab=SIZE                   placement unit for backend=remote (default 64M)
 token-file=FILE             token for the page stores
+http=HOST:PORT              ops endpoint: /metrics, /api/stats, / dashboard (default off)
 batch-linger-us=N           longest a batch waits to fill (default 200)
 batch-pages=N               largest batch per RPC, 1..256 (default 64; 1 = no batching)"""
 
@@ -52,6 +53,7 @@ class PluginConfig:
     token_file: str = ""
     batch_linger_us: int = 200
     batch_pages: int = 64
+    http: str = ""
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -68,7 +70,7 @@ class PluginConfig:
             self.backend = value
         elif key in ("size", "capacity", "reserve", "slab"):
             setattr(self, key, _page_multiple(key, value))
-        elif key in ("path", "area", "token-file"):
+        elif key in ("path", "area", "token-file", "http"):
             setattr(self, key.replace("-", "_"), value)
         elif key == "store":
             self.stores.append(value)
@@ -93,6 +95,10 @@ class PluginConfig:
             raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
         if self.backend != "remote" and self.stores:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
+        if self.http:
+            from netswap.client.rpc import parse_hostport
+
+            parse_hostport(self.http, 0)
         # capacity < size is allowed: a thin export whose writes fail with ENOSPC when full.
 
     @property
@@ -104,6 +110,15 @@ class PluginConfig:
     def parallel(self) -> bool:
         """The remote device waits on the network; the embedded ones never block."""
         return self.backend == "remote"
+
+    def start_ops(self, device: BlockDevice) -> None:
+        """Serve /metrics, /api/stats and the dashboard for this export, if asked."""
+        if not self.http:
+            return
+        from netswap.client.rpc import parse_hostport
+
+        host, port = parse_hostport(self.http, 0)
+        device.start_ops(host, port)
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":

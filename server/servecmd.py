@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--area", help="area name on the stores (default: the host name)")
     parser.add_argument("--token-file", help="token for the page stores")
     parser.add_argument("--batch-pages", type=int, help="largest batch per RPC (remote)")
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="ops endpoint: /metrics, /api/stats and the dashboard (default off)",
+    )
     parser.add_argument("--batch-linger-us", type=int, help="longest batch wait (remote)")
     parser.add_argument(
         "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
@@ -73,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def plugin_params(args: argparse.Namespace) -> list[str]:
     params = [f"backend={args.backend}", f"size={args.size}"]
     keys = ("path", "capacity", "replicas", "quorum", "reserve", "slab", "area", "token_file",
-            "batch_pages", "batch_linger_us")  # fmt: skip
+            "batch_pages", "batch_linger_us", "http")  # fmt: skip
     for key in keys:
         value = getattr(args, key)
         if value is not None:

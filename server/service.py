@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import time
 from pathlib import Path
 
 from netswap.protocol import (
@@ -32,6 +33,7 @@ from netswap.protocol import (
 )
 
 from .backends import PageBackend, StoreError
+from .recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 
 class Tokens:
@@ -85,6 +87,10 @@ class StoreService:
         self.backend = backend
         self.tokens = tokens
         self.counters = {"connections": 0, "protocol_errors": 0, "auth_failures": 0}
+        self.recorders = {
+            "latency": {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")},
+            "batch": {op: Recorder(BATCH_BUCKETS) for op in ("swap_out", "swap_in")},
+        }
 
     def session(self) -> Session:
         self.counters["connections"] += 1
@@ -114,13 +120,17 @@ class Session:
             raise StoreError(errno.EPERM, "send Hello first")
         backend = self.service.backend
         if isinstance(request, SwapOut):
+            began = time.perf_counter()
             area = backend.area(self.area_name)
             backend.write(area, request.slots, memoryview(request.data), request.checksums)
+            self._observe("swap_out", len(request.slots), began)
             return Ok(rid)
         if isinstance(request, SwapIn):
+            began = time.perf_counter()
             area = backend.area(self.area_name)
             out = bytearray(len(request.slots) * PAGE_SIZE)
             crcs = backend.read(area, request.slots, memoryview(out))
+            self._observe("swap_in", len(request.slots), began)
             return Pages(rid, bytes(out), tuple(crcs))
         if isinstance(request, Discard):
             area = backend.area(self.area_name)
@@ -135,6 +145,12 @@ class Session:
         if isinstance(request, Stats):
             return StatsReply.from_mapping(rid, self.service.stats())
         raise StoreError(errno.EOPNOTSUPP, f"unsupported request {type(request).__name__}")
+
+    def _observe(self, op: str, pages: int, began: float) -> None:
+        """Service time of one batch at the store (the agent measures round trips)."""
+        recorders = self.service.recorders
+        recorders["latency"][op].observe(time.perf_counter() - began)
+        recorders["batch"][op].observe(pages)
 
     def _hello(self, hello: Hello) -> Reply:
         if self.area_name is not None:

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", default="1G", help="pages this store holds, as bytes (4G)")
     parser.add_argument("--path", help="directory for the file backend")
     parser.add_argument("--token-file", help="tokens: 'TOKEN' or 'AREA TOKEN' per line")
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="ops endpoint: /metrics, /api/stats and the dashboard (default off)",
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         host, port = parse_hostport(args.listen, 7177)
         capacity = parse_size(args.capacity)
+        http = parse_hostport(args.http, 0) if args.http else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if capacity < PAGE_SIZE or capacity % PAGE_SIZE:
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     runner = _runner()
     with runner:
-        runner.run(serve_until_signal(backend, host, port, tokens, ready))
+        runner.run(serve_until_signal(backend, host, port, tokens, ready, http))
     return 0
 
 

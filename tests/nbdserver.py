@@ -25,6 +25,8 @@ def netswap_serve(*args: str, mlock: bool = False) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(port, proc)
+        if "--http" in args:
+            wait_for_port(int(args[args.index("--http") + 1].rsplit(":", 1)[1]), proc)
         yield f"nbd://127.0.0.1:{port}/swap"
     finally:
         proc.kill()

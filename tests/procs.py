@@ -29,6 +29,9 @@ class StoreProc:
         cmd = [NETSWAP, "store", "--listen", self.address, "--capacity", self.capacity]
         self.proc = subprocess.Popen([*cmd, *self.extra], stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.proc)
+        if "--http" in self.extra:  # the ops endpoint starts just after the store
+            http = self.extra[self.extra.index("--http") + 1]
+            wait_for_port(int(http.rsplit(":", 1)[1]), self.proc)
         return self
 
     def kill(self) -> None:
@@ -63,6 +66,7 @@ def agent_serve(
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         try:
             wait_for_port(port, proc, timeout=30)
+            wait_for_http(extra, proc)
             yield f"nbd://127.0.0.1:{port}/swap", proc
         finally:
             proc.kill()
@@ -70,6 +74,13 @@ def agent_serve(
             log.seek(0)
             text = log.read().decode(errors="replace")
             assert "Traceback" not in text, text
+
+
+def wait_for_http(args: tuple[str, ...] | list[str], proc: subprocess.Popen[bytes]) -> None:
+    """nbdkit listens before after_fork has started the ops endpoint: wait for both."""
+    if "--http" in args:
+        http = args[list(args).index("--http") + 1]
+        wait_for_port(int(http.rsplit(":", 1)[1]), proc)
 
 
 def store_used_pages(store: StoreProc) -> int:

@@ -13,8 +13,10 @@ import argparse
 import statistics
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..conftest import free_port, wait_for_port
@@ -51,11 +53,37 @@ def floor_cmd(port: int) -> list[str]:
             plugin]  # fmt: skip
 
 
+@contextmanager
+def dashboard_poller(http: int) -> Iterator[None]:
+    """What an open dashboard does: GET /api/stats every second (plus /metrics)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        wait_for_port(http)
+        while not stop.wait(1.0):
+            for path in ("/api/stats", "/metrics"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=5) as r:
+                    r.read()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtime", type=float, default=4)
     parser.add_argument("--netswap-arg", action="append", default=[])
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="add netswap+dash: the same export with --http, polled each second",
+    )
     args = parser.parse_args()
     results: dict[str, dict[str, list[Result]]] = {
         "netswap": {},
@@ -63,12 +91,17 @@ def main() -> None:
         "py-floor": {},
     }
     p1, p2, p3 = free_port(), free_port(), free_port()
-    with (
-        server(netswap_cmd(p1, args.netswap_arg), p1) as ours,
-        server(peer_cmd(p2), p2) as peer,
-        server(floor_cmd(p3), p3) as floor,
-    ):
+    with ExitStack() as stack:
+        ours = stack.enter_context(server(netswap_cmd(p1, args.netswap_arg), p1))
+        peer = stack.enter_context(server(peer_cmd(p2), p2))
+        floor = stack.enter_context(server(floor_cmd(p3), p3))
         uris = {"netswap": ours, "nbdkit-memory": peer, "py-floor": floor}
+        if args.dashboard:
+            p4, http = free_port(), free_port()
+            cmd = netswap_cmd(p4, [*args.netswap_arg, "--http", f"127.0.0.1:{http}"])
+            uris["netswap+dash"] = stack.enter_context(server(cmd, p4))
+            results["netswap+dash"] = {}
+            stack.enter_context(dashboard_poller(http))
         for uri in uris.values():
             prefill(uri, SIZE)
         for _ in range(args.rounds):

@@ -1,0 +1,102 @@
+"""`netswap stats [URL]`: the dashboard's figures as a terminal table (rich).
+
+Reads /api/stats from a store or a `netswap serve --http` endpoint; --watch
+redraws every second with rates computed between samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+DEFAULT_URL = "http://127.0.0.1:9177/"
+
+
+class StatsError(Exception):
+    """The endpoint could not be read."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "url",
+        nargs="?",
+        default=DEFAULT_URL,
+        help=f"ops endpoint of a store or `netswap serve --http` ({DEFAULT_URL})",
+    )
+    parser.add_argument("--watch", action="store_true", help="refresh every second")
+    parser.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
+
+
+def fetch(url: str) -> dict[str, Any]:
+    endpoint = url.rstrip("/") + "/api/stats"
+    try:
+        with urllib.request.urlopen(endpoint, timeout=5) as response:
+            data: dict[str, Any] = json.load(response)
+            return data
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise StatsError(f"cannot read {endpoint}: {getattr(exc, 'reason', exc)}") from None
+
+
+def render(now: dict[str, Any], prev: dict[str, Any] | None) -> Group:
+    figures = Table(title=f"netswap {now['role']} v{now['version']}", show_header=False)
+    figures.add_column("figure")
+    figures.add_column("value", justify="right")
+    rate = ""
+    if prev is not None:
+        dt = max(1e-3, now["time"] - prev["time"])
+        out = (now["swap_out_pages_total"] - prev["swap_out_pages_total"]) / dt
+        inn = (now["swap_in_pages_total"] - prev["swap_in_pages_total"]) / dt
+        rate = f"{out:,.0f} out/s, {inn:,.0f} in/s"
+    figures.add_row(
+        "pages out / in", f"{now['swap_out_pages_total']:,} / {now['swap_in_pages_total']:,}"
+    )
+    if rate:
+        figures.add_row("rate", rate)
+    for op, q in (now.get("latency_us") or {}).items():
+        if q:
+            figures.add_row(f"{op} latency p50 / p99", f"{q['p50']:,.0f} / {q['p99']:,.0f} us")
+    for op, avg in (now.get("batch_avg_pages") or {}).items():
+        figures.add_row(f"{op} batch (avg pages)", f"{avg:.1f}")
+    if now.get("reserve"):
+        r = now["reserve"]
+        figures.add_row(
+            "reserve used", f"{r['used_bytes'] / r['bytes']:.0%} of {r['bytes'] >> 20} MiB"
+        )
+    p = now["pressure"]
+    figures.add_row("memory PSI some / full", f"{p['some_avg10']:.1f} % / {p['full_avg10']:.1f} %")
+    figures.add_row("replication lag (pages)", str(now["replication_lag_pages"]))
+    figures.add_row("checksum errors", str(now["checksum_errors_total"]))
+    stores = Table(title="page stores")
+    for col in ("store", "state", "used MiB", "capacity MiB", "slabs", "stale", "syncing"):
+        stores.add_column(col)
+    for st in now["stores"]:
+        state = "[green]up[/green]" if st["up"] else "[bold red]DOWN[/bold red]"
+        used, cap = st["used_bytes"] >> 20, st["capacity_bytes"] >> 20
+        stores.add_row(st["name"], state, str(used), str(cap),
+                       str(st["slabs"]), str(st["stale"]), str(st["syncing"]))  # fmt: skip
+    return Group(figures, stores)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    first = fetch(args.url)
+    if not args.watch:
+        time.sleep(1)
+        console.print(render(fetch(args.url), first))
+        return 0
+    prev, shown = first, 0
+    with Live(render(first, None), console=console, refresh_per_second=2) as live:
+        while not args.count or shown < args.count:
+            time.sleep(1)
+            now = fetch(args.url)
+            live.update(render(now, prev))
+            prev, shown = now, shown + 1
+    return 0

@@ -1,0 +1,163 @@
+"""Ops: /metrics, /api/stats, `netswap stats`, the Grafana dashboard's queries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from netswap.client.rpc import StoreClient
+from netswap.server.recorder import Recorder
+
+from .conftest import free_port
+from .nbdserver import NETSWAP, connect, netswap_serve
+from .procs import StoreProc, agent_serve, stores, wait_until
+
+GRAFANA = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "netswap-dashboard.json"
+PAGE = 4096
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = (
+        rf"^{re.escape(name)}{re.escape(labels)}\s+(\S+)$"
+        if labels
+        else rf"^{name}(?:{{[^}}]*}})?\s+(\S+)$"
+    )
+    found = re.findall(pattern, text, re.M)
+    assert found, f"{name}{labels} not in /metrics"
+    return sum(float(v) for v in found)
+
+
+def test_recorder_buckets_and_recent_quantiles() -> None:
+    rec = Recorder((1.0, 2.0, 5.0))
+    for v in (0.5, 1.5, 1.7, 3.0, 9.0):
+        rec.observe(v)
+    assert rec.cumulative() == [("1.0", 1), ("2.0", 3), ("5.0", 4), ("+Inf", 5)]
+    assert rec.count == 5 and rec.sum == pytest.approx(15.7)
+    assert rec.recent_quantile(0.5) == 1.7 and rec.recent_quantile(0.99) == 9.0
+    assert Recorder((1.0,)).recent_quantile(0.5) is None
+
+
+def test_store_metrics_move_when_pages_move() -> None:
+    http = free_port()
+    store = StoreProc("64M", ("--http", f"127.0.0.1:{http}")).start()
+    try:
+        before = get(f"http://127.0.0.1:{http}/metrics")
+        assert metric(before, "netswap_swap_out_pages_total") == 0
+
+        async def traffic() -> None:
+            client = await StoreClient.connect("127.0.0.1", store.port, "m")
+            await client.swapfile(True, 100)
+            await client.swap_out(list(range(10)), bytes(10 * PAGE))
+            await client.swap_in([1, 2, 3])
+            await client.close()
+
+        asyncio.run(traffic())
+        after = get(f"http://127.0.0.1:{http}/metrics")
+        assert metric(after, "netswap_swap_out_pages_total") == 10
+        assert metric(after, "netswap_swap_in_pages_total") == 3
+        assert metric(after, "netswap_rpc_duration_seconds_count", '{op="swap_out"}') == 1
+        assert metric(after, "netswap_batch_pages_sum", '{op="swap_out"}') == 10
+        assert metric(after, "netswap_store_used_bytes") == 10 * PAGE
+        assert 'netswap_build_info{role="store",version="0.1.0"} 1.0' in after
+        stats = json.loads(get(f"http://127.0.0.1:{http}/api/stats"))
+        assert stats["role"] == "store" and stats["swap_out_pages_total"] == 10
+        assert "<canvas" in get(f"http://127.0.0.1:{http}/")
+    finally:
+        store.kill()
+
+
+def test_agent_metrics_follow_nbd_traffic_and_store_health() -> None:
+    http = free_port()
+    with (
+        stores(2) as (s1, s2),
+        agent_serve([s1, s2], "16M", "--http", f"127.0.0.1:{http}") as (
+            uri,
+            _,
+        ),
+    ):
+        url = f"http://127.0.0.1:{http}"
+        h = connect(uri)
+        h.pwrite(b"m" * (32 * PAGE), 0)
+        h.pread(8 * PAGE, 0)
+        text = get(url + "/metrics")
+        assert metric(text, "netswap_swap_out_pages_total") == 32
+        assert metric(text, "netswap_swap_in_pages_total") == 8
+        assert metric(text, "netswap_store_up") == 2
+        assert metric(text, "netswap_reserve_bytes") == 16 << 20
+        assert metric(text, "netswap_rpc_duration_seconds_count", '{op="swap_out"}') >= 2
+        s2.kill()
+        h.pwrite(b"n" * PAGE, 0)
+
+        def one_down() -> bool:
+            return metric(get(url + "/metrics"), "netswap_store_up") == 1
+
+        wait_until(one_down, 10, "store_up to drop")
+        stats = json.loads(get(url + "/api/stats"))
+        assert [st["up"] for st in stats["stores"]].count(False) == 1
+        assert stats["replication_lag_pages"] > 0
+        assert sum(stats["decisions"].values()) > 0
+        h.shutdown()
+
+
+def test_embedded_export_serves_metrics_too() -> None:
+    http = free_port()
+    with netswap_serve("--size", "8M", "--http", f"127.0.0.1:{http}") as uri:
+        h = connect(uri)
+        h.pwrite(b"e" * (4 * PAGE), 0)
+        text = get(f"http://127.0.0.1:{http}/metrics")
+        assert metric(text, "netswap_swap_out_pages_total") == 4
+        assert 'role="embedded"' in text
+        h.shutdown()
+
+
+def test_every_metric_the_grafana_dashboard_queries_exists() -> None:
+    queried: set[str] = set()
+    for panel in json.loads(GRAFANA.read_text())["panels"]:
+        for target in panel["targets"]:
+            queried.update(re.findall(r"netswap_[a-z0-9_]+", target["expr"]))
+    exposed: set[str] = set()
+    http_store, http_agent = free_port(), free_port()
+    store = StoreProc("64M", ("--http", f"127.0.0.1:{http_store}")).start()
+    try:
+        with agent_serve([store], "8M", "--http", f"127.0.0.1:{http_agent}"):
+            for port in (http_store, http_agent):
+                text = get(f"http://127.0.0.1:{port}/metrics")
+                exposed.update(re.findall(r"^(netswap_[a-z0-9_]+)", text, re.M))
+    finally:
+        store.kill()
+    missing = sorted(queried - exposed)
+    assert not missing, missing
+    assert len(queried) >= 12
+
+
+def test_netswap_stats_prints_the_figures_and_fails_clearly() -> None:
+    http = free_port()
+    store = StoreProc("64M", ("--http", f"127.0.0.1:{http}")).start()
+    try:
+        out = subprocess.run([NETSWAP, "stats", f"http://127.0.0.1:{http}/"], capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "netswap store" in out.stdout and "this store" in out.stdout
+        watch = subprocess.run(
+            [NETSWAP, "stats", f"http://127.0.0.1:{http}/", "--watch", "--count", "2"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert watch.returncode == 0 and "pages out / in" in watch.stdout
+    finally:
+        store.kill()
+    start = time.monotonic()
+    dead = subprocess.run([NETSWAP, "stats", f"http://127.0.0.1:{free_port()}/"],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert dead.returncode == 2 and "cannot read" in dead.stderr
+    assert "Traceback" not in dead.stderr and time.monotonic() - start < 15
