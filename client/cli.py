@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from netswap.server import servecmd, storecmd
 
-from . import attach, labvm, statscmd
+from . import attach, labprocs, labvm, statscmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     vm = lab_sub.add_parser("vm", help="a QEMU guest attaches netswap as swap and verifies it")
     labvm.add_arguments(vm)
     vm.set_defaults(run=labvm.run)
+    up = lab_sub.add_parser("up", help="the compose topology as local processes, with a workload")
+    labprocs.add_up_arguments(up)
+    up.set_defaults(run=labprocs.run_up)
+    load = lab_sub.add_parser("load", help="verified random-page load on an export")
+    labprocs.add_load_arguments(load)
+    load.set_defaults(run=labprocs.run_load)
+    down = lab_sub.add_parser("down", help="stop exactly what `lab up` started")
+    down.set_defaults(run=labprocs.run_down)
     return parser
 
 
@@ -52,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.run(args)
-    except (storecmd.UsageError, attach.AttachError, labvm.LabError, statscmd.StatsError) as exc:
+    except (
+        storecmd.UsageError,
+        attach.AttachError,
+        labvm.LabError,
+        statscmd.StatsError,
+        labprocs.LabStateError,
+    ) as exc:
         print(f"netswap {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

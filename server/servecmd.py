@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-linger-us", type=int, help="longest batch wait (remote)")
     parser.add_argument(
         "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
+    )
+    parser.add_argument(
+        "--no-exit-with-parent",
+        action="store_true",
+        help="keep serving after the process that started it exits",
     )
     parser.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
     parser.add_argument("--verbose-nbdkit", action="store_true", help="nbdkit -v")
@@ -120,7 +126,9 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) -> list[str]:
-    cmd = [nbdkit, "-f", "--exit-with-parent", "-i", host, "-p", str(port), "-e", args.export]
+    cmd = [nbdkit, "-f", "-i", host, "-p", str(port), "-e", args.export]
+    if not args.no_exit_with_parent:
+        cmd.append("--exit-with-parent")
     if not args.no_mlock:
         cmd.append("--swap")
     if args.threads:
@@ -166,7 +174,26 @@ def run(args: argparse.Namespace) -> int:
     print_next_steps(args, host, port)
     sys.stdout.flush()
     sys.stderr.flush()
+    if args.no_exit_with_parent:
+        return supervise(cmd)
     os.execve(nbdkit, cmd, plugin_env())
+
+
+def supervise(cmd: list[str]) -> int:
+    """Run nbdkit as a child and pass on SIGTERM/SIGINT (--no-exit-with-parent).
+
+    Seen here: an nbdkit whose parent exits also exits, even without
+    --exit-with-parent, so a server meant to outlive its starter keeps this
+    process as nbdkit's parent rather than exec()ing into it.
+    """
+    child = subprocess.Popen(cmd, env=plugin_env())
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    return child.wait()
 
 
 def print_next_steps(args: argparse.Namespace, host: str, port: int) -> None:
