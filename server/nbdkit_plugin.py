@@ -24,8 +24,10 @@ for _site in filter(None, os.environ.get("NETSWAP_SITE", "").split(os.pathsep)):
     site.addsitedir(_site)
 
 import errno  # noqa: E402
+import functools  # noqa: E402
 import traceback  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
 
 import nbdkit  # noqa: E402
 from netswap.server.backends import StoreError  # noqa: E402
@@ -33,6 +35,7 @@ from netswap.server.device import BlockDevice  # noqa: E402
 from netswap.server.plugin_config import HELP, ConfigError, PluginConfig  # noqa: E402
 
 API_VERSION = 2
+T = TypeVar("T")
 
 _config = PluginConfig()
 _device: BlockDevice | None = None
@@ -150,49 +153,45 @@ def can_cache(h: Any) -> int:
     return int(nbdkit.CACHE_NONE)
 
 
+def _reporting_errno(callback: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a data callback: any failure is raised after nbdkit.set_error(errno)."""
+
+    @functools.wraps(callback)
+    def wrapper(*args: Any) -> T:
+        try:
+            return callback(*args)
+        except Exception as exc:
+            _fail(exc)
+            raise
+
+    return wrapper
+
+
+@_reporting_errno
 def pread(h: Any, buf: memoryview, offset: int, flags: int) -> None:
-    try:
-        _dev().pread(buf, offset)
-    except Exception as exc:
-        _fail(exc)
-        raise
+    _dev().pread(buf, offset)
 
 
+@_reporting_errno
 def pwrite(h: Any, buf: memoryview, offset: int, flags: int) -> None:
-    try:
-        _dev().pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
-    except Exception as exc:
-        _fail(exc)
-        raise
+    _dev().pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
+@_reporting_errno
 def flush(h: Any, flags: int) -> None:
-    try:
-        _dev().flush()
-    except Exception as exc:
-        _fail(exc)
-        raise
+    _dev().flush()
 
 
+@_reporting_errno
 def trim(h: Any, count: int, offset: int, flags: int) -> None:
-    try:
-        _dev().trim(count, offset, bool(flags & nbdkit.FLAG_FUA))
-    except Exception as exc:
-        _fail(exc)
-        raise
+    _dev().trim(count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
+@_reporting_errno
 def zero(h: Any, count: int, offset: int, flags: int) -> None:
-    try:
-        _dev().zero(count, offset, bool(flags & nbdkit.FLAG_FUA))
-    except Exception as exc:
-        _fail(exc)
-        raise
+    _dev().zero(count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
+@_reporting_errno
 def extents(h: Any, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
-    try:
-        return _dev().extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))
-    except Exception as exc:
-        _fail(exc)
-        raise
+    return _dev().extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))

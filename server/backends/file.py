@@ -45,20 +45,10 @@ class FileBackend(PageBackend):
 
     # -- arena I/O ----------------------------------------------------------
     def _store(self, page: int, data: memoryview) -> None:
-        try:
-            written = os.pwrite(self._fd, data, page * PAGE_SIZE)
-        except OSError as exc:
-            raise StoreError(exc.errno or errno.EIO, f"page file write: {exc.strerror}") from None
-        if written != PAGE_SIZE:
-            raise StoreError(errno.EIO, "short write to the page file")
+        self._store_run(page, 1, data)
 
     def _load(self, page: int, out: memoryview) -> None:
-        try:
-            got = os.preadv(self._fd, [out], page * PAGE_SIZE)
-        except OSError as exc:
-            raise StoreError(exc.errno or errno.EIO, f"page file read: {exc.strerror}") from None
-        if got != PAGE_SIZE:
-            raise StoreError(errno.EIO, "short read from the page file")
+        self._load_run(page, 1, out)
 
     def _store_run(self, page: int, count: int, data: memoryview) -> None:
         try:
