@@ -202,9 +202,10 @@ def print_next_steps(args: argparse.Namespace, host: str, port: int) -> None:
         f"on nbd://{host}:{port}/{args.export}\n"
         "Attach it as swap, as root on the host that swaps:\n"
         "  modprobe nbd\n"
-        f"  nbd-client {host} {port} /dev/nbd0 -N {args.export} -b 4096 -swap\n"
+        f"  nbd-client {host} {port} /dev/nbd0 -N {args.export} -b 4096\n"
         "  mkswap /dev/nbd0\n"
         "  swapon /dev/nbd0\n"
+        f"(or all of it: netswap attach --no-serve --server {host}:{port} --export {args.export})\n"
         "Detach: swapoff /dev/nbd0 && nbd-client -d /dev/nbd0   (Ctrl-C stops this server)",
         flush=True,
     )

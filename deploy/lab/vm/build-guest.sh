@@ -12,11 +12,17 @@ if [[ -f "$out/initrd.img" && -f "$out/vmlinuz" && "$(cat "$out/stamp" 2>/dev/nu
   exit 0
 fi
 
-pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
-[[ -n "$pkg" ]] || { echo "build-guest: cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'; }
+download() { (cd "$work" && apt-get download -qq -o APT::Sandbox::User=root "$1" >/dev/null 2>&1); }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null)
+pkg=$(resolve)
+if [[ -z "$pkg" ]] || ! download "$pkg"; then
+  apt-get update -qq  # stale or missing package lists: refresh once and retry
+  pkg=$(resolve)
+  [[ -n "$pkg" ]] || { echo "build-guest: cannot resolve linux-image-amd64" >&2; exit 1; }
+  download "$pkg" || { echo "build-guest: apt-get download $pkg failed" >&2; exit 1; }
+fi
 dpkg -x "$work"/linux-image-*.deb "$work/kernel"
 kver=${pkg#linux-image-}
 mods="$work/kernel/lib/modules/$kver/kernel"
