@@ -480,6 +480,7 @@ class Agent:
         out["reserve_pages"] = self.reserve.pages
         out["reserve_used_pages"] = self.reserve.used
         out["reserve_waits"] = self.reserve.waits
+        out["reserve_locked"] = int(self.reserve.locked)
         out["stores_up"] = len(self.up_stores())
         out["metadata_bytes"] = self.table.metadata_bytes()
         for reason, n in self.decisions.items():

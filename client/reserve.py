@@ -4,8 +4,9 @@ Gorman's rule for swap over the network: writing a page out must never need
 memory that is not there. Every page an NBD write hands us is copied into one
 of these buffers before anything else happens, and stays there until every
 replica has it; nothing on that path allocates page-sized memory. The pool is
-one mmap (MAP_POPULATE, and locked by the process-wide mlockall that nbdkit
---swap or the agent applies), so its pages are resident from the start.
+one mmap, populated (MAP_POPULATE) and mlock()ed on its own -- on top of the
+process-wide mlockall that nbdkit --swap applies -- so its pages are resident
+from the start and stay so (`locked` says whether the kernel allowed it).
 
 When the pool is empty, writers wait -- bounded by a deadline -- rather than
 allocate more: in-flight swap-out bytes never exceed the reserve.
@@ -18,11 +19,25 @@ connection with headroom for batching.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import threading
 import time
 
 from netswap.protocol import PAGE_SIZE
+
+
+def _mlock(arena: mmap.mmap, size: int) -> bool:
+    """Lock the pool itself, whether or not the process is mlockall'ed (nbdkit --swap)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    anchor = ctypes.c_char.from_buffer(arena)
+    try:
+        return bool(
+            libc.mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size)) == 0
+        )
+    finally:
+        del anchor  # drop the buffer export so the mmap can be closed later
 
 
 class ReserveTimeout(TimeoutError):
@@ -36,6 +51,7 @@ class Reserve:
         self.pages = size // PAGE_SIZE
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         self._arena = mmap.mmap(-1, size, flags=flags)
+        self.locked = _mlock(self._arena, size)
         self.view = memoryview(self._arena)
         # A stack of free buffer indexes, preallocated at full size.
         self._free = list(range(self.pages - 1, -1, -1))

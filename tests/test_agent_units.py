@@ -146,6 +146,7 @@ def test_agent_metadata_is_under_16_bytes_per_slot_at_16_gib() -> None:
 def test_reserve_hands_out_and_takes_back_buffers() -> None:
     reserve = Reserve(256 * 1024)
     assert reserve.pages == 64
+    assert reserve.locked  # root here: mlock of 256 KiB must succeed
     first = reserve.acquire(60, 1)
     assert reserve.used == 60 and len(set(first)) == 60
     reserve.page(first[0])[:] = b"x" * 4096
