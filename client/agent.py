@@ -387,7 +387,7 @@ class Agent:
         lag = 0
         for slab in range(table.slabs):
             if any(state != IN_SYNC for _, _, state in table.replicas_of(slab)):
-                lag += sum(1 for s in table.slab_slots(slab) if table.is_written(s))
+                lag += table.written_in(slab)
         return lag
 
     async def _repair(self, slab: int, position: int, store: int) -> None:

@@ -70,6 +70,19 @@ class SlabTable:
     def is_written(self, slot: int) -> bool:
         return bool(self.written[slot >> 3] & (1 << (slot & 7)))
 
+    def written_in(self, slab: int) -> int:
+        """How many slots of a slab are written: a popcount, not a loop over slots."""
+        slots = self.slab_slots(slab)
+        first, stop = slots.start, slots.stop
+        count = 0
+        if first % 8 or stop % 8:  # ragged edges (slab sizes not a multiple of 8 pages)
+            edge = [s for s in slots if s < -(-first // 8) * 8 or s >= stop // 8 * 8]
+            count += sum(1 for s in edge if self.is_written(s))
+            first, stop = -(-first // 8) * 8, stop // 8 * 8
+        if stop > first:
+            count += int.from_bytes(self.written[first // 8 : stop // 8], "little").bit_count()
+        return count
+
     def is_lost(self, slot: int) -> bool:
         return bool(self.lost[slot >> 3] & (1 << (slot & 7)))
 

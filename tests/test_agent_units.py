@@ -123,6 +123,17 @@ def test_slab_table_places_distinct_replicas_and_tracks_states() -> None:
         single.place(1, [], lambda s: 1, random.Random(1))
 
 
+@pytest.mark.parametrize("slab_pages", [8, 10, 64, 1000])
+def test_written_in_counts_a_slab_like_a_loop_would(slab_pages: int) -> None:
+    table = SlabTable(pages=5000, slab_pages=slab_pages, replicas=1)
+    rng = random.Random(slab_pages)
+    for slot in rng.sample(range(5000), 1700):
+        table.mark_written(slot)
+    for slab in range(table.slabs):
+        expect = sum(1 for s in table.slab_slots(slab) if table.is_written(s))
+        assert table.written_in(slab) == expect
+
+
 def test_written_and_lost_bitmaps() -> None:
     table = SlabTable(pages=20, slab_pages=8, replicas=1)
     for slot in (0, 7, 8, 19):
