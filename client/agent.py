@@ -89,8 +89,6 @@ class Agent:
         self._resync_wake: asyncio.Event | None = None
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
-        self.batch_pages: Counter[str] = Counter()
-        self.batches: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.rpc_latency = {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")}
         self.batch_sizes = {op: Recorder(BATCH_BUCKETS) for op in ("swap_out", "swap_in")}
@@ -201,8 +199,6 @@ class Agent:
 
     def observe_batch(self, direction: str, pages: int, seconds: float) -> None:
         op = "swap_out" if direction == "out" else "swap_in"
-        self.batches[direction] += 1
-        self.batch_pages[direction] += pages
         self.rpc_latency[op].observe(seconds)
         self.batch_sizes[op].observe(pages)
 
@@ -485,7 +481,7 @@ class Agent:
         out["metadata_bytes"] = self.table.metadata_bytes()
         for reason, n in self.decisions.items():
             out[f"decision_{reason}"] = n
-        for direction in ("out", "in"):
-            out[f"batches_{direction}"] = self.batches[direction]
-            out[f"batch_pages_{direction}"] = self.batch_pages[direction]
+        for direction, op in (("out", "swap_out"), ("in", "swap_in")):
+            out[f"batches_{direction}"] = self.batch_sizes[op].count
+            out[f"batch_pages_{direction}"] = int(self.batch_sizes[op].sum)
         return out

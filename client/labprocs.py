@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .labvm import free_port
 from .statscmd import fetch
 
 STATE = Path(os.environ.get("NETSWAP_LAB_STATE", "/tmp/netswap-lab.json"))
@@ -41,12 +42,6 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=20,
                         help="seconds of workload with a live summary (0: none)")  # fmt: skip
     parser.add_argument("--base-port", type=int, default=0, help="first port (default: free ports)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn(argv: list[str], log: Path) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class StoreLink:
         self._down = asyncio.Event()
         self._down.set()
         self.down_since = 0.0
-        self.counters = {"batches_out": 0, "batches_in": 0, "reconnects": 0, "failures": 0}
+        self.counters = {"reconnects": 0, "failures": 0}
 
     @property
     def up(self) -> bool:
@@ -189,7 +189,6 @@ class StoreLink:
                 raise ConnectionLost("store is down")
             began = time.perf_counter()
             await self.client.swap_out(slots, data, crcs)
-            self.counters["batches_out"] += 1
             self.agent.observe_batch("out", len(batch), time.perf_counter() - began)
         except StoreFailed as exc:
             error = exc.errno
@@ -212,7 +211,6 @@ class StoreLink:
             self.mark_down(exc)
             self.agent.reads_failed(self, batch, -1)
             return
-        self.counters["batches_in"] += 1
         self.agent.observe_batch("in", len(batch), elapsed)
         view = memoryview(data)
         for i, entry in enumerate(batch):

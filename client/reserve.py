@@ -19,25 +19,12 @@ connection with headroom for batching.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import threading
 import time
 
 from netswap.protocol import PAGE_SIZE
-
-
-def _mlock(arena: mmap.mmap, size: int) -> bool:
-    """Lock the pool itself, whether or not the process is mlockall'ed (nbdkit --swap)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    anchor = ctypes.c_char.from_buffer(arena)
-    try:
-        return bool(
-            libc.mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size)) == 0
-        )
-    finally:
-        del anchor  # drop the buffer export so the mmap can be closed later
+from netswap.server.hardening import mlock_buffer
 
 
 class ReserveTimeout(TimeoutError):
@@ -51,7 +38,7 @@ class Reserve:
         self.pages = size // PAGE_SIZE
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         self._arena = mmap.mmap(-1, size, flags=flags)
-        self.locked = _mlock(self._arena, size)
+        self.locked = mlock_buffer(self._arena, size)
         self.view = memoryview(self._arena)
         # A stack of free buffer indexes, preallocated at full size.
         self._free = list(range(self.pages - 1, -1, -1))

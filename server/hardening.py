@@ -8,7 +8,8 @@ host deadlocks. Three measures, all inherited across fork and exec:
 - prctl(PR_SET_IO_FLUSHER) (Linux >= 5.6, CAP_SYS_RESOURCE): its allocations
   behave as GFP_NOIO, so reclaim never recurses into I/O on its behalf.
 - oom_score_adj = -1000: the OOM killer never picks the process serving swap.
-- mlockall (nbdkit --swap, or the agent itself): its pages are never swapped.
+- mlockall (nbdkit --swap) -- and mlock of the agent's reserve on its own:
+  those pages are never swapped.
 Each is reported, never fatal: a test run as an ordinary user still works.
 """
 
@@ -16,13 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 from dataclasses import dataclass
 
 PR_SET_IO_FLUSHER = 57
-PR_GET_IO_FLUSHER = 58
-MCL_CURRENT = 1
-MCL_FUTURE = 2
 
 
 @dataclass(frozen=True)
@@ -63,13 +62,17 @@ def protect_from_oom(score: int = -1000) -> Outcome:
     return Outcome(what, True, "the OOM killer will not pick this process")
 
 
-def lock_memory() -> Outcome:
-    what = "mlockall(MCL_CURRENT|MCL_FUTURE)"
-    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
-        return Outcome(what, True, "no page of this process can be swapped out")
-    return Outcome(what, False, os.strerror(ctypes.get_errno()) + " (RLIMIT_MEMLOCK or not root)")
+def mlock_buffer(buffer: mmap.mmap, size: int) -> bool:
+    """mlock() one writable mapping (the agent's reserve), whatever mlockall did."""
+    anchor = ctypes.c_char.from_buffer(buffer)
+    try:
+        return bool(
+            _libc().mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size)) == 0
+        )
+    finally:
+        del anchor  # drop the buffer export so the mapping can be closed later
 
 
 def harden_for_swap() -> list[Outcome]:
-    """IO_FLUSHER and OOM protection; mlockall is left to the caller (nbdkit --swap)."""
+    """IO_FLUSHER and OOM protection; mlockall is nbdkit's own (--swap)."""
     return [set_io_flusher(), protect_from_oom()]
