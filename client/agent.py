@@ -33,7 +33,7 @@ from typing import Any
 from netswap.protocol import MAX_DISCARD_RANGES
 from netswap.server.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
-from .links import TRANSPORT_ERRORS, StoreLink
+from .links import TRANSPORT_ERRORS, StoreLink, WriteRun
 from .ops import CallOp, ReadEntry, ReadOp, WriteOp
 from .placement import DOWN, IN_SYNC, STALE, SYNCING, SlabTable, power_of_two_choices
 from .policy import BatchPolicy, Decision
@@ -217,27 +217,31 @@ class Agent:
         return [link.index for link in self.links if link.up]
 
     def submit_write(self, op: WriteOp) -> None:
+        """Queue the op's pages on every writable replica, one run per slab."""
         self.counters["swap_out_pages"] += op.count
         table, links = self.table, self.links
         kicked: set[StoreLink] = set()
-        for i in range(op.count):
-            slot = op.first + i
+        start = 0
+        while start < op.count:
+            slot = op.first + start
             slab = table.slab_of(slot)
-            if not table.placed(slab) and not self._place(slab):
+            count = min(op.count - start, table.slab_slots(slab).stop - slot)
+            if table.placed(slab) or self._place(slab):
+                dirty = self._syncing.get(slab)
+                if dirty is not None:
+                    dirty.update(range(slot, slot + count))
+                for position, store, state in table.replicas_of(slab):
+                    link = links[store]
+                    if state in (IN_SYNC, SYNCING) and link.up:
+                        link.add_write(op, start, count)
+                        op.remaining += count
+                        kicked.add(link)
+                    elif state == DOWN:  # it misses this write: it needs a copy now
+                        table.set_state(slab, position, STALE)
+                        self.counters["replicas_stale"] += 1
+            else:
                 op.error = errno.EIO
-                continue
-            dirty = self._syncing.get(slab)
-            if dirty is not None:
-                dirty.add(slot)
-            for position, store, state in table.replicas_of(slab):
-                link = links[store]
-                if state in (IN_SYNC, SYNCING) and link.up:
-                    link.add_write(slot, op, i)
-                    op.remaining += 1
-                    kicked.add(link)
-                elif state == DOWN:  # it misses this write: it needs a copy now
-                    table.set_state(slab, position, STALE)
-                    self.counters["replicas_stale"] += 1
+            start += count
         for link in kicked:
             link.kick()
         if op.remaining == 0:
@@ -252,19 +256,19 @@ class Agent:
         self.counters["slabs_placed"] += 1
         return True
 
-    def writes_done(
-        self, link: StoreLink, batch: list[tuple[int, WriteOp, int]], error: int
-    ) -> None:
+    def writes_done(self, link: StoreLink, batch: list[WriteRun], error: int) -> None:
         """error: 0 ok, errno from the store, -1 the store is unreachable."""
         table = self.table
-        for slot, op, i in batch:
+        for op, start, count in batch:
             if error == 0:
-                op.acks[i] += 1
+                acks = op.acks
+                for i in range(start, start + count):
+                    acks[i] += 1
             elif error > 0:
                 op.error = op.error or error
             else:
-                self._mark_stale(table.slab_of(slot), link.index)
-            op.remaining -= 1
+                self._mark_stale(table.slab_of(op.first + start), link.index)
+            op.remaining -= count
             if op.remaining == 0:
                 op.finish(self.quorum)
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("netswap.agent")
 
 MAX_INFLIGHT = 4
+WriteRun = tuple[WriteOp, int, int]  # (op, index of its first page, pages): consecutive slots
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 TRANSPORT_ERRORS = (ConnectionLost, TimeoutError, OSError)
@@ -44,7 +45,8 @@ class StoreLink:
         self.capacity_pages = 0
         self.used_pages = 0
         self.inflight = 0
-        self.writes: list[tuple[int, WriteOp, int]] = []  # (slot, op, page index)
+        self.writes: list[WriteRun] = []
+        self.write_pages = 0
         self.write_slots: set[int] = set()
         self.reads: list[ReadEntry] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -118,11 +120,13 @@ class StoreLink:
                 self.used_pages = (await self.client.stats()).get("used_pages", self.used_pages)
 
     # -- batching -------------------------------------------------------------
-    def add_write(self, slot: int, op: WriteOp, index: int) -> None:
-        while slot in self.write_slots:  # one slot twice in a batch: send the first now
+    def add_write(self, op: WriteOp, start: int, count: int) -> None:
+        slots = range(op.first + start, op.first + start + count)
+        while not self.write_slots.isdisjoint(slots):  # a slot twice in a batch: send now
             self._send_writes(MAX_BATCH_PAGES)
-        self.writes.append((slot, op, index))
-        self.write_slots.add(slot)
+        self.writes.append((op, start, count))
+        self.write_pages += count
+        self.write_slots.update(slots)
 
     def add_read(self, entry: ReadEntry) -> None:
         self.reads.append(entry)
@@ -132,7 +136,7 @@ class StoreLink:
         decision = self.agent.decide()
         if self.inflight >= MAX_INFLIGHT:
             return  # a completing batch kicks again
-        full = len(self.writes) >= decision.max_pages or len(self.reads) >= decision.max_pages
+        full = self.write_pages >= decision.max_pages or len(self.reads) >= decision.max_pages
         if full or self.inflight == 0 or decision.send_now:
             self._flush(decision.max_pages, decision.reason)
         elif self._timer is None and (self.writes or self.reads):
@@ -148,75 +152,100 @@ class StoreLink:
             self._timer.cancel()
             self._timer = None
         while (self.writes or self.reads) and self.inflight < MAX_INFLIGHT:
-            queued = len(self.writes) + len(self.reads)
+            queued = self.write_pages + len(self.reads)
             if self.writes:
                 self._send_writes(max_pages)
             if self.reads and self.inflight < MAX_INFLIGHT:
                 self._send_reads(max_pages)
-            self.agent.count_decision(reason, queued - len(self.writes) - len(self.reads))
+            self.agent.count_decision(reason, queued - self.write_pages - len(self.reads))
 
     def _send_writes(self, max_pages: int) -> None:
-        batch, self.writes = self.writes[:max_pages], self.writes[max_pages:]
-        self.write_slots = {slot for slot, _, _ in self.writes}
+        batch, room = [], max_pages
+        while self.writes and room:
+            op, start, count = self.writes[0]
+            if count > room:  # split the run: its tail waits for the next batch
+                batch.append((op, start, room))
+                self.writes[0] = (op, start + room, count - room)
+                break
+            batch.append(self.writes.pop(0))
+            room -= count
+        sent = max_pages - room
+        self.write_pages -= sent
+        if not self.writes:
+            self.write_slots.clear()
+        for op, start, count in batch:
+            self.write_slots.difference_update(range(op.first + start, op.first + start + count))
         if batch:
-            self._spawn(self._swap_out(batch))
+            self._swap_out(batch, sent)
 
     def _send_reads(self, max_pages: int) -> None:
         batch, self.reads = self.reads[:max_pages], self.reads[max_pages:]
         if batch:
-            self._spawn(self._swap_in(batch))
+            self._swap_in(batch)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _swap_out(self, batch: list[WriteRun], pages: int) -> None:
+        client = self.client
+        if client is None:
+            self.agent.writes_done(self, batch, -1)
+            return
+        views = self.agent.reserve.views
+        slots: list[int] = []
+        crcs: list[int] = []
+        data: list[memoryview] = []
+        for op, start, count in batch:
+            end = start + count
+            slots.extend(range(op.first + start, op.first + end))
+            crcs.extend(op.crcs[start:end])
+            data.extend([views[b] for b in op.bufs[start:end]])
+        began = time.perf_counter()
+
+        def done(failure: Exception | None) -> None:
+            error = self._outcome(client, failure)
+            if error == 0:
+                self.agent.observe_batch("out", pages, time.perf_counter() - began)
+            self.agent.writes_done(self, batch, error)
+            self._batch_done()
+
         self.inflight += 1
-        task = asyncio.ensure_future(coro)
-        self.agent.tasks.add(task)
-        task.add_done_callback(self._batch_done)
+        client.start_swap_out(slots, b"".join(data), crcs, done)
 
-    def _batch_done(self, task: asyncio.Future[None]) -> None:
-        self.agent.tasks.discard(task)
+    def _swap_in(self, batch: list[ReadEntry]) -> None:
+        client = self.client
+        if client is None:
+            self.agent.reads_failed(self, batch, -1)
+            return
+        began = time.perf_counter()
+
+        def done(data: bytes, failure: Exception | None) -> None:
+            error = self._outcome(client, failure)
+            if error:
+                self.agent.reads_failed(self, batch, error)
+            else:
+                self.agent.observe_batch("in", len(batch), time.perf_counter() - began)
+                view = memoryview(data)
+                for i, entry in enumerate(batch):
+                    at = entry.index * PAGE_SIZE
+                    entry.op.out[at : at + PAGE_SIZE] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                    self.agent.read_page_done(entry.op, 0)
+            self._batch_done()
+
+        self.inflight += 1
+        client.start_swap_in([e.slot for e in batch], done)
+
+    def _outcome(self, client: StoreClient, failure: Exception | None) -> int:
+        """0 ok, the store's errno, or -1 when the store is unreachable (now marked down)."""
+        if failure is None:
+            return 0
+        if isinstance(failure, StoreFailed):
+            return failure.errno
+        if self.client is client:  # not a stale failure of a client already replaced
+            self.mark_down(failure)
+        return -1
+
+    def _batch_done(self) -> None:
         self.inflight -= 1
         if self.writes or self.reads:
             self.kick()
-
-    async def _swap_out(self, batch: list[tuple[int, WriteOp, int]]) -> None:
-        reserve = self.agent.reserve
-        slots = [slot for slot, _, _ in batch]
-        data = b"".join([reserve.page(op.bufs[i]) for _, op, i in batch])
-        crcs = [op.crcs[i] for _, op, i in batch]
-        error = 0
-        try:
-            if self.client is None:
-                raise ConnectionLost("store is down")
-            began = time.perf_counter()
-            await self.client.swap_out(slots, data, crcs)
-            self.agent.observe_batch("out", len(batch), time.perf_counter() - began)
-        except StoreFailed as exc:
-            error = exc.errno
-        except TRANSPORT_ERRORS as exc:
-            self.mark_down(exc)
-            error = -1
-        self.agent.writes_done(self, batch, error)
-
-    async def _swap_in(self, batch: list[ReadEntry]) -> None:
-        try:
-            if self.client is None:
-                raise ConnectionLost("store is down")
-            began = time.perf_counter()
-            data = await self.client.swap_in([e.slot for e in batch])
-            elapsed = time.perf_counter() - began
-        except StoreFailed as exc:
-            self.agent.reads_failed(self, batch, exc.errno)
-            return
-        except TRANSPORT_ERRORS as exc:
-            self.mark_down(exc)
-            self.agent.reads_failed(self, batch, -1)
-            return
-        self.agent.observe_batch("in", len(batch), elapsed)
-        view = memoryview(data)
-        for i, entry in enumerate(batch):
-            at = entry.index * PAGE_SIZE
-            entry.op.out[at : at + PAGE_SIZE] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            self.agent.read_page_done(entry.op, 0)
 
     async def call(self, fn: Callable[[StoreClient], Awaitable[None]]) -> int:
         """Run one control RPC; 0, an errno, or -1 when the store is unreachable."""

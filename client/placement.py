@@ -64,6 +64,14 @@ class SlabTable:
     def mark_written(self, slot: int) -> None:
         self.written[slot >> 3] |= 1 << (slot & 7)
 
+    def mark_written_run(self, first: int, count: int) -> None:
+        """Slots first..first+count-1 now hold data (and are no longer lost)."""
+        written, lost = self.written, self.lost
+        for slot in range(first, first + count):
+            bit = 1 << (slot & 7)
+            written[slot >> 3] |= bit
+            lost[slot >> 3] &= ~bit & 0xFF
+
     def clear_written(self, slot: int) -> None:
         self.written[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
 

@@ -40,6 +40,7 @@ CHUNK_PAGES = 64
 # The loop completes every op within its RPC deadlines; this is a last-resort
 # guard against a bug, after which the op's reserve buffers are leaked, not reused.
 HARD_TIMEOUT_FACTOR = 6
+_NOT_IN_FLIGHT = (None, 0)
 
 
 class RemoteDevice:
@@ -106,25 +107,25 @@ class RemoteDevice:
             bufs = reserve.acquire(count, self._reserve_wait)
         except ReserveTimeout as exc:
             raise StoreError(errno.EIO, str(exc)) from None
+        views, crc32 = reserve.views, zlib.crc32
         crcs = []
         for i, index in enumerate(bufs):
-            page = reserve.page(index)
+            page = views[index]
             page[:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            crcs.append(zlib.crc32(page))
+            crcs.append(crc32(page))
         op = WriteOp(first, count, bufs, crcs)
-        table = self.agent.table
+        slots = range(first, first + count)
+        inflight = self._inflight
         with self._lock:
-            for i in range(count):
-                self._inflight[first + i] = (op, bufs[i])
-                table.mark_written(first + i)
-                table.set_lost(first + i, False)
+            inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
+            self.agent.table.mark_written_run(first, count)
             self._ops.add(op)
         self.agent.submit(self.agent.submit_write, op)
         finished = op.done.wait(self._hard_timeout)
         with self._lock:
-            for i in range(count):
-                if self._inflight.get(first + i, (None, 0))[0] is op:
-                    del self._inflight[first + i]
+            for slot in slots:
+                if inflight.get(slot, _NOT_IN_FLIGHT)[0] is op:
+                    del inflight[slot]
             self._ops.discard(op)
         if not finished:
             log.error("write of %d pages at slot %d never completed", count, first)

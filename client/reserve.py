@@ -40,6 +40,8 @@ class Reserve:
         self._arena = mmap.mmap(-1, size, flags=flags)
         self.locked = mlock_buffer(self._arena, size)
         self.view = memoryview(self._arena)
+        # One view per buffer, made once: the swap path indexes, never slices.
+        self.views = [self.view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(self.pages)]
         # A stack of free buffer indexes, preallocated at full size.
         self._free = list(range(self.pages - 1, -1, -1))
         self._cond = threading.Condition()
@@ -55,7 +57,7 @@ class Reserve:
         return self.used / self.pages
 
     def page(self, index: int) -> memoryview:
-        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+        return self.views[index]
 
     def acquire(self, count: int, timeout: float) -> list[int]:
         """Take `count` buffers, waiting at most `timeout` seconds for them."""
@@ -82,5 +84,7 @@ class Reserve:
             self._cond.notify_all()
 
     def close(self) -> None:
+        for view in self.views:
+            view.release()
         self.view.release()
         self._arena.close()

@@ -1,11 +1,16 @@
 """Pipelined asyncio client for a page store (asyncpg-style thin shell).
 
-Each call sends one request, registers a future under its request id and
-waits for the reply with one deadline for the whole call. Replies may come
-back in any order. When the connection drops, every pending call fails with
-ConnectionLost; a call whose deadline passes fails with TimeoutError and its
-late reply, if any, is dropped. Writers wait while the transport is paused
-(pause_writing), so a slow store pushes back instead of growing a buffer.
+Each request registers a callback under its request id; replies may come back
+in any order. Two ways in: `await client.swap_out(...)` and friends (control
+and resync paths: one future, one deadline for the whole call, writers wait
+while the transport is paused), and `start_swap_out` / `start_swap_in`, the
+batch path, which send at once and call back on the loop -- no task, future or
+timer per batch, because on the swap path those cost as much as the RPC. A
+watchdog sweeps the batch calls every WATCHDOG_PERIOD_S and fails those past
+their deadline with TimeoutError (late replies are dropped). The batch path
+does not wait on pause_writing: its caller bounds what can be queued (links
+keep at most MAX_INFLIGHT batches per store on the wire). When the connection
+drops, every pending call fails with ConnectionLost.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -43,6 +49,11 @@ from netswap.protocol import (
 )
 
 DEFAULT_DEADLINE_S = 10.0
+# How late a batch call's timeout may fire: deadlines are seconds, so a quarter
+# second of slack is noise, and one sweep costs a scan of a handful of calls.
+WATCHDOG_PERIOD_S = 0.25
+
+ReplyCallback = Callable[["Reply | Exception"], None]
 
 
 class ConnectionLost(ConnectionError):
@@ -61,8 +72,9 @@ class StoreFailed(Exception):
 class _RpcProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.conn = Connection(Role.CLIENT)
-        self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.pending: dict[int, tuple[float, ReplyCallback]] = {}  # rid -> (due, callback)
         self.transport: asyncio.Transport | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.lost: Exception | None = None
         self.on_lost: Callable[[Exception], None] | None = None
         self._can_write = asyncio.Event()
@@ -70,6 +82,16 @@ class _RpcProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Fail the calls whose deadline has passed; re-arm while connected."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for rid in [rid for rid, (due, _) in self.pending.items() if due <= now]:
+            self.pending.pop(rid)[1](TimeoutError(f"store did not answer request {rid} in time"))
+        if self.lost is None:
+            self._watchdog = loop.call_later(WATCHDOG_PERIOD_S, self._sweep)
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -84,9 +106,9 @@ class _RpcProtocol(asyncio.Protocol):
             if event is NEED_DATA or event is CLOSED:
                 return
             assert isinstance(event, Reply)
-            future = self.pending.pop(event.request_id, None)
-            if future is not None and not future.done():
-                future.set_result(event)
+            entry = self.pending.pop(event.request_id, None)
+            if entry is not None:
+                entry[1](event)
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -106,10 +128,11 @@ class _RpcProtocol(asyncio.Protocol):
 
     def _fail_all(self, exc: Exception) -> None:
         self.lost = self.lost or exc
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         pending, self.pending = self.pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(exc)
+        for _, callback in pending.values():
+            callback(exc)
 
 
 class StoreClient:
@@ -162,6 +185,15 @@ class StoreClient:
         if protocol.lost is not None:
             raise ConnectionLost(str(protocol.lost))
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def resolve(reply: Reply | Exception) -> None:
+            if future.done():
+                return
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
         rid = request.request_id
         try:
             async with asyncio.timeout(deadline if deadline is not None else self.deadline):
@@ -169,14 +201,49 @@ class StoreClient:
                 if protocol.lost is not None:
                     raise ConnectionLost(str(protocol.lost))
                 assert protocol.transport is not None
-                protocol.pending[rid] = future
+                protocol.pending[rid] = (math.inf, resolve)  # this call's own timeout rules
                 protocol.transport.write(protocol.conn.send(request))
                 reply = await future
         finally:
             protocol.pending.pop(rid, None)
-        if isinstance(reply, Failed):
-            raise StoreFailed(reply.errno, reply.reason)
+        failure = _failure(reply)
+        if failure is not None:
+            raise failure
         return reply
+
+    def _start(self, request: Request, on_reply: ReplyCallback) -> None:
+        """Send now; on_reply(reply or exception) runs later on the loop, exactly once."""
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        if protocol.lost is not None:
+            loop.call_soon(on_reply, ConnectionLost(str(protocol.lost)))
+            return
+        assert protocol.transport is not None
+        protocol.pending[request.request_id] = (loop.time() + self.deadline, on_reply)
+        protocol.transport.write(protocol.conn.send(request))
+
+    def start_swap_out(
+        self,
+        slots: Sequence[int],
+        data: bytes,
+        checksums: Sequence[int],
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        """The batch path's SwapOut: done(None), done(StoreFailed) or done(transport error)."""
+        request = SwapOut(self._next_id(), tuple(slots), data, tuple(checksums))
+        self._start(request, lambda reply: done(_failure(reply)))
+
+    def start_swap_in(
+        self, slots: Sequence[int], done: Callable[[bytes, Exception | None], None]
+    ) -> None:
+        """The batch path's SwapIn: done(pages, None) once verified, else done(b"", error)."""
+        count = len(slots)
+
+        def on_reply(reply: Reply | Exception) -> None:
+            failure = _failure(reply) or _check_pages(reply, count)
+            done(b"" if failure is not None else cast(Pages, reply).data, failure)
+
+        self._start(SwapIn(self._next_id(), tuple(slots)), on_reply)
 
     async def swapfile(self, activate: bool, pages: int) -> None:
         await self._call(Swapfile(self._next_id(), activate, pages, PAGE_SIZE))
@@ -191,11 +258,10 @@ class StoreClient:
     async def swap_in(self, slots: Sequence[int]) -> bytes:
         """Fetch pages; checksums are verified end to end (mismatch: StoreFailed EIO)."""
         reply = await self._call(SwapIn(self._next_id(), tuple(slots)))
+        failure = _check_pages(reply, len(slots))
+        if failure is not None:
+            raise failure
         assert isinstance(reply, Pages)
-        if len(reply.checksums) != len(slots):
-            raise StoreFailed(errno.EIO, "store returned the wrong number of pages")
-        if batch_crcs(reply.data) != reply.checksums:
-            raise StoreFailed(errno.EIO, "page checksum mismatch after transfer")
         return reply.data
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
@@ -219,6 +285,24 @@ class StoreClient:
             transport.close()
         self._protocol._fail_all(ConnectionLost("client closed"))
         await asyncio.sleep(0)
+
+
+def _failure(reply: Reply | Exception) -> Exception | None:
+    """What a reply says went wrong: the transport's exception, a store's Failed, or None."""
+    if isinstance(reply, Exception):
+        return reply
+    if isinstance(reply, Failed):
+        return StoreFailed(reply.errno, reply.reason)
+    return None
+
+
+def _check_pages(reply: Reply | Exception, count: int) -> StoreFailed | None:
+    """A SwapIn answer must be `count` pages whose checksums hold end to end."""
+    if not isinstance(reply, Pages) or len(reply.checksums) != count:
+        return StoreFailed(errno.EIO, "store returned the wrong number of pages")
+    if batch_crcs(reply.data) != reply.checksums:
+        return StoreFailed(errno.EIO, "page checksum mismatch after transfer")
+    return None
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:

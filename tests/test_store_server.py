@@ -6,11 +6,20 @@ import asyncio
 import errno
 import random
 import struct
+import time
 
 import pytest
 from netswap.client.rpc import ConnectionLost, StoreClient, StoreFailed
-from netswap.protocol import PAGE_SIZE, encode
-from netswap.protocol.messages import Flush, Hello
+from netswap.protocol import (
+    NEED_DATA,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Connection,
+    Role,
+    encode,
+    page_crc,
+)
+from netswap.protocol.messages import Flush, Hello, Welcome
 from netswap.server.app import StoreServer
 
 
@@ -132,6 +141,63 @@ async def test_each_call_has_one_deadline_against_a_silent_peer() -> None:
     port = server.sockets[0].getsockname()[1]
     with pytest.raises(TimeoutError):
         await StoreClient.connect("127.0.0.1", port, "a", deadline=0.3)
+    for writer in writers:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> None:
+    client = await connect(store)
+    await client.swapfile(True, 64)
+    loop = asyncio.get_running_loop()
+    pages = [bytes([n]) * PAGE_SIZE for n in range(1, 9)]
+    wrote: asyncio.Future[Exception | None] = loop.create_future()
+    client.start_swap_out(range(8), b"".join(pages), [page_crc(p) for p in pages], wrote.set_result)
+    assert await asyncio.wait_for(wrote, 5) is None
+    read: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
+    client.start_swap_in([7, 0], lambda data, failure: read.set_result((data, failure)))
+    assert await asyncio.wait_for(read, 5) == (pages[7] + pages[0], None)
+    refused: asyncio.Future[Exception | None] = loop.create_future()
+    client.start_swap_out([64], pages[0], [page_crc(pages[0])], refused.set_result)
+    failure = await asyncio.wait_for(refused, 5)  # beyond the area: the store's errno
+    assert isinstance(failure, StoreFailed) and failure.errno == errno.EINVAL
+    await store.close()
+    lost: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
+    client.start_swap_in([0], lambda data, failure: lost.set_result((data, failure)))
+    data, failure = await asyncio.wait_for(lost, 5)
+    assert data == b"" and isinstance(failure, ConnectionLost)
+
+
+async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> None:
+    """A store that answers Hello and then nothing: batch calls fail by their deadline."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def welcome_then_silence(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+        conn = Connection(Role.SERVER)
+        event = NEED_DATA
+        while event is NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+            event = conn.next_event()
+        assert isinstance(event, Hello)
+        w.write(conn.send(Welcome(event.request_id, PROTOCOL_VERSION, 16, 16)))
+        while await reader.read(1 << 20):
+            pass
+
+    server = await asyncio.start_server(welcome_then_silence, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await StoreClient.connect("127.0.0.1", port, "a", deadline=0.5)
+    done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    page = bytes(PAGE_SIZE)
+    began = time.monotonic()
+    client.start_swap_out([0], page, [page_crc(page)], done.set_result)
+    failure = await asyncio.wait_for(done, 5)
+    elapsed = time.monotonic() - began
+    assert isinstance(failure, TimeoutError)
+    assert 0.5 <= elapsed < 0.5 + 0.25 + 0.5  # deadline + one watchdog period + slack
+    await client.close()
     for writer in writers:
         writer.close()
     server.close()
