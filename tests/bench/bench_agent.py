@@ -5,7 +5,12 @@ Same run, same client (fio ioengine=nbd), alternating between:
   agent-unbatched  the same with --batch-pages 1: one page per RPC
   agent-2x         two stores, --replicas 2, default batching
   nbdkit-memory    the peer
-Prints IOPS, p50/p99, and the ratios batched/unbatched and batched/nbdkit-memory.
+  py-parallel      floor: a PARALLEL Python plugin doing one copy per request
+  py-handoff       floor: the same plus the agent's hand-off to an event-loop
+                   thread that completes each request at once (no agent work,
+                   no network) -- the ceiling of this architecture
+Prints IOPS, pages/s, p50/p99, and the ratios batched/unbatched,
+batched/nbdkit-memory and batched/py-handoff.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ from contextlib import ExitStack
 
 from ..conftest import free_port
 from ..procs import StoreProc
-from .bench_nbd import netswap_cmd, peer_cmd, server
+from .bench_nbd import floor_cmd, netswap_cmd, peer_cmd, server
 from .fio import Result, Workload, fio, prefill
 
 SIZE = "256M"
+# 4 KiB is the worst case; 64-128 KiB at depth is what the kernel's swap-out
+# sends (writes merge to ~18-20 pages, at most 32).
 WORKLOADS = (
     Workload("4K randwrite QD1", "randwrite", "4k", 1),
     Workload("4K randwrite QD32", "randwrite", "4k", 32),
     Workload("4K randread QD32", "randread", "4k", 32),
+    Workload("64K randwrite QD32", "randwrite", "64k", 32),
     Workload("128K randwrite QD8", "randwrite", "128k", 8),
 )
 
@@ -40,17 +48,20 @@ def main() -> None:
         one = ["--backend", "remote", "--store", s1.address, "--area", "bench1"]
         two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
                "--replicas", "2", "--area", "bench2"]  # fmt: skip
-        configs = {
-            "agent-batched": one,
-            "agent-unbatched": [*one, "--batch-pages", "1", "--area", "bench1u"],
-            "agent-2x": two,
+        commands = {
+            "agent-batched": lambda port: netswap_cmd(port, one),
+            "agent-unbatched": lambda port: netswap_cmd(
+                port, [*one, "--batch-pages", "1", "--area", "bench1u"]
+            ),
+            "agent-2x": lambda port: netswap_cmd(port, two),
+            "nbdkit-memory": peer_cmd,
+            "py-parallel": lambda port: floor_cmd(port, "model=parallel"),
+            "py-handoff": lambda port: floor_cmd(port, "model=parallel", "handoff=1"),
         }
         uris = {}
-        for name, extra in configs.items():
+        for name, command in commands.items():
             port = free_port()
-            uris[name] = stack.enter_context(server(netswap_cmd(port, extra), port))
-        port = free_port()
-        uris["nbdkit-memory"] = stack.enter_context(server(peer_cmd(port), port))
+            uris[name] = stack.enter_context(server(command(port), port))
         for uri in uris.values():
             prefill(uri, SIZE)
         results: dict[str, dict[str, list[Result]]] = {name: {} for name in uris}
@@ -65,8 +76,9 @@ def main() -> None:
 
 def report(results: dict[str, dict[str, list[Result]]], rounds: int) -> None:
     print(f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds")
-    print(f"{'workload':<20}{'server':<17}{'IOPS':>10}{'p50 us':>9}{'p99 us':>9}")
+    print(f"{'workload':<20}{'server':<17}{'IOPS':>10}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
     for work in WORKLOADS:
+        pages = int(work.bs.rstrip("k")) // 4
         med = {
             name: tuple(
                 statistics.median(getattr(r, f) for r in runs[work.name])
@@ -75,14 +87,19 @@ def report(results: dict[str, dict[str, list[Result]]], rounds: int) -> None:
             for name, runs in results.items()
         }
         for name, (iops, p50, p99) in med.items():
-            print(f"{work.name:<20}{name:<17}{iops:>10,.0f}{p50:>9.1f}{p99:>9.1f}")
-        batched, unbatched = med["agent-batched"][0], med["agent-unbatched"][0]
-        peer = med["nbdkit-memory"][0]
-        print(
-            f"{'':<20}batched/unbatched {batched / unbatched:.2f}x, "
-            f"batched/nbdkit-memory {batched / peer:.2f}x, "
-            f"2 replicas/nbdkit-memory {med['agent-2x'][0] / peer:.2f}x"
-        )
+            print(
+                f"{work.name:<20}{name:<17}{iops:>10,.0f}{iops * pages:>10,.0f}"
+                f"{p50:>9.1f}{p99:>9.1f}"
+            )
+        batched = med["agent-batched"][0]
+        ratios = {
+            "batched/unbatched": batched / med["agent-unbatched"][0],
+            "batched/nbdkit-memory": batched / med["nbdkit-memory"][0],
+            "batched/py-handoff": batched / med["py-handoff"][0],
+            "py-handoff/nbdkit-memory": med["py-handoff"][0] / med["nbdkit-memory"][0],
+            "2 replicas/batched": med["agent-2x"][0] / batched,
+        }
+        print(f"{'':<20}" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import sysconfig
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -47,10 +48,12 @@ def peer_cmd(port: int) -> list[str]:
             SIZE]  # fmt: skip
 
 
-def floor_cmd(port: int) -> list[str]:
+def floor_cmd(port: int, *keys: str) -> list[str]:
+    """The floor plugin (keys: model=..., handoff=...), with this venv's uvloop on its path."""
     plugin = str(Path(__file__).with_name("floor_plugin.py"))
-    return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "python",
-            plugin]  # fmt: skip
+    site = sysconfig.get_paths()["purelib"]
+    return ["env", f"PYTHONPATH={site}", "nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1",
+            "-p", str(port), "python", plugin, *keys]  # fmt: skip
 
 
 @contextmanager
