@@ -6,14 +6,15 @@ write, replica by replica, by power-of-two-choices on free capacity
 nearly as balanced as asking every store, at constant cost. The table is two
 flat byte arrays of slabs x replicas -- store index and replica state -- plus
 one bit per slot saying "ever written", so never-written slots read as zeros
-without a round trip. At 16 GiB of swap that is ~0.13 bytes per slot.
+without a round trip, and a second bit saying "every copy lost" (below). At
+16 GiB of swap that is ~0.25 bytes per slot.
 
 Replica states: IN_SYNC (serves reads, takes writes); DOWN (its store is
 unreachable but the replica has missed nothing yet -- back to IN_SYNC if the
 store returns with its pages); STALE (missed a write, or its store came back
 empty: takes nothing until resynced); SYNCING (takes writes, serves no reads,
-being filled from an in-sync replica). A second bitmap marks slots whose every
-copy was lost: they read as EIO, never as zeros, until written again.
+being filled from an in-sync replica). Slots whose every copy was lost read
+as EIO, never as zeros, until written again.
 """
 
 from __future__ import annotations
