@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -102,6 +103,24 @@ def test_killing_one_of_two_stores_mid_storm_loses_nothing_and_resyncs() -> None
         wait_until(lambda: store_used_pages(s2) == held, 60, "resync onto the restarted store")
         s1.kill()  # now only the resynced store is left
         storm.verify()
+
+
+def test_a_frozen_store_times_out_and_the_storm_carries_on_without_errors() -> None:
+    """SIGSTOP: the socket stays open and silent. Batch deadlines (the agent's 5 s I/O
+    timeout, enforced by the RPC watchdog) mark the store down; writes and reads go on
+    through the other replica and no client sees an error."""
+    with stores(2) as (s1, s2), agent_serve([s1, s2], "32M", "--slab", "1M") as (uri, _):
+        storm = Storm(uri, 8192)
+        storm.run(1)
+        assert s2.proc is not None
+        s2.proc.send_signal(signal.SIGSTOP)
+        try:
+            before = storm.ops
+            storm.run(9)  # the deadline passes inside this window
+            assert storm.ops - before > 200, "the storm stalled behind the frozen store"
+            storm.verify()
+        finally:
+            s2.proc.send_signal(signal.SIGCONT)
 
 
 def test_three_stores_re_replicate_away_from_a_dead_one() -> None:
