@@ -472,6 +472,8 @@ class Agent:
                 "slabs": len(states),
                 "stale": sum(1 for st in states if st in (STALE, DOWN)),
                 "syncing": sum(1 for st in states if st == SYNCING),
+                "failures": link.counters["failures"],
+                "reconnects": link.counters["reconnects"],
             })  # fmt: skip
         return rows
 

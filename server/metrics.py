@@ -63,13 +63,19 @@ class _SnapshotCollector:
             "netswap_store_used_bytes", "Bytes of pages held", labels=["store"]
         )
         cap = GaugeMetricFamily("netswap_store_capacity_bytes", "Store capacity", labels=["store"])
+        failures = CounterMetricFamily(
+            "netswap_store_failures", "Times the store was marked down", labels=["store"]
+        )
+        reconnects = CounterMetricFamily(
+            "netswap_store_reconnects", "Times the store came back", labels=["store"]
+        )
         for st in s["stores"]:
             up.add_metric([st["name"]], 1 if st["up"] else 0)
             used.add_metric([st["name"]], st["used_bytes"])
             cap.add_metric([st["name"]], st["capacity_bytes"])
-        yield up
-        yield used
-        yield cap
+            failures.add_metric([st["name"]], st["failures"])
+            reconnects.add_metric([st["name"]], st["reconnects"])
+        yield from (up, used, cap, failures, reconnects)
         yield GaugeMetricFamily(
             "netswap_replication_lag_pages",
             "Written pages whose slab has a replica not in sync",

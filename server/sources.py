@@ -69,7 +69,7 @@ def backend_source(backend: PageBackend, role: str = "embedded") -> Source:
             "name": f"{backend.kind} (embedded)", "up": True,
             "used_bytes": backend.used_pages * PAGE,
             "capacity_bytes": backend.capacity_pages * PAGE,
-            "slabs": 0, "stale": 0, "syncing": 0,
+            "slabs": 0, "stale": 0, "syncing": 0, "failures": 0, "reconnects": 0,
         }]  # fmt: skip
         return s
 

@@ -103,10 +103,22 @@ def test_agent_metrics_follow_nbd_traffic_and_store_health() -> None:
             return metric(get(url + "/metrics"), "netswap_store_up") == 1
 
         wait_until(one_down, 10, "store_up to drop")
+        text = get(url + "/metrics")
+        assert metric(text, "netswap_store_failures_total", f'{{store="{s2.address}"}}') == 1
+        assert metric(text, "netswap_store_failures_total", f'{{store="{s1.address}"}}') == 0
+        assert metric(text, "netswap_store_reconnects_total") == 0
         stats = json.loads(get(url + "/api/stats"))
         assert [st["up"] for st in stats["stores"]].count(False) == 1
         assert stats["replication_lag_pages"] > 0
         assert sum(stats["decisions"].values()) > 0
+        s2.start()  # same port: the agent reconnects
+
+        def reconnected() -> bool:
+            text = get(url + "/metrics")
+            return metric(text, "netswap_store_reconnects_total", f'{{store="{s2.address}"}}') == 1
+
+        wait_until(reconnected, 15, "the reconnect to be counted")
+        assert metric(get(url + "/metrics"), "netswap_store_up") == 2
         h.shutdown()
 
 
