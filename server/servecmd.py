@@ -20,6 +20,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from .affinity import check_available, parse_cpu_list, pin
 from .hardening import harden_for_swap
 from .plugin_config import BACKENDS, ConfigError, PluginConfig
 from .storecmd import UsageError, is_loopback
@@ -73,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep serving after the process that started it exits",
     )
     parser.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
+    parser.add_argument(
+        "--cpus",
+        metavar="LIST",
+        help="run nbdkit and the agent on these CPUs only, e.g. 3 (remote: ~1.8x at 4K QD32)",
+    )
     parser.add_argument("--verbose-nbdkit", action="store_true", help="nbdkit -v")
     parser.add_argument(
         "--dry-run",
@@ -156,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
             key, _, value = param.partition("=")
             config.set(key, value)
         config.complete()
+        cpus = parse_cpu_list(args.cpus) if args.cpus else None
+        if cpus is not None:
+            check_available(cpus)
     except (ValueError, ConfigError) as exc:
         raise UsageError(str(exc)) from None
     if not is_loopback(host):
@@ -171,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     check_port_free(host, port)
     for outcome in harden_for_swap():
         print(f"netswap serve: {outcome}", file=sys.stderr)
+    if cpus is not None:
+        print(f"netswap serve: {pin(cpus)}", file=sys.stderr)
     print_next_steps(args, host, port)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,69 @@
+"""CPU placement for `netswap serve --cpus`: keep every nbdkit thread on the CPUs given.
+
+The agent is one Python interpreter: nbdkit's worker threads and the agent's
+event loop share one GIL, so the process never runs more than about one CPU's
+worth of Python, and every request crosses threads twice (nbdkit thread ->
+loop -> nbdkit thread) plus the GIL hand-offs around them. When those threads
+sit on different CPUs each hand-off is a cross-CPU wake-up (an IPI; inside a
+VM, a VM exit); on one CPU it is a plain context switch. Measured on the 2-vCPU
+VM this was built on (fio through plugin -> agent -> store): 4K randwrite QD32
+6.2-6.8 k -> 10.7-12.0 k IOPS, 128K QD8 2.2 k -> 3.0 k, QD1 unchanged. The
+embedded backends, which let one request into the plugin at a time, gain
+nothing. The price: a pinned agent cannot move off a CPU that something else
+is keeping busy, so give it one the workload does not saturate.
+
+The affinity is set on the `serve` process just before it becomes (or starts)
+nbdkit; threads inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """'1', '0,2', '2-3,6' (taskset -c / cpuset syntax) -> the CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(
+                f"--cpus {text!r}: expected a CPU list such as 1 or 0,2 or 2-3"
+            ) from None
+        if first < 0 or last < first:
+            raise ValueError(f"--cpus {text!r}: bad range {part.strip()!r}")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: frozenset[int] | set[int]) -> str:
+    """The inverse of parse_cpu_list, with ranges folded: {0, 1, 2, 5} -> '0-2,5'."""
+    runs: list[str] = []
+    ordered = sorted(cpus)
+    start = prev = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(runs)
+
+
+def check_available(cpus: frozenset[int]) -> None:
+    """Only CPUs this process may run on (its cgroup/affinity), else a clear error."""
+    allowed = os.sched_getaffinity(0)
+    missing = cpus - allowed
+    if missing:
+        raise ValueError(
+            f"--cpus: CPU {format_cpu_list(set(missing))} not available here "
+            f"(allowed: {format_cpu_list(allowed)})"
+        )
+
+
+def pin(cpus: frozenset[int]) -> str:
+    os.sched_setaffinity(0, cpus)
+    return f"CPU affinity {format_cpu_list(cpus)} (nbdkit's threads and the agent hand off on it)"
