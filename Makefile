@@ -28,14 +28,17 @@ typecheck:
 pytest:
 	$(PY) -m pytest -q -ra
 
+# Extra arguments for a benchmark, e.g. make bench-agent BENCH_ARGS="--cpus 1".
+BENCH_ARGS ?=
+
 bench-store: setup
-	$(PY) -m tests.bench.bench_store
+	$(PY) -m tests.bench.bench_store $(BENCH_ARGS)
 
 bench-agent: setup
-	$(PY) -m tests.bench.bench_agent
+	$(PY) -m tests.bench.bench_agent $(BENCH_ARGS)
 
 bench-nbd: setup
-	$(PY) -m tests.bench.bench_nbd
+	$(PY) -m tests.bench.bench_nbd $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache

@@ -10,7 +10,9 @@ Same run, same client (fio ioengine=nbd), alternating between:
                    thread that completes each request at once (no agent work,
                    no network) -- the ceiling of this architecture
 Prints IOPS, pages/s, p50/p99, and the ratios batched/unbatched,
-batched/nbdkit-memory and batched/py-handoff.
+batched/nbdkit-memory and batched/py-handoff. With --cpus LIST every Python
+server (the agents and both floors) runs pinned there (serve --cpus, taskset
+for the floors); nbdkit-memory, a C server without a GIL, runs as it likes.
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runtime", type=float, default=4)
+    parser.add_argument("--cpus", help="pin the Python servers to these CPUs")
     args = parser.parse_args()
+    pin = ["--cpus", args.cpus] if args.cpus else []
+    taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     with ExitStack() as stack:
         s1, s2, s3 = (StoreProc("1G").start() for _ in range(3))
         for s in (s1, s2, s3):
             stack.callback(s.kill)
-        one = ["--backend", "remote", "--store", s1.address, "--area", "bench1"]
+        one = ["--backend", "remote", "--store", s1.address, "--area", "bench1", *pin]
         two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
-               "--replicas", "2", "--area", "bench2"]  # fmt: skip
+               "--replicas", "2", "--area", "bench2", *pin]  # fmt: skip
         commands = {
             "agent-batched": lambda port: netswap_cmd(port, one),
             "agent-unbatched": lambda port: netswap_cmd(
@@ -55,8 +60,11 @@ def main() -> None:
             ),
             "agent-2x": lambda port: netswap_cmd(port, two),
             "nbdkit-memory": peer_cmd,
-            "py-parallel": lambda port: floor_cmd(port, "model=parallel"),
-            "py-handoff": lambda port: floor_cmd(port, "model=parallel", "handoff=1"),
+            "py-parallel": lambda port: [*taskset, *floor_cmd(port, "model=parallel")],
+            "py-handoff": lambda port: [
+                *taskset,
+                *floor_cmd(port, "model=parallel", "handoff=1"),
+            ],
         }
         uris = {}
         for name, command in commands.items():
@@ -71,11 +79,12 @@ def main() -> None:
                     results[name].setdefault(work.name, []).append(
                         fio(uri, work, SIZE, args.runtime)
                     )
-    report(results, args.rounds)
+    report(results, args.rounds, args.cpus)
 
 
-def report(results: dict[str, dict[str, list[Result]]], rounds: int) -> None:
-    print(f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds")
+def report(results: dict[str, dict[str, list[Result]]], rounds: int, cpus: str | None) -> None:
+    pinned = f", Python servers pinned to CPU {cpus}" if cpus else ", no CPU pinning"
+    print(f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds{pinned}")
     print(f"{'workload':<20}{'server':<17}{'IOPS':>10}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
     for work in WORKLOADS:
         pages = int(work.bs.rstrip("k")) // 4
