@@ -6,8 +6,8 @@ worth of Python, and every request crosses threads twice (nbdkit thread ->
 loop -> nbdkit thread) plus the GIL hand-offs around them. When those threads
 sit on different CPUs each hand-off is a cross-CPU wake-up (an IPI; inside a
 VM, a VM exit); on one CPU it is a plain context switch. Measured on the 2-vCPU
-VM this was built on (fio through plugin -> agent -> store): 4K randwrite QD32
-6.2-6.8 k -> 10.7-12.0 k IOPS, 128K QD8 2.2 k -> 3.0 k, QD1 unchanged. The
+VM this was built on (make bench-agent with and without --cpus 1): 4K
+randwrite QD32 7.3 k -> 11.6 k IOPS, 128K QD8 2.6 k -> 3.6 k, QD1 +7 %. The
 embedded backends, which let one request into the plugin at a time, gain
 nothing. The price: a pinned agent cannot move off a CPU that something else
 is keeping busy, so give it one the workload does not saturate.

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpus",
         metavar="LIST",
-        help="run nbdkit and the agent on these CPUs only, e.g. 3 (remote: ~1.8x at 4K QD32)",
+        help="run nbdkit and the agent on these CPUs only, e.g. 3 (remote: ~1.6x at 4K QD32)",
     )
     parser.add_argument("--verbose-nbdkit", action="store_true", help="nbdkit -v")
     parser.add_argument(
