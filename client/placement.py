@@ -62,9 +62,6 @@ class SlabTable:
         return range(start, min(start + self.slab_pages, self.pages))
 
     # -- written bitmap -------------------------------------------------------
-    def mark_written(self, slot: int) -> None:
-        self.written[slot >> 3] |= 1 << (slot & 7)
-
     def mark_written_run(self, first: int, count: int) -> None:
         """Slots first..first+count-1 now hold data (and are no longer lost)."""
         written, lost = self.written, self.lost

@@ -128,7 +128,7 @@ def test_written_in_counts_a_slab_like_a_loop_would(slab_pages: int) -> None:
     table = SlabTable(pages=5000, slab_pages=slab_pages, replicas=1)
     rng = random.Random(slab_pages)
     for slot in rng.sample(range(5000), 1700):
-        table.mark_written(slot)
+        table.mark_written_run(slot, 1)
     for slab in range(table.slabs):
         expect = sum(1 for s in table.slab_slots(slab) if table.is_written(s))
         assert table.written_in(slab) == expect
@@ -136,14 +136,18 @@ def test_written_in_counts_a_slab_like_a_loop_would(slab_pages: int) -> None:
 
 def test_written_and_lost_bitmaps() -> None:
     table = SlabTable(pages=20, slab_pages=8, replicas=1)
-    for slot in (0, 7, 8, 19):
-        table.mark_written(slot)
+    table.mark_written_run(0, 1)
+    table.mark_written_run(7, 2)  # a run across a byte of the bitmap
+    table.mark_written_run(19, 1)
     assert [s for s in range(20) if table.is_written(s)] == [0, 7, 8, 19]
     table.clear_written(7)
     table.set_lost(8, True)
     assert not table.is_written(7) and table.is_lost(8) and not table.is_lost(0)
     table.set_lost(8, False)
     assert not table.is_lost(8)
+    table.set_lost(9, True)
+    table.mark_written_run(9, 3)  # written again: no longer lost
+    assert not table.is_lost(9) and table.is_written(11) and not table.is_written(12)
     assert list(table.slab_slots(2)) == [16, 17, 18, 19]
 
 
