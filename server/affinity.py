@@ -1,4 +1,4 @@
-"""CPU placement for `netswap serve --cpus`: keep every nbdkit thread on the CPUs given.
+"""CPU placement for `netswap serve --cpus` / `--sched`: where the agent's threads run.
 
 The agent is one Python interpreter: nbdkit's worker threads and the agent's
 event loop share one GIL, so the process never runs more than about one CPU's
@@ -12,8 +12,16 @@ embedded backends, which let one request into the plugin at a time, gain
 nothing. The price: a pinned agent cannot move off a CPU that something else
 is keeping busy, so give it one the workload does not saturate.
 
-The affinity is set on the `serve` process just before it becomes (or starts)
-nbdkit; threads inherit it.
+`--sched batch` puts the process under SCHED_BATCH: a thread it wakes no
+longer preempts the waker. The agent's loop completes a batch by releasing one
+lock per waiting nbdkit thread; under SCHED_OTHER each release lets the woken
+thread preempt the loop while the loop holds the GIL, so the thread runs only
+to block on the GIL again. With --cpus 1: 4K QD32 +23 %, 128K QD8 +5 %. The
+price: on a CPU shared with other work, the agent's wake-ups wait for the
+tick, so use it on a CPU of the agent's own.
+
+Both are set on the `serve` process just before it becomes (or starts) nbdkit;
+threads inherit them.
 """
 
 from __future__ import annotations
@@ -62,6 +70,14 @@ def check_available(cpus: frozenset[int]) -> None:
             f"--cpus: CPU {format_cpu_list(set(missing))} not available here "
             f"(allowed: {format_cpu_list(allowed)})"
         )
+
+
+SCHED_POLICIES = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
+
+
+def set_policy(name: str) -> str:
+    os.sched_setscheduler(0, SCHED_POLICIES[name], os.sched_param(0))
+    return f"scheduling policy SCHED_{'BATCH' if name == 'batch' else 'OTHER'}"
 
 
 def pin(cpus: frozenset[int]) -> str:

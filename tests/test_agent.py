@@ -212,7 +212,7 @@ def test_quorum_two_refuses_writes_with_one_replica_down() -> None:
         h.shutdown()
 
 
-def test_cpus_pins_every_thread_of_the_agent_and_bad_lists_are_clear_errors() -> None:
+def test_cpus_and_sched_place_every_thread_of_the_agent_and_bad_lists_are_errors() -> None:
     for bad, words in (
         ("abc", "expected a CPU list"),
         ("3-1", "bad range"),
@@ -224,7 +224,8 @@ def test_cpus_pins_every_thread_of_the_agent_and_bad_lists_are_clear_errors() ->
         assert result.returncode == 2, result.stderr
         assert words in result.stderr and "Traceback" not in result.stderr
     cpu = max(os.sched_getaffinity(0))
-    with stores(1) as procs, agent_serve(procs, "16M", "--cpus", str(cpu)) as (uri, nbdkit):
+    placed = ("--cpus", str(cpu), "--sched", "batch")
+    with stores(1) as procs, agent_serve(procs, "16M", *placed) as (uri, nbdkit):
         h = connect(uri)
         h.pwrite(b"p" * (8 * PAGE), 0)
         assert h.pread(8 * PAGE, 0) == b"p" * (8 * PAGE)
@@ -232,4 +233,5 @@ def test_cpus_pins_every_thread_of_the_agent_and_bad_lists_are_clear_errors() ->
         assert len(tasks) > 2  # nbdkit's workers and the agent's loop thread
         for tid in tasks:
             assert os.sched_getaffinity(int(tid)) == {cpu}, f"thread {tid}"
+            assert os.sched_getscheduler(int(tid)) == os.SCHED_BATCH, f"thread {tid}"
         h.shutdown()

@@ -13,6 +13,7 @@ Prints IOPS, pages/s, p50/p99, and the ratios batched/unbatched,
 batched/nbdkit-memory and batched/py-handoff. With --cpus LIST every Python
 server (the agents and both floors) runs pinned there (serve --cpus, taskset
 for the floors); nbdkit-memory, a C server without a GIL, runs as it likes.
+--sched batch applies to the agents only: the floors measured faster without it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runtime", type=float, default=4)
     parser.add_argument("--cpus", help="pin the Python servers to these CPUs")
+    parser.add_argument("--sched", default="normal", help="the agents' scheduling policy")
     args = parser.parse_args()
-    pin = ["--cpus", args.cpus] if args.cpus else []
+    pin = [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     with ExitStack() as stack:
         s1, s2, s3 = (StoreProc("1G").start() for _ in range(3))
@@ -79,12 +81,14 @@ def main() -> None:
                     results[name].setdefault(work.name, []).append(
                         fio(uri, work, SIZE, args.runtime)
                     )
-    report(results, args.rounds, args.cpus)
+    placement = f"Python servers on CPU {args.cpus}" if args.cpus else "no CPU pinning"
+    report(results, args.rounds, f"{placement}, agents --sched {args.sched}")
 
 
-def report(results: dict[str, dict[str, list[Result]]], rounds: int, cpus: str | None) -> None:
-    pinned = f", Python servers pinned to CPU {cpus}" if cpus else ", no CPU pinning"
-    print(f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds{pinned}")
+def report(results: dict[str, dict[str, list[Result]]], rounds: int, placement: str) -> None:
+    print(
+        f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds, {placement}"
+    )
     print(f"{'workload':<20}{'server':<17}{'IOPS':>10}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
     for work in WORKLOADS:
         pages = int(work.bs.rstrip("k")) // 4
