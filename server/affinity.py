@@ -16,7 +16,8 @@ is keeping busy, so give it one the workload does not saturate.
 longer preempts the waker. The agent's loop completes a batch by releasing one
 lock per waiting nbdkit thread; under SCHED_OTHER each release lets the woken
 thread preempt the loop while the loop holds the GIL, so the thread runs only
-to block on the GIL again. With --cpus 1: 4K QD32 +23 %, 128K QD8 +5 %. The
+to block on the GIL again. With --cpus 1, 4K QD32: +23 % side by side, +7-12 %
+across bench runs; nothing measurable at 128K. The
 price: on a CPU shared with other work, the agent's wake-ups wait for the
 tick, so use it on a CPU of the agent's own.
 
