@@ -7,6 +7,7 @@ import errno
 import random
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 from netswap.client.rpc import ConnectionLost, StoreClient, StoreFailed
@@ -19,7 +20,7 @@ from netswap.protocol import (
     encode,
     page_crc,
 )
-from netswap.protocol.messages import Flush, Hello, Welcome
+from netswap.protocol.messages import Flush, Hello, Pages, Request, SwapIn, Welcome
 from netswap.server.app import StoreServer
 
 
@@ -169,39 +170,90 @@ async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> Non
     assert data == b"" and isinstance(failure, ConnectionLost)
 
 
+class ScriptedStore:
+    """A fake page store: welcomes every Hello, then answers requests with `answer`
+    (raw bytes to write, or None to stay silent) -- for what a real store never does."""
+
+    def __init__(self, answer: Callable[[Connection, Request], bytes | None]) -> None:
+        self.answer = answer
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.writers:
+            writer.close()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        conn = Connection(Role.SERVER)
+        while data := await reader.read(1 << 20):
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not NEED_DATA:
+                assert isinstance(event, Request)
+                if isinstance(event, Hello):
+                    reply: bytes | None = conn.send(
+                        Welcome(event.request_id, PROTOCOL_VERSION, 16, 16)
+                    )
+                else:
+                    reply = self.answer(conn, event)
+                if reply is not None:
+                    writer.write(reply)
+
+
 async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> None:
     """A store that answers Hello and then nothing: batch calls fail by their deadline."""
+    async with ScriptedStore(lambda conn, request: None) as port:
+        client = await StoreClient.connect("127.0.0.1", port, "a", deadline=0.5)
+        done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        page = bytes(PAGE_SIZE)
+        began = time.monotonic()
+        client.start_swap_out([0], page, [page_crc(page)], done.set_result)
+        failure = await asyncio.wait_for(done, 5)
+        elapsed = time.monotonic() - began
+        assert isinstance(failure, TimeoutError)
+        assert 0.5 <= elapsed < 0.5 + 0.25 + 0.5  # deadline + one watchdog period + slack
+        await client.close()
 
-    writers: list[asyncio.StreamWriter] = []
 
-    async def welcome_then_silence(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        writers.append(w)
-        conn = Connection(Role.SERVER)
-        event = NEED_DATA
-        while event is NEED_DATA:
-            conn.receive_data(await reader.read(65536))
-            event = conn.next_event()
-        assert isinstance(event, Hello)
-        w.write(conn.send(Welcome(event.request_id, PROTOCOL_VERSION, 16, 16)))
-        while await reader.read(1 << 20):
-            pass
+async def test_a_garbled_reply_fails_every_pending_call_and_drops_the_connection() -> None:
+    async with ScriptedStore(lambda conn, request: struct.pack(">I", 5) + b"junk!") as port:
+        client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
+        batch: asyncio.Future[tuple[bytes, Exception | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        client.start_swap_in([0], lambda data, failure: batch.set_result((data, failure)))
+        with pytest.raises(ConnectionLost, match="garbage"):
+            await client.flush()
+        data, failure = await asyncio.wait_for(batch, 5)
+        assert data == b"" and isinstance(failure, ConnectionLost)
+        assert not client.connected
+        await client.close()
 
-    server = await asyncio.start_server(welcome_then_silence, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await StoreClient.connect("127.0.0.1", port, "a", deadline=0.5)
-    done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-    page = bytes(PAGE_SIZE)
-    began = time.monotonic()
-    client.start_swap_out([0], page, [page_crc(page)], done.set_result)
-    failure = await asyncio.wait_for(done, 5)
-    elapsed = time.monotonic() - began
-    assert isinstance(failure, TimeoutError)
-    assert 0.5 <= elapsed < 0.5 + 0.25 + 0.5  # deadline + one watchdog period + slack
-    await client.close()
-    for writer in writers:
-        writer.close()
-    server.close()
-    await server.wait_closed()
+
+async def test_a_page_whose_checksum_does_not_hold_is_eio_not_data() -> None:
+    def bad_pages(conn: Connection, request: Request) -> bytes:
+        assert isinstance(request, SwapIn)
+        page = b"x" * PAGE_SIZE
+        return conn.send(Pages(request.request_id, page, (page_crc(page) ^ 1,)))
+
+    async with ScriptedStore(bad_pages) as port:
+        client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
+        got: asyncio.Future[tuple[bytes, Exception | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        client.start_swap_in([3], lambda data, failure: got.set_result((data, failure)))
+        data, failure = await asyncio.wait_for(got, 5)
+        assert data == b"" and isinstance(failure, StoreFailed) and failure.errno == errno.EIO
+        with pytest.raises(StoreFailed, match="checksum"):
+            await client.swap_in([3])
+        await client.close()
 
 
 async def test_a_client_that_never_reads_replies_is_paused_not_buffered(
