@@ -245,8 +245,7 @@ class Agent:
         for link in kicked:
             link.kick()
         if op.remaining == 0:
-            op.error = op.error or errno.EIO  # no replica of some page is reachable
-            op.done.set()
+            op.complete(errno.EIO)  # no replica of some page is reachable
 
     def _place(self, slab: int) -> bool:
         up = self.up_stores()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 
 
 class Completion:
@@ -45,9 +46,14 @@ class Completion:
 
 
 class WriteOp:
-    """`count` consecutive slots from `first`, pages in reserve buffers `bufs`."""
+    """`count` consecutive slots from `first`, pages in reserve buffers `bufs`.
 
-    __slots__ = ("acks", "bufs", "count", "crcs", "done", "error", "first", "remaining")
+    `on_done`, when set, runs on the agent's loop once the op is complete: a
+    write-back op has no nbdkit thread waiting for it, so that is where its
+    reserve buffers go back.
+    """
+
+    __slots__ = ("acks", "bufs", "count", "crcs", "done", "error", "first", "on_done", "remaining")
 
     def __init__(self, first: int, count: int, bufs: list[int], crcs: list[int]) -> None:
         self.first = first
@@ -58,11 +64,19 @@ class WriteOp:
         self.remaining = 0
         self.error = 0
         self.done = Completion()
+        self.on_done: Callable[[WriteOp], None] | None = None
 
     def finish(self, quorum: int) -> None:
+        """Every replica answered: the op succeeded if each page has `quorum` acks."""
         if not self.error and min(self.acks) < quorum:
             self.error = errno.EIO
+        self.complete()
+
+    def complete(self, error: int = 0) -> None:
+        self.error = self.error or error
         self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
 
 class ReadOp:

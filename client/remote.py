@@ -3,10 +3,15 @@
 Thread side of the agent. pwrite copies nbdkit's buffer into reserve buffers
 (with each page's CRC) before anything else, registers the pages as in flight
 so that reads see them (read-your-writes), hands the op to the agent's loop,
-and waits for the replicas' acknowledgement (write-through). pread serves
-in-flight pages from the reserve, never-written pages as zeros, and fetches
-the rest through the loop into the op's own buffer, then copies them into
-nbdkit's buffer itself. No reference to nbdkit's buffer survives a callback.
+and -- write-through, the default -- waits for the replicas' acknowledgement.
+With cache=writeback it returns once the pages are in the reserve: the loop
+retires the op (releases its buffers) when the stores answer, flush/FUA wait
+for every earlier op, and a write-back that no replica took marks its pages
+lost (they read as EIO, never as older data) and fails the next flush.
+pread serves in-flight pages from the reserve, never-written pages as zeros,
+and fetches the rest through the loop into the op's own buffer, then copies
+them into nbdkit's buffer itself. No reference to nbdkit's buffer survives a
+callback.
 """
 
 from __future__ import annotations
@@ -47,8 +52,12 @@ class RemoteDevice:
     multi_conn = True  # one agent per nbdkit: flush waits for every connection's writes
     parallel = True
 
-    def __init__(self, agent: Agent, size: int, reserve_wait: float) -> None:
+    def __init__(
+        self, agent: Agent, size: int, reserve_wait: float, write_back: bool = False
+    ) -> None:
         self.agent = agent
+        self.write_back = write_back
+        self._write_back_error = 0  # errno of a failed write-back, for the next flush
         self.size = size
         self.reserve = agent.reserve
         self._reserve_wait = reserve_wait
@@ -74,7 +83,12 @@ class RemoteDevice:
             quorum=config.quorum,
             policy=BatchPolicy(config.batch_pages, config.batch_linger_us / 1e6),
         )
-        return cls(agent, config.size, reserve_wait=agent.io_timeout * 2)
+        return cls(
+            agent,
+            config.size,
+            reserve_wait=agent.io_timeout * 2,
+            write_back=config.cache == "writeback",
+        )
 
     def start(self) -> None:
         self.agent.start()
@@ -115,24 +129,59 @@ class RemoteDevice:
             crcs.append(crc32(page))
         op = WriteOp(first, count, bufs, crcs)
         slots = range(first, first + count)
-        inflight = self._inflight
         with self._lock:
-            inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
+            self._inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
             self.agent.table.mark_written_run(first, count)
             self._ops.add(op)
+        if self.write_back:
+            op.on_done = self._retire_write_back
+            self.agent.submit(self.agent.submit_write, op)
+            return
         self.agent.submit(self.agent.submit_write, op)
-        finished = op.done.wait(self._hard_timeout)
-        with self._lock:
-            for slot in slots:
-                if inflight.get(slot, _NOT_IN_FLIGHT)[0] is op:
-                    del inflight[slot]
-            self._ops.discard(op)
-        if not finished:
+        if not op.done.wait(self._hard_timeout):
+            with self._lock:  # the loop may still hold the buffers: leak them, never reuse
+                self._forget_op(op)
             log.error("write of %d pages at slot %d never completed", count, first)
             raise StoreError(errno.EIO, "agent did not complete a write")
+        with self._lock:
+            self._forget_op(op)
         reserve.release(bufs)
         if op.error:
             raise StoreError(op.error, f"write of slots {first}+{count} failed")
+
+    def _forget_op(self, op: WriteOp) -> list[int]:
+        """Under _lock: drop the op's pages from the in-flight map where no newer write
+        replaced them; returns those slots."""
+        inflight = self._inflight
+        owned = []
+        for slot in range(op.first, op.first + op.count):
+            if inflight.get(slot, _NOT_IN_FLIGHT)[0] is op:
+                del inflight[slot]
+                owned.append(slot)
+        self._ops.discard(op)
+        return owned
+
+    def _retire_write_back(self, op: WriteOp) -> None:
+        """On the agent's loop, when a write-back op is complete. Never raises."""
+        try:
+            table = self.agent.table
+            with self._lock:
+                owned = self._forget_op(op)
+                if op.error:
+                    for slot in owned:  # newer writes of other slots keep their data
+                        table.clear_written(slot)
+                        table.set_lost(slot, True)
+                    self._write_back_error = self._write_back_error or op.error
+            self.reserve.release(op.bufs)
+            if op.error:
+                self.agent.counters["write_back_failures"] += 1
+                self.agent.counters["pages_lost"] += len(owned)
+                log.error(
+                    "write-back of %d pages at slot %d failed (%s): %d now read as EIO",
+                    op.count, op.first, errno.errorcode.get(op.error, op.error), len(owned),
+                )  # fmt: skip
+        except Exception:  # a bug here must not stop the loop's batch handling
+            log.exception("retiring a write-back op failed")
 
     # -- reads ----------------------------------------------------------------
     def pread(self, buf: memoryview, offset: int) -> None:
@@ -172,8 +221,13 @@ class RemoteDevice:
     def flush(self) -> None:
         with self._lock:
             earlier = list(self._ops)
-        for op in earlier:  # write-through: wait for every earlier write's acks
-            op.done.wait(self._hard_timeout)
+        for op in earlier:  # wait for every earlier write's acks
+            if not op.done.wait(self._hard_timeout):
+                raise StoreError(errno.EIO, "an earlier write never completed")
+        with self._lock:
+            error, self._write_back_error = self._write_back_error, 0
+        if error:  # reported once, like a failed write-back to any block device
+            raise StoreError(error, "an earlier write-back failed; its pages read as EIO")
         self._call("flush", self.agent.flush)
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
@@ -192,6 +246,7 @@ class RemoteDevice:
             for slot in range(first, first + count):
                 table.clear_written(slot)
                 table.set_lost(slot, False)
+                self._inflight.pop(slot, None)  # a write-back still in flight reads as trimmed
         self._call("discard", lambda: self.agent.discard(first, count))
 
     def _call(self, what: str, coro_fn: object) -> None:

@@ -17,6 +17,7 @@ from .device import BlockDevice, PageDevice
 from .units import parse_size
 
 BACKENDS = ("memory", "file", "remote")
+CACHE_MODES = ("writethrough", "writeback")
 HELP = """\
 backend=memory|file|remote  where pages live (default memory: embedded)
 size=SIZE                   export size, a multiple of 4096 (required)
@@ -31,7 +32,9 @@ slab=SIZE                   placement unit for backend=remote (default 64M)
 token-file=FILE             token for the page stores
 http=HOST:PORT              ops endpoint: /metrics, /api/stats, / dashboard (default off)
 batch-linger-us=N           longest a batch waits to fill (default 200)
-batch-pages=N               largest batch per RPC, 1..256 (default 64; 1 = no batching)"""
+batch-pages=N               largest batch per RPC, 1..256 (default 64; 1 = no batching)
+cache=writethrough|writeback  remote: acknowledge writes when on the stores (default), or
+                            once copied into the reserve (flush/FUA still wait)"""
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,7 @@ class PluginConfig:
     batch_linger_us: int = 200
     batch_pages: int = 64
     http: str = ""
+    cache: str = "writethrough"
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -74,6 +78,10 @@ class PluginConfig:
             setattr(self, key.replace("-", "_"), value)
         elif key == "store":
             self.stores.append(value)
+        elif key == "cache":
+            if value not in CACHE_MODES:
+                raise ConfigError(f"cache={value}: choose one of {', '.join(CACHE_MODES)}")
+            self.cache = value
         elif key in ("replicas", "quorum", "batch-linger-us", "batch-pages"):
             setattr(self, key.replace("-", "_"), _natural(key, value))
         else:
@@ -95,6 +103,8 @@ class PluginConfig:
             raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
         if self.backend != "remote" and self.stores:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
+        if self.backend != "remote" and self.cache != "writethrough":
+            raise ConfigError(f"cache={self.cache} is only for backend=remote")
         if self.http:
             from netswap.client.rpc import parse_hostport
 

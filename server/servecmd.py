@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-linger-us", type=int, help="longest batch wait (remote)")
     parser.add_argument(
+        "--cache",
+        choices=("writethrough", "writeback"),
+        help="remote: ack writes on the stores (default) or once in the reserve",
+    )
+    parser.add_argument(
         "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
     )
     parser.add_argument(
@@ -96,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def plugin_params(args: argparse.Namespace) -> list[str]:
     params = [f"backend={args.backend}", f"size={args.size}"]
     keys = ("path", "capacity", "replicas", "quorum", "reserve", "slab", "area", "token_file",
-            "batch_pages", "batch_linger_us", "http")  # fmt: skip
+            "batch_pages", "batch_linger_us", "http", "cache")  # fmt: skip
     for key in keys:
         value = getattr(args, key)
         if value is not None:

@@ -217,6 +217,7 @@ def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         (("--listen", "127.0.0.1:70000"), "port out of range"),
         (("--backend", "remote", "--store", "127.0.0.1:1", "--replicas", "2"), "needs 2 store"),
         (("--backend", "remote", "--store", "a:1", "--store", "b:1", "--quorum", "3"), "quorum=3"),
+        (("--size", "1G", "--cache", "writeback"), "cache=writeback is only for backend=remote"),
     ],
 )
 def test_serve_rejects_bad_options_with_one_line(args: tuple[str, ...], message: str) -> None:

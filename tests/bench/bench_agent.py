@@ -4,6 +4,7 @@ Same run, same client (fio ioengine=nbd), alternating between:
   agent-batched    netswap serve --backend remote, default batching (64 pages)
   agent-unbatched  the same with --batch-pages 1: one page per RPC
   agent-2x         two stores, --replicas 2, default batching
+  agent-writeback  agent-batched with --cache writeback (acknowledged from the reserve)
   nbdkit-memory    the peer
   py-parallel      floor: a PARALLEL Python plugin doing one copy per request
   py-handoff       floor: the same plus the agent's hand-off to an event-loop
@@ -61,6 +62,9 @@ def main() -> None:
                 port, [*one, "--batch-pages", "1", "--area", "bench1u"]
             ),
             "agent-2x": lambda port: netswap_cmd(port, two),
+            "agent-writeback": lambda port: netswap_cmd(
+                port, [*one, "--cache", "writeback", "--area", "bench1w"]
+            ),
             "nbdkit-memory": peer_cmd,
             "py-parallel": lambda port: [*taskset, *floor_cmd(port, "model=parallel")],
             "py-handoff": lambda port: [
@@ -111,6 +115,7 @@ def report(results: dict[str, dict[str, list[Result]]], rounds: int, placement: 
             "batched/py-handoff": batched / med["py-handoff"][0],
             "py-handoff/nbdkit-memory": med["py-handoff"][0] / med["nbdkit-memory"][0],
             "2 replicas/batched": med["agent-2x"][0] / batched,
+            "writeback/nbdkit-memory": med["agent-writeback"][0] / med["nbdkit-memory"][0],
         }
         print(f"{'':<20}" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
