@@ -6,7 +6,7 @@ call_soon_threadsafe and wait on the op. Everything below runs on that loop,
 so the slab table, links and batches need no locks.
 
 Writes: each page goes to every up replica of its slab (placed on first write
-by power-of-two-choices); an op is acknowledged when every such replica has
+by power-of-two-choices); an op completes when every such replica has
 answered and each page has at least `quorum` acks. A replica whose store
 fails mid-write is marked STALE: it serves no reads until resynced.
 Reads: each page goes to the first in-sync replica on an up store and falls

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("memory", "remote"), default="memory")
     parser.add_argument("--stores", type=int, default=2, help="store processes (remote)")
     parser.add_argument("--replicas", type=int, help="copies per page (remote)")
+    parser.add_argument(
+        "--cache", choices=("writethrough", "writeback"), help="the agent's write mode (remote)"
+    )
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900, help="hard deadline in seconds")
@@ -80,6 +83,8 @@ def run_lab(args: argparse.Namespace) -> Outcome:
             serve += ["--backend", "remote", "--area", "labguest"]
             if args.replicas:
                 serve += ["--replicas", str(args.replicas)]
+            if args.cache:
+                serve += ["--cache", args.cache]
         stack.enter_context(child(serve, port))
         initrd = CACHE / f"initrd-{port}.img"
         stack.callback(initrd.unlink, missing_ok=True)
