@@ -48,6 +48,13 @@ def test_kernel_swaps_4x_ram_through_the_agent_with_two_replicated_stores() -> N
     )
 
 
+@pytest.mark.timeout(1000)
+def test_kernel_swaps_4x_ram_through_a_write_back_agent() -> None:
+    """cache=writeback: the kernel's swap-outs are acknowledged from the reserve."""
+    assert_swapped(lab("--backend", "remote", "--stores", "1", "--cache", "writeback",
+                       "--timeout", "800"))  # fmt: skip
+
+
 def test_the_verifier_names_a_corrupted_page(tmp_path: Path) -> None:
     binary = tmp_path / "swaptest"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(LAB / "swaptest.c")], check=True)
