@@ -134,10 +134,10 @@ class RemoteDevice:
             self.agent.table.mark_written_run(first, count)
             self._ops.add(op)
         if self.write_back:
-            op.on_done = self._retire_write_back
-            self.agent.submit(self.agent.submit_write, op)
-            return
+            op.on_done = self._retire_write_back  # acknowledged now; the loop retires it
         self.agent.submit(self.agent.submit_write, op)
+        if self.write_back:
+            return
         if not op.done.wait(self._hard_timeout):
             with self._lock:  # the loop may still hold the buffers: leak them, never reuse
                 self._forget_op(op)
@@ -168,7 +168,7 @@ class RemoteDevice:
             with self._lock:
                 owned = self._forget_op(op)
                 if op.error:
-                    for slot in owned:  # newer writes of other slots keep their data
+                    for slot in owned:  # slots a newer write took over keep it
                         table.clear_written(slot)
                         table.set_lost(slot, True)
                     self._write_back_error = self._write_back_error or op.error
