@@ -424,8 +424,7 @@ class Agent:
         lost = 0
         for slot in table.slab_slots(slab):
             if table.is_written(slot):
-                table.clear_written(slot)
-                table.set_lost(slot, True)
+                table.mark_lost(slot)
                 lost += 1
         for pos, _, _ in table.replicas_of(slab):
             table.set_state(slab, pos, IN_SYNC)

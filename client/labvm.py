@@ -23,6 +23,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netswap.server.plugin_config import CACHE_MODES
+
 from .attach import MIN_FREE_KBYTES_FLOOR, plan
 from .cpio import newc_archive
 
@@ -51,9 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("memory", "remote"), default="memory")
     parser.add_argument("--stores", type=int, default=2, help="store processes (remote)")
     parser.add_argument("--replicas", type=int, help="copies per page (remote)")
-    parser.add_argument(
-        "--cache", choices=("writethrough", "writeback"), help="the agent's write mode (remote)"
-    )
+    parser.add_argument("--cache", choices=CACHE_MODES, help="the agent's write mode (remote)")
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900, help="hard deadline in seconds")

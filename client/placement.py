@@ -70,6 +70,11 @@ class SlabTable:
             written[slot >> 3] |= bit
             lost[slot >> 3] &= ~bit & 0xFF
 
+    def mark_lost(self, slot: int) -> None:
+        """Every copy of this slot is gone: it reads as EIO until written again."""
+        self.clear_written(slot)
+        self.set_lost(slot, True)
+
     def clear_written(self, slot: int) -> None:
         self.written[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
 

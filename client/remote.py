@@ -169,8 +169,7 @@ class RemoteDevice:
                 owned = self._forget_op(op)
                 if op.error:
                     for slot in owned:  # slots a newer write took over keep it
-                        table.clear_written(slot)
-                        table.set_lost(slot, True)
+                        table.mark_lost(slot)
                     self._write_back_error = self._write_back_error or op.error
             self.reserve.release(op.bufs)
             if op.error:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .affinity import SCHED_POLICIES, check_available, parse_cpu_list, pin, set_policy
 from .hardening import harden_for_swap
-from .plugin_config import BACKENDS, ConfigError, PluginConfig
+from .plugin_config import BACKENDS, CACHE_MODES, ConfigError, PluginConfig
 from .storecmd import UsageError, is_loopback
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-linger-us", type=int, help="longest batch wait (remote)")
     parser.add_argument(
         "--cache",
-        choices=("writethrough", "writeback"),
+        choices=CACHE_MODES,
         help="remote: ack writes on the stores (default) or once in the reserve",
     )
     parser.add_argument(
