@@ -12,9 +12,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from netswap.server import servecmd, storecmd
+from netswap.server import storecmd
+from netswap.server.units import UsageError
 
-from . import attach, labprocs, labvm, statscmd
+from . import statscmd
+from .lab import procs as labprocs
+from .lab import vm as labvm
+from .lab.qemu import LabError
+from .nbd import attach
+from .nbd import serve as servecmd
 
 Register = Callable[[argparse.ArgumentParser], None] | None
 Run = Callable[[argparse.Namespace], int]
@@ -40,7 +46,7 @@ LABS: list[tuple[str, str, Register, Run]] = [
     ("down", "stop exactly what `lab up` started", None, labprocs.run_down),
 ]  # fmt: skip
 # Expected failures: one line on stderr and exit status 2, never a traceback.
-USER_ERRORS = (storecmd.UsageError, attach.AttachError, labvm.LabError, statscmd.StatsError,
+USER_ERRORS = (UsageError, attach.AttachError, LabError, statscmd.StatsError,
                labprocs.LabStateError, ValueError)  # fmt: skip
 
 

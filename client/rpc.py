@@ -41,6 +41,7 @@ from netswap.protocol import (
     Role,
     Stats,
     StatsReply,
+    StoreError,
     Swapfile,
     SwapIn,
     SwapOut,
@@ -58,15 +59,6 @@ ReplyCallback = Callable[["Reply | Exception"], None]
 
 class ConnectionLost(ConnectionError):
     """The store connection closed with this request still pending."""
-
-
-class StoreFailed(Exception):
-    """The store answered Failed; `errno` says why (ENOSPC, EPERM, EIO, ...)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"{errno.errorcode.get(code, code)}: {reason}")
-        self.errno = code
-        self.reason = reason
 
 
 class _RpcProtocol(asyncio.Protocol):
@@ -229,7 +221,7 @@ class StoreClient:
         checksums: Sequence[int],
         done: Callable[[Exception | None], None],
     ) -> None:
-        """The batch path's SwapOut: done(None), done(StoreFailed) or done(transport error)."""
+        """The batch path's SwapOut: done(None), done(StoreError) or done(transport error)."""
         request = SwapOut(self._next_id(), tuple(slots), data, tuple(checksums))
         self._start(request, lambda reply: done(_failure(reply)))
 
@@ -256,7 +248,7 @@ class StoreClient:
         assert isinstance(reply, Ok)
 
     async def swap_in(self, slots: Sequence[int]) -> bytes:
-        """Fetch pages; checksums are verified end to end (mismatch: StoreFailed EIO)."""
+        """Fetch pages; checksums are verified end to end (mismatch: StoreError EIO)."""
         reply = await self._call(SwapIn(self._next_id(), tuple(slots)))
         failure = _check_pages(reply, len(slots))
         if failure is not None:
@@ -292,37 +284,17 @@ def _failure(reply: Reply | Exception) -> Exception | None:
     if isinstance(reply, Exception):
         return reply
     if isinstance(reply, Failed):
-        return StoreFailed(reply.errno, reply.reason)
+        return StoreError(reply.errno, reply.reason)
     return None
 
 
-def _check_pages(reply: Reply | Exception, count: int) -> StoreFailed | None:
+def _check_pages(reply: Reply | Exception, count: int) -> StoreError | None:
     """A SwapIn answer must be `count` pages whose checksums hold end to end."""
     if not isinstance(reply, Pages) or len(reply.checksums) != count:
-        return StoreFailed(errno.EIO, "store returned the wrong number of pages")
+        return StoreError(errno.EIO, "store returned the wrong number of pages")
     if batch_crcs(reply.data) != reply.checksums:
-        return StoreFailed(errno.EIO, "page checksum mismatch after transfer")
+        return StoreError(errno.EIO, "page checksum mismatch after transfer")
     return None
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """'HOST:PORT', 'HOST' or '[V6]:PORT' -> (host, port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.lstrip(":")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, ""
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    try:
-        number = int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return host, number
 
 
 def read_token(path: str | None) -> str:

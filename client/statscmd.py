@@ -11,8 +11,8 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any
 
+from netswap.server.ops.snapshot import Snapshot
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -35,53 +35,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
 
 
-def fetch(url: str) -> dict[str, Any]:
+def fetch(url: str) -> Snapshot:
     endpoint = url.rstrip("/") + "/api/stats"
     try:
         with urllib.request.urlopen(endpoint, timeout=5) as response:
-            data: dict[str, Any] = json.load(response)
-            return data
+            return Snapshot.from_json(json.load(response))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StatsError(f"cannot read {endpoint}: {getattr(exc, 'reason', exc)}") from None
+    except (KeyError, TypeError) as exc:
+        raise StatsError(f"{endpoint} is not a netswap stats endpoint ({exc!r})") from None
 
 
-def render(now: dict[str, Any], prev: dict[str, Any] | None) -> Group:
-    figures = Table(title=f"netswap {now['role']} v{now['version']}", show_header=False)
+def render(now: Snapshot, prev: Snapshot | None) -> Group:
+    figures = Table(title=f"netswap {now.role} v{now.version}", show_header=False)
     figures.add_column("figure")
     figures.add_column("value", justify="right")
     rate = ""
     if prev is not None:
-        dt = max(1e-3, now["time"] - prev["time"])
-        out = (now["swap_out_pages_total"] - prev["swap_out_pages_total"]) / dt
-        inn = (now["swap_in_pages_total"] - prev["swap_in_pages_total"]) / dt
+        dt = max(1e-3, now.time - prev.time)
+        out = (now.swap_out_pages_total - prev.swap_out_pages_total) / dt
+        inn = (now.swap_in_pages_total - prev.swap_in_pages_total) / dt
         rate = f"{out:,.0f} out/s, {inn:,.0f} in/s"
-    figures.add_row(
-        "pages out / in", f"{now['swap_out_pages_total']:,} / {now['swap_in_pages_total']:,}"
-    )
+    figures.add_row("pages out / in", f"{now.swap_out_pages_total:,} / {now.swap_in_pages_total:,}")
     if rate:
         figures.add_row("rate", rate)
-    for op, q in (now.get("latency_us") or {}).items():
+    for op, q in now.latency_us.items():
         if q:
-            figures.add_row(f"{op} latency p50 / p99", f"{q['p50']:,.0f} / {q['p99']:,.0f} us")
-    for op, avg in (now.get("batch_avg_pages") or {}).items():
+            figures.add_row(f"{op} latency p50 / p99", f"{q.p50:,.0f} / {q.p99:,.0f} us")
+    for op, avg in now.batch_avg_pages.items():
         figures.add_row(f"{op} batch (avg pages)", f"{avg:.1f}")
-    if now.get("reserve"):
-        r = now["reserve"]
-        figures.add_row(
-            "reserve used", f"{r['used_bytes'] / r['bytes']:.0%} of {r['bytes'] >> 20} MiB"
-        )
-    p = now["pressure"]
-    figures.add_row("memory PSI some / full", f"{p['some_avg10']:.1f} % / {p['full_avg10']:.1f} %")
-    figures.add_row("replication lag (pages)", str(now["replication_lag_pages"]))
-    figures.add_row("checksum errors", str(now["checksum_errors_total"]))
+    if now.reserve:
+        r = now.reserve
+        figures.add_row("reserve used", f"{r.used_bytes / r.bytes:.0%} of {r.bytes >> 20} MiB")
+    p = now.pressure
+    figures.add_row("memory PSI some / full", f"{p.some_avg10:.1f} % / {p.full_avg10:.1f} %")
+    figures.add_row("replication lag (pages)", str(now.replication_lag_pages))
+    figures.add_row("checksum errors", str(now.checksum_errors_total))
     stores = Table(title="page stores")
     for col in ("store", "state", "used MiB", "capacity MiB", "slabs", "stale", "syncing"):
         stores.add_column(col)
-    for st in now["stores"]:
-        state = "[green]up[/green]" if st["up"] else "[bold red]DOWN[/bold red]"
-        used, cap = st["used_bytes"] >> 20, st["capacity_bytes"] >> 20
-        stores.add_row(st["name"], state, str(used), str(cap),
-                       str(st["slabs"]), str(st["stale"]), str(st["syncing"]))  # fmt: skip
+    for st in now.stores:
+        state = "[green]up[/green]" if st.up else "[bold red]DOWN[/bold red]"
+        used, cap = st.used_bytes >> 20, st.capacity_bytes >> 20
+        stores.add_row(st.name, state, str(used), str(cap),
+                       str(st.slabs), str(st.stale), str(st.syncing))  # fmt: skip
     return Group(figures, stores)
 
 

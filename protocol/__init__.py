@@ -3,7 +3,7 @@
 from .checksum import ZERO_PAGE, ZERO_PAGE_CRC, batch_crcs, page_crc
 from .codec import decode, encode
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role
-from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, StoreError
 from .limits import (
     MAX_BATCH_PAGES,
     MAX_DISCARD_RANGES,
@@ -58,6 +58,7 @@ __all__ = [
     "Role",
     "Stats",
     "StatsReply",
+    "StoreError",
     "SwapIn",
     "SwapOut",
     "Swapfile",

@@ -71,8 +71,8 @@ async def serve_until_signal(
     store = await start_store(backend, host, port, tokens)
     ops = None
     if http is not None:
-        from .http import start_http
-        from .sources import store_source
+        from .ops.http import start_http
+        from .ops.sources import store_source
 
         try:
             ops = await start_http(store_source(store.service), *http)

@@ -26,14 +26,15 @@ from netswap.protocol import (
     Request,
     Stats,
     StatsReply,
+    StoreError,
     Swapfile,
     SwapIn,
     SwapOut,
     Welcome,
 )
 
-from .backends import PageBackend, StoreError
-from .recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
+from .backends import PageBackend
+from .ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 
 class Tokens:

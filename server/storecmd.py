@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import sys
 
@@ -13,13 +12,9 @@ from netswap.protocol import PAGE_SIZE
 from .app import StoreServer, serve_until_signal
 from .backends import BACKENDS, open_backend
 from .service import Tokens
-from .units import format_size, parse_size
+from .units import UsageError, format_size, is_loopback, parse_hostport, parse_size
 
 DEFAULT_LISTEN = "127.0.0.1:7177"
-
-
-class UsageError(Exception):
-    """Bad command line or configuration: printed as one line, exit status 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,18 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
-    from netswap.client.rpc import parse_hostport
-
     try:
         host, port = parse_hostport(args.listen, 7177)
         capacity = parse_size(args.capacity)

@@ -1,11 +1,22 @@
-"""Human sizes ('4G', '512M', '16384K', '4096') as the CLI and plugin accept them."""
+"""What netswap's command lines and plugin keys accept: sizes and addresses.
+
+Every netswap process parses these -- the store, `serve`, the plugin's
+key=value pairs, the labs -- so they live once, here, at the bottom of the
+host side's imports. A value that does not parse raises ValueError with a
+message naming it; commands turn that into a UsageError (one line, exit 2).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*\Z", re.IGNORECASE)
 _SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+class UsageError(Exception):
+    """Bad command line or configuration: printed as one line, exit status 2."""
 
 
 def parse_size(text: str) -> int:
@@ -21,3 +32,32 @@ def format_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """'HOST:PORT', 'HOST' or '[V6]:PORT' -> (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, ""
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from netswap.client.lab.ports import free_port, wait_port
 from netswap.server.app import StoreServer, start_store
 from netswap.server.backends import MemoryBackend
 from netswap.server.service import Tokens
@@ -42,25 +41,11 @@ async def token_store(tmp_path: Path) -> AsyncIterator[StoreServer]:
     await server.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for_port(
     port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    """wait_port for a child process: it must still run while we wait."""
+    wait_port(port, (lambda: proc.poll() is None) if proc is not None else lambda: True, timeout)
 
 
 @pytest.fixture

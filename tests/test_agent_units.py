@@ -9,16 +9,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from netswap.client.placement import (
+from netswap.client.agent.placement import (
     DOWN,
     IN_SYNC,
     UNPLACED,
     SlabTable,
     power_of_two_choices,
 )
-from netswap.client.policy import BatchPolicy
-from netswap.client.pressure import Pressure, parse_meminfo, parse_psi, parse_watermarks, sample
-from netswap.client.reserve import Reserve, ReserveTimeout
+from netswap.client.agent.policy import BatchPolicy
+from netswap.client.agent.reserve import Reserve, ReserveTimeout
+from netswap.server.ops.pressure import Pressure, parse_meminfo, parse_psi, parse_watermarks, sample
 
 CALM = Pressure.calm()
 

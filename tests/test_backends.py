@@ -8,8 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
-from netswap.protocol import PAGE_SIZE
-from netswap.server.backends import FileBackend, MemoryBackend, PageBackend, StoreError
+from netswap.protocol import PAGE_SIZE, StoreError
+from netswap.server.backends import FileBackend, MemoryBackend, PageBackend
 
 
 def pages(n: int, seed: int = 0) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from netswap.client.rpc import StoreClient
-from netswap.server.recorder import Recorder
+from netswap.server.ops.recorder import Recorder
 
 from .conftest import free_port
 from .nbdserver import NETSWAP, connect, netswap_serve

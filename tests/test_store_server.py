@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable
 
 import pytest
-from netswap.client.rpc import ConnectionLost, StoreClient, StoreFailed
+from netswap.client.rpc import ConnectionLost, StoreClient
 from netswap.protocol import (
     NEED_DATA,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Connection,
     Role,
+    StoreError,
     encode,
     page_crc,
 )
@@ -65,7 +66,7 @@ async def test_full_store_answers_enospc_and_keeps_working(small_store: StoreSer
     client = await connect(small_store)
     await client.swapfile(True, 1000)
     await client.swap_out(list(range(60)), bytes(60 * PAGE_SIZE))
-    with pytest.raises(StoreFailed) as info:
+    with pytest.raises(StoreError) as info:
         await client.swap_out(list(range(100, 110)), b"\1" * (10 * PAGE_SIZE))
     assert info.value.errno == errno.ENOSPC
     await client.discard([(0, 20)])
@@ -74,10 +75,10 @@ async def test_full_store_answers_enospc_and_keeps_working(small_store: StoreSer
 
 
 async def test_wrong_token_is_eperm_and_areas_are_isolated(token_store: StoreServer) -> None:
-    with pytest.raises(StoreFailed) as info:
+    with pytest.raises(StoreError) as info:
         await connect(token_store, "alpha", "s3cret-b")
     assert info.value.errno == errno.EPERM
-    with pytest.raises(StoreFailed):
+    with pytest.raises(StoreError):
         await connect(token_store, "alpha", "")
     alpha = await connect(token_store, "alpha", "s3cret-a")
     await alpha.swapfile(True, 16)
@@ -100,7 +101,7 @@ async def test_requests_before_hello_or_before_swapfile_fail_cleanly(store: Stor
     writer.close()
     await writer.wait_closed()
     client = await connect(store, "fresh")
-    with pytest.raises(StoreFailed) as info:
+    with pytest.raises(StoreError) as info:
         await client.swap_in([0])
     assert info.value.errno == errno.ENXIO
     await client.close()
@@ -162,7 +163,7 @@ async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> Non
     refused: asyncio.Future[Exception | None] = loop.create_future()
     client.start_swap_out([64], pages[0], [page_crc(pages[0])], refused.set_result)
     failure = await asyncio.wait_for(refused, 5)  # beyond the area: the store's errno
-    assert isinstance(failure, StoreFailed) and failure.errno == errno.EINVAL
+    assert isinstance(failure, StoreError) and failure.errno == errno.EINVAL
     await store.close()
     lost: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
     client.start_swap_in([0], lambda data, failure: lost.set_result((data, failure)))
@@ -250,8 +251,8 @@ async def test_a_page_whose_checksum_does_not_hold_is_eio_not_data() -> None:
         )
         client.start_swap_in([3], lambda data, failure: got.set_result((data, failure)))
         data, failure = await asyncio.wait_for(got, 5)
-        assert data == b"" and isinstance(failure, StoreFailed) and failure.errno == errno.EIO
-        with pytest.raises(StoreFailed, match="checksum"):
+        assert data == b"" and isinstance(failure, StoreError) and failure.errno == errno.EIO
+        with pytest.raises(StoreError, match="checksum"):
             await client.swap_in([3])
         await client.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import UNMAPPED, Area, PageBackend, StoreError
+from .base import UNMAPPED, Area, PageBackend
 from .file import FileBackend
 from .memory import MemoryBackend
 
@@ -29,6 +29,5 @@ __all__ = [
     "FileBackend",
     "MemoryBackend",
     "PageBackend",
-    "StoreError",
     "open_backend",
 ]

@@ -18,7 +18,7 @@ import zlib
 from array import array
 from collections.abc import Iterable, Sequence
 
-from netswap.protocol import PAGE_SIZE, ZERO_PAGE_CRC
+from netswap.protocol import PAGE_SIZE, ZERO_PAGE_CRC, StoreError
 
 UNMAPPED = -1
 # array('i') indexes arena pages: 2**31 pages of 4 KiB is 8 TiB per store.
@@ -31,15 +31,6 @@ def _is_run(pages: array[int]) -> bool:
     return pages[-1] - first == len(pages) - 1 and pages == array(
         "i", range(first, first + len(pages))
     )
-
-
-class StoreError(Exception):
-    """A request the store refuses, with the errno its reply carries."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"{errno.errorcode.get(code, code)}: {reason}")
-        self.errno = code
-        self.reason = reason
 
 
 class Area:

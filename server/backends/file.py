@@ -21,9 +21,9 @@ import struct
 from array import array
 from pathlib import Path
 
-from netswap.protocol import PAGE_SIZE
+from netswap.protocol import PAGE_SIZE, StoreError
 
-from .base import UNMAPPED, Area, PageBackend, StoreError
+from .base import UNMAPPED, Area, PageBackend
 
 _MAGIC = b"NSWPIDX1"
 _LEN = struct.Struct("<Q")

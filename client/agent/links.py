@@ -18,13 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, StoreError
 
+from ..rpc import ConnectionLost, StoreClient
 from .ops import ReadEntry, WriteOp
-from .rpc import ConnectionLost, StoreClient, StoreFailed
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .core import Agent
 
 log = logging.getLogger("netswap.agent")
 
@@ -93,7 +93,7 @@ class StoreLink:
             await self._down.wait()
             try:
                 lost = await self.connect(fresh=False)
-            except (*TRANSPORT_ERRORS, StoreFailed) as exc:
+            except (*TRANSPORT_ERRORS, StoreError) as exc:
                 log.debug("store %s still down: %s", self.name, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
@@ -116,7 +116,7 @@ class StoreLink:
 
     async def refresh_usage(self) -> None:
         if self.client is not None:
-            with contextlib.suppress(*TRANSPORT_ERRORS, StoreFailed):
+            with contextlib.suppress(*TRANSPORT_ERRORS, StoreError):
                 self.used_pages = (await self.client.stats()).get("used_pages", self.used_pages)
 
     # -- batching -------------------------------------------------------------
@@ -236,7 +236,7 @@ class StoreLink:
         """0 ok, the store's errno, or -1 when the store is unreachable (now marked down)."""
         if failure is None:
             return 0
-        if isinstance(failure, StoreFailed):
+        if isinstance(failure, StoreError):
             return failure.errno
         if self.client is client:  # not a stale failure of a client already replaced
             self.mark_down(failure)
@@ -253,7 +253,7 @@ class StoreLink:
             return -1
         try:
             await fn(self.client)
-        except StoreFailed as exc:
+        except StoreError as exc:
             return exc.errno
         except TRANSPORT_ERRORS as exc:
             self.mark_down(exc)

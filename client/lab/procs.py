@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .labvm import free_port
-from .statscmd import fetch
+from netswap.server.ops.snapshot import Quantiles
+
+from ..statscmd import fetch
+from .ports import ExitedEarly, free_port, wait_port
 
 STATE = Path(os.environ.get("NETSWAP_LAB_STATE", "/tmp/netswap-lab.json"))
 
@@ -51,17 +52,13 @@ def spawn(argv: list[str], log: Path) -> dict[str, Any]:
     return {"pid": proc.pid, "argv": argv, "log": str(log)}
 
 
-def wait_port(port: int, pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            raise LabStateError(f"process {pid} exited while starting (see its log)")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise LabStateError(f"nothing answered on 127.0.0.1:{port}")
+def wait_up(port: int, pid: int) -> None:
+    try:
+        wait_port(port, lambda: alive(pid))
+    except ExitedEarly:
+        raise LabStateError(f"process {pid} exited while starting (see its log)") from None
+    except TimeoutError as exc:
+        raise LabStateError(str(exc)) from None
 
 
 def alive(pid: int) -> bool:
@@ -95,15 +92,15 @@ def run_up(args: argparse.Namespace) -> int:
                     "--http", f"127.0.0.1:{http}"]  # fmt: skip
             state["processes"].append(spawn(argv, logs / f"store{i + 1}.log"))
             state["store_http"].append(http)
-            wait_port(port, state["processes"][-1]["pid"])
+            wait_up(port, state["processes"][-1]["pid"])
             stores += ["--store", f"127.0.0.1:{port}"]
         argv = ["serve", "--listen", f"127.0.0.1:{state['nbd']}", "--size", args.size,
                 "--backend", "remote", *stores, "--replicas", str(args.replicas),
                 "--area", "lab", "--http", f"127.0.0.1:{state['http']}", "--no-mlock",
                 "--no-exit-with-parent"]  # fmt: skip
         state["processes"].append(spawn(argv, logs / "agent.log"))
-        wait_port(state["nbd"], state["processes"][-1]["pid"])
-        wait_port(state["http"], state["processes"][-1]["pid"])
+        wait_up(state["nbd"], state["processes"][-1]["pid"])
+        wait_up(state["http"], state["processes"][-1]["pid"])
     except BaseException:
         stop_all(state["processes"])
         raise
@@ -164,13 +161,13 @@ def workload(uri: str, url: str, duration: float) -> None:
     while time.monotonic() < end:
         time.sleep(2)
         now = fetch(url)
-        dt = max(1e-3, now["time"] - prev["time"])
-        up = sum(1 for s in now["stores"] if s["up"])
-        lat = now["latency_us"].get("swap_out") or {"p50": 0, "p99": 0}
-        print(f"  out {(now['swap_out_pages_total'] - prev['swap_out_pages_total']) / dt:7.0f}/s"
-              f"  in {(now['swap_in_pages_total'] - prev['swap_in_pages_total']) / dt:7.0f}/s"
-              f"  p50 {lat['p50']:6.0f}us p99 {lat['p99']:6.0f}us"
-              f"  stores up {up}/{len(now['stores'])}  lag {now['replication_lag_pages']}"
+        dt = max(1e-3, now.time - prev.time)
+        up = sum(1 for s in now.stores if s.up)
+        lat = now.latency_us.get("swap_out") or Quantiles(0, 0)
+        print(f"  out {(now.swap_out_pages_total - prev.swap_out_pages_total) / dt:7.0f}/s"
+              f"  in {(now.swap_in_pages_total - prev.swap_in_pages_total) / dt:7.0f}/s"
+              f"  p50 {lat.p50:6.0f}us p99 {lat.p99:6.0f}us"
+              f"  stores up {up}/{len(now.stores)}  lag {now.replication_lag_pages}"
               f"  errors {len(errors)}", flush=True)  # fmt: skip
         prev = now
     stop.set()
@@ -178,8 +175,8 @@ def workload(uri: str, url: str, duration: float) -> None:
         t.join(30)
     if errors:
         raise LabStateError(f"workload saw {len(errors)} wrong reads, first: {errors[0]}")
-    print(f"  workload: {prev['swap_out_pages_total']} pages out, "
-          f"{prev['swap_in_pages_total']} in, every read verified")  # fmt: skip
+    print(f"  workload: {prev.swap_out_pages_total} pages out, "
+          f"{prev.swap_in_pages_total} in, every read verified")  # fmt: skip
 
 
 def cmdline(pid: int) -> list[str]:

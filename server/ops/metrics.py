@@ -1,7 +1,7 @@
-"""Prometheus exposition of a stats snapshot (the same dict /api/stats serves).
+"""Prometheus exposition of a stats snapshot (the same one /api/stats serves).
 
 One source of truth: every role (store, agent, embedded export) produces one
-snapshot dict; this module turns it into metric families at scrape time, so the
+typed Snapshot; this module turns it into metric families at scrape time, so the
 swap path never touches prometheus-client's locks. Names follow Prometheus
 conventions: `_total` counters, base units (seconds, bytes), `_info`-style
 build gauge.
@@ -10,7 +10,6 @@ build gauge.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,11 +19,11 @@ from prometheus_client.core import (
     Metric,
 )
 
-PAGE = 4096
+from .snapshot import ReserveFigures, Snapshot
 
 
 class _SnapshotCollector:
-    def __init__(self, snapshot: dict[str, Any]) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         self.s = snapshot
 
     def collect(self) -> Iterator[Metric]:
@@ -32,29 +31,29 @@ class _SnapshotCollector:
         build = GaugeMetricFamily(
             "netswap_build_info", "netswap version and role", labels=["version", "role"]
         )
-        build.add_metric([s["version"], s["role"]], 1)
+        build.add_metric([s.version, s.role], 1)
         yield build
         yield CounterMetricFamily(
-            "netswap_swap_out_pages", "Pages swapped out", value=s["swap_out_pages_total"]
+            "netswap_swap_out_pages", "Pages swapped out", value=s.swap_out_pages_total
         )
         yield CounterMetricFamily(
-            "netswap_swap_in_pages", "Pages swapped in", value=s["swap_in_pages_total"]
+            "netswap_swap_in_pages", "Pages swapped in", value=s.swap_in_pages_total
         )
         yield CounterMetricFamily(
-            "netswap_checksum_errors", "Page checksum mismatches", value=s["checksum_errors_total"]
+            "netswap_checksum_errors", "Page checksum mismatches", value=s.checksum_errors_total
         )
         for name, doc in (
             ("rpc_duration_seconds", "Round trip of one swap_out/swap_in RPC"),
             ("batch_pages", "Pages per swap_out/swap_in batch"),
         ):
             hist = HistogramMetricFamily(f"netswap_{name}", doc, labels=["op"])
-            for h in s["histograms"].get(name, []):
-                hist.add_metric([h["op"]], h["buckets"], h["sum"])
+            for h in s.histograms.get(name, []):
+                hist.add_metric([h.op], h.buckets, h.sum)
             yield hist
-        reserve = s.get("reserve") or {"bytes": 0, "used_bytes": 0}
-        yield GaugeMetricFamily("netswap_reserve_bytes", "Swap-out reserve size", reserve["bytes"])
+        reserve = s.reserve or ReserveFigures(0, 0)
+        yield GaugeMetricFamily("netswap_reserve_bytes", "Swap-out reserve size", reserve.bytes)
         yield GaugeMetricFamily(
-            "netswap_reserve_used_bytes", "Reserve bytes holding pages", reserve["used_bytes"]
+            "netswap_reserve_used_bytes", "Reserve bytes holding pages", reserve.used_bytes
         )
         up = GaugeMetricFamily(
             "netswap_store_up", "1 if the page store is reachable", labels=["store"]
@@ -69,53 +68,49 @@ class _SnapshotCollector:
         reconnects = CounterMetricFamily(
             "netswap_store_reconnects", "Times the store came back", labels=["store"]
         )
-        for st in s["stores"]:
-            up.add_metric([st["name"]], 1 if st["up"] else 0)
-            used.add_metric([st["name"]], st["used_bytes"])
-            cap.add_metric([st["name"]], st["capacity_bytes"])
-            failures.add_metric([st["name"]], st["failures"])
-            reconnects.add_metric([st["name"]], st["reconnects"])
+        for st in s.stores:
+            up.add_metric([st.name], 1 if st.up else 0)
+            used.add_metric([st.name], st.used_bytes)
+            cap.add_metric([st.name], st.capacity_bytes)
+            failures.add_metric([st.name], st.failures)
+            reconnects.add_metric([st.name], st.reconnects)
         yield from (up, used, cap, failures, reconnects)
         yield GaugeMetricFamily(
             "netswap_replication_lag_pages",
             "Written pages whose slab has a replica not in sync",
-            s["replication_lag_pages"],
+            s.replication_lag_pages,
         )
         decisions = CounterMetricFamily(
             "netswap_batch_decisions", "Batching decisions by reason", labels=["reason"]
         )
-        for reason, n in sorted(s["decisions"].items()):
+        for reason, n in sorted(s.decisions.items()):
             decisions.add_metric([reason], n)
         yield decisions
-        p = s["pressure"]
+        p = s.pressure
         yield GaugeMetricFamily(
             "netswap_host_memory_pressure_some_ratio",
             "PSI memory some avg10, as a ratio",
-            p["some_avg10"] / 100,
+            p.some_avg10 / 100,
         )
         yield GaugeMetricFamily(
             "netswap_host_memory_pressure_full_ratio",
             "PSI memory full avg10, as a ratio",
-            p["full_avg10"] / 100,
+            p.full_avg10 / 100,
         )
         yield GaugeMetricFamily(
-            "netswap_host_memory_available_bytes", "MemAvailable", p["mem_available_kb"] * 1024
+            "netswap_host_memory_available_bytes", "MemAvailable", p.mem_available_kb * 1024
         )
         yield GaugeMetricFamily(
             "netswap_host_watermark_low_bytes",
             "Sum of zone low watermarks",
-            p["watermark_low_kb"] * 1024,
+            p.watermark_low_kb * 1024,
         )
-        host = s["host"]
-        yield CounterMetricFamily(
-            "netswap_host_swap_in_pages", "Host pswpin", value=host.get("pswpin", 0)
-        )
-        yield CounterMetricFamily(
-            "netswap_host_swap_out_pages", "Host pswpout", value=host.get("pswpout", 0)
-        )
+        host = s.host
+        yield CounterMetricFamily("netswap_host_swap_in_pages", "Host pswpin", value=host.pswpin)
+        yield CounterMetricFamily("netswap_host_swap_out_pages", "Host pswpout", value=host.pswpout)
 
 
-def render(snapshot: dict[str, Any]) -> bytes:
+def render(snapshot: Snapshot) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(snapshot))
     return bytes(generate_latest(registry))

@@ -2,7 +2,7 @@
 
 The plugin speaks bytes and offsets; a device speaks slots. `BlockDevice` is
 the whole contract the plugin relies on, so the embedded backends (memory,
-file: `PageDevice`, here) and the remote agent (`netswap.client.agent`) plug in
+file: `PageDevice`, here) and the remote agent (`netswap.client.agent.device`) plug in
 the same way. Every data request must be 4 KiB aligned -- the plugin
 advertises 4096 as its minimum block size, the kernel's nbd driver with
 `-b 4096` never sends less -- and a misaligned one is EINVAL before anything is
@@ -14,9 +14,8 @@ from __future__ import annotations
 import errno
 from typing import Protocol
 
-from netswap.protocol import PAGE_SIZE
-
-from .backends import UNMAPPED, PageBackend, StoreError
+from netswap.protocol import PAGE_SIZE, StoreError
+from netswap.server.backends import UNMAPPED, PageBackend
 
 EXTENT_HOLE = 1  # nbdkit.EXTENT_HOLE
 EXTENT_ZERO = 2  # nbdkit.EXTENT_ZERO
@@ -63,8 +62,8 @@ class PageDevice:
         """Nothing to start: local backends need no threads."""
 
     def start_ops(self, host: str, port: int) -> None:
-        from .http import HttpThread
-        from .sources import backend_source
+        from netswap.server.ops.http import HttpThread
+        from netswap.server.ops.sources import backend_source
 
         HttpThread(backend_source(self.backend), host, port).start()
 

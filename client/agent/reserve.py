@@ -24,7 +24,8 @@ import threading
 import time
 
 from netswap.protocol import PAGE_SIZE
-from netswap.server.hardening import mlock_buffer
+
+from ..hardening import mlock_buffer
 
 
 class ReserveTimeout(TimeoutError):

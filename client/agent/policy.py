@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netswap.protocol import MAX_BATCH_PAGES
-
-from .pressure import Pressure
+from netswap.server.ops.pressure import Pressure
 
 BUSY_RESERVE = 0.50
 URGENT_RESERVE = 0.75

@@ -20,10 +20,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from netswap.server.units import UsageError, is_loopback, parse_hostport
+
+from ..hardening import harden_for_swap
 from .affinity import SCHED_POLICIES, check_available, parse_cpu_list, pin, set_policy
-from .hardening import harden_for_swap
-from .plugin_config import BACKENDS, CACHE_MODES, ConfigError, PluginConfig
-from .storecmd import UsageError, is_loopback
+from .config import ConfigError, PluginConfig, add_serve_options, plugin_params
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 PLUGIN = Path(__file__).resolve().with_name("nbdkit_plugin.py")
@@ -36,40 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help=f"NBD address (default {DEFAULT_LISTEN})",
     )
-    parser.add_argument("--size", default="1G", help="export size (default 1G)")
-    parser.add_argument("--backend", choices=BACKENDS, default="memory")
     parser.add_argument("--export", default="swap", help="NBD export name (default swap)")
-    parser.add_argument("--path", help="directory for --backend file")
-    parser.add_argument("--capacity", help="pages the embedded store may hold (default: size)")
-    parser.add_argument(
-        "--store",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="page store for --backend remote (repeatable)",
-    )
-    parser.add_argument("--replicas", type=int, help="copies of each page (remote)")
-    parser.add_argument(
-        "--quorum",
-        type=int,
-        help="copies a write needs before it is acknowledged (remote, default 1)",
-    )
-    parser.add_argument("--reserve", help="swap-out reserve (remote, default 16M)")
-    parser.add_argument("--slab", help="placement unit (remote, default 64M)")
-    parser.add_argument("--area", help="area name on the stores (default: the host name)")
-    parser.add_argument("--token-file", help="token for the page stores")
-    parser.add_argument("--batch-pages", type=int, help="largest batch per RPC (remote)")
-    parser.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        help="ops endpoint: /metrics, /api/stats and the dashboard (default off)",
-    )
-    parser.add_argument("--batch-linger-us", type=int, help="longest batch wait (remote)")
-    parser.add_argument(
-        "--cache",
-        choices=CACHE_MODES,
-        help="remote: ack writes on the stores (default) or once in the reserve",
-    )
+    add_serve_options(parser)
     parser.add_argument(
         "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
     )
@@ -98,17 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def plugin_params(args: argparse.Namespace) -> list[str]:
-    params = [f"backend={args.backend}", f"size={args.size}"]
-    keys = ("path", "capacity", "replicas", "quorum", "reserve", "slab", "area", "token_file",
-            "batch_pages", "batch_linger_us", "http", "cache")  # fmt: skip
-    for key in keys:
-        value = getattr(args, key)
-        if value is not None:
-            params.append(f"{key.replace('_', '-')}={value}")
+def serve_params(args: argparse.Namespace) -> list[str]:
+    """The plugin's key=value pairs; a remote area defaults to this host's name."""
+    params = plugin_params(args)
     if args.backend == "remote" and args.area is None:
         params.append(f"area={_default_area()}")
-    params += [f"store={s}" for s in args.store]
     return params
 
 
@@ -152,7 +115,7 @@ def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) 
         cmd += ["-t", str(args.threads)]
     if args.verbose_nbdkit:
         cmd.append("-v")
-    return [*cmd, "python", str(PLUGIN), *plugin_params(args)]
+    return [*cmd, "python", str(PLUGIN), *serve_params(args)]
 
 
 def plugin_env() -> dict[str, str]:
@@ -164,12 +127,10 @@ def plugin_env() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from netswap.client.rpc import parse_hostport
-
     try:
         host, port = parse_hostport(args.listen, 10809)
         config = PluginConfig()
-        for param in plugin_params(args):
+        for param in serve_params(args):
             key, _, value = param.partition("=")
             config.set(key, value)
         config.complete()

@@ -1,4 +1,4 @@
-"""`netswap lab vm`: a stock Linux kernel swaps through netswap inside QEMU.
+"""The kernel-only lab: a stock Linux kernel swaps through netswap inside QEMU.
 
 This host's kernel has no nbd driver, so the real path -- nbd-client, mkswap,
 swapon, the kernel swapping -- is proven in a guest: Debian's own kernel under
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netswap.server.plugin_config import CACHE_MODES
-
-from .attach import MIN_FREE_KBYTES_FLOOR, plan
+from ..nbd.attach import MIN_FREE_KBYTES_FLOOR, plan
 from .cpio import newc_archive
-
-REPO = Path(__file__).resolve().parent.parent
-LAB = REPO / "deploy" / "lab" / "vm"
-CACHE = REPO / ".cache" / "lab"
+from .ports import ExitedEarly, free_port, wait_port
+from .qemu import CACHE, LabError, build_guest, run_guest
 
 
 @dataclass
@@ -45,25 +40,6 @@ class Outcome:
     pswpin: int = 0
     pswpout: int = 0
     elapsed_s: float = 0.0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ram", type=int, default=128, help="guest RAM in MiB (default 128)")
-    parser.add_argument("--size", type=int, help="MiB the verifier pushes (default 4x RAM)")
-    parser.add_argument("--backend", choices=("memory", "remote"), default="memory")
-    parser.add_argument("--stores", type=int, default=2, help="store processes (remote)")
-    parser.add_argument("--replicas", type=int, help="copies per page (remote)")
-    parser.add_argument("--cache", choices=CACHE_MODES, help="the agent's write mode (remote)")
-    parser.add_argument("--passes", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=900, help="hard deadline in seconds")
-    parser.add_argument("--log", type=Path, help="serial log (default .cache/lab/serial-*.log)")
-
-
-def run(args: argparse.Namespace) -> int:
-    outcome = run_lab(args)
-    print_summary(args, outcome)
-    return 0 if outcome.verdict == "PASS" else 1
 
 
 def run_lab(args: argparse.Namespace) -> Outcome:
@@ -96,17 +72,6 @@ def run_lab(args: argparse.Namespace) -> Outcome:
         return boot(args, initrd, log, size)
 
 
-def build_guest() -> None:
-    result = subprocess.run([str(LAB / "build-guest.sh"), str(CACHE)], capture_output=True,
-                            text=True)  # fmt: skip
-    if result.returncode != 0:
-        raise LabError(f"building the guest failed: {result.stderr.strip()[-400:]}")
-
-
-class LabError(Exception):
-    """The lab could not run (missing tools, build failure)."""
-
-
 def plan_archive(port: int) -> bytes:
     ns = argparse.Namespace(
         device="/dev/nbd0", export="swap", priority=None, discard=False,
@@ -118,50 +83,22 @@ def plan_archive(port: int) -> bytes:
 
 
 def boot(args: argparse.Namespace, initrd: Path, log: Path, size: int) -> Outcome:
-    monitor = free_port()
-    cmdline = (f"console=ttyS0 panic=-1 quiet sysrq_always_enabled netswap.mib={size} "
-               f"netswap.seed={args.seed} netswap.passes={args.passes}")  # fmt: skip
-    cmd = [
-        "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1",
-        "-m", f"{args.ram}M", "-kernel", str(CACHE / "vmlinuz"), "-initrd", str(initrd),
-        "-append", cmdline, "-nic", "user,model=e1000", "-display", "none", "-no-reboot",
-        "-serial", f"file:{log}", "-monitor", f"tcp:127.0.0.1:{monitor},server,nowait",
-    ]  # fmt: skip
-    log.unlink(missing_ok=True)
-    start = time.monotonic()
-    try:
-        qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    except FileNotFoundError:
-        raise LabError("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)") from None
+    cmdline = f"netswap.mib={size} netswap.seed={args.seed} netswap.passes={args.passes}"
     outcome = Outcome()
-    seen = 0
-    while True:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        for line in text[seen:].splitlines(keepends=True):
-            if not line.endswith("\n"):
-                break
-            seen += len(line)
-            parse_line(line.strip(), outcome, start)
-        if qemu.poll() is not None:
-            break
-        if time.monotonic() - start > args.timeout:
-            dump_blocked_tasks(monitor)
-            qemu.kill()
-            outcome.reason = f"timeout after {args.timeout:.0f}s (blocked tasks dumped to {log})"
-            break
-        time.sleep(0.2)
-    qemu.wait()
-    outcome.elapsed_s = time.monotonic() - start
-    if outcome.verdict == "PASS":
+    start = time.monotonic()
+    run = run_guest(args.ram, initrd, cmdline, log, args.timeout,
+                    lambda line: parse_line(line, outcome, start))  # fmt: skip
+    outcome.elapsed_s = run.elapsed_s
+    if run.timed_out:
+        outcome.verdict = "HANG"
+        outcome.reason = f"timeout after {args.timeout:.0f}s (blocked tasks dumped to {log})"
+    elif outcome.verdict == "PASS":
         floor = size * 256 - args.ram * 256
         if outcome.pswpout < floor:
             outcome.verdict = "FAIL"
             outcome.reason = f"pswpout {outcome.pswpout} < {floor}: the kernel did not swap enough"
     elif not outcome.reason:
-        err = qemu.stderr.read().decode(errors="replace").strip() if qemu.stderr else ""
-        outcome.reason = err[-300:] or "guest stopped without a result"
-    if qemu.stderr:
-        qemu.stderr.close()
+        outcome.reason = run.qemu_error or "guest stopped without a result"
     return outcome
 
 
@@ -193,15 +130,6 @@ def parse_line(line: str, outcome: Outcome, start: float) -> None:
             outcome.reason = kv.get("reason", line)
 
 
-def dump_blocked_tasks(port: int) -> None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as mon:
-            mon.sendall(b"sendkey alt-sysrq-w\n")
-            time.sleep(3)
-    except OSError:
-        pass
-
-
 def print_summary(args: argparse.Namespace, o: Outcome) -> None:
     size = args.size or 4 * args.ram
     moved = 2 * size * args.passes
@@ -219,12 +147,6 @@ def print_summary(args: argparse.Namespace, o: Outcome) -> None:
         print(f"  {moved / seconds:.1f} MiB/s through swap (write+verify), run {o.elapsed_s:.0f}s")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class child:
     """A `netswap` subcommand as a child process, up once its port answers."""
 
@@ -235,15 +157,13 @@ class child:
     def __enter__(self) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "netswap.client.cli", *self.argv]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self.proc
-            except OSError:
-                time.sleep(0.1)
-        self.__exit__()
-        raise LabError(f"`netswap {' '.join(self.argv[:1])}` did not come up")
+        proc = self.proc
+        try:
+            wait_port(self.port, lambda: proc.poll() is None)
+        except (ExitedEarly, TimeoutError):
+            self.__exit__()
+            raise LabError(f"`netswap {' '.join(self.argv[:1])}` did not come up") from None
+        return proc
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

@@ -21,21 +21,17 @@ import errno
 import logging
 import threading
 import zlib
-from typing import TYPE_CHECKING
 
-from netswap.protocol import PAGE_SIZE, ZERO_PAGE
-from netswap.server.backends import StoreError
-from netswap.server.device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
+from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError
+from netswap.server.units import parse_hostport
 
-from .agent import Agent
+from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
+from ..rpc import read_token
+from .core import Agent
 from .ops import CallOp, ReadOp, WriteOp
 from .placement import slab_pages_for
 from .policy import BatchPolicy
 from .reserve import Reserve, ReserveTimeout
-from .rpc import parse_hostport, read_token
-
-if TYPE_CHECKING:
-    from netswap.server.plugin_config import PluginConfig
 
 log = logging.getLogger("netswap.agent")
 
@@ -68,35 +64,43 @@ class RemoteDevice:
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
 
     @classmethod
-    def from_config(cls, config: PluginConfig) -> RemoteDevice:
-        stores = [parse_hostport(s, 7177) for s in config.stores]
-        replicas = config.effective_replicas  # validated by PluginConfig.complete()
-        reserve = Reserve(config.reserve)
+    def open(
+        cls,
+        *,
+        stores: list[str],
+        area: str,
+        size: int,
+        replicas: int,
+        quorum: int,
+        reserve: int,
+        slab: int,
+        token_file: str,
+        batch_pages: int,
+        batch_linger_us: int,
+        write_back: bool,
+    ) -> RemoteDevice:
+        """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         agent = Agent(
-            stores,
-            config.area,
-            config.size // PAGE_SIZE,
-            reserve,
+            [parse_hostport(s, 7177) for s in stores],
+            area,
+            size // PAGE_SIZE,
+            Reserve(reserve),
             replicas=replicas,
-            slab_pages=slab_pages_for(config.slab),
-            token=read_token(config.token_file or None),
-            quorum=config.quorum,
-            policy=BatchPolicy(config.batch_pages, config.batch_linger_us / 1e6),
+            slab_pages=slab_pages_for(slab),
+            token=read_token(token_file or None),
+            quorum=quorum,
+            policy=BatchPolicy(batch_pages, batch_linger_us / 1e6),
         )
-        return cls(
-            agent,
-            config.size,
-            reserve_wait=agent.io_timeout * 2,
-            write_back=config.cache == "writeback",
-        )
+        return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back)
 
     def start(self) -> None:
         self.agent.start()
 
     def start_ops(self, host: str, port: int) -> None:
         """The ops endpoint runs on the agent's own loop."""
-        from netswap.server.http import start_http
-        from netswap.server.sources import agent_source
+        from netswap.server.ops.http import start_http
+
+        from .stats import agent_source
 
         source = agent_source(self.agent, lambda: self.local_reads)
         assert self.agent.loop is not None

@@ -31,9 +31,9 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
 import nbdkit  # noqa: E402
-from netswap.server.backends import StoreError  # noqa: E402
-from netswap.server.device import BlockDevice  # noqa: E402
-from netswap.server.plugin_config import HELP, ConfigError, PluginConfig  # noqa: E402
+from netswap.client.device import BlockDevice  # noqa: E402
+from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
+from netswap.protocol import StoreError  # noqa: E402
 
 API_VERSION = 2
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def _dev() -> BlockDevice:
 
 
 def dump_plugin() -> None:
-    print("netswap_config_help=" + HELP.replace("\n", "\\n"))
+    print("netswap_config_help=" + help_text().replace("\n", "\\n"))
 
 
 def thread_model() -> int:

@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from netswap.server.units import parse_hostport
+
 MIN_FREE_KBYTES_FLOOR = 16384
 STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
@@ -115,8 +117,6 @@ def state_path(device: str) -> Path:
 
 
 def run_attach(args: argparse.Namespace) -> int:
-    from .rpc import parse_hostport
-
     host, port = parse_hostport(args.server, 10809)
     if args.print_plan:
         for cmd in plan(args, host, port):

@@ -24,7 +24,7 @@ CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def dashboard_html() -> bytes:
-    return resources.files("netswap.server").joinpath("dashboard.html").read_bytes()
+    return resources.files("netswap.server.ops").joinpath("dashboard.html").read_bytes()
 
 
 def make_app(source: Source) -> web.Application:
@@ -34,7 +34,7 @@ def make_app(source: Source) -> web.Application:
         return web.Response(body=render(source()), headers={"Content-Type": CONTENT_TYPE_METRICS})
 
     async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(source()), content_type="application/json")
+        return web.Response(text=json.dumps(source().to_json()), content_type="application/json")
 
     async def index(_: web.Request) -> web.Response:
         return web.Response(body=page, content_type="text/html", charset="utf-8")

@@ -30,16 +30,17 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from netswap.protocol import MAX_DISCARD_RANGES
-from netswap.server.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
+from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError
+from netswap.server.ops.pressure import Pressure, sample
+from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
+from netswap.server.ops.snapshot import StoreRow
 
+from ..rpc import StoreClient
 from .links import TRANSPORT_ERRORS, StoreLink, WriteRun
 from .ops import CallOp, ReadEntry, ReadOp, WriteOp
 from .placement import DOWN, IN_SYNC, STALE, SYNCING, SlabTable, power_of_two_choices
 from .policy import BatchPolicy, Decision
-from .pressure import Pressure, sample
 from .reserve import Reserve
-from .rpc import StoreClient, StoreFailed
 
 log = logging.getLogger("netswap.agent")
 
@@ -132,7 +133,7 @@ class Agent:
     async def _first_connect(self, link: StoreLink) -> None:
         try:
             await link.connect(fresh=True)
-        except (*TRANSPORT_ERRORS, StoreFailed) as exc:
+        except (*TRANSPORT_ERRORS, StoreError) as exc:
             log.warning("store %s unavailable at start: %s", link.name, exc)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -443,10 +444,10 @@ class Agent:
                 data = await src.swap_in(chunk)
                 keep = [i for i, s in enumerate(chunk) if s not in dirty and table.is_written(s)]
                 if keep:
-                    pages = b"".join(data[i * 4096 : (i + 1) * 4096] for i in keep)
+                    pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
                     await dst.swap_out([chunk[i] for i in keep], pages)
                     self.counters["pages_resynced"] += len(keep)
-            except StoreFailed as exc:
+            except StoreError as exc:
                 log.warning("resync of slab %d failed: %s", slab, exc)
                 return False
             except TRANSPORT_ERRORS as exc:
@@ -457,22 +458,25 @@ class Agent:
         return True
 
     # -- figures --------------------------------------------------------------
-    def store_table(self) -> list[dict[str, Any]]:
+    def store_table(self) -> list[StoreRow]:
         """One row per store for the dashboard: health, usage, slabs by state."""
         table = self.table
         rows = []
         for link in self.links:
             states = [table.state[i] for i, s in enumerate(table.store) if s == link.index]
-            rows.append({
-                "name": link.name, "up": link.up,
-                "used_bytes": link.used_pages * 4096,
-                "capacity_bytes": link.capacity_pages * 4096,
-                "slabs": len(states),
-                "stale": sum(1 for st in states if st in (STALE, DOWN)),
-                "syncing": sum(1 for st in states if st == SYNCING),
-                "failures": link.counters["failures"],
-                "reconnects": link.counters["reconnects"],
-            })  # fmt: skip
+            rows.append(
+                StoreRow(
+                    name=link.name,
+                    up=link.up,
+                    used_bytes=link.used_pages * PAGE_SIZE,
+                    capacity_bytes=link.capacity_pages * PAGE_SIZE,
+                    slabs=len(states),
+                    stale=sum(1 for st in states if st in (STALE, DOWN)),
+                    syncing=sum(1 for st in states if st == SYNCING),
+                    failures=link.counters["failures"],
+                    reconnects=link.counters["reconnects"],
+                )
+            )
         return rows
 
     def stats(self) -> dict[str, int]:

@@ -1,0 +1,55 @@
+"""The agent's stats snapshot: what its /api/stats, /metrics and dashboard show.
+
+Built on the agent's own loop when scraped, from counters and recorders the
+swap path writes into preallocated arrays; nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from netswap.protocol import PAGE_SIZE
+from netswap.server.ops.snapshot import RecentDecision, ReserveFigures, Snapshot
+from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
+
+from .core import Agent
+from .policy import REASONS
+
+# Recent decisions the dashboard lists; the agent keeps a ring of 50.
+RECENT_SHOWN = 20
+
+
+def agent_source(agent: Agent, local_reads: Callable[[], int]) -> Source:
+    """local_reads: pages the device served itself (reserve copies, zeros)."""
+
+    def snapshot() -> Snapshot:
+        c = agent.counters
+        reserve = agent.reserve
+        now = time.monotonic()
+        return replace(
+            empty("agent"),
+            swap_out_pages_total=c["swap_out_pages"],
+            swap_in_pages_total=c["swap_in_pages"] + local_reads(),
+            checksum_errors_total=c["checksum_errors"],
+            histograms={
+                "rpc_duration_seconds": [histogram(op, r) for op, r in agent.rpc_latency.items()],
+                "batch_pages": [histogram(op, r) for op, r in agent.batch_sizes.items()],
+            },
+            latency_us={op: quantiles_us(r) for op, r in agent.rpc_latency.items()},
+            batch_avg_pages={
+                op: (r.sum / r.count if r.count else 0.0) for op, r in agent.batch_sizes.items()
+            },
+            reserve=ReserveFigures(reserve.pages * PAGE_SIZE, reserve.used * PAGE_SIZE),
+            stores=agent.store_table(),
+            replication_lag_pages=agent.replication_lag(),
+            # Every reason from the start, at 0: series exist before the first batch.
+            decisions={r: agent.decisions.get(r, 0) for r in (*REASONS, "linger")},
+            recent_decisions=[
+                RecentDecision(round(now - t, 2), r, n)
+                for t, r, n in list(agent.recent_decisions)[-RECENT_SHOWN:]
+            ],
+        )
+
+    return snapshot

@@ -1,0 +1,104 @@
+"""Booting a lab guest under QEMU TCG and following its serial log.
+
+Both labs use it: the kernel-only one (`vm.py`: the guest runs nbd-client and
+the verifier, netswap stays on the host) and the host-in-guest one
+(`hostguest.py`: the guest runs attach, nbdkit and the agent too). The guest
+writes lines to its serial console; `run_guest` hands each complete line to
+the caller as it appears, and when the deadline passes it first asks the guest
+kernel for its blocked tasks (sysrq-w through the QEMU monitor) so the kept
+log shows where it hung, then stops QEMU.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+LAB = REPO / "deploy" / "lab" / "vm"
+CACHE = REPO / ".cache" / "lab"
+# Seconds the guest gets to print the blocked tasks after sysrq-w, before it is killed.
+SYSRQ_GRACE_S = 5
+
+
+class LabError(Exception):
+    """The lab could not run (missing tools, build failure)."""
+
+
+@dataclass
+class Boot:
+    timed_out: bool
+    elapsed_s: float
+    qemu_error: str
+
+
+def build_guest() -> None:
+    """Build or reuse the kernel and both initramfs images in .cache/lab."""
+    result = subprocess.run([str(LAB / "build-guest.sh"), str(CACHE)], capture_output=True,
+                            text=True)  # fmt: skip
+    if result.returncode != 0:
+        raise LabError(f"building the guest failed: {result.stderr.strip()[-400:]}")
+
+
+def run_guest(
+    ram_mib: int,
+    initrd: Path,
+    cmdline: str,
+    log: Path,
+    timeout: float,
+    on_line: Callable[[str], None],
+    extra: list[str] | None = None,
+    nic: str = "user,model=e1000",
+) -> Boot:
+    monitor = free_port()
+    cmd = [
+        "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1",
+        "-m", f"{ram_mib}M", "-kernel", str(CACHE / "vmlinuz"), "-initrd", str(initrd),
+        "-append", f"console=ttyS0 panic=-1 quiet sysrq_always_enabled {cmdline}",
+        "-nic", nic, "-display", "none", "-no-reboot",
+        "-serial", f"file:{log}", "-monitor", f"tcp:127.0.0.1:{monitor},server,nowait",
+        *(extra or []),
+    ]  # fmt: skip
+    log.unlink(missing_ok=True)
+    start = time.monotonic()
+    try:
+        qemu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise LabError("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)") from None
+    seen = 0
+    timed_out = False
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text[seen:].splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break
+            seen += len(line)
+            on_line(line.strip())
+        if qemu.poll() is not None:
+            break
+        if time.monotonic() - start > timeout:
+            dump_blocked_tasks(monitor)
+            qemu.kill()
+            timed_out = True
+            break
+        time.sleep(0.2)
+    qemu.wait()
+    err = qemu.stderr.read().decode(errors="replace").strip() if qemu.stderr else ""
+    if qemu.stderr:
+        qemu.stderr.close()
+    return Boot(timed_out, time.monotonic() - start, err[-300:])
+
+
+def dump_blocked_tasks(port: int) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as mon:
+            mon.sendall(b"sendkey alt-sysrq-w\n")
+            time.sleep(SYSRQ_GRACE_S)
+    except OSError:
+        pass

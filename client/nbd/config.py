@@ -1,0 +1,249 @@
+"""The plugin's settings, declared once, and the device they build.
+
+Each field of `PluginConfig` is one setting: its name (the nbdkit key, and
+`netswap serve --KEY`), type, default and help text live on the field, and
+everything else is derived from them -- the plugin's `config` parsing and
+`--dump-plugin` help, `serve`'s options (`add_serve_options`), and the
+README's settings table (`settings_table`, checked by a test). nbdkit hands
+the plugin `key=value` strings one by one; `set` turns them into this one
+validated object, rejecting unknown keys and bad values with a message that
+names the key, and `build_device` makes the BlockDevice the plugin exports.
+The agent is imported only for backend=remote, so the embedded backends never
+load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
+from netswap.server.units import format_size, parse_hostport, parse_size
+
+from ..device import BlockDevice, PageDevice
+
+BACKENDS = ("memory", "file", "remote")
+CACHE_MODES = ("writethrough", "writeback")
+# Kinds of value: how `set` parses one, and what `serve` shows as its metavar.
+KINDS = {"size": "SIZE", "count": "N", "text": "", "address": "HOST:PORT", "choice": ""}
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: str
+    help: str
+    metavar: str
+    choices: tuple[str, ...] = ()
+    repeat: bool = False
+    serve_default: str | None = None  # what `netswap serve` passes when the option is absent
+
+
+def setting(default: Any, kind: str, help: str, **extra: Any) -> Any:
+    """A PluginConfig field that is a setting; `key` defaults to the field name."""
+    choices = extra.get("choices", ())
+    meta = {"kind": kind, "help": help, **extra}
+    meta.setdefault("metavar", "|".join(choices) if choices else KINDS[kind] or "VALUE")
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names it."""
+
+
+@dataclass
+class PluginConfig:
+    backend: str = setting("memory", "choice", "where pages live (memory: embedded)",
+                           choices=BACKENDS, serve_default="memory")  # fmt: skip
+    size: int = setting(0, "size", "export size, a multiple of 4096 (plugin: required)",
+                        serve_default="1G")  # fmt: skip
+    capacity: int = setting(0, "size", "pages the embedded store may hold (default: size)")
+    path: str = setting("", "text", "directory of the file backend", metavar="DIR")
+    area: str = setting("nbd", "text", "area name on the page stores (serve: the host name)",
+                        metavar="NAME")  # fmt: skip
+    stores: list[str] = setting([], "address", "a page store for backend=remote (repeatable)",
+                                key="store", repeat=True)  # fmt: skip
+    replicas: int = setting(0, "count", "copies of every page (remote; 2 with 2+ stores, else 1)")
+    quorum: int = setting(1, "count", "copies a write needs before it is acknowledged (remote)")
+    reserve: int = setting(16 << 20, "size", "swap-out reserve (remote)")
+    slab: int = setting(64 << 20, "size", "placement unit (remote)")
+    token_file: str = setting("", "text", "token for the page stores", metavar="FILE")
+    batch_pages: int = setting(64, "count", f"largest batch per RPC, 1..{MAX_BATCH_PAGES} "
+                               "(remote; 1 = no batching)")  # fmt: skip
+    batch_linger_us: int = setting(200, "count", "longest a batch waits to fill (remote)")
+    cache: str = setting("writethrough", "choice", "remote: acknowledge writes when on the "
+                         "stores, or once in the reserve (flush/FUA still wait)",
+                         choices=CACHE_MODES)  # fmt: skip
+    http: str = setting("", "address", "ops endpoint: /metrics, /api/stats, / (default off)")
+
+    def set(self, key: str, value: str) -> None:
+        try:
+            self._set(key.replace("_", "-"), value)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{key}={value}: {exc}") from None
+
+    def _set(self, key: str, value: str) -> None:
+        found = next(((f.name, s) for f, s in _settings() if s.key == key), None)
+        if found is None:
+            raise ConfigError(f"unknown parameter {key!r}; known: " + ", ".join(known_keys()))
+        name, s = found
+        if s.kind == "size":
+            parsed: Any = _page_multiple(key, value)
+        elif s.kind == "count":
+            parsed = _natural(key, value)
+        elif s.choices and value not in s.choices:
+            raise ConfigError(f"{key}={value}: choose one of {', '.join(s.choices)}")
+        else:
+            if s.kind == "address":
+                parse_hostport(value, 0)
+            parsed = value
+        if s.repeat:
+            getattr(self, name).append(parsed)
+        else:
+            setattr(self, name, parsed)
+
+    def complete(self) -> None:
+        if not self.size:
+            raise ConfigError("size=SIZE is required (e.g. size=4G)")
+        if self.backend == "file" and not self.path:
+            raise ConfigError("backend=file needs path=DIR")
+        if self.backend == "remote" and not self.stores:
+            raise ConfigError("backend=remote needs at least one store=HOST:PORT")
+        if self.backend == "remote":
+            if self.replicas > len(self.stores):
+                raise ConfigError(f"replicas={self.replicas} needs {self.replicas} store= entries")
+            if not 1 <= self.quorum <= self.effective_replicas:
+                raise ConfigError(f"quorum={self.quorum} must be 1..{self.effective_replicas}")
+        if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
+            raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
+        if self.backend != "remote" and self.stores:
+            raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
+        if self.backend != "remote" and self.cache != "writethrough":
+            raise ConfigError(f"cache={self.cache} is only for backend=remote")
+        # capacity < size is allowed: a thin export whose writes fail with ENOSPC when full.
+
+    @property
+    def effective_replicas(self) -> int:
+        """replicas=, or 2 when there are two or more stores, else 1."""
+        return self.replicas or (2 if len(self.stores) >= 2 else 1)
+
+    @property
+    def parallel(self) -> bool:
+        """The remote device waits on the network; the embedded ones never block."""
+        return self.backend == "remote"
+
+    def start_ops(self, device: BlockDevice) -> None:
+        """Serve /metrics, /api/stats and the dashboard for this export, if asked."""
+        if self.http:
+            device.start_ops(*parse_hostport(self.http, 0))
+
+    def build_device(self) -> BlockDevice:
+        if self.backend == "remote":
+            from ..agent.device import RemoteDevice
+
+            return RemoteDevice.open(
+                stores=self.stores, area=self.area, size=self.size,
+                replicas=self.effective_replicas, quorum=self.quorum, reserve=self.reserve,
+                slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
+                batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
+            )  # fmt: skip
+        from netswap.server.backends import open_backend
+
+        pages = (self.capacity or self.size) // PAGE_SIZE
+        # Checksums guard pages that leave this process (a file, a network); pages in
+        # the embedded memory arena never do, and a CRC per page is ~1 us per 4 KiB.
+        verify = self.backend != "memory"
+        backend = open_backend(self.backend, pages, self.path or None, verify=verify)
+        return PageDevice(backend, self.size, self.area)
+
+
+def _settings() -> list[tuple[Any, Setting]]:
+    out = []
+    for f in fields(PluginConfig):
+        meta = dict(f.metadata)
+        key = meta.pop("key", f.name.replace("_", "-"))
+        out.append((f, Setting(key=key, **meta)))
+    return out
+
+
+SETTINGS = [s for _, s in _settings()]
+
+
+def known_keys() -> list[str]:
+    return [s.key for s in SETTINGS]
+
+
+def _default_text(f: Any, s: Setting) -> str:
+    """A field's default as a user writes it ('16M'); '' when it has none worth showing."""
+    if f.default is MISSING or f.default in (0, ""):
+        return ""
+    return format_size(f.default) if s.kind == "size" else str(f.default)
+
+
+def _describe(text: str, default: str | None) -> str:
+    return f"{text} (default {default})" if default and "default" not in text else text
+
+
+def help_text() -> str:
+    """`--dump-plugin`'s netswap_config_help: one line per key."""
+    return "\n".join(
+        f"{s.key}={s.metavar}".ljust(30) + _describe(s.help, _default_text(f, s))
+        for f, s in _settings()
+    )
+
+
+def settings_table() -> str:
+    """The README's table of settings (a test checks the README holds exactly this)."""
+    rows = ["| plugin key | `netswap serve` | default | what it sets |", "|---|---|---|---|"]
+    for f, s in _settings():
+        default = _default_text(f, s) or "—"
+        if s.serve_default and s.serve_default != default:
+            default += f" (serve: {s.serve_default})"
+        metavar = s.metavar.replace("|", "\\|")  # a pipe inside a table cell
+        rows.append(f"| `{s.key}=` | `--{s.key} {metavar}` | {default} | {s.help} |")
+    return "\n".join(rows)
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """One `netswap serve --KEY` per setting; the plugin validates the values."""
+    for f, s in _settings():
+        flag, dest = f"--{s.key}", f.name
+        text = _describe(s.help, s.serve_default or _default_text(f, s))
+        if s.repeat:
+            parser.add_argument(flag, dest=dest, action="append", default=[], metavar=s.metavar,
+                                help=text)  # fmt: skip
+        elif s.choices:
+            parser.add_argument(flag, dest=dest, choices=s.choices, default=s.serve_default,
+                                help=text)  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=dest, default=s.serve_default, metavar=s.metavar,
+                                help=text)  # fmt: skip
+
+
+def plugin_params(args: argparse.Namespace) -> list[str]:
+    """`key=value` for each setting given to `serve` (repeated keys repeat)."""
+    params = []
+    for f, s in _settings():
+        value = getattr(args, f.name)
+        for item in value if s.repeat else [value]:
+            if item is not None:
+                params.append(f"{s.key}={item}")
+    return params
+
+
+def _page_multiple(key: str, value: str) -> int:
+    size = parse_size(value)
+    if size <= 0 or size % PAGE_SIZE:
+        raise ConfigError(f"{key}={value}: must be a positive multiple of {PAGE_SIZE}")
+    return size
+
+
+def _natural(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise ConfigError(f"{key}={value}: expected a whole number")
+    return int(value)
