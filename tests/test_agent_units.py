@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netswap.client.agent.placement import (
@@ -140,12 +141,13 @@ def test_written_and_lost_bitmaps() -> None:
     table.mark_written_run(7, 2)  # a run across a byte of the bitmap
     table.mark_written_run(19, 1)
     assert [s for s in range(20) if table.is_written(s)] == [0, 7, 8, 19]
-    table.clear_written(7)
-    table.set_lost(8, True)
-    assert not table.is_written(7) and table.is_lost(8) and not table.is_lost(0)
-    table.set_lost(8, False)
+    table.forget(7)
+    table.mark_lost(8)
+    assert not table.is_written(7) and not table.is_written(8)
+    assert table.is_lost(8) and not table.is_lost(0) and not table.is_lost(7)
+    table.forget(8)  # trimmed: reads as zeros again
     assert not table.is_lost(8)
-    table.set_lost(9, True)
+    table.mark_lost(9)
     table.mark_written_run(9, 3)  # written again: no longer lost
     assert not table.is_lost(9) and table.is_written(11) and not table.is_written(12)
     assert list(table.slab_slots(2)) == [16, 17, 18, 19]
@@ -177,3 +179,52 @@ def test_reserve_hands_out_and_takes_back_buffers() -> None:
     assert reserve.waits == 2 and reserve.high_water == 60
     with pytest.raises(ValueError):
         Reserve(4096)
+
+
+class YieldingBytes(bytearray):
+    """A bitmap that hands the GIL over between reading a byte and writing it back.
+
+    CPython 3.11 never switches threads inside `b[i] |= bit`, so the lost update
+    the lock prevents cannot show with a plain bytearray; this opens the window
+    that another interpreter (or a later change) may open.
+    """
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        time.sleep(0)
+        super().__setitem__(index, value)
+
+
+def test_bitmap_writers_on_two_threads_never_undo_each_other() -> None:
+    """nbdkit's threads mark writes while the loop marks pages lost, in one byte.
+
+    Slot 0 is only written by thread A, slot 7 only marked lost (then trimmed) by
+    thread B; both bits live in byte 0. Unless the writers share a lock, B's
+    read-modify-write straddles A's and undoes it: A then finds its own slot
+    unwritten right after writing it.
+    """
+    table = SlabTable(pages=8, slab_pages=8, replicas=1)
+    table.written = YieldingBytes(table.written)
+    table.lost = YieldingBytes(table.lost)
+    stop = threading.Event()
+    undone: list[int] = []
+
+    def writer() -> None:
+        for i in range(2_000):
+            table.forget(0)
+            table.mark_written_run(0, 1)
+            if not table.is_written(0):
+                undone.append(i)
+                break
+        stop.set()
+
+    def declare_lost() -> None:
+        while not stop.is_set():
+            table.mark_lost(7)
+            table.forget(7)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=declare_lost)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not undone, f"a write of slot 0 was undone at iteration {undone[0]}"

@@ -247,8 +247,7 @@ class RemoteDevice:
         table = self.agent.table
         with self._lock:
             for slot in range(first, first + count):
-                table.clear_written(slot)
-                table.set_lost(slot, False)
+                table.forget(slot)
                 self._inflight.pop(slot, None)  # a write-back still in flight reads as trimmed
         self._call("discard", lambda: self.agent.discard(first, count))
 

@@ -20,6 +20,7 @@ as EIO, never as zeros, until written again.
 from __future__ import annotations
 
 import random
+import threading
 from array import array
 from collections.abc import Callable, Sequence
 
@@ -53,6 +54,10 @@ class SlabTable:
         self.state = array("B", [0]) * (self.slabs * replicas)
         self.written = bytearray(-(-pages // 8))
         self.lost = bytearray(-(-pages // 8))
+        # Every write of the two bitmaps holds this lock: nbdkit's threads mark writes
+        # and trims, the agent's loop marks pages lost, and a bit is set or cleared by
+        # a read-modify-write of its whole byte, which two threads would undo.
+        self.bits_lock = threading.Lock()
 
     def slab_of(self, slot: int) -> int:
         return slot // self.slab_pages
@@ -65,18 +70,25 @@ class SlabTable:
     def mark_written_run(self, first: int, count: int) -> None:
         """Slots first..first+count-1 now hold data (and are no longer lost)."""
         written, lost = self.written, self.lost
-        for slot in range(first, first + count):
-            bit = 1 << (slot & 7)
-            written[slot >> 3] |= bit
-            lost[slot >> 3] &= ~bit & 0xFF
+        with self.bits_lock:
+            for slot in range(first, first + count):
+                bit = 1 << (slot & 7)
+                written[slot >> 3] |= bit
+                lost[slot >> 3] &= ~bit & 0xFF
 
     def mark_lost(self, slot: int) -> None:
         """Every copy of this slot is gone: it reads as EIO until written again."""
-        self.clear_written(slot)
-        self.set_lost(slot, True)
+        bit = 1 << (slot & 7)
+        with self.bits_lock:
+            self.written[slot >> 3] &= ~bit & 0xFF
+            self.lost[slot >> 3] |= bit
 
-    def clear_written(self, slot: int) -> None:
-        self.written[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
+    def forget(self, slot: int) -> None:
+        """Trimmed: neither written nor lost, so it reads as zeros."""
+        keep = ~(1 << (slot & 7)) & 0xFF
+        with self.bits_lock:
+            self.written[slot >> 3] &= keep
+            self.lost[slot >> 3] &= keep
 
     def is_written(self, slot: int) -> bool:
         return bool(self.written[slot >> 3] & (1 << (slot & 7)))
@@ -96,12 +108,6 @@ class SlabTable:
 
     def is_lost(self, slot: int) -> bool:
         return bool(self.lost[slot >> 3] & (1 << (slot & 7)))
-
-    def set_lost(self, slot: int, lost: bool) -> None:
-        if lost:
-            self.lost[slot >> 3] |= 1 << (slot & 7)
-        else:
-            self.lost[slot >> 3] &= ~(1 << (slot & 7)) & 0xFF
 
     # -- replicas -------------------------------------------------------------
     def replicas_of(self, slab: int) -> list[tuple[int, int, int]]:
