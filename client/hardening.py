@@ -8,8 +8,14 @@ host deadlocks. Three measures, all inherited across fork and exec:
 - prctl(PR_SET_IO_FLUSHER) (Linux >= 5.6, CAP_SYS_RESOURCE): its allocations
   behave as GFP_NOIO, so reclaim never recurses into I/O on its behalf.
 - oom_score_adj = -1000: the OOM killer never picks the process serving swap.
-- mlockall (nbdkit --swap) -- and mlock of the agent's reserve on its own:
-  those pages are never swapped.
+- mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), from the plugin once
+  nbdkit has forked (`lock_memory`): every page the process touches stays
+  resident, and only those. nbdkit's own --swap is a plain mlockall, which
+  populates and pins all of nbdkit's 192 MiB .bss and any MAP_NORESERVE arena:
+  260 MB for an idle agent, more than a small host can give (a 384 MiB guest
+  was OOM-killed in `attach`). With MCL_ONFAULT the agent holds what it uses
+  (about 50 MB at the default 16 MiB reserve); what the swap path needs must
+  then be touched in advance: the reserve is populated and mlock()ed on its own.
 Each is reported, never fatal: a test run as an ordinary user still works.
 """
 
@@ -22,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 PR_SET_IO_FLUSHER = 57
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4  # <sys/mman.h>
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,15 @@ def mlock_buffer(buffer: mmap.mmap, size: int) -> bool:
         del anchor  # drop the buffer export so the mapping can be closed later
 
 
-def harden_for_swap() -> list[Outcome]:
-    """IO_FLUSHER and OOM protection; mlockall is nbdkit's own (--swap)."""
-    return [set_io_flusher(), protect_from_oom()]
+def lock_memory() -> Outcome:
+    """mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): resident once touched, for good."""
+    what = "mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)"
+    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
+        return Outcome(what, True, "pages this process touches are never swapped")
+    err = ctypes.get_errno()
+    return Outcome(what, False, f"{os.strerror(err)} (needs CAP_IPC_LOCK or RLIMIT_MEMLOCK)")
+
+
+def harden_for_swap(io_flusher: bool = True) -> list[Outcome]:
+    """IO_FLUSHER and OOM protection, before exec; the plugin locks memory itself."""
+    return [set_io_flusher(), protect_from_oom()] if io_flusher else [protect_from_oom()]

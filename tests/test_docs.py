@@ -23,7 +23,8 @@ def test_readme_holds_the_settings_table_made_from_the_code() -> None:
 def test_readme_serve_usage_names_every_setting() -> None:
     usage = serve_usage()
     for s in SETTINGS:
-        assert f"[--{s.key} " in usage, f"--{s.key} is missing from the README's serve usage"
+        flag = f"[{s.serve_flag}]" if s.serve_flag else f"[--{s.key} "
+        assert flag in usage, f"{flag} is missing from the README's serve usage"
 
 
 def test_paths_the_readme_names_exist() -> None:

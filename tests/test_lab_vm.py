@@ -17,9 +17,18 @@ import pytest
 
 from .nbdserver import NETSWAP
 
-LAB = Path(__file__).resolve().parent.parent / "deploy" / "lab" / "vm"
+REPO = Path(__file__).resolve().parent.parent
+LAB = REPO / "deploy" / "lab" / "vm"
+ARTIFACTS = REPO / "artifacts"
 RAM_MIB = 128
+HOST_RAM_MIB = 256
 SIZE_MIB = 4 * RAM_MIB
+
+
+def log_of(out: str) -> str:
+    """The serial log a lab run names in its summary."""
+    path = re.search(r"serial log (\S+)\)", out) or re.search(r"(\S+serial-host-\S+\.log)", out)
+    return Path(path.group(1)).read_text(errors="replace") if path else ""
 
 
 def lab(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,3 +74,39 @@ def test_the_verifier_names_a_corrupted_page(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert "SWAPTEST FAIL page=1500 offset=1234" in bad.stdout
+
+
+def host_lab(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [NETSWAP, "lab", "vm", "--host-in-guest", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1000)
+
+
+@pytest.mark.timeout(1000)
+def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_undoes_it() -> None:
+    """attach, nbdkit and the agent in a 256 MiB guest; the stores on this host."""
+    shot = ARTIFACTS / "dashboard-host-in-guest.png"
+    shot.unlink(missing_ok=True)
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--timeout", "600", "--screenshot", str(shot))
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    row = re.search(r"^defaults\s+(\d+)\s+1\s+1\s+0\s+0\s+([\d.]+)", out, re.M)
+    assert row, out[-2000:]
+    for when in ("attached", "stormed"):
+        for check in ("mlock", "oom_score_adj", "io_flusher"):
+            assert f"check {when} {check}: ok" in out, (when, check, out[-3000:])
+    pswpout = int(re.search(r"NETSWAP-SWAP.* pswpout=(\d+)", log_of(out)).group(1))  # type: ignore[union-attr]
+    assert pswpout >= 2 * HOST_RAM_MIB * 256, pswpout  # pattern 3x RAM: 2x RAM must go out
+    assert "detach: rc=0 restored=yes" in out
+    assert shot.exists() and shot.stat().st_size > 10_000, out[-1500:]
+
+
+@pytest.mark.timeout(600)
+def test_host_in_guest_protection_check_fails_without_mlock() -> None:
+    """The self-test of the check: --no-mlock must show unlocked pages and fail."""
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", "0", "--configs", "no-mlock",
+                      "--timeout", "300")  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 1, out[-3000:]
+    assert re.search(r"check attached mlock: FAIL Locked=\d+kB Pss=\d+kB", out), out[-3000:]
+    assert "check attached oom_score_adj: ok" in out and "check attached io_flusher: ok" in out
+    assert "detach: rc=0 restored=yes" in out, out[-3000:]

@@ -86,8 +86,12 @@ def boot(args: argparse.Namespace, initrd: Path, log: Path, size: int) -> Outcom
     cmdline = f"netswap.mib={size} netswap.seed={args.seed} netswap.passes={args.passes}"
     outcome = Outcome()
     start = time.monotonic()
+    # The host-in-guest campaign's baseline runs on the same machine as its guests.
+    same = getattr(args, "same_machine", False)
+    machine = ["-smp", str(args.cpus), "-accel", "tcg,thread=multi"] if same else None
+    cpu = args.cpu_model if same else "max"
     run = run_guest(args.ram, initrd, cmdline, log, args.timeout,
-                    lambda line: parse_line(line, outcome, start))  # fmt: skip
+                    lambda line: parse_line(line, outcome, start), machine, cpu=cpu)  # fmt: skip
     outcome.elapsed_s = run.elapsed_s
     if run.timed_out:
         outcome.verdict = "HANG"

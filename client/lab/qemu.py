@@ -55,15 +55,17 @@ def run_guest(
     on_line: Callable[[str], None],
     extra: list[str] | None = None,
     nic: str = "user,model=e1000",
+    sysrq: str = "w",
+    cpu: str = "max",
 ) -> Boot:
     monitor = free_port()
     cmd = [
-        "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1",
+        "qemu-system-x86_64", "-machine", "q35", "-cpu", cpu,
         "-m", f"{ram_mib}M", "-kernel", str(CACHE / "vmlinuz"), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 quiet sysrq_always_enabled {cmdline}",
         "-nic", nic, "-display", "none", "-no-reboot",
         "-serial", f"file:{log}", "-monitor", f"tcp:127.0.0.1:{monitor},server,nowait",
-        *(extra or []),
+        *(extra or ["-smp", "1", "-accel", "tcg"]),
     ]  # fmt: skip
     log.unlink(missing_ok=True)
     start = time.monotonic()
@@ -83,7 +85,7 @@ def run_guest(
         if qemu.poll() is not None:
             break
         if time.monotonic() - start > timeout:
-            dump_blocked_tasks(monitor)
+            dump_blocked_tasks(monitor, sysrq)
             qemu.kill()
             timed_out = True
             break
@@ -95,10 +97,12 @@ def run_guest(
     return Boot(timed_out, time.monotonic() - start, err[-300:])
 
 
-def dump_blocked_tasks(port: int) -> None:
+def dump_blocked_tasks(port: int, keys: str = "w") -> None:
+    """sysrq-w: blocked tasks; sysrq-t: every task (userspace servers sleep in S)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as mon:
-            mon.sendall(b"sendkey alt-sysrq-w\n")
-            time.sleep(SYSRQ_GRACE_S)
+            for key in keys:
+                mon.sendall(f"sendkey alt-sysrq-{key}\n".encode())
+                time.sleep(SYSRQ_GRACE_S)
     except OSError:
         pass

@@ -73,12 +73,22 @@ def check_available(cpus: frozenset[int]) -> None:
         )
 
 
-SCHED_POLICIES = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
+SCHED_POLICIES = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "fifo": os.SCHED_FIFO}
+# SCHED_FIFO at the lowest real-time priority: above every normal task, below the
+# kernel's own real-time threads. What it buys is memory, not CPU: the page
+# allocator lets a real-time task dip a quarter below the min watermark before
+# it must reclaim (6.1's gfp_to_alloc_flags: ALLOC_HARDER for rt_task(current);
+# ALLOC_MIN_RESERVE later), so the agent's socket buffers come from the reserve
+# that vm.min_free_kbytes sets aside instead of from a reclaim that is waiting
+# for the agent. The real-time throttle (sched_rt_runtime_us, 95 %) still
+# leaves the rest of the machine a share of every CPU.
+FIFO_PRIORITY = 1
 
 
 def set_policy(name: str) -> str:
-    os.sched_setscheduler(0, SCHED_POLICIES[name], os.sched_param(0))
-    return f"scheduling policy SCHED_{'BATCH' if name == 'batch' else 'OTHER'}"
+    priority = FIFO_PRIORITY if name == "fifo" else 0
+    os.sched_setscheduler(0, SCHED_POLICIES[name], os.sched_param(priority))
+    return f"scheduling policy SCHED_{name.upper() if name != 'normal' else 'OTHER'}"
 
 
 def pin(cpus: frozenset[int]) -> str:

@@ -35,8 +35,12 @@ from pathlib import Path
 from netswap.server.units import parse_hostport
 
 MIN_FREE_KBYTES_FLOOR = 16384
+# How long serve may take to answer: nbdkit, the plugin and the agent's first connection
+# to each store. About 3 s on this machine; a starved host or a TCG guest is slower.
+SERVE_START_S = 60
 STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
+WATERMARK_SCALE = Path("/proc/sys/vm/watermark_scale_factor")
 
 
 class AttachError(Exception):
@@ -49,6 +53,8 @@ class AttachState:
     serve_pid: int = 0
     old_min_free_kbytes: int = 0
     new_min_free_kbytes: int = 0
+    old_watermark_scale: int = 0
+    new_watermark_scale: int = 0
     steps: list[str] = field(default_factory=list)
 
 
@@ -68,6 +74,12 @@ def add_attach_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=MIN_FREE_KBYTES_FLOOR,
         help=f"floor for vm.min_free_kbytes (default {MIN_FREE_KBYTES_FLOOR})",
+    )
+    parser.add_argument(
+        "--watermark-scale-factor",
+        type=int,
+        default=0,
+        help="floor for vm.watermark_scale_factor (default: leave it)",
     )
     parser.add_argument(
         "--no-serve", action="store_true", help="do not start `netswap serve` when nothing answers"
@@ -129,8 +141,9 @@ def run_attach(args: argparse.Namespace) -> int:
         if not answers(host, port):
             if args.no_serve:
                 raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
-            state.serve_pid = start_serve(host, port, args.serve_args)
+            state.serve_pid = start_serve(host, port, args.serve_args, serve_log(args.device))
         raise_min_free(state, args.min_free_kbytes)
+        raise_watermark_scale(state, args.watermark_scale_factor)
         run(nbd_client_command(host, port, args.device, args.export))
         state.steps.append("nbd-client")
         run(["mkswap", args.device])
@@ -167,6 +180,9 @@ def undo(state: AttachState) -> None:
         stop_process(state.serve_pid)
     if state.new_min_free_kbytes and read_min_free() == state.new_min_free_kbytes:
         write_min_free(state.old_min_free_kbytes)
+    scale = state.new_watermark_scale
+    if scale and int(WATERMARK_SCALE.read_text()) == scale:
+        WATERMARK_SCALE.write_text(f"{state.old_watermark_scale}\n")
 
 
 def require_root() -> None:
@@ -208,7 +224,13 @@ def answers(host: str, port: int) -> bool:
         return False
 
 
-def start_serve(host: str, port: int, serve_args: list[str]) -> int:
+def serve_log(device: str) -> Path:
+    return STATE_DIR / f"serve-{Path(device).name}.log"
+
+
+def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
+    """Start `netswap serve` for good; its output goes to `log`, never to our pipes
+    (a caller capturing attach's output would otherwise wait on it forever)."""
     extra = serve_args[1:] if serve_args[:1] == ["--"] else serve_args
     cmd = [
         sys.executable,
@@ -217,14 +239,29 @@ def start_serve(host: str, port: int, serve_args: list[str]) -> int:
         "serve",
         "--listen",
         f"{host}:{port}",
+        # The server must outlive this command: serve stays nbdkit's parent (and
+        # passes on SIGTERM from detach) instead of exec'ing into an nbdkit that
+        # --exit-with-parent would stop the moment attach returns.
+        "--no-exit-with-parent",
+        # SCHED_FIFO: the agent's socket buffers may come from below the min watermark
+        # (affinity.py says why); without it a starved host deadlocked at its first
+        # swap-out in every run (`netswap lab vm --host-in-guest --configs no-fifo`).
+        # An explicit --sched among the serve arguments wins (argparse: last one).
+        "--sched",
+        "fifo",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)  # fmt: skip
+    deadline = time.monotonic() + SERVE_START_S
     while not answers(host, port):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid)
-            raise AttachError(f"`netswap serve` did not come up on {host}:{port}")
+            lines = log.read_text(errors="replace").strip().splitlines()
+            why = f": {lines[-1]}" if lines else ""
+            raise AttachError(f"`netswap serve` did not come up on {host}:{port}{why} (log {log})")
         time.sleep(0.2)
     return proc.pid
 
@@ -261,6 +298,17 @@ def raise_min_free(state: AttachState, floor: int) -> None:
                 f"cannot raise vm.min_free_kbytes to {floor}: {exc.strerror}"
             ) from None
         state.new_min_free_kbytes = floor
+
+
+def raise_watermark_scale(state: AttachState, floor: int) -> None:
+    current = int(WATERMARK_SCALE.read_text())
+    state.old_watermark_scale = current
+    if current < floor:
+        try:
+            WATERMARK_SCALE.write_text(f"{floor}\n")
+        except OSError as exc:
+            raise AttachError(f"cannot raise vm.watermark_scale_factor: {exc.strerror}") from None
+        state.new_watermark_scale = floor
 
 
 def run(cmd: list[str], check: bool = True) -> None:

@@ -25,6 +25,7 @@ from ..device import BlockDevice, PageDevice
 
 BACKENDS = ("memory", "file", "remote")
 CACHE_MODES = ("writethrough", "writeback")
+MLOCK_MODES = ("onfault", "off")
 # Kinds of value: how `set` parses one, and what `serve` shows as its metavar.
 KINDS = {"size": "SIZE", "count": "N", "text": "", "address": "HOST:PORT", "choice": ""}
 
@@ -38,6 +39,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     repeat: bool = False
     serve_default: str | None = None  # what `netswap serve` passes when the option is absent
+    serve_flag: str = ""  # serve spells this one differently (it has its own flag)
 
 
 def setting(default: Any, kind: str, help: str, **extra: Any) -> Any:
@@ -78,6 +80,9 @@ class PluginConfig:
                          "stores, or once in the reserve (flush/FUA still wait)",
                          choices=CACHE_MODES)  # fmt: skip
     http: str = setting("", "address", "ops endpoint: /metrics, /api/stats, / (default off)")
+    mlock: str = setting("onfault", "choice", "lock the server's memory once touched "
+                         "(mlockall MCL_ONFAULT), or not", choices=MLOCK_MODES,
+                         serve_flag="--no-mlock")  # fmt: skip
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -205,7 +210,8 @@ def settings_table() -> str:
         if s.serve_default and s.serve_default != default:
             default += f" (serve: {s.serve_default})"
         metavar = s.metavar.replace("|", "\\|")  # a pipe inside a table cell
-        rows.append(f"| `{s.key}=` | `--{s.key} {metavar}` | {default} | {s.help} |")
+        serve = s.serve_flag or f"--{s.key} {metavar}"
+        rows.append(f"| `{s.key}=` | `{serve}` | {default} | {s.help} |")
     return "\n".join(rows)
 
 
@@ -214,7 +220,11 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     for f, s in _settings():
         flag, dest = f"--{s.key}", f.name
         text = _describe(s.help, s.serve_default or _default_text(f, s))
-        if s.repeat:
+        if s.serve_flag:  # a switch that sets the last choice (--no-mlock: mlock=off)
+            off = s.choices[-1]
+            parser.add_argument(s.serve_flag, dest=dest, action="store_const", const=off,
+                                help=f"{s.key}={off}: {s.help}")  # fmt: skip
+        elif s.repeat:
             parser.add_argument(flag, dest=dest, action="append", default=[], metavar=s.metavar,
                                 help=text)  # fmt: skip
         elif s.choices:

@@ -20,6 +20,7 @@ nothing of netswap's venv, and the script's folder is not on sys.path either:
 
 import os
 import site
+import sys
 
 for _site in filter(None, os.environ.get("NETSWAP_SITE", "").split(os.pathsep)):
     site.addsitedir(_site)
@@ -32,6 +33,7 @@ from typing import Any, TypeVar  # noqa: E402
 
 import nbdkit  # noqa: E402
 from netswap.client.device import BlockDevice  # noqa: E402
+from netswap.client.hardening import lock_memory  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
 
@@ -91,6 +93,8 @@ def after_fork() -> None:
     # Build the device here, not at load: threads and sockets must not cross
     # nbdkit's fork into the background.
     global _device
+    if _config.mlock == "onfault":
+        print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
     _device = _config.build_device()
     _device.start()
     _config.start_ops(_device)

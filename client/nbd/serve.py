@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default="swap", help="NBD export name (default swap)")
     add_serve_options(parser)
     parser.add_argument(
-        "--no-mlock", action="store_true", help="do not pass --swap (mlockall) to nbdkit"
+        "--no-io-flusher",
+        action="store_true",
+        help="do not apply PR_SET_IO_FLUSHER (for experiments: lab vm's hang campaign)",
     )
     parser.add_argument(
         "--no-exit-with-parent",
@@ -85,6 +87,11 @@ def check_nbdkit() -> str:
     if nbdkit is None:
         raise UsageError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
     out = subprocess.run([nbdkit, "--dump-config"], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        # Seen on a 192 MiB host: nbdkit's 192 MiB .bss fails the kernel's overcommit check.
+        why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        raise UsageError(f"nbdkit does not start here ({why}); RAM + swap must exceed "
+                         "nbdkit's own 192 MiB .bss unless vm.overcommit_memory=1")  # fmt: skip
     plugindir = next(
         (ln.split("=", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("plugindir=")), ""
     )
@@ -109,8 +116,6 @@ def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) 
     cmd = [nbdkit, "-f", "-i", host, "-p", str(port), "-e", args.export]
     if not args.no_exit_with_parent:
         cmd.append("--exit-with-parent")
-    if not args.no_mlock:
-        cmd.append("--swap")
     if args.threads:
         cmd += ["-t", str(args.threads)]
     if args.verbose_nbdkit:
@@ -150,12 +155,16 @@ def run(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     check_port_free(host, port)
-    for outcome in harden_for_swap():
+    for outcome in harden_for_swap(io_flusher=not args.no_io_flusher):
         print(f"netswap serve: {outcome}", file=sys.stderr)
     if cpus is not None:
         print(f"netswap serve: {pin(cpus)}", file=sys.stderr)
     if args.sched != "normal":
-        print(f"netswap serve: {set_policy(args.sched)}", file=sys.stderr)
+        try:
+            print(f"netswap serve: {set_policy(args.sched)}", file=sys.stderr)
+        except PermissionError:
+            print(f"netswap serve: scheduling policy {args.sched}: NOT applied (needs "
+                  "CAP_SYS_NICE or RLIMIT_RTPRIO)", file=sys.stderr)  # fmt: skip
     print_next_steps(args, host, port)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,221 @@
+"""Inside the host-in-guest lab: attach, prove the protections, swap, detach, check.
+
+This runs *in the QEMU guest* (`lab vm --host-in-guest`), as root, from this
+machine's root shared read-only over 9p: it is what an operator does on a
+swapping host. It runs `netswap attach -- --backend remote ...` against stores
+on the host (10.0.2.2), then checks on every thread of nbdkit the three
+protections serve applies -- locked memory, oom_score_adj -1000, and IO_FLUSHER
+(PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE in the task flags) -- runs the seeded
+verifier over several times the guest's RAM, checks the protections again
+(threads started meanwhile too), runs `netswap detach` and checks that
+everything attach changed is back. It prints only NETSWAP- and SWAPTEST lines,
+which the host runner (`lab/vm.py`) parses, and powers the guest off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..nbd.attach import serve_log, state_path
+
+PF_MEMALLOC_NOIO = 0x00080000
+PF_LOCAL_THROTTLE = 0x00100000
+IO_FLUSHER_FLAGS = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
+# Resident pages that must be locked: all but a margin for pages the kernel will not
+# lock (the vDSO, and pages shared through 9p's mapping of a file being read).
+LOCKED_SHARE = 0.95
+MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
+DEVICE = "/dev/nbd0"
+# attach or detach taking longer than this is a hang of its own (attach waits at most
+# 60 s for serve; detach's swapoff reads every swapped page back).
+COMMAND_TIMEOUT_S = 600
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def stage(name: str) -> None:
+    uptime = Path("/proc/uptime").read_text().split()[0]
+    say(f"NETSWAP-STAGE {name} {uptime}")
+
+
+def vmstat() -> dict[str, int]:
+    pairs = (line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return {k: int(v) for k, v in pairs if k in ("pswpin", "pswpout")}
+
+
+def kib(path: Path, field: str) -> int:
+    """One 'Field:   123 kB' line of a /proc file."""
+    for line in path.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def task_flags(pid: int) -> dict[int, int]:
+    """tid -> the flags field (the 9th) of /proc/PID/task/TID/stat."""
+    flags = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        flags[int(task.name)] = int(fields[6])  # state ppid pgrp session tty tpgid flags
+    return flags
+
+
+def nbdkit_pid() -> int:
+    """The nbdkit serving the attach: the child of the serve process attach recorded."""
+    state = json.loads(state_path(DEVICE).read_text())
+    serve = int(state["serve_pid"])
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if comm == "nbdkit" and ppid == serve:
+                return int(proc.name)
+    raise LookupError(f"no nbdkit child of serve pid {serve}")
+
+
+def check_protections(pid: int, when: str) -> bool:
+    """One NETSWAP-CHECK line per protection; True when all three hold.
+
+    Locked memory: with mlockall(MCL_ONFAULT) VmLck counts whole locked areas
+    (nbdkit's .bss included, touched or not), so the check is smaps_rollup's
+    Locked (resident pages that are locked) against Rss: all of it, bar the
+    pages that are not lockable at all.
+    """
+    rollup = Path(f"/proc/{pid}/smaps_rollup")
+    # Locked is proportional (a shared libc page counts a share), so it is held
+    # against Pss, which counts the same way.
+    locked, pss, rss = kib(rollup, "Locked"), kib(rollup, "Pss"), kib(rollup, "Rss")
+    vmlck = kib(Path(f"/proc/{pid}/status"), "VmLck")
+    oom = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    flags = task_flags(pid)
+    missing = [tid for tid, f in flags.items() if f & IO_FLUSHER_FLAGS != IO_FLUSHER_FLAGS]
+    results = [
+        ("mlock", locked >= pss * LOCKED_SHARE,
+         f"Locked={locked}kB Pss={pss}kB Rss={rss}kB VmLck={vmlck}kB"),
+        ("oom_score_adj", oom == -1000, f"oom_score_adj={oom}"),
+        ("io_flusher", not missing,
+         f"threads={len(flags)} without={len(missing)} flags={sorted(set(flags.values()))}"),
+    ]  # fmt: skip
+    for name, ok, detail in results:
+        say(f"NETSWAP-CHECK {when} {name} {'ok' if ok else 'FAIL'} {detail}")
+    return all(ok for _, ok, _ in results)
+
+
+def netswap(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a netswap command as an operator would; its output goes to the serial log."""
+    cmd = [sys.executable, "-m", "netswap.client.cli", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    for line in (result.stdout + result.stderr).splitlines():
+        say(f"  {args[0]}: {line}")
+    return result
+
+
+def attached_state() -> list[str]:
+    """What attach leaves behind; empty once detach has undone all of it."""
+    left = []
+    if Path("/sys/block/nbd0/pid").exists():
+        left.append("nbd0 still connected")
+    if any(line.startswith(DEVICE) for line in Path("/proc/swaps").read_text().splitlines()):
+        left.append("nbd0 still swap")
+    if any(p.name.isdigit() and (p / "comm").read_text().strip() == "nbdkit"
+           for p in Path("/proc").iterdir() if (p / "comm").exists()):  # fmt: skip
+        left.append("nbdkit still running")
+    if state_path(DEVICE).exists():
+        left.append("attach state file still there")
+    return left
+
+
+def run(args: argparse.Namespace) -> str:
+    """The guest's whole job; returns the failure reason, '' on success."""
+    before_min_free = int(MIN_FREE.read_text())
+    serve = [
+        "--backend",
+        "remote",
+        "--replicas",
+        str(args.replicas),
+        "--http",
+        args.http,
+        "--size",
+        f"{args.export_mib}M",
+    ]
+    for store in args.store:
+        serve += ["--store", store]
+    serve += args.serve_arg
+    # The server attach starts logs to a file; here that file is the serial console,
+    # so the host keeps the agent's log even when the guest hangs.
+    log = serve_log(DEVICE)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    log.symlink_to("/dev/console")
+    attach = netswap("attach", *args.attach_arg, "--", *serve)
+    if attach.returncode != 0:
+        say(f"NETSWAP-ATTACH rc={attach.returncode} {attach.stderr.strip()[-300:]!r}")
+        left = attached_state()
+        undone = "undone" if not left and int(MIN_FREE.read_text()) == before_min_free else left
+        return f"attach-failed undo={'ok' if undone == 'undone' else undone}"
+    stage("attached")
+    say(f"NETSWAP-MINFREE before={before_min_free} attached={MIN_FREE.read_text().strip()}")
+    pid = nbdkit_pid()
+    protected = check_protections(pid, "attached")
+    swapped = ""
+    if args.mib:
+        stage("storm")
+        base = vmstat()
+        began = time.monotonic()
+        test = subprocess.run([args.swaptest, str(args.mib), str(args.seed)], check=False)
+        seconds = time.monotonic() - began
+        now = vmstat()
+        say(f"NETSWAP-SWAP rc={test.returncode} seconds={seconds:.1f} "
+            f"pswpin={now['pswpin'] - base['pswpin']} "
+            f"pswpout={now['pswpout'] - base['pswpout']}")  # fmt: skip
+        swapped = "" if test.returncode == 0 else f"swaptest-rc-{test.returncode}"
+        protected = check_protections(pid, "stormed") and protected
+    detach = netswap("detach")
+    stage("detached")
+    left = attached_state()
+    min_free = int(MIN_FREE.read_text())
+    if min_free != before_min_free:
+        left.append(f"vm.min_free_kbytes {min_free} != {before_min_free}")
+    say(f"NETSWAP-DETACH rc={detach.returncode} restored={left or 'yes'}")
+    reasons = [r for r in (swapped, "" if protected else "protections") if r]
+    if detach.returncode != 0 or left:
+        reasons.append("detach")
+    return ",".join(reasons)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="netswap-lab-guest")
+    parser.add_argument("--store", action="append", default=[])
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--http", default="0.0.0.0:9178")
+    parser.add_argument("--mib", type=int, default=0, help="verifier pattern (0: no storm)")
+    parser.add_argument("--export-mib", type=int, default=1024, help="the swap device's size")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--swaptest", default="/run/swaptest")
+    parser.add_argument("--attach-arg", action="append", default=[])
+    parser.add_argument("--serve-arg", action="append", default=[])
+    args = parser.parse_args()
+    stage("guest")
+    try:
+        reason = run(args)
+    except Exception as exc:  # report, never leave the guest running
+        reason = f"guest-error:{type(exc).__name__}:{exc}".replace(" ", "_")
+    verdict = "FAIL" if reason else "PASS"
+    say(f"NETSWAP-RESULT {verdict}" + (f" reason={reason}" if reason else ""))
+    Path("/proc/sysrq-trigger").write_text("o")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""`netswap lab vm --host-in-guest`: the whole swapping host inside a starved guest.
+
+The kernel-only lab keeps nbdkit and the agent on the roomy host; here they
+run where they matter, in the guest whose memory the kernel is swapping out.
+The guest's root is this machine's root, read-only over virtio-9p under a
+tmpfs overlay (deploy/lab/vm/init-host): no disk image to build, and the guest
+runs exactly the python3, nbdkit, nbd-client and venv the tests use, paid for
+by the guest's own RAM. Inside, `netswap.client.lab.guest` runs attach with
+the stores on this host (10.0.2.2), checks the protections on every nbdkit
+thread, swaps, detaches and checks that attach was undone. The agent's ops
+endpoint is forwarded to 127.0.0.1 here, so `netswap stats` and the dashboard
+watch the guest thrash; a screenshot is taken mid-storm when asked.
+
+`--runs N` over `--configs` is the hang campaign: one row per configuration,
+PASS / FAIL (a wrong or lost page, or a check) / HANG (deadline passed, the
+guest's blocked tasks dumped into its kept serial log), with the MiB/s as a
+ratio to the kernel-only baseline (nbd-client straight to a host-side
+`netswap serve --backend memory`) measured in the same campaign.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cpio import newc_archive
+from .kernel import child, run_lab
+from .ports import free_port
+from .qemu import CACHE, REPO, run_guest
+
+# What the campaign can vary; each removes or weakens one protection, or the RAM.
+CONFIGS: dict[str, tuple[str, list[str], list[str], int | None]] = {
+    # name: (what it is, attach options, serve options, guest RAM or None for --ram)
+    "defaults": ("attach's defaults", [], [], None),
+    "no-io-flusher": ("without PR_SET_IO_FLUSHER", [], ["--no-io-flusher"], None),
+    "no-fifo": ("the agent under SCHED_OTHER, not SCHED_FIFO", [], ["--sched=normal"], None),
+    "no-mlock": ("without mlock (--no-mlock)", [], ["--no-mlock"], None),
+    "min-free-default": ("vm.min_free_kbytes left at the kernel's", ["--min-free-kbytes=0"], [],
+                         None),
+    "ram-192": ("guest RAM 192 MiB", [], [], 192),
+}  # fmt: skip
+GUEST_HTTP = 9178  # the agent's ops endpoint inside the guest, forwarded to the host
+# Seconds into the storm at which the dashboard screenshot is taken: long enough for
+# the charts to hold a rising pressure curve, short enough to land inside the storm.
+SCREENSHOT_AFTER_S = 20
+_KV = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclass
+class Run:
+    config: str
+    verdict: str = "FAIL"
+    reason: str = ""
+    checks: dict[str, str] = field(default_factory=dict)  # "when name" -> "ok ..." / "FAIL ..."
+    swap_seconds: float = 0.0
+    pswpin: int = 0
+    pswpout: int = 0
+    attach: str = ""
+    detach: str = ""
+    min_free: str = ""
+    stages: dict[str, float] = field(default_factory=dict)
+    log: Path = Path()
+    screenshot: str = ""
+    stats_samples: int = 0
+
+    def mib_s(self, mib: int) -> float:
+        return 2 * mib / self.swap_seconds if self.swap_seconds else 0.0
+
+    def locked_kib(self) -> int:
+        found = re.search(r"Locked=(\d+)kB", self.checks.get("attached mlock", ""))
+        return int(found.group(1)) if found else -1
+
+    def rss_kib(self) -> int:
+        found = re.search(r"Rss=(\d+)kB", self.checks.get("attached mlock", ""))
+        return int(found.group(1)) if found else -1
+
+
+def guest_script(args: argparse.Namespace, stores: list[int], attach: list[str],
+                 serve: list[str], mib: int, seed: int) -> bytes:  # fmt: skip
+    """/guest.sh: what init-host runs as root inside the shared root."""
+    cmd = [sys.executable, "-m", "netswap.client.lab.guest", "--mib", str(mib),
+           f"--export-mib={mib + 256}",
+           "--seed", str(seed), "--http", f"0.0.0.0:{GUEST_HTTP}"]  # fmt: skip
+    cmd += [f"--store=10.0.2.2:{port}" for port in stores]
+    cmd += [f"--attach-arg={a}" for a in [*attach, *args.attach_arg]]
+    cmd += [f"--serve-arg={a}" for a in [*serve, *args.serve_arg]]
+    lines = [
+        "#!/bin/sh",
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "export PYTHONDONTWRITEBYTECODE=1 HOME=/root",
+        f"cd {shlex.quote(str(REPO))}",
+        "exec " + shlex.join(cmd),
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def parse(line: str, run: Run, start: float) -> None:
+    if line.startswith("NETSWAP-STAGE "):
+        _, stage, uptime = line.split()[:3]
+        run.stages[stage] = float(uptime)
+        print(f"    [{time.monotonic() - start:6.1f}s] guest: {stage}", flush=True)
+    elif line.startswith("NETSWAP-CHECK "):
+        _, when, name, rest = line.split(" ", 3)
+        run.checks[f"{when} {name}"] = rest
+        print(f"    check {when} {name}: {rest}", flush=True)
+    elif line.startswith("NETSWAP-SWAP "):
+        kv = dict(_KV.findall(line))
+        run.swap_seconds = float(kv.get("seconds", 0))
+        run.pswpin, run.pswpout = int(kv.get("pswpin", 0)), int(kv.get("pswpout", 0))
+    elif line.startswith("NETSWAP-ATTACH "):
+        run.attach = line[15:]
+    elif line.startswith("NETSWAP-DETACH "):
+        run.detach = line[15:]
+        print(f"    detach: {run.detach}", flush=True)
+    elif line.startswith("NETSWAP-MINFREE "):
+        run.min_free = line[16:]
+    elif line.startswith("SWAPTEST progress") or line.startswith("SWAPTEST FAIL"):
+        print(f"    {line[9:]}", flush=True)
+    elif line.startswith("NETSWAP-RESULT "):
+        kv = dict(_KV.findall(line))
+        run.verdict = line.split()[1]
+        run.reason = kv.get("reason", "")
+
+
+class Watcher(threading.Thread):
+    """Polls the guest's forwarded ops endpoint; takes the mid-storm screenshot."""
+
+    def __init__(self, http: int, run: Run, screenshot: Path | None) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{http}/"
+        self.run_ = run
+        self.screenshot = screenshot
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from ..statscmd import StatsError, fetch
+
+        storm_began = 0.0
+        while not self.stop.wait(1.0):
+            try:
+                fetch(self.url)
+                self.run_.stats_samples += 1
+            except StatsError:
+                continue
+            if "storm" in self.run_.stages and not storm_began:
+                storm_began = time.monotonic()
+            late = storm_began and time.monotonic() - storm_began >= SCREENSHOT_AFTER_S
+            if self.screenshot is not None and late and not self.run_.screenshot:
+                self.run_.screenshot = take_screenshot(self.url, self.screenshot)
+
+
+def take_screenshot(url: str, path: Path) -> str:
+    """The dashboard as a person sees it, after a few samples; returns a note."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return "no screenshot: playwright is not installed (pip install playwright)"
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_function("window.netswap.samples >= 8", timeout=30_000)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(path), full_page=True)
+            browser.close()
+    except Exception as exc:  # a lab report, not a crash: say what went wrong
+        return f"no screenshot: {type(exc).__name__}: {str(exc)[:200]}"
+    return str(path)
+
+
+def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
+    _, attach, serve, ram = CONFIGS[name]
+    ram = ram or args.ram
+    mib = 3 * ram if args.size is None else args.size  # 0: attach, check, detach; no storm
+    run = Run(name, log=CACHE / f"serial-host-{name}-{index}.log")
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(args.stores):
+            port = free_port()
+            stack.enter_context(child(["store", "--listen", f"127.0.0.1:{port}",
+                                       "--capacity", f"{mib + 256}M"], port))  # fmt: skip
+            ports.append(port)
+        http = args.http_port or free_port()
+        script = guest_script(args, ports, attach, serve, mib, args.seed + index)
+        initrd = CACHE / f"initrd-host-{http}.img"
+        stack.callback(initrd.unlink, missing_ok=True)
+        base = (CACHE / "initrd-host.img").read_bytes()
+        initrd.write_bytes(base + b"\0" * (-len(base) % 4)
+                           + newc_archive({"guest.sh": script}, mode=0o100755))  # fmt: skip
+        shot = args.screenshot if index == 0 and name == "defaults" else None
+        watcher = Watcher(http, run, shot)
+        watcher.start()
+        stack.callback(watcher.stop.set)
+        start = time.monotonic()
+        virtfs = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+        nic = f"user,model=e1000,hostfwd=tcp:127.0.0.1:{http}-:{GUEST_HTTP}"
+        on_line = lambda line: parse(line, run, start)  # noqa: E731
+        # Two vCPUs on MTTCG: the workload and the agent each get one, as on a real host.
+        qemu = ["-virtfs", virtfs, "-smp", str(args.cpus), "-accel", "tcg,thread=multi"]
+        # loglevel=7: hung-task reports and sysrq-w/t print their stacks at KERN_INFO.
+        boot = run_guest(ram, initrd, "loglevel=7", run.log, args.timeout, on_line, qemu, nic,
+                         sysrq="wt", cpu=args.cpu_model)  # fmt: skip
+    if boot.timed_out:
+        run.verdict, run.reason = (
+            "HANG",
+            f"deadline {args.timeout:.0f}s passed; sysrq-w in {run.log}",
+        )
+    elif run.verdict == "PASS" and mib and run.pswpout < (mib - ram) * 256:
+        run.verdict, run.reason = "FAIL", f"pswpout {run.pswpout} < {(mib - ram) * 256}"
+    elif not run.reason and run.verdict != "PASS":
+        run.reason = boot.qemu_error or "guest stopped without a result"
+    return run
+
+
+def baseline(args: argparse.Namespace, ram: int, mib: int) -> float:
+    """MiB/s of the kernel-only path at the same RAM and pattern: the ratio's peer."""
+    peer = argparse.Namespace(**{**vars(args), "backend": "memory", "ram": ram, "size": mib,
+                                 "passes": 1, "cache": None, "log": None,
+                                 "same_machine": True})  # fmt: skip
+    outcome = run_lab(peer)
+    seconds = outcome.write_s + outcome.verify_s
+    print(f"  kernel-only baseline: {outcome.verdict}, {2 * mib / seconds if seconds else 0:.1f}"
+          " MiB/s", flush=True)  # fmt: skip
+    return 2 * mib / seconds if outcome.verdict == "PASS" and seconds else 0.0
+
+
+def run_campaign(args: argparse.Namespace) -> int:
+    names = args.configs.split(",") if args.configs else ["defaults"]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown --configs {','.join(unknown)}; known: {','.join(CONFIGS)}")
+    rows = []
+    for name in names:
+        ram = CONFIGS[name][3] or args.ram
+        mib = 3 * ram if args.size is None else args.size  # 0: attach, check, detach; no storm
+        peer = baseline(args, ram, mib) if args.baseline and mib else 0.0
+        runs = []
+        for index in range(args.runs):
+            print(f"  {name} run {index + 1}/{args.runs}: {CONFIGS[name][0]}, guest RAM "
+                  f"{ram} MiB, pattern {mib} MiB", flush=True)  # fmt: skip
+            run = run_once(args, name, index)
+            print(f"  -> {run.verdict} {run.reason}".rstrip(), flush=True)
+            runs.append(run)
+        rows.append((name, ram, mib, peer, runs))
+    print_table(rows)
+    failed = any(r.verdict != "PASS" for *_, runs in rows for r in runs)
+    return 1 if failed else 0
+
+
+def print_table(rows: list[tuple[str, int, int, float, list[Run]]]) -> None:
+    print("\nnetswap lab vm --host-in-guest")
+    print(f"{'configuration':<18} {'RAM':>4} {'runs':>4} {'PASS':>4} {'FAIL':>4} {'HANG':>4} "
+          f"{'MiB/s':>6} {'vs kernel-only':>14} {'pswpin':>8} {'pswpout':>8} {'locked':>8} "
+          f"{'rss':>7}  protections")  # fmt: skip
+    for name, ram, mib, peer, runs in rows:
+        count = {v: sum(1 for r in runs if r.verdict == v) for v in ("PASS", "FAIL", "HANG")}
+        passed = [r for r in runs if r.verdict == "PASS"] or runs
+        speed = sorted(r.mib_s(mib) for r in passed)[len(passed) // 2]
+        last = passed[-1]
+        ratio = f"{speed / peer:.2f}x" if peer and speed else "-"
+        checks = ",".join(
+            f"{k.split()[1]}:{v.split()[0]}" for k, v in last.checks.items() if k.startswith("att")
+        )
+        print(f"{name:<18} {ram:>4} {len(runs):>4} {count['PASS']:>4} {count['FAIL']:>4} "
+              f"{count['HANG']:>4} {speed:>6.1f} {ratio:>14} {last.pswpin:>8} {last.pswpout:>8} "
+              f"{last.locked_kib() // 1024:>6}Mi {last.rss_kib() // 1024:>5}Mi  "
+              f"{checks}")  # fmt: skip
+    for *_, runs in rows:
+        for i, r in enumerate(runs):
+            why = f" {r.reason}" if r.reason else ""
+            print(f"  {r.config} run {i + 1}: {r.verdict}{why} (serial log {r.log})")
+            if r.screenshot:
+                print(f"  dashboard mid-storm: {r.screenshot}")
