@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError
+from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError, batch_crcs
 from netswap.server.ops.pressure import Pressure, sample
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 from netswap.server.ops.snapshot import StoreRow
@@ -52,6 +52,9 @@ RESYNC_PERIOD_S = 0.5
 # in which a second failure loses pages.
 REPLACE_AFTER_S = 3.0
 SYNC_CHUNK = 64
+# How often a resync checks whether the slab's earlier writes are answered: a few
+# loop ticks; the wait itself is bounded by two RPC deadlines.
+DRAIN_POLL_S = 0.005
 
 
 class Agent:
@@ -87,6 +90,7 @@ class Agent:
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
         self._syncing: dict[int, set[int]] = {}  # slab -> slots written during its sync
+        self._slab_writes: dict[int, set[WriteOp]] = {}  # slab -> its writes not yet answered
         self._resync_wake: asyncio.Event | None = None
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
@@ -237,6 +241,7 @@ class Agent:
                         link.add_write(op, start, count)
                         op.remaining += count
                         kicked.add(link)
+                        self._slab_writes.setdefault(slab, set()).add(op)
                     elif state == DOWN:  # it misses this write: it needs a copy now
                         table.set_state(slab, position, STALE)
                         self.counters["replicas_stale"] += 1
@@ -270,7 +275,18 @@ class Agent:
                 self._mark_stale(table.slab_of(op.first + start), link.index)
             op.remaining -= count
             if op.remaining == 0:
+                self._forget_write(op)
                 op.finish(self.quorum)
+
+    def _forget_write(self, op: WriteOp) -> None:
+        """The op is complete: no slab waits for it any more."""
+        table = self.table
+        for slab in range(table.slab_of(op.first), table.slab_of(op.first + op.count - 1) + 1):
+            ops = self._slab_writes.get(slab)
+            if ops is not None:
+                ops.discard(op)
+                if not ops:
+                    del self._slab_writes[slab]
 
     def _mark_stale(self, slab: int, store: int) -> None:
         for position, s, state in self.table.replicas_of(slab):
@@ -408,8 +424,15 @@ class Agent:
             return
         table.set_replica(slab, position, target, SYNCING)
         dirty = self._syncing[slab] = set()
+        # Writes routed before this point did not go to the target and are not in
+        # `dirty`; one still queued for the source would be overtaken by the copy's
+        # read, which would then install the older page on the target. So the copy
+        # starts once they are all answered (each within its RPC deadline).
+        earlier = list(self._slab_writes.get(slab, ()))
         try:
-            ok = await self._copy_slab(slab, sources[0], target, dirty)
+            ok = await self._drained(earlier) and await self._copy_slab(
+                slab, sources[0], target, dirty
+            )
         finally:
             del self._syncing[slab]
         still = table.store[slab * table.replicas + position] == target
@@ -432,6 +455,15 @@ class Agent:
         self.counters["pages_lost"] += lost
         log.error("slab %d: every replica lost its pages; %d pages now read as EIO", slab, lost)
 
+    async def _drained(self, ops: list[WriteOp]) -> bool:
+        """Wait until every op is complete; False if one outlives two RPC deadlines."""
+        deadline = asyncio.get_running_loop().time() + 2 * self.io_timeout
+        while any(not op.done.is_set() for op in ops):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL_S)
+        return True
+
     async def _copy_slab(self, slab: int, source: int, target: int, dirty: set[int]) -> bool:
         table = self.table
         written = [s for s in table.slab_slots(slab) if table.is_written(s)]
@@ -445,7 +477,7 @@ class Agent:
                 keep = [i for i, s in enumerate(chunk) if s not in dirty and table.is_written(s)]
                 if keep:
                     pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
-                    await dst.swap_out([chunk[i] for i in keep], pages)
+                    await copy_to(dst, [chunk[i] for i in keep], pages)
                     self.counters["pages_resynced"] += len(keep)
             except StoreError as exc:
                 log.warning("resync of slab %d failed: %s", slab, exc)
@@ -493,3 +525,23 @@ class Agent:
             out[f"batches_{direction}"] = self.batch_sizes[op].count
             out[f"batch_pages_{direction}"] = int(self.batch_sizes[op].sum)
         return out
+
+
+async def copy_to(client: StoreClient, slots: list[int], pages: bytes) -> None:
+    """A resync copy, written to the transport at once, in order with batch writes.
+
+    The caller picked `slots` (those not rewritten meanwhile) in this same loop
+    tick; the awaitable swap_out may first wait for a paused transport, and a
+    batch write of one of those slots sent in that wait would then be
+    overwritten on the target by this older copy.
+    """
+    done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def finished(failure: Exception | None) -> None:
+        if not done.done():
+            done.set_result(failure)
+
+    client.start_swap_out(slots, pages, batch_crcs(pages), finished)
+    failure = await done
+    if failure is not None:
+        raise failure
