@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import nbd
 import pytest
+from netswap.client.statscmd import fetch
 
+from .conftest import free_port
 from .nbdserver import NETSWAP, connect, errno_of
 from .procs import agent_serve, rss_kib, store_used_pages, stores, wait_until
 
@@ -126,16 +128,34 @@ def test_a_frozen_store_times_out_and_the_storm_carries_on_without_errors() -> N
 
 
 def test_three_stores_re_replicate_away_from_a_dead_one() -> None:
-    with stores(3) as (s1, s2, s3), agent_serve([s1, s2, s3], "32M", "--slab", "1M") as (uri, _):
+    http = free_port()
+    with (
+        stores(3) as (s1, s2, s3),
+        agent_serve([s1, s2, s3], "32M", "--slab", "1M", "--http", f"127.0.0.1:{http}") as (
+            uri,
+            _,
+        ),
+    ):
         storm = Storm(uri, 8192)
         storm.run(2)
         s1.kill()
         storm.run(2)
 
-        def two_copies() -> bool:
-            return store_used_pages(s2) + store_used_pages(s3) >= 2 * len(storm.truth)
+        def re_replicated() -> bool:
+            """The agent's own word: every slab in sync on up stores, and 2 copies held.
 
-        wait_until(two_copies, 60, "re-replication onto the spare store")
+            Counting the stores' pages alone is not enough: the last copy can land
+            before the agent marks the new replica in sync, and a replica still
+            syncing serves no reads (this test failed so, twice, both under load).
+            """
+            snap = fetch(f"http://127.0.0.1:{http}/")
+            unsynced = sum(st.stale + st.syncing for st in snap.stores if st.up)
+            copies = store_used_pages(s2) + store_used_pages(s3)
+            return (
+                snap.replication_lag_pages == 0 and not unsynced and copies >= 2 * len(storm.truth)
+            )
+
+        wait_until(re_replicated, 60, "re-replication onto the spare store")
         s2.kill()  # a second failure: only s3 is left, and it must hold every slab
         storm.verify()
 
