@@ -110,3 +110,13 @@ def test_host_in_guest_protection_check_fails_without_mlock() -> None:
     assert re.search(r"check attached mlock: FAIL Locked=\d+kB Pss=\d+kB", out), out[-3000:]
     assert "check attached oom_score_adj: ok" in out and "check attached io_flusher: ok" in out
     assert "detach: rc=0 restored=yes" in out, out[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
+    """No store answers: serve starts, nbd-client connects, mkswap fails; attach undoes."""
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", "0", "--configs",
+                      "stores-unreachable", "--timeout", "300")  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 1, out[-3000:]
+    assert "FAIL attach-failed undo=ok" in out, out[-3000:]

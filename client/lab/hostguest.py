@@ -35,17 +35,30 @@ from .kernel import child, run_lab
 from .ports import free_port
 from .qemu import CACHE, REPO, run_guest
 
-# What the campaign can vary; each removes or weakens one protection, or the RAM.
-CONFIGS: dict[str, tuple[str, list[str], list[str], int | None]] = {
-    # name: (what it is, attach options, serve options, guest RAM or None for --ram)
-    "defaults": ("attach's defaults", [], [], None),
-    "no-io-flusher": ("without PR_SET_IO_FLUSHER", [], ["--no-io-flusher"], None),
-    "no-fifo": ("the agent under SCHED_OTHER, not SCHED_FIFO", [], ["--sched=normal"], None),
-    "no-mlock": ("without mlock (--no-mlock)", [], ["--no-mlock"], None),
-    "min-free-default": ("vm.min_free_kbytes left at the kernel's", ["--min-free-kbytes=0"], [],
-                         None),
-    "ram-192": ("guest RAM 192 MiB", [], [], 192),
-}  # fmt: skip
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the campaign: attach's defaults with one thing taken away or changed."""
+
+    what: str
+    attach: tuple[str, ...] = ()
+    serve: tuple[str, ...] = ()
+    ram: int | None = None  # None: --ram
+    reachable: bool = True  # False: the guest's stores are a port nobody listens on
+
+
+CONFIGS = {
+    "defaults": Config("attach's defaults"),
+    "no-fifo": Config("the agent under SCHED_OTHER, not SCHED_FIFO", serve=("--sched=normal",)),
+    "no-io-flusher": Config("without PR_SET_IO_FLUSHER", serve=("--no-io-flusher",)),
+    "no-mlock": Config("without mlock (--no-mlock)", serve=("--no-mlock",)),
+    "min-free-default": Config(
+        "vm.min_free_kbytes left at the kernel's", attach=("--min-free-kbytes=0",)
+    ),
+    "ram-192": Config("guest RAM 192 MiB", ram=192),
+    # attach fails halfway (mkswap cannot write: no store answers); all must be undone.
+    "stores-unreachable": Config("no store reachable", reachable=False),
+}
 GUEST_HTTP = 9178  # the agent's ops endpoint inside the guest, forwarded to the host
 # Seconds into the storm at which the dashboard screenshot is taken: long enough for
 # the charts to hold a rising pressure curve, short enough to land inside the storm.
@@ -124,9 +137,8 @@ def parse(line: str, run: Run, start: float) -> None:
     elif line.startswith("SWAPTEST progress") or line.startswith("SWAPTEST FAIL"):
         print(f"    {line[9:]}", flush=True)
     elif line.startswith("NETSWAP-RESULT "):
-        kv = dict(_KV.findall(line))
         run.verdict = line.split()[1]
-        run.reason = kv.get("reason", "")
+        run.reason = line.partition("reason=")[2]  # the rest of the line: it may hold spaces
 
 
 class Watcher(threading.Thread):
@@ -179,8 +191,8 @@ def take_screenshot(url: str, path: Path) -> str:
 
 
 def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
-    _, attach, serve, ram = CONFIGS[name]
-    ram = ram or args.ram
+    config = CONFIGS[name]
+    ram = config.ram or args.ram
     mib = 3 * ram if args.size is None else args.size  # 0: attach, check, detach; no storm
     run = Run(name, log=CACHE / f"serial-host-{name}-{index}.log")
     with ExitStack() as stack:
@@ -191,7 +203,10 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
                                        "--capacity", f"{mib + 256}M"], port))  # fmt: skip
             ports.append(port)
         http = args.http_port or free_port()
-        script = guest_script(args, ports, attach, serve, mib, args.seed + index)
+        if not config.reachable:
+            ports = [free_port() for _ in ports]  # picked, never listened on
+        script = guest_script(args, ports, list(config.attach), list(config.serve), mib,
+                              args.seed + index)  # fmt: skip
         initrd = CACHE / f"initrd-host-{http}.img"
         stack.callback(initrd.unlink, missing_ok=True)
         base = (CACHE / "initrd-host.img").read_bytes()
@@ -240,13 +255,16 @@ def run_campaign(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown --configs {','.join(unknown)}; known: {','.join(CONFIGS)}")
     rows = []
+    peers: dict[tuple[int, int], float] = {}
     for name in names:
-        ram = CONFIGS[name][3] or args.ram
+        ram = CONFIGS[name].ram or args.ram
         mib = 3 * ram if args.size is None else args.size  # 0: attach, check, detach; no storm
-        peer = baseline(args, ram, mib) if args.baseline and mib else 0.0
+        if args.baseline and mib and (ram, mib) not in peers:  # one per guest size
+            peers[ram, mib] = baseline(args, ram, mib)
+        peer = peers.get((ram, mib), 0.0)
         runs = []
         for index in range(args.runs):
-            print(f"  {name} run {index + 1}/{args.runs}: {CONFIGS[name][0]}, guest RAM "
+            print(f"  {name} run {index + 1}/{args.runs}: {CONFIGS[name].what}, guest RAM "
                   f"{ram} MiB, pattern {mib} MiB", flush=True)  # fmt: skip
             run = run_once(args, name, index)
             print(f"  -> {run.verdict} {run.reason}".rstrip(), flush=True)
