@@ -29,12 +29,18 @@ def netswap_serve(*args: str, mlock: bool = False) -> Iterator[str]:
             wait_for_port(int(args[args.index("--http") + 1].rsplit(":", 1)[1]), proc)
         yield f"nbd://127.0.0.1:{port}/swap"
     finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
+        err = kill_and_read_stderr(proc)
         assert "Traceback" not in err, err
+
+
+def kill_and_read_stderr(proc: subprocess.Popen[bytes]) -> str:
+    """Stop a server like a crash would (no cleanup) and return what it printed."""
+    proc.kill()
+    proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    return err
 
 
 def connect(uri: str, strict: bool = True) -> nbd.NBD:

@@ -15,7 +15,7 @@ import nbd
 import pytest
 
 from .conftest import free_port, wait_for_port
-from .nbdserver import NETSWAP, connect, errno_of, netswap_serve
+from .nbdserver import NETSWAP, connect, errno_of, kill_and_read_stderr, netswap_serve
 
 PAGE = 4096
 MiB = 1 << 20
@@ -274,11 +274,7 @@ def test_serve_locks_what_it_touches_and_only_that(mlock: bool) -> None:
         h.shutdown()
         kib = rollup_kib(proc.pid)
     finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
+        err = kill_and_read_stderr(proc)
     assert kib["Rss"] < 120 * 1024, f"{kib}: the arena or .bss was populated"
     if mlock:  # Locked is proportional, like Pss: a shared libc page counts a share
         assert "mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): ok" in err, err
