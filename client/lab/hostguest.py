@@ -75,13 +75,9 @@ class Run:
     swap_seconds: float = 0.0
     pswpin: int = 0
     pswpout: int = 0
-    attach: str = ""
-    detach: str = ""
-    min_free: str = ""
     stages: dict[str, float] = field(default_factory=dict)
     log: Path = Path()
     screenshot: str = ""
-    stats_samples: int = 0
 
     def mib_s(self, mib: int) -> float:
         return 2 * mib / self.swap_seconds if self.swap_seconds else 0.0
@@ -127,13 +123,9 @@ def parse(line: str, run: Run, start: float) -> None:
         kv = dict(_KV.findall(line))
         run.swap_seconds = float(kv.get("seconds", 0))
         run.pswpin, run.pswpout = int(kv.get("pswpin", 0)), int(kv.get("pswpout", 0))
-    elif line.startswith("NETSWAP-ATTACH "):
-        run.attach = line[15:]
-    elif line.startswith("NETSWAP-DETACH "):
-        run.detach = line[15:]
-        print(f"    detach: {run.detach}", flush=True)
-    elif line.startswith("NETSWAP-MINFREE "):
-        run.min_free = line[16:]
+    elif line.startswith(("NETSWAP-ATTACH ", "NETSWAP-DETACH ", "NETSWAP-MINFREE ")):
+        what, _, rest = line.partition(" ")
+        print(f"    {what[8:].lower()}: {rest}", flush=True)
     elif line.startswith("SWAPTEST progress") or line.startswith("SWAPTEST FAIL"):
         print(f"    {line[9:]}", flush=True)
     elif line.startswith("NETSWAP-RESULT "):
@@ -142,9 +134,9 @@ def parse(line: str, run: Run, start: float) -> None:
 
 
 class Watcher(threading.Thread):
-    """Polls the guest's forwarded ops endpoint; takes the mid-storm screenshot."""
+    """Takes the dashboard screenshot from the forwarded ops endpoint, mid-storm."""
 
-    def __init__(self, http: int, run: Run, screenshot: Path | None) -> None:
+    def __init__(self, http: int, run: Run, screenshot: Path) -> None:
         super().__init__(daemon=True)
         self.url = f"http://127.0.0.1:{http}/"
         self.run_ = run
@@ -152,20 +144,14 @@ class Watcher(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from ..statscmd import StatsError, fetch
-
         storm_began = 0.0
         while not self.stop.wait(1.0):
-            try:
-                fetch(self.url)
-                self.run_.stats_samples += 1
-            except StatsError:
-                continue
             if "storm" in self.run_.stages and not storm_began:
                 storm_began = time.monotonic()
             late = storm_began and time.monotonic() - storm_began >= SCREENSHOT_AFTER_S
-            if self.screenshot is not None and late and not self.run_.screenshot:
+            if late:
                 self.run_.screenshot = take_screenshot(self.url, self.screenshot)
+                return
 
 
 def take_screenshot(url: str, path: Path) -> str:
@@ -212,10 +198,10 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
         base = (CACHE / "initrd-host.img").read_bytes()
         initrd.write_bytes(base + b"\0" * (-len(base) % 4)
                            + newc_archive({"guest.sh": script}, mode=0o100755))  # fmt: skip
-        shot = args.screenshot if index == 0 and name == "defaults" else None
-        watcher = Watcher(http, run, shot)
-        watcher.start()
-        stack.callback(watcher.stop.set)
+        if args.screenshot is not None and index == 0 and name == "defaults":
+            watcher = Watcher(http, run, args.screenshot)
+            watcher.start()
+            stack.callback(watcher.stop.set)
         start = time.monotonic()
         virtfs = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
         nic = f"user,model=e1000,hostfwd=tcp:127.0.0.1:{http}-:{GUEST_HTTP}"

@@ -142,8 +142,12 @@ def run_attach(args: argparse.Namespace) -> int:
             if args.no_serve:
                 raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
             state.serve_pid = start_serve(host, port, args.serve_args, serve_log(args.device))
-        raise_min_free(state, args.min_free_kbytes)
-        raise_watermark_scale(state, args.watermark_scale_factor)
+        state.old_min_free_kbytes, state.new_min_free_kbytes = raise_floor(
+            SYSCTL, args.min_free_kbytes
+        )
+        state.old_watermark_scale, state.new_watermark_scale = raise_floor(
+            WATERMARK_SCALE, args.watermark_scale_factor
+        )
         run(nbd_client_command(host, port, args.device, args.export))
         state.steps.append("nbd-client")
         run(["mkswap", args.device])
@@ -178,11 +182,8 @@ def undo(state: AttachState) -> None:
         run(["nbd-client", "-d", state.device], check=False)
     if state.serve_pid:
         stop_process(state.serve_pid)
-    if state.new_min_free_kbytes and read_min_free() == state.new_min_free_kbytes:
-        write_min_free(state.old_min_free_kbytes)
-    scale = state.new_watermark_scale
-    if scale and int(WATERMARK_SCALE.read_text()) == scale:
-        WATERMARK_SCALE.write_text(f"{state.old_watermark_scale}\n")
+    restore(SYSCTL, state.old_min_free_kbytes, state.new_min_free_kbytes)
+    restore(WATERMARK_SCALE, state.old_watermark_scale, state.new_watermark_scale)
 
 
 def require_root() -> None:
@@ -279,36 +280,22 @@ def stop_process(pid: int) -> None:
         time.sleep(0.1)
 
 
-def read_min_free() -> int:
-    return int(SYSCTL.read_text().strip())
+def raise_floor(sysctl: Path, floor: int) -> tuple[int, int]:
+    """Raise a vm sysctl to at least `floor`, never lower it: (old value, value set or 0)."""
+    current = int(sysctl.read_text())
+    if current >= floor:
+        return current, 0
+    try:
+        sysctl.write_text(f"{floor}\n")
+    except OSError as exc:
+        raise AttachError(f"cannot raise vm.{sysctl.name} to {floor}: {exc.strerror}") from None
+    return current, floor
 
 
-def write_min_free(value: int) -> None:
-    SYSCTL.write_text(f"{value}\n")
-
-
-def raise_min_free(state: AttachState, floor: int) -> None:
-    current = read_min_free()
-    state.old_min_free_kbytes = current
-    if current < floor:
-        try:
-            write_min_free(floor)
-        except OSError as exc:
-            raise AttachError(
-                f"cannot raise vm.min_free_kbytes to {floor}: {exc.strerror}"
-            ) from None
-        state.new_min_free_kbytes = floor
-
-
-def raise_watermark_scale(state: AttachState, floor: int) -> None:
-    current = int(WATERMARK_SCALE.read_text())
-    state.old_watermark_scale = current
-    if current < floor:
-        try:
-            WATERMARK_SCALE.write_text(f"{floor}\n")
-        except OSError as exc:
-            raise AttachError(f"cannot raise vm.watermark_scale_factor: {exc.strerror}") from None
-        state.new_watermark_scale = floor
+def restore(sysctl: Path, old: int, new: int) -> None:
+    """Put back what raise_floor changed, unless someone changed it since."""
+    if new and int(sysctl.read_text()) == new:
+        sysctl.write_text(f"{old}\n")
 
 
 def run(cmd: list[str], check: bool = True) -> None:

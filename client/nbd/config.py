@@ -93,7 +93,7 @@ class PluginConfig:
             raise ConfigError(f"{key}={value}: {exc}") from None
 
     def _set(self, key: str, value: str) -> None:
-        found = next(((f.name, s) for f, s in _settings() if s.key == key), None)
+        found = next(((f.name, s) for f, s in _FIELDS if s.key == key), None)
         if found is None:
             raise ConfigError(f"unknown parameter {key!r}; known: " + ", ".join(known_keys()))
         name, s = found
@@ -176,7 +176,9 @@ def _settings() -> list[tuple[Any, Setting]]:
     return out
 
 
-SETTINGS = [s for _, s in _settings()]
+# Built once: each PluginConfig field with its setting (what set, serve and the docs use).
+_FIELDS = _settings()
+SETTINGS = [s for _, s in _FIELDS]
 
 
 def known_keys() -> list[str]:
@@ -198,14 +200,14 @@ def help_text() -> str:
     """`--dump-plugin`'s netswap_config_help: one line per key."""
     return "\n".join(
         f"{s.key}={s.metavar}".ljust(30) + _describe(s.help, _default_text(f, s))
-        for f, s in _settings()
+        for f, s in _FIELDS
     )
 
 
 def settings_table() -> str:
     """The README's table of settings (a test checks the README holds exactly this)."""
     rows = ["| plugin key | `netswap serve` | default | what it sets |", "|---|---|---|---|"]
-    for f, s in _settings():
+    for f, s in _FIELDS:
         default = _default_text(f, s) or "—"
         if s.serve_default and s.serve_default != default:
             default += f" (serve: {s.serve_default})"
@@ -217,7 +219,7 @@ def settings_table() -> str:
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """One `netswap serve --KEY` per setting; the plugin validates the values."""
-    for f, s in _settings():
+    for f, s in _FIELDS:
         flag, dest = f"--{s.key}", f.name
         text = _describe(s.help, s.serve_default or _default_text(f, s))
         if s.serve_flag:  # a switch that sets the last choice (--no-mlock: mlock=off)
@@ -238,7 +240,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 def plugin_params(args: argparse.Namespace) -> list[str]:
     """`key=value` for each setting given to `serve` (repeated keys repeat)."""
     params = []
-    for f, s in _settings():
+    for f, s in _FIELDS:
         value = getattr(args, f.name)
         for item in value if s.repeat else [value]:
             if item is not None:
