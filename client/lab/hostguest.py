@@ -63,6 +63,9 @@ GUEST_HTTP = 9178  # the agent's ops endpoint inside the guest, forwarded to the
 # Seconds into the storm at which the dashboard screenshot is taken: long enough for
 # the charts to hold a rising pressure curve, short enough to land inside the storm.
 SCREENSHOT_AFTER_S = 20
+# Serial lines that show the guest moving: its stages, its checks and the verifier's
+# progress (every 10 % of the pattern). Anything else (the vitals loop) does not count.
+PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ")
 _KV = re.compile(r"(\w+)=(\S+)")
 
 
@@ -210,12 +213,10 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
         qemu = ["-virtfs", virtfs, "-smp", str(args.cpus), "-accel", "tcg,thread=multi"]
         # loglevel=7: hung-task reports and sysrq-w/t print their stacks at KERN_INFO.
         boot = run_guest(ram, initrd, "loglevel=7", run.log, args.timeout, on_line, qemu, nic,
-                         sysrq="wt", cpu=args.cpu_model)  # fmt: skip
+                         sysrq="wt", cpu=args.cpu_model, stall_s=args.stall,
+                         progress=PROGRESS)  # fmt: skip
     if boot.timed_out:
-        run.verdict, run.reason = (
-            "HANG",
-            f"deadline {args.timeout:.0f}s passed; sysrq-w in {run.log}",
-        )
+        run.verdict, run.reason = "HANG", boot.hang_reason(args.timeout, run.log)
     elif run.verdict == "PASS" and mib and run.pswpout < (mib - ram) * 256:
         run.verdict, run.reason = "FAIL", f"pswpout {run.pswpout} < {(mib - ram) * 256}"
     elif not run.reason and run.verdict != "PASS":

@@ -6,7 +6,9 @@ the verifier, netswap stays on the host) and the host-in-guest one
 writes lines to its serial console; `run_guest` hands each complete line to
 the caller as it appears, and when the deadline passes it first asks the guest
 kernel for its blocked tasks (sysrq-w through the QEMU monitor) so the kept
-log shows where it hung, then stops QEMU.
+log shows where it hung, then stops QEMU. A stall deadline does the same when
+no progress line has appeared for that long: on a loaded machine a slow run is
+not a hang, and a run that stopped moving is one well before the hard deadline.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ class Boot:
     timed_out: bool
     elapsed_s: float
     qemu_error: str
+    stalled_s: float = 0.0  # >0: stopped for want of progress, after this many seconds
+
+    def hang_reason(self, timeout: float, log: Path) -> str:
+        if self.stalled_s:
+            return f"no progress for {self.stalled_s:.0f}s; blocked tasks in {log}"
+        return f"deadline {timeout:.0f}s passed; blocked tasks in {log}"
 
 
 def build_guest() -> None:
@@ -57,7 +65,11 @@ def run_guest(
     nic: str = "user,model=e1000",
     sysrq: str = "w",
     cpu: str = "max",
+    stall_s: float = 0.0,
+    progress: tuple[str, ...] = (),
 ) -> Boot:
+    """Boot, follow the serial log, stop at the deadline (or after `stall_s` without a
+    line starting with one of `progress`; 0: no stall deadline)."""
     monitor = free_port()
     cmd = [
         "qemu-system-x86_64", "-machine", "q35", "-cpu", cpu,
@@ -75,6 +87,8 @@ def run_guest(
         raise LabError("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)") from None
     seen = 0
     timed_out = False
+    moved = start
+    stalled = 0.0
     while True:
         text = log.read_text(errors="replace") if log.exists() else ""
         for line in text[seen:].splitlines(keepends=True):
@@ -82,9 +96,13 @@ def run_guest(
                 break
             seen += len(line)
             on_line(line.strip())
+            if line.startswith(progress):
+                moved = time.monotonic()
         if qemu.poll() is not None:
             break
-        if time.monotonic() - start > timeout:
+        idle = time.monotonic() - moved
+        if time.monotonic() - start > timeout or (stall_s and idle > stall_s):
+            stalled = idle if stall_s and idle > stall_s else 0.0
             dump_blocked_tasks(monitor, sysrq)
             qemu.kill()
             timed_out = True
@@ -94,7 +112,7 @@ def run_guest(
     err = qemu.stderr.read().decode(errors="replace").strip() if qemu.stderr else ""
     if qemu.stderr:
         qemu.stderr.close()
-    return Boot(timed_out, time.monotonic() - start, err[-300:])
+    return Boot(timed_out, time.monotonic() - start, err[-300:], stalled)
 
 
 def dump_blocked_tasks(port: int, keys: str = "w") -> None:

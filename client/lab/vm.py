@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--host-in-guest", action="store_true",
                       help="the whole swapping host in the guest; stores stay here")  # fmt: skip
     host.add_argument("--runs", type=int, default=1, help="runs per configuration")
+    # 10 % of a 768 MiB pattern at the slowest storm seen (1.5 MiB/s, a loaded machine)
+    # is 51 s; attach's longest stage (python's imports over 9p) about 90 s.
+    host.add_argument("--stall", type=float, default=240,
+                      help="HANG when the guest shows no progress for this many seconds "
+                      "(default 240; 0: only the hard deadline)")  # fmt: skip
     host.add_argument("--cpus", type=int, default=2, help="guest vCPUs (MTTCG; default 2)")
     # qemu64, not max: TCG emulates max's PCLMUL/AVX (zlib's CRC32 path) by helper
     # calls; measured 1.56x faster end to end (173 s vs 270 s for the same run).
