@@ -56,7 +56,6 @@ class PageDevice:
         self.backend = backend
         self.size = size
         self.area = backend.activate(area, size // PAGE_SIZE)
-        self._slot_map = self.area.slot_map
 
     def start(self) -> None:
         """Nothing to start: local backends need no threads."""
@@ -106,14 +105,14 @@ class PageDevice:
 
     def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
         """Runs of data and holes (unmapped slots read as zeros) over the range."""
-        slot_map = self._slot_map
         first = offset // PAGE_SIZE
-        end = min(-(-(offset + count) // PAGE_SIZE), len(slot_map))
+        end = min(-(-(offset + count) // PAGE_SIZE), self.area.pages)
+        pages = self.area.run(first, end - first)  # nbdkit bounds count by the export size
         runs: list[tuple[int, int, int]] = []
         start = first
-        hole = slot_map[first] == UNMAPPED
+        hole = pages[0] == UNMAPPED
         for slot in range(first + 1, end):
-            if (slot_map[slot] == UNMAPPED) != hole:
+            if (pages[slot - first] == UNMAPPED) != hole:
                 runs.append(self._run(start, slot, hole, offset))
                 if req_one:
                     return runs

@@ -46,7 +46,9 @@ from netswap.protocol import (
     SwapIn,
     SwapOut,
     Welcome,
-    batch_crcs,
+    area_seed,
+    batch_tags,
+    page_tag,
 )
 
 DEFAULT_DEADLINE_S = 10.0
@@ -130,10 +132,11 @@ class _RpcProtocol(asyncio.Protocol):
 class StoreClient:
     """One authenticated connection to one page store, bound to one area."""
 
-    def __init__(self, protocol: _RpcProtocol, deadline: float) -> None:
+    def __init__(self, protocol: _RpcProtocol, deadline: float, area: str) -> None:
         self._protocol = protocol
         self._ids = itertools.count(1)
         self.deadline = deadline
+        self.area_seed = area_seed(area)  # every page's tag names the area it belongs to
         self.welcome: Welcome | None = None
 
     @classmethod
@@ -148,7 +151,7 @@ class StoreClient:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(deadline):
             _, protocol = await loop.create_connection(_RpcProtocol, host, port)
-            client = cls(protocol, deadline)
+            client = cls(protocol, deadline, area)
             try:
                 reply = await client._call(Hello(client._next_id(), PROTOCOL_VERSION, area, token))
             except BaseException:
@@ -218,43 +221,86 @@ class StoreClient:
         self,
         slots: Sequence[int],
         data: bytes,
-        checksums: Sequence[int],
+        tags: Sequence[int],
+        generations: bytes,
         done: Callable[[Exception | None], None],
     ) -> None:
         """The batch path's SwapOut: done(None), done(StoreError) or done(transport error)."""
-        request = SwapOut(self._next_id(), tuple(slots), data, tuple(checksums))
+        request = SwapOut(self._next_id(), tuple(slots), data, tuple(tags), generations)
         self._start(request, lambda reply: done(_failure(reply)))
 
     def start_swap_in(
-        self, slots: Sequence[int], done: Callable[[bytes, Exception | None], None]
+        self,
+        slots: Sequence[int],
+        generations: bytes,
+        done: Callable[[bytes, Exception | None], None],
+        current: Callable[[], bytes] | None = None,
     ) -> None:
-        """The batch path's SwapIn: done(pages, None) once verified, else done(b"", error)."""
-        count = len(slots)
+        """The batch path's SwapIn: done(pages, None) once every page is proven to be
+        its slot's at the generation asked for (or, when a write raced the read, at
+        `current()`'s), else done(b"", error)."""
+        slots = tuple(slots)
 
         def on_reply(reply: Reply | Exception) -> None:
-            failure = _failure(reply) or _check_pages(reply, count)
+            failure = _failure(reply) or self._check_pages(reply, slots, generations, current)
             done(b"" if failure is not None else cast(Pages, reply).data, failure)
 
-        self._start(SwapIn(self._next_id(), tuple(slots)), on_reply)
+        self._start(SwapIn(self._next_id(), slots), on_reply)
 
     async def swapfile(self, activate: bool, pages: int) -> None:
         await self._call(Swapfile(self._next_id(), activate, pages, PAGE_SIZE))
 
     async def swap_out(
-        self, slots: Sequence[int], data: bytes, checksums: Sequence[int] | None = None
+        self, slots: Sequence[int], data: bytes, generations: bytes | None = None
     ) -> None:
-        crcs = tuple(checksums) if checksums is not None else batch_crcs(data)
-        reply = await self._call(SwapOut(self._next_id(), tuple(slots), data, crcs))
+        """Store pages written for generations[i] (default: each slot's first write)."""
+        gens = generations if generations is not None else bytes([1]) * len(slots)
+        tags = batch_tags(data, self.area_seed, slots, gens)
+        reply = await self._call(SwapOut(self._next_id(), tuple(slots), data, tags, gens))
         assert isinstance(reply, Ok)
 
-    async def swap_in(self, slots: Sequence[int]) -> bytes:
-        """Fetch pages; checksums are verified end to end (mismatch: StoreError EIO)."""
+    async def swap_in(
+        self,
+        slots: Sequence[int],
+        generations: bytes | None = None,
+        current: Callable[[], bytes] | None = None,
+    ) -> bytes:
+        """Fetch pages, proven end to end to be the slots' at `generations` (default 1)
+        or `current()`'s -- a wrong, damaged or stale page is StoreError EIO."""
+        gens = generations if generations is not None else bytes([1]) * len(slots)
         reply = await self._call(SwapIn(self._next_id(), tuple(slots)))
-        failure = _check_pages(reply, len(slots))
+        failure = self._check_pages(reply, tuple(slots), gens, current)
         if failure is not None:
             raise failure
         assert isinstance(reply, Pages)
         return reply.data
+
+    def _check_pages(
+        self,
+        reply: Reply | Exception,
+        slots: tuple[int, ...],
+        generations: bytes,
+        current: Callable[[], bytes] | None,
+    ) -> StoreError | None:
+        """A SwapIn answer must be one page per slot, each the slot's own page at the
+        generation the caller last wrote: its tag, recomputed here, must match. A
+        write that raced the read (NBD leaves such a read's result to either) moved
+        the generation on; `current` gives the one now, which a page may match."""
+        if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
+            return StoreError(errno.EIO, "store returned the wrong number of pages")
+        seed, tags = self.area_seed, reply.tags
+        computed = batch_tags(reply.data, seed, slots, generations)
+        if computed == tags:
+            return None
+        now = current() if current is not None else generations
+        view = memoryview(reply.data)
+        for i, slot in enumerate(slots):
+            page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            if computed[i] != tags[i] and page_tag(page, seed, slot, now[i]) != tags[i]:
+                return StoreError(
+                    errno.EIO, f"slot {slot}: not its own page at generation {generations[i]}"
+                )
+        return None
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
         await self._call(Discard(self._next_id(), tuple(ranges)))
@@ -285,15 +331,6 @@ def _failure(reply: Reply | Exception) -> Exception | None:
         return reply
     if isinstance(reply, Failed):
         return StoreError(reply.errno, reply.reason)
-    return None
-
-
-def _check_pages(reply: Reply | Exception, count: int) -> StoreError | None:
-    """A SwapIn answer must be `count` pages whose checksums hold end to end."""
-    if not isinstance(reply, Pages) or len(reply.checksums) != count:
-        return StoreError(errno.EIO, "store returned the wrong number of pages")
-    if batch_crcs(reply.data) != reply.checksums:
-        return StoreError(errno.EIO, "page checksum mismatch after transfer")
     return None
 
 

@@ -1,6 +1,17 @@
 """netswap's sans-IO wire protocol: length-prefixed msgpack frames, no I/O here."""
 
-from .checksum import ZERO_PAGE, ZERO_PAGE_CRC, batch_crcs, page_crc
+from .checksum import (
+    MAX_GENERATION,
+    NEVER_WRITTEN,
+    ZERO_PAGE,
+    ZERO_PAGE_CRC,
+    area_seed,
+    batch_tags,
+    next_generation,
+    page_crc,
+    page_tag,
+    slot_seed,
+)
 from .codec import decode, encode
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, StoreError
@@ -8,6 +19,7 @@ from .limits import (
     MAX_BATCH_PAGES,
     MAX_DISCARD_RANGES,
     MAX_FRAME_SIZE,
+    MAX_HELLO_FRAME,
     MAX_SLOTS,
     PAGE_SIZE,
     PROTOCOL_VERSION,
@@ -35,8 +47,11 @@ __all__ = [
     "MAX_BATCH_PAGES",
     "MAX_DISCARD_RANGES",
     "MAX_FRAME_SIZE",
+    "MAX_GENERATION",
+    "MAX_HELLO_FRAME",
     "MAX_SLOTS",
     "NEED_DATA",
+    "NEVER_WRITTEN",
     "PAGE_SIZE",
     "PROTOCOL_VERSION",
     "ZERO_PAGE",
@@ -63,8 +78,12 @@ __all__ = [
     "SwapOut",
     "Swapfile",
     "Welcome",
-    "batch_crcs",
+    "area_seed",
+    "batch_tags",
     "decode",
     "encode",
+    "next_generation",
     "page_crc",
+    "page_tag",
+    "slot_seed",
 ]

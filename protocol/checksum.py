@@ -1,25 +1,66 @@
-"""Per-page checksums: CRC32 (zlib), computed by the writer, kept by the store.
+"""Page tags: a CRC32 of the page bound to where it belongs.
 
-CRC32 is what zlib gives us in C at memory speed, detects every burst error up
-to 32 bits, and is plenty for catching torn or misplaced pages; it is not a
-defence against a malicious store.
+A plain checksum proves the bytes are intact, not that they are the right
+page: a store whose slot map points slot 0 at slot 1's page would return it
+with a valid CRC. So, as T10-DIF's reference tag and ZFS's checksum in the
+block pointer do, the tag covers the page's identity too. It is the CRC32 of
+the page started from a seed that is itself the CRC32 of (area, slot, write
+generation): `zlib.crc32(page, slot_seed(...))`. Two seeds give two different
+tags for the same bytes (a CRC's initial value shifts it by an invertible
+function), so a misdirected read or write, or a copy from before the last
+write of that slot, fails its check and is EIO.
+
+The writer (the agent) picks the generation: 1..255, bumped on every write of
+a slot, 0 meaning "never written". CRC32 in C runs at memory speed; the seed
+costs one more CRC over 9 bytes. It is not a defence against a malicious store.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
+from collections.abc import Sequence
 
 from .limits import PAGE_SIZE
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_PAGE_CRC = zlib.crc32(ZERO_PAGE)
+# Generations wrap 255 -> 1: 0 stays "never written", so an unwritten slot can never
+# pass for a written one. A stale copy exactly 255 writes behind would pass the check:
+# one slot must be rewritten 255 times while one replica misses every one of them.
+NEVER_WRITTEN = 0
+MAX_GENERATION = 255
+
+_IDENTITY = struct.Struct("<QB")
+
+
+def area_seed(area: str) -> int:
+    return zlib.crc32(area.encode())
+
+
+def next_generation(generation: int) -> int:
+    return generation % MAX_GENERATION + 1
+
+
+def slot_seed(area: int, slot: int, generation: int) -> int:
+    return zlib.crc32(_IDENTITY.pack(slot, generation), area)
+
+
+def page_tag(page: bytes | bytearray | memoryview, area: int, slot: int, generation: int) -> int:
+    return zlib.crc32(page, slot_seed(area, slot, generation))
+
+
+def batch_tags(
+    data: bytes | bytearray | memoryview, area: int, slots: Sequence[int], generations: bytes
+) -> tuple[int, ...]:
+    """One tag per PAGE_SIZE page of `data`, for slots[i] at generations[i]."""
+    view, crc32, pack = memoryview(data), zlib.crc32, _IDENTITY.pack
+    return tuple(
+        crc32(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], crc32(pack(slot, generations[i]), area))
+        for i, slot in enumerate(slots)
+    )
 
 
 def page_crc(page: bytes | bytearray | memoryview) -> int:
+    """The plain CRC32, for what has no slot: whole files, index records."""
     return zlib.crc32(page)
-
-
-def batch_crcs(data: bytes | bytearray | memoryview) -> tuple[int, ...]:
-    """One CRC32 per PAGE_SIZE page of `data`."""
-    view = memoryview(data)
-    return tuple(zlib.crc32(view[i : i + PAGE_SIZE]) for i in range(0, len(view), PAGE_SIZE))

@@ -40,11 +40,11 @@ def encode(message: Message) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def frame_length(header: bytes | bytearray | memoryview) -> int:
+def frame_length(header: bytes | bytearray | memoryview, limit: int = MAX_FRAME_SIZE) -> int:
     """Body length announced by a frame header; rejects oversized frames at once."""
     (length,) = _HEADER.unpack_from(header)
-    if length == 0 or length > MAX_FRAME_SIZE:
-        raise RemoteProtocolError(f"frame length {length} outside 1..{MAX_FRAME_SIZE}")
+    if length == 0 or length > limit:
+        raise RemoteProtocolError(f"frame length {length} outside 1..{limit}")
     return int(length)
 
 

@@ -6,7 +6,8 @@ message, NEED_DATA or CLOSED, and `send()` turns a message into bytes. It
 enforces who may send what and that every reply answers exactly one request
 in flight. At most one partial frame is buffered beyond what next_event()
 has not yet been asked for, and a frame header that announces more than
-MAX_FRAME_SIZE fails at once. After a RemoteProtocolError the connection is
+`max_frame` (MAX_FRAME_SIZE; a store lowers it to MAX_HELLO_FRAME until a
+peer has authenticated) fails at once. After a RemoteProtocolError the connection is
 dead: every later call raises again.
 """
 
@@ -16,6 +17,7 @@ import enum
 
 from .codec import HEADER_SIZE, decode, encode, frame_length
 from .errors import LocalProtocolError, RemoteProtocolError
+from .limits import MAX_FRAME_SIZE
 from .messages import Message, Reply, Request
 
 
@@ -38,6 +40,7 @@ class Connection:
     def __init__(self, role: Role) -> None:
         self.role = role
         self._buffer = bytearray()
+        self.max_frame = MAX_FRAME_SIZE  # the largest frame body the peer may send now
         self._eof = False
         self._error: RemoteProtocolError | None = None
         # Request ids awaiting a reply. On the client: ours; on the server: theirs.
@@ -74,7 +77,7 @@ class Connection:
     def _next_event(self) -> Event:
         buf = self._buffer
         if len(buf) >= HEADER_SIZE:
-            length = frame_length(buf)
+            length = frame_length(buf, self.max_frame)
             end = HEADER_SIZE + length
             if len(buf) >= end:
                 message = decode(memoryview(buf)[HEADER_SIZE:end])

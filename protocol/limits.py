@@ -8,7 +8,8 @@ than MAX_FRAME_SIZE is a protocol error before a single payload byte is kept.
 from __future__ import annotations
 
 # Bumped on any incompatible change to the frame layout or a message's fields.
-PROTOCOL_VERSION = 1
+# 2: pages carry tags bound to (area, slot, generation), and SwapOut the generations.
+PROTOCOL_VERSION = 2
 
 # The kernel swaps in units of its base page; x86-64 and arm64 (4K kernels) use 4096.
 PAGE_SIZE = 4096
@@ -22,6 +23,11 @@ MAX_BATCH_PAGES = 256
 # One page's metadata on the wire: a uint64 slot (<= 9 bytes msgpack) and a uint32
 # checksum (<= 5 bytes); 64 KiB of headroom covers a full batch plus the envelope.
 MAX_FRAME_SIZE = MAX_BATCH_PAGES * PAGE_SIZE + 64 * 1024
+
+# Before a peer has authenticated, the only frame it may send is a Hello: type, id and
+# version (<= 15 B msgpack), an area name (MAX_AREA_NAME) and a token (MAX_TOKEN_SIZE),
+# ~340 B at most; 1 KiB keeps what an unauthenticated peer can make a store hold small.
+MAX_HELLO_FRAME = 1024
 
 # Length prefix: a 4-byte big-endian unsigned integer in front of each msgpack body.
 FRAME_HEADER_SIZE = 4

@@ -4,8 +4,10 @@ Requests flow client -> store, replies store -> client; every message carries a
 request id so replies may come back in any order. Validation raises
 LocalProtocolError; the decoder turns that into RemoteProtocolError when the
 message came off the wire. Pages travel as one contiguous `data` blob of
-len(slots) * PAGE_SIZE bytes with one CRC32 per page, so a batch is a single
-msgpack bin and never a list of small objects.
+len(slots) * PAGE_SIZE bytes with one tag per page (a CRC32 bound to the
+area, the slot and the write generation: checksum.py) and, on SwapOut, one
+generation byte per page, so a batch is a few msgpack values and never a list
+of small objects.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
+from .checksum import NEVER_WRITTEN
 from .errors import LocalProtocolError
 from .limits import (
     MAX_AREA_NAME,
@@ -69,13 +72,13 @@ def _check_slots(slots: object) -> None:
     _check(len(set(slots)) == len(slots), "duplicate slot in one batch")
 
 
-def _check_pages(data: object, checksums: object, count: int) -> None:
+def _check_pages(data: object, tags: object, count: int) -> None:
     _check(type(data) is bytes, "data must be bytes")
     assert isinstance(data, bytes)
     _check(len(data) == count * PAGE_SIZE, f"data must be {count} x {PAGE_SIZE} bytes")
-    _check(type(checksums) is tuple and len(checksums) == count, "one checksum per page")
-    assert isinstance(checksums, tuple)
-    _check(_all_ints(checksums, 0, _MAX_U32), "checksums are uint32")
+    _check(type(tags) is tuple and len(tags) == count, "one tag per page")
+    assert isinstance(tags, tuple)
+    _check(_all_ints(tags, 0, _MAX_U32), "tags are uint32")
 
 
 class Message:
@@ -131,18 +134,23 @@ class Swapfile(Request):
 
 @dataclass(frozen=True, slots=True)
 class SwapOut(Request):
-    """Store a batch of pages: data[i*PAGE_SIZE:(i+1)*PAGE_SIZE] goes to slots[i]."""
+    """Store a batch of pages: data[i*PAGE_SIZE:(i+1)*PAGE_SIZE] goes to slots[i],
+    written for the generations[i]-th time (1..255), with tags[i] bound to both."""
 
     TYPE: ClassVar[int] = 3
     request_id: int
     slots: tuple[int, ...]
     data: bytes
-    checksums: tuple[int, ...]
+    tags: tuple[int, ...]
+    generations: bytes
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
         _check_slots(self.slots)
-        _check_pages(self.data, self.checksums, len(self.slots))
+        _check_pages(self.data, self.tags, len(self.slots))
+        gens = self.generations
+        _check(type(gens) is bytes and len(gens) == len(self.slots), "one generation per page")
+        _check(NEVER_WRITTEN not in gens, "generations are 1..255 (0 is never written)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,19 +256,20 @@ class Welcome(Reply):
 
 @dataclass(frozen=True, slots=True)
 class Pages(Reply):
-    """Answer to SwapIn: the pages in request order, with their stored checksums."""
+    """Answer to SwapIn: the pages in request order, with their stored tags (a slot
+    never written reads as zeros tagged for generation 0)."""
 
     TYPE: ClassVar[int] = 67
     request_id: int
     data: bytes
-    checksums: tuple[int, ...]
+    tags: tuple[int, ...]
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
-        _check(type(self.checksums) is tuple, "checksums must be a tuple")
-        count = len(self.checksums)
+        _check(type(self.tags) is tuple, "tags must be a tuple")
+        count = len(self.tags)
         _check(1 <= count <= MAX_BATCH_PAGES, "1..MAX_BATCH_PAGES pages")
-        _check_pages(self.data, self.checksums, count)
+        _check_pages(self.data, self.tags, count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,10 @@
 """asyncio.Protocol shell over the sans-IO Connection, for the page store.
 
 Requests are answered synchronously as they are parsed (backend calls do not
-await), so per-connection in-flight work is bounded by one read chunk. Flow
+await), so per-connection in-flight work is bounded by one read chunk. A
+request whose work comes in slices (a Discard, releasing an area) runs one
+slice per loop iteration; meanwhile this connection reads and parses nothing
+more, so its later requests still see its effect, and other clients run. Flow
 control runs both ways: when the socket's write buffer passes its high-water
 mark we stop reading from that client until it drains, so a client that
 pipelines without reading replies cannot make the store buffer without bound.
@@ -16,7 +19,7 @@ from typing import cast
 
 from netswap.protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Request, Role
 
-from .service import Session, StoreService
+from .service import Session, Slices, StoreService
 
 log = logging.getLogger("netswap.store")
 
@@ -34,6 +37,7 @@ class StoreProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._writing_paused = False
+        self._slices: Slices | None = None  # a sliced request under way
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,7 +60,7 @@ class StoreProtocol(asyncio.Protocol):
     def _drain_events(self) -> None:
         transport = self._transport
         assert transport is not None
-        while not transport.is_closing() and not self._writing_paused:
+        while not transport.is_closing() and not self._writing_paused and self._slices is None:
             try:
                 event = self._conn.next_event()
             except RemoteProtocolError as exc:
@@ -71,7 +75,27 @@ class StoreProtocol(asyncio.Protocol):
                 return
             assert isinstance(event, Request)
             reply = self._session.handle(event)
+            if isinstance(reply, Slices):
+                self._slices = reply
+                transport.pause_reading()
+                self._next_slice()
+                return
             transport.write(self._conn.send(reply))
+
+    def _next_slice(self) -> None:
+        slices, transport = self._slices, self._transport
+        assert slices is not None and transport is not None
+        if not slices.run_slice():
+            # The work goes on even if the peer left: a half-released area would leak.
+            asyncio.get_running_loop().call_soon(self._next_slice)
+            return
+        self._slices = None
+        if transport.is_closing():
+            return
+        transport.write(self._conn.send(slices.reply))
+        if not self._writing_paused:
+            transport.resume_reading()
+        self._drain_events()
 
     def pause_writing(self) -> None:
         # Stop answering (requests stay parsed-later in the sans-IO buffer, at most
@@ -84,7 +108,7 @@ class StoreProtocol(asyncio.Protocol):
         self._writing_paused = False
         if self._transport is not None and not self._transport.is_closing():
             self._drain_events()
-            if not self._writing_paused:
+            if not self._writing_paused and self._slices is None:
                 self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -157,7 +157,8 @@ def test_agent_metadata_is_under_16_bytes_per_slot_at_16_gib() -> None:
     slots = (16 << 30) // 4096
     table = SlabTable(pages=slots, slab_pages=(64 << 20) // 4096, replicas=2)
     assert table.metadata_bytes() / slots <= 16
-    assert table.metadata_bytes() / slots < 0.3  # two bitmaps plus a tiny slab table
+    # two bitmaps, a generation byte per slot, and a tiny slab table
+    assert table.metadata_bytes() / slots < 1.3
 
 
 def test_reserve_hands_out_and_takes_back_buffers() -> None:

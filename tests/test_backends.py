@@ -97,7 +97,7 @@ def test_areas_grow_but_do_not_shrink_and_release_frees_pages(backend: PageBacke
 def test_a_corrupted_page_is_eio_and_counted_never_returned(backend: PageBackend) -> None:
     area = backend.activate("a", 4)
     backend.write(area, [0, 1], memoryview(pages(2)), None)
-    page = area.slot_map[1]
+    page = area.page(1)
     if isinstance(backend, MemoryBackend):
         backend._view[page * PAGE_SIZE] ^= 0xFF
     else:
@@ -210,7 +210,7 @@ def test_range_and_slot_operations_agree_with_a_model(backend: PageBackend, seed
         else:
             backend.flush()
     assert read(backend, "m", list(range(slots))) == b"".join(model[s] for s in range(slots))
-    mapped = sum(1 for s in range(slots) if area.slot_map[s] != -1)
+    mapped = sum(1 for s in range(slots) if area.page(s) != -1)
     assert area.used == mapped
 
 
@@ -219,7 +219,7 @@ def test_sequential_range_writes_stay_contiguous_and_read_as_one_run() -> None:
     area = backend.activate("a", 64)
     data = pages(32, 7)
     backend.write_range(area, 0, 32, memoryview(data))
-    assert list(area.slot_map[:32]) == list(range(32))
+    assert list(area.run(0, 32)) == list(range(32))
     out = bytearray(32 * PAGE_SIZE)
     backend.read_range(area, 0, 32, memoryview(out))
     assert out == data

@@ -30,8 +30,9 @@ crc = st.integers(0, 2**32 - 1)
 def swap_outs(draw: st.DrawFn) -> p.SwapOut:
     slots = draw(slot_tuples)
     data = draw(st.binary(min_size=len(slots) * PAGE_SIZE, max_size=len(slots) * PAGE_SIZE))
-    crcs = tuple(draw(crc) for _ in slots)
-    return p.SwapOut(draw(ids), slots, data, crcs)
+    tags = tuple(draw(crc) for _ in slots)
+    gens = bytes(draw(st.integers(1, 255)) for _ in slots)
+    return p.SwapOut(draw(ids), slots, data, tags, gens)
 
 
 @st.composite
@@ -174,9 +175,11 @@ def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: p.SwapOut(1, (1, 2), bytes(PAGE_SIZE), (0, 0)),  # data too short
-        lambda: p.SwapOut(1, (1, 1), bytes(2 * PAGE_SIZE), (0, 0)),  # duplicate slot
-        lambda: p.SwapOut(1, (), b"", ()),  # empty batch
+        lambda: p.SwapOut(1, (1, 2), bytes(PAGE_SIZE), (0, 0), b"\1\1"),  # data too short
+        lambda: p.SwapOut(1, (1, 1), bytes(2 * PAGE_SIZE), (0, 0), b"\1\1"),  # duplicate slot
+        lambda: p.SwapOut(1, (), b"", (), b""),  # empty batch
+        lambda: p.SwapOut(1, (1, 2), bytes(2 * PAGE_SIZE), (0, 0), b"\1"),  # one generation
+        lambda: p.SwapOut(1, (1, 2), bytes(2 * PAGE_SIZE), (0, 0), b"\1\0"),  # 0: unwritten
         lambda: p.SwapIn(1, tuple(range(p.MAX_BATCH_PAGES + 1))),  # batch too big
         lambda: p.SwapIn(1, (-1,)),
         lambda: p.SwapIn(2**32, (1,)),  # request id overflows uint32
@@ -232,9 +235,22 @@ def test_well_formed_msgpack_with_the_wrong_shape_is_a_remote_error() -> None:
             conn.next_event()
 
 
-def test_batch_crcs_match_zlib() -> None:
+def test_tags_are_crc32_bound_to_area_slot_and_generation() -> None:
     import zlib
 
     data = bytes(range(256)) * 32
-    assert p.batch_crcs(data) == (zlib.crc32(data[:4096]), zlib.crc32(data[4096:]))
+    first, second = data[:PAGE_SIZE], data[PAGE_SIZE:]
+    seed = p.area_seed("swap0")
+    tags = p.batch_tags(data, seed, (5, 9), b"\1\7")
+    assert tags == (p.page_tag(first, seed, 5, 1), p.page_tag(second, seed, 9, 7))
+    assert tags[0] == zlib.crc32(first, p.slot_seed(seed, 5, 1))
+    # The same bytes elsewhere, or written before, or in another area: another tag.
+    others = {
+        p.page_tag(first, seed, 6, 1),
+        p.page_tag(first, seed, 5, 2),
+        p.page_tag(first, p.area_seed("swap1"), 5, 1),
+        zlib.crc32(first),
+    }
+    assert tags[0] not in others and len(others) == 4
     assert zlib.crc32(bytes(4096)) == p.ZERO_PAGE_CRC
+    assert [p.next_generation(g) for g in (0, 1, 254, 255)] == [1, 2, 255, 1]

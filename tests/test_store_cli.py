@@ -52,7 +52,7 @@ def test_file_store_survives_sigterm_and_restart(netswap_cmd: list[str], tmp_pat
 
     async def read() -> bytes:
         client = await StoreClient.connect("127.0.0.1", port, "host1")
-        got = await client.swap_in([11, 10, 12])
+        got = await client.swap_in([11, 10, 12], b"\1\1\0")  # 12: never written
         await client.close()
         return got
 

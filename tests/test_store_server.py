@@ -13,13 +13,16 @@ import pytest
 from netswap.client.rpc import ConnectionLost, StoreClient
 from netswap.protocol import (
     NEED_DATA,
+    NEVER_WRITTEN,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Connection,
     Role,
     StoreError,
+    area_seed,
+    batch_tags,
     encode,
-    page_crc,
+    page_tag,
 )
 from netswap.protocol.messages import Flush, Hello, Pages, Request, SwapIn, Welcome
 from netswap.server.app import StoreServer
@@ -86,7 +89,7 @@ async def test_wrong_token_is_eperm_and_areas_are_isolated(token_store: StoreSer
     beta = await connect(token_store, "beta", "s3cret-b")
     await beta.swapfile(True, 16)
     # Beta's slot 3 is its own: it reads zeros, discards nothing of alpha's.
-    assert await beta.swap_in([3]) == bytes(PAGE_SIZE)
+    assert await beta.swap_in([3], bytes([NEVER_WRITTEN])) == bytes(PAGE_SIZE)
     await beta.discard([(0, 16)])
     await beta.swapfile(False, 0)
     assert await alpha.swap_in([3]) == b"A" * PAGE_SIZE
@@ -113,7 +116,7 @@ async def test_garbage_closes_only_that_connection(store: StoreServer) -> None:
     await good.swap_out([1], b"g" * PAGE_SIZE)
     for junk in (b"\xff" * 64, struct.pack(">I", 1 << 30), struct.pack(">I", 3) + b"\x93\x01\x02"):
         reader, writer = await asyncio.open_connection("127.0.0.1", store.port)
-        writer.write(encode(Hello(1, 1, "bad")) + junk)
+        writer.write(encode(Hello(1, PROTOCOL_VERSION, "bad")) + junk)
         await reader.read(4096)  # the Welcome
         assert await asyncio.wait_for(reader.read(4096), 5) == b""  # then closed by the store
         writer.close()
@@ -155,18 +158,20 @@ async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> Non
     loop = asyncio.get_running_loop()
     pages = [bytes([n]) * PAGE_SIZE for n in range(1, 9)]
     wrote: asyncio.Future[Exception | None] = loop.create_future()
-    client.start_swap_out(range(8), b"".join(pages), [page_crc(p) for p in pages], wrote.set_result)
+    data, gens = b"".join(pages), b"\1" * 8
+    client.start_swap_out(range(8), data, batch_tags(data, client.area_seed, range(8), gens), gens,
+                          wrote.set_result)  # fmt: skip
     assert await asyncio.wait_for(wrote, 5) is None
     read: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
-    client.start_swap_in([7, 0], lambda data, failure: read.set_result((data, failure)))
+    client.start_swap_in([7, 0], b"\1\1", lambda data, failure: read.set_result((data, failure)))
     assert await asyncio.wait_for(read, 5) == (pages[7] + pages[0], None)
     refused: asyncio.Future[Exception | None] = loop.create_future()
-    client.start_swap_out([64], pages[0], [page_crc(pages[0])], refused.set_result)
+    client.start_swap_out([64], pages[0], [0], b"\1", refused.set_result)
     failure = await asyncio.wait_for(refused, 5)  # beyond the area: the store's errno
     assert isinstance(failure, StoreError) and failure.errno == errno.EINVAL
     await store.close()
     lost: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
-    client.start_swap_in([0], lambda data, failure: lost.set_result((data, failure)))
+    client.start_swap_in([0], b"\1", lambda data, failure: lost.set_result((data, failure)))
     data, failure = await asyncio.wait_for(lost, 5)
     assert data == b"" and isinstance(failure, ConnectionLost)
 
@@ -215,7 +220,7 @@ async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> 
         done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         page = bytes(PAGE_SIZE)
         began = time.monotonic()
-        client.start_swap_out([0], page, [page_crc(page)], done.set_result)
+        client.start_swap_out([0], page, [0], b"\1", done.set_result)
         failure = await asyncio.wait_for(done, 5)
         elapsed = time.monotonic() - began
         assert isinstance(failure, TimeoutError)
@@ -229,7 +234,7 @@ async def test_a_garbled_reply_fails_every_pending_call_and_drops_the_connection
         batch: asyncio.Future[tuple[bytes, Exception | None]] = (
             asyncio.get_running_loop().create_future()
         )
-        client.start_swap_in([0], lambda data, failure: batch.set_result((data, failure)))
+        client.start_swap_in([0], b"\1", lambda data, failure: batch.set_result((data, failure)))
         with pytest.raises(ConnectionLost, match="garbage"):
             await client.flush()
         data, failure = await asyncio.wait_for(batch, 5)
@@ -238,22 +243,38 @@ async def test_a_garbled_reply_fails_every_pending_call_and_drops_the_connection
         await client.close()
 
 
-async def test_a_page_whose_checksum_does_not_hold_is_eio_not_data() -> None:
-    def bad_pages(conn: Connection, request: Request) -> bytes:
-        assert isinstance(request, SwapIn)
-        page = b"x" * PAGE_SIZE
-        return conn.send(Pages(request.request_id, page, (page_crc(page) ^ 1,)))
+@pytest.mark.parametrize(
+    ("slot", "generation", "flip", "why"),
+    [
+        (3, 1, 1, "damaged in transit or at rest"),
+        (4, 1, 0, "slot 4's page, with a valid tag, returned for slot 3"),
+        (3, 2, 0, "slot 3's page from before its last write"),
+    ],
+)
+async def test_a_page_that_is_not_the_slots_latest_is_eio_not_data(
+    slot: int, generation: int, flip: int, why: str
+) -> None:
+    """The store (scripted) answers slot 3 at generation 1 with a page whose tag holds
+    for the bytes -- but for another slot or generation, or not at all: each is EIO."""
+    page = b"x" * PAGE_SIZE
 
-    async with ScriptedStore(bad_pages) as port:
+    def pages(conn: Connection, request: Request) -> bytes:
+        assert isinstance(request, SwapIn)
+        tag = page_tag(page, area_seed("a"), slot, generation) ^ flip
+        return conn.send(Pages(request.request_id, page, (tag,)))
+
+    async with ScriptedStore(pages) as port:
         client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
         got: asyncio.Future[tuple[bytes, Exception | None]] = (
             asyncio.get_running_loop().create_future()
         )
-        client.start_swap_in([3], lambda data, failure: got.set_result((data, failure)))
+        client.start_swap_in([3], b"\1", lambda data, failure: got.set_result((data, failure)))
         data, failure = await asyncio.wait_for(got, 5)
-        assert data == b"" and isinstance(failure, StoreError) and failure.errno == errno.EIO
-        with pytest.raises(StoreError, match="checksum"):
-            await client.swap_in([3])
+        assert data == b"" and isinstance(failure, StoreError) and failure.errno == errno.EIO, why
+        with pytest.raises(StoreError, match="not its own page"):
+            await client.swap_in([3], b"\1")
+        if (slot, flip) == (3, 0):  # the right page at a later generation: a raced write
+            assert await client.swap_in([3], b"\1", lambda: bytes([generation])) == page
         await client.close()
 
 
@@ -264,7 +285,7 @@ async def test_a_client_that_never_reads_replies_is_paused_not_buffered(
     await client.swapfile(True, 256)
     await client.swap_out(list(range(256)), bytes(256 * PAGE_SIZE))
     reader, writer = await asyncio.open_connection("127.0.0.1", store.port)
-    writer.write(encode(Hello(1, 1, "reader")))
+    writer.write(encode(Hello(1, PROTOCOL_VERSION, "reader")))
     await reader.readexactly(4)
     from netswap.protocol import SwapIn
 
@@ -280,4 +301,4 @@ async def test_a_client_that_never_reads_replies_is_paused_not_buffered(
     assert transport.get_write_buffer_size() < 8 * 1024 * 1024
     assert stuck[0]._conn.buffered < 1024 * 1024
     writer.transport.abort()
-    assert await client.swap_in([0]) == bytes(PAGE_SIZE)
+    assert await client.swap_in([0]) == bytes(PAGE_SIZE)  # written as zeros above

@@ -28,9 +28,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
-from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError, batch_crcs
+from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError, area_seed, batch_tags
 from netswap.server.ops.pressure import Pressure, sample
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 from netswap.server.ops.snapshot import StoreRow
@@ -73,6 +74,7 @@ class Agent:
         policy: BatchPolicy | None = None,
     ) -> None:
         self.area, self.token, self.pages = area, token, pages
+        self.area_seed = area_seed(area)  # the area identity in every page's tag
         self.reserve = reserve
         self.quorum = quorum
         self.io_timeout = io_timeout
@@ -473,11 +475,20 @@ class Agent:
                 return False
             chunk = written[at : at + SYNC_CHUNK]
             try:
-                data = await src.swap_in(chunk)
-                keep = [i for i, s in enumerate(chunk) if s not in dirty and table.is_written(s)]
+                gens = table.generations_of(chunk)
+                data = await src.swap_in(chunk, gens, partial(table.generations_of, chunk))
+                # Copy only what no write has touched meanwhile, with the generation it
+                # was read at: a newer write reaches the target on its own.
+                now = table.generations_of(chunk)
+                keep = [
+                    i
+                    for i, s in enumerate(chunk)
+                    if s not in dirty and table.is_written(s) and now[i] == gens[i]
+                ]
                 if keep:
                     pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
-                    await copy_to(dst, [chunk[i] for i in keep], pages)
+                    kept = bytes(gens[i] for i in keep)
+                    await copy_to(dst, [chunk[i] for i in keep], pages, kept)
                     self.counters["pages_resynced"] += len(keep)
             except StoreError as exc:
                 log.warning("resync of slab %d failed: %s", slab, exc)
@@ -527,7 +538,7 @@ class Agent:
         return out
 
 
-async def copy_to(client: StoreClient, slots: list[int], pages: bytes) -> None:
+async def copy_to(client: StoreClient, slots: list[int], pages: bytes, generations: bytes) -> None:
     """A resync copy, written to the transport at once, in order with batch writes.
 
     The caller picked `slots` (those not rewritten meanwhile) in this same loop
@@ -541,7 +552,8 @@ async def copy_to(client: StoreClient, slots: list[int], pages: bytes) -> None:
         if not done.done():
             done.set_result(failure)
 
-    client.start_swap_out(slots, pages, batch_crcs(pages), finished)
+    tags = batch_tags(pages, client.area_seed, slots, generations)
+    client.start_swap_out(slots, pages, tags, generations, finished)
     failure = await done
     if failure is not None:
         raise failure

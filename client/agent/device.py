@@ -20,9 +20,8 @@ import asyncio
 import errno
 import logging
 import threading
-import zlib
 
-from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError
+from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError, page_tag
 from netswap.server.units import parse_hostport
 
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
@@ -125,17 +124,17 @@ class RemoteDevice:
             bufs = reserve.acquire(count, self._reserve_wait)
         except ReserveTimeout as exc:
             raise StoreError(errno.EIO, str(exc)) from None
-        views, crc32 = reserve.views, zlib.crc32
-        crcs = []
+        views, seed = reserve.views, self.agent.area_seed
         for i, index in enumerate(bufs):
-            page = views[index]
-            page[:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            crcs.append(crc32(page))
-        op = WriteOp(first, count, bufs, crcs)
+            views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         slots = range(first, first + count)
-        with self._lock:
+        with self._lock:  # generations bump in the order writes enter the in-flight map
+            gens = self.agent.table.mark_written_run(first, count)
+            tags = tuple(
+                page_tag(views[index], seed, first + i, gens[i]) for i, index in enumerate(bufs)
+            )
+            op = WriteOp(first, count, bufs, tags, gens)
             self._inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
-            self.agent.table.mark_written_run(first, count)
             self._ops.add(op)
         if self.write_back:
             op.on_done = self._retire_write_back  # acknowledged now; the loop retires it
@@ -210,7 +209,9 @@ class RemoteDevice:
             self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
 
     def _read_chunk(self, buf: memoryview, first: int, indexes: list[int]) -> None:
-        op = ReadOp([first + i for i in indexes], bytearray(len(indexes) * PAGE_SIZE))
+        slots = [first + i for i in indexes]
+        gens = self.agent.table.generations_of(slots)
+        op = ReadOp(slots, gens, bytearray(len(indexes) * PAGE_SIZE))
         self.agent.submit(self.agent.submit_read, op)
         if not op.done.wait(self._hard_timeout):
             raise StoreError(errno.EIO, "agent did not complete a read")

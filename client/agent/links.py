@@ -190,12 +190,14 @@ class StoreLink:
             return
         views = self.agent.reserve.views
         slots: list[int] = []
-        crcs: list[int] = []
+        tags: list[int] = []
+        gens: list[bytes] = []
         data: list[memoryview] = []
         for op, start, count in batch:
             end = start + count
             slots.extend(range(op.first + start, op.first + end))
-            crcs.extend(op.crcs[start:end])
+            tags.extend(op.tags[start:end])
+            gens.append(op.generations[start:end])
             data.extend([views[b] for b in op.bufs[start:end]])
         began = time.perf_counter()
 
@@ -207,7 +209,7 @@ class StoreLink:
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_out(slots, b"".join(data), crcs, done)
+        client.start_swap_out(slots, b"".join(data), tags, b"".join(gens), done)
 
     def _swap_in(self, batch: list[ReadEntry]) -> None:
         client = self.client
@@ -230,7 +232,10 @@ class StoreLink:
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_in([e.slot for e in batch], done)
+        slots = [e.slot for e in batch]
+        table = self.agent.table
+        client.start_swap_in(slots, bytes(e.generation for e in batch), done,
+                             lambda: table.generations_of(slots))  # fmt: skip
 
     def _outcome(self, client: StoreClient, failure: Exception | None) -> int:
         """0 ok, the store's errno, or -1 when the store is unreachable (now marked down)."""

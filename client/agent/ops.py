@@ -53,13 +53,27 @@ class WriteOp:
     reserve buffers go back.
     """
 
-    __slots__ = ("acks", "bufs", "count", "crcs", "done", "error", "first", "on_done", "remaining")
+    __slots__ = (
+        "acks",
+        "bufs",
+        "count",
+        "done",
+        "error",
+        "first",
+        "generations",
+        "on_done",
+        "remaining",
+        "tags",
+    )
 
-    def __init__(self, first: int, count: int, bufs: list[int], crcs: list[int]) -> None:
+    def __init__(
+        self, first: int, count: int, bufs: list[int], tags: tuple[int, ...], generations: bytes
+    ) -> None:
         self.first = first
         self.count = count
         self.bufs = bufs
-        self.crcs = crcs
+        self.tags = tags  # each page's tag: CRC32 bound to (area, slot, generation)
+        self.generations = generations
         self.acks = [0] * count
         self.remaining = 0
         self.error = 0
@@ -80,12 +94,14 @@ class WriteOp:
 
 
 class ReadOp:
-    """Pages for slots `slots`, gathered into `out` in that order."""
+    """Pages for slots `slots`, gathered into `out` in that order; each must be its
+    slot's at `generations` (the last write before the read was asked for)."""
 
-    __slots__ = ("done", "error", "out", "remaining", "slots")
+    __slots__ = ("done", "error", "generations", "out", "remaining", "slots")
 
-    def __init__(self, slots: list[int], out: bytearray) -> None:
+    def __init__(self, slots: list[int], generations: bytes, out: bytearray) -> None:
         self.slots = slots
+        self.generations = generations
         self.out = out
         self.remaining = len(slots)
         self.error = 0
@@ -95,12 +111,13 @@ class ReadOp:
 class ReadEntry:
     """One page of a ReadOp on its way to one replica; `tried` is a store bitmask."""
 
-    __slots__ = ("index", "op", "slot", "tried")
+    __slots__ = ("generation", "index", "op", "slot", "tried")
 
     def __init__(self, op: ReadOp, index: int) -> None:
         self.op = op
         self.index = index
         self.slot = op.slots[index]
+        self.generation = op.generations[index]
         self.tried = 0
 
 

@@ -6,8 +6,9 @@ write, replica by replica, by power-of-two-choices on free capacity
 nearly as balanced as asking every store, at constant cost. The table is two
 flat byte arrays of slabs x replicas -- store index and replica state -- plus
 one bit per slot saying "ever written", so never-written slots read as zeros
-without a round trip, and a second bit saying "every copy lost" (below). At
-16 GiB of swap that is ~0.25 bytes per slot.
+without a round trip, a second bit saying "every copy lost" (below), and a
+byte per slot of write generation, which every page's tag carries. At 16 GiB
+of swap that is ~1.25 bytes per slot (5 MiB).
 
 Replica states: IN_SYNC (serves reads, takes writes); DOWN (its store is
 unreachable but the replica has missed nothing yet -- back to IN_SYNC if the
@@ -24,7 +25,7 @@ import threading
 from array import array
 from collections.abc import Callable, Sequence
 
-from netswap.protocol import PAGE_SIZE
+from netswap.protocol import MAX_GENERATION, PAGE_SIZE
 
 UNPLACED = -1
 IN_SYNC, STALE, SYNCING, DOWN = 1, 2, 3, 4
@@ -54,6 +55,10 @@ class SlabTable:
         self.state = array("B", [0]) * (self.slabs * replicas)
         self.written = bytearray(-(-pages // 8))
         self.lost = bytearray(-(-pages // 8))
+        # Each slot's write generation (protocol/checksum.py): bumped on every write, and
+        # bound into the page's tag, so a store answering with an older copy is EIO.
+        # 1 byte per slot: 4 MiB at 16 GiB of swap, the largest part of this table.
+        self.generations = bytearray(pages)
         # Every write of the two bitmaps holds this lock: nbdkit's threads mark writes
         # and trims, the agent's loop marks pages lost, and a bit is set or cleared by
         # a read-modify-write of its whole byte, which two threads would undo.
@@ -67,14 +72,21 @@ class SlabTable:
         return range(start, min(start + self.slab_pages, self.pages))
 
     # -- written bitmap -------------------------------------------------------
-    def mark_written_run(self, first: int, count: int) -> None:
-        """Slots first..first+count-1 now hold data (and are no longer lost)."""
-        written, lost = self.written, self.lost
+    def mark_written_run(self, first: int, count: int) -> bytes:
+        """Slots first..first+count-1 now hold data (and are no longer lost); returns
+        their new write generations, the ones their pages' tags must carry."""
+        written, lost, gens = self.written, self.lost, self.generations
         with self.bits_lock:
             for slot in range(first, first + count):
                 bit = 1 << (slot & 7)
                 written[slot >> 3] |= bit
                 lost[slot >> 3] &= ~bit & 0xFF
+                gens[slot] = gens[slot] % MAX_GENERATION + 1
+            return bytes(gens[first : first + count])
+
+    def generations_of(self, slots: Sequence[int]) -> bytes:
+        gens = self.generations
+        return bytes(gens[s] for s in slots)
 
     def mark_lost(self, slot: int) -> None:
         """Every copy of this slot is gone: it reads as EIO until written again."""
@@ -149,7 +161,8 @@ class SlabTable:
             raise LookupError("no page store is up")
 
     def metadata_bytes(self) -> int:
-        return len(self.store) + len(self.state) + len(self.written) + len(self.lost)
+        bitmaps = len(self.written) + len(self.lost)
+        return len(self.store) + len(self.state) + bitmaps + len(self.generations)
 
     def slabs_on(self, store: int) -> list[tuple[int, int]]:
         """(slab, position) of every replica placed on `store`."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .base import UNMAPPED, Area, PageBackend
+from .base import PageBackend
 from .file import FileBackend
 from .memory import MemoryBackend
+from .slotmap import UNMAPPED, Area
 
 BACKENDS = ("memory", "file")
 

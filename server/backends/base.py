@@ -1,28 +1,41 @@
 """The page-store core shared by every backend: areas, slot maps, free list.
 
 A store holds `capacity` pages in one arena (an mmap or a file); an area is a
-named swap area of `pages` slots whose slot map says which arena page holds
-each slot (-1: never written, reads as zeros). Metadata is three flat arrays
--- slot map (4 B/slot), checksums (4 B/page), free stack (4 B/page) -- about
-12 bytes per 4 KiB page, 0.3 %, instead of a dict of page objects.
+named swap area whose slot map (slotmap.py: sparse by cluster, bounded by the
+store's capacity, not by the area's declared size) says which arena page holds
+each slot. Per arena page the store keeps the page's tag (4 B: a CRC32 bound
+to area, slot and write generation -- protocol/checksum.py) and generation
+(1 B); the free stack adds 4 B: about 9 bytes per 4 KiB page, plus ~4.4 bytes
+per mapped slot in clusters.
 
-Backends supply only how an arena page is stored, loaded and synced. Nothing
-here is thread-safe: the store's event loop, or nbdkit serialising all
-requests, is the single caller.
+Reads verify the tag against the slot asked for, so a slot map pointing at the
+wrong page is EIO, never another slot's data. Work that a client can make large
+(discarding ranges, releasing an area) comes as generators of work units, so
+the store's loop can run it in slices (service.py); the plain methods run them
+to the end for in-process callers. Backends supply only how an arena page is
+stored, loaded and synced. Nothing here is thread-safe: the store's event
+loop, or nbdkit serialising all requests, is the single caller.
 """
 
 from __future__ import annotations
 
 import errno
-import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 
-from netswap.protocol import PAGE_SIZE, ZERO_PAGE_CRC, StoreError
+from netswap.protocol import NEVER_WRITTEN, PAGE_SIZE, ZERO_PAGE, StoreError, page_tag
 
-UNMAPPED = -1
+from .slotmap import CLUSTER_SLOTS, MAX_AREAS, UNMAPPED, Area, ClusterBudget
+
 # array('i') indexes arena pages: 2**31 pages of 4 KiB is 8 TiB per store.
 MAX_CAPACITY_PAGES = (1 << 31) - 1
+# Work units (service.py's slices) for unmapping in a held cluster: scanning its 256
+# entries costs ~7 us here, ~35 times the 0.2 us that retiring one page or passing
+# over a cluster not held costs, the unit.
+HELD_CLUSTER_UNITS = 32
+# The generation of pages written by an in-process caller (the embedded device),
+# which keeps no generations of its own: the tag still binds them to their slot.
+LOCAL_GENERATION = 1
 
 
 def _is_run(pages: array[int]) -> bool:
@@ -31,21 +44,6 @@ def _is_run(pages: array[int]) -> bool:
     return pages[-1] - first == len(pages) - 1 and pages == array(
         "i", range(first, first + len(pages))
     )
-
-
-class Area:
-    """One swap area: slot -> arena page, and how many slots are mapped."""
-
-    __slots__ = ("name", "slot_map", "used")
-
-    def __init__(self, name: str, pages: int) -> None:
-        self.name = name
-        self.slot_map = array("i", [UNMAPPED]) * pages
-        self.used = 0
-
-    @property
-    def pages(self) -> int:
-        return len(self.slot_map)
 
 
 class PageBackend:
@@ -59,9 +57,14 @@ class PageBackend:
         self.capacity_pages = capacity_pages
         self.verify = verify
         self.areas: dict[str, Area] = {}
-        self.checksums = array("I", [0]) * capacity_pages
+        self.budget = ClusterBudget(capacity_pages)
+        self.tags = array("I", [0]) * capacity_pages
+        self.generations = bytearray(capacity_pages)
         # A stack of free arena pages; popping from the end hands out 0, 1, 2, ...
         self.free = array("i", range(capacity_pages - 1, -1, -1))
+        # Set when slot maps were lost (a corrupt index record): a slot with no page
+        # may then be one whose page was forgotten, so it reads as EIO, not zeros.
+        self.damaged = False
         self.counters = {
             "pages_written": 0,
             "pages_read": 0,
@@ -89,6 +92,9 @@ class PageBackend:
         """A page is no longer referenced; by default it is free at once."""
         self.free.append(page)
 
+    def _released(self) -> None:
+        """The store holds no area any more (memory hands its arena back to the kernel)."""
+
     def flush(self) -> None:
         """Make every acknowledged write durable (no-op for memory)."""
 
@@ -97,19 +103,35 @@ class PageBackend:
 
     # -- areas --------------------------------------------------------------
     def activate(self, name: str, pages: int) -> Area:
+        """Create or grow an area: O(1) at any size, as its clusters come on first write."""
         area = self.areas.get(name)
         if area is None:
-            area = self.areas[name] = Area(name, pages)
-        elif pages > area.pages:
-            area.slot_map.extend(array("i", [UNMAPPED]) * (pages - area.pages))
+            if len(self.areas) >= MAX_AREAS:
+                self.counters["enospc"] += 1
+                raise StoreError(errno.ENOSPC, f"store holds {MAX_AREAS} areas, the most it may")
+            area = self.areas[name] = Area(name, pages, self.budget)
         elif pages < area.pages:
             raise StoreError(errno.EINVAL, f"area {name} has {area.pages} slots; cannot shrink")
+        area.pages = pages
         return area
 
-    def release(self, name: str) -> None:
+    def release_steps(self, name: str) -> Iterator[int]:
+        """Drop an area at once (a new activate starts empty), then hand its pages
+        back cluster by cluster, yielding the work done (clusters + pages)."""
         area = self.areas.pop(name, None)
-        if area is not None:
-            self._unmap(area, range(area.pages))
+        if area is None:
+            return
+        for index in list(area.clusters):
+            freed = area.unmap_span(index, 0, CLUSTER_SLOTS)
+            self._retire_all(freed)
+            yield HELD_CLUSTER_UNITS + len(freed)
+        if not self.areas:
+            self.damaged = False  # no area left for a lost map to be wrong about
+            self._released()
+
+    def release(self, name: str) -> None:
+        for _ in self.release_steps(name):
+            pass
 
     def area(self, name: str) -> Area:
         area = self.areas.get(name)
@@ -119,32 +141,54 @@ class PageBackend:
 
     # -- pages --------------------------------------------------------------
     def write(
-        self, area: Area, slots: Sequence[int], data: memoryview, crcs: Sequence[int] | None
+        self,
+        area: Area,
+        slots: Sequence[int],
+        data: memoryview,
+        tags: Sequence[int] | None,
+        generations: bytes | None = None,
     ) -> None:
-        """Store len(slots) pages from `data`; all of them or (on error) none."""
+        """Store len(slots) pages from `data`; all of them or (on error) none.
+
+        `tags` and `generations` come from the writer (the agent); without them
+        (an in-process caller) the store tags each page for LOCAL_GENERATION.
+        """
         self._check_slots(area, slots)
-        slot_map = area.slot_map
         cow = self.copy_on_write
-        needed = len(slots) if cow else sum(1 for s in slots if slot_map[s] == UNMAPPED)
+        needed = len(slots) if cow else sum(1 for s in slots if area.page(s) == UNMAPPED)
         if needed > len(self.free):
             self._make_room(needed)
+        self._take_clusters(area, slots)
         for i, slot in enumerate(slots):
             view = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            crc = crcs[i] if crcs is not None else (zlib.crc32(view) if self.verify else 0)
-            page = slot_map[slot]
-            if page == UNMAPPED:
-                page = slot_map[slot] = self.free.pop()
-                area.used += 1
-            elif cow:
-                self._retire(page)
-                page = slot_map[slot] = self.free.pop()
+            gen = generations[i] if generations is not None else LOCAL_GENERATION
+            if tags is not None:
+                tag = tags[i]
+            else:
+                tag = page_tag(view, area.seed, slot, gen) if self.verify else 0
+            page = area.page(slot)
+            if page == UNMAPPED or cow:
+                if page != UNMAPPED:
+                    self._retire(page)
+                page = self.free.pop()
+                area.map(slot, page)
             self._store(page, view)
-            self.checksums[page] = crc
+            self.tags[page] = tag
+            self.generations[page] = gen
         self.counters["pages_written"] += len(slots)
 
     # Memory overwrites a slot's page in place; the file backend writes a fresh page
     # so that the index persisted at the last flush never points at newer data.
     copy_on_write = False
+
+    def _take_clusters(self, area: Area, slots: Sequence[int]) -> None:
+        new = area.new_clusters(slots)
+        if new:
+            try:
+                self.budget.take(new)
+            except StoreError:
+                self.counters["enospc"] += 1
+                raise
 
     def _make_room(self, needed: int) -> None:
         """Called when the free stack is short; raise ENOSPC unless room can be made."""
@@ -152,25 +196,30 @@ class PageBackend:
         raise StoreError(errno.ENOSPC, f"store full: {needed} pages needed, {len(self.free)} free")
 
     def read(self, area: Area, slots: Sequence[int], out: memoryview) -> list[int]:
-        """Fill `out` with the pages of `slots`; returns their checksums."""
+        """Fill `out` with the pages of `slots`; returns their tags."""
         self._check_slots(area, slots)
-        slot_map = area.slot_map
-        crcs: list[int] = []
+        tags: list[int] = []
         for i, slot in enumerate(slots):
             view = out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            page = slot_map[slot]
+            page = area.page(slot)
             if page == UNMAPPED:
-                view[:] = bytes(PAGE_SIZE)
-                crcs.append(ZERO_PAGE_CRC)
+                if self.damaged:
+                    raise StoreError(errno.EIO, f"{area.name} slot {slot}: its map was lost")
+                view[:] = ZERO_PAGE
+                tags.append(page_tag(ZERO_PAGE, area.seed, slot, NEVER_WRITTEN))
                 continue
             self._load(page, view)
-            crc = self.checksums[page]
-            if self.verify and zlib.crc32(view) != crc:
-                self.counters["checksum_errors"] += 1
-                raise StoreError(errno.EIO, f"checksum mismatch in {area.name} slot {slot}")
-            crcs.append(crc)
+            tags.append(self._verified(area, slot, page, view))
         self.counters["pages_read"] += len(slots)
-        return crcs
+        return tags
+
+    def _verified(self, area: Area, slot: int, page: int, view: memoryview) -> int:
+        """The page's tag, once it is proven to be `slot`'s page of `area` (else EIO)."""
+        tag = self.tags[page]
+        if self.verify and page_tag(view, area.seed, slot, self.generations[page]) != tag:
+            self.counters["checksum_errors"] += 1
+            raise StoreError(errno.EIO, f"tag mismatch in {area.name} slot {slot}")
+        return tag
 
     # -- contiguous ranges (NBD requests) ---------------------------------------
     # A multi-page NBD request covers consecutive slots; when those map to
@@ -181,45 +230,40 @@ class PageBackend:
 
     def write_range(self, area: Area, first: int, count: int, data: memoryview) -> None:
         self._check_range(area, first, count)
-        slot_map = area.slot_map
-        current = slot_map[first : first + count]
+        current = area.run(first, count)
         if not self.copy_on_write and current[0] != UNMAPPED and _is_run(current):
             page = current[0]
         else:
+            self._take_clusters(area, range(first, first + count))
             run = self._take_run(count)
             if run is None:
                 self.write(area, range(first, first + count), data, None)
                 return
-            for old in current:
+            for i in range(count):
+                old = area.map(first + i, run + i)
                 if old != UNMAPPED:
                     self._retire(old)
-            area.used += current.count(UNMAPPED)
-            slot_map[first : first + count] = array("i", range(run, run + count))
             page = run
         self._store_run(page, count, data)
+        self.generations[page : page + count] = bytes([LOCAL_GENERATION]) * count
         if self.verify:
-            crc32 = zlib.crc32
-            self.checksums[page : page + count] = array(
-                "I", (crc32(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(count))
+            seed, gen = area.seed, LOCAL_GENERATION
+            pages = (data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(count))
+            self.tags[page : page + count] = array(
+                "I", (page_tag(view, seed, first + i, gen) for i, view in enumerate(pages))
             )
         self.counters["pages_written"] += count
 
     def read_range(self, area: Area, first: int, count: int, out: memoryview) -> None:
         self._check_range(area, first, count)
-        current = area.slot_map[first : first + count]
+        current = area.run(first, count)
         page = current[0]
         if page == UNMAPPED or not _is_run(current):
             self.read(area, range(first, first + count), out)
             return
         self._load_run(page, count, out)
-        if self.verify:
-            crc32, sums = zlib.crc32, self.checksums
-            for i in range(count):
-                if crc32(out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) != sums[page + i]:
-                    self.counters["checksum_errors"] += 1
-                    raise StoreError(
-                        errno.EIO, f"checksum mismatch in {area.name} slot {first + i}"
-                    )
+        for i in range(count):
+            self._verified(area, first + i, page + i, out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         self.counters["pages_read"] += count
 
     def _take_run(self, count: int) -> int | None:
@@ -240,22 +284,27 @@ class PageBackend:
                 errno.EINVAL, f"slots {first}+{count} outside area {area.name} ({area.pages})"
             )
 
-    def discard(self, area: Area, start: int, count: int) -> None:
+    def discard_steps(self, area: Area, start: int, count: int) -> Iterator[int]:
+        """Unmap slots start..start+count-1, yielding the work done per cluster
+        visited: the cost follows what the area holds, not the range's length."""
         if start + count > area.pages:
             raise StoreError(errno.EINVAL, f"discard beyond area end ({area.pages} slots)")
-        self._unmap(area, range(start, start + count))
+        for span in area.spans(start, count):
+            if span is None or span[0] not in area.clusters:
+                yield 1  # a cluster not held, passed over
+                continue
+            freed = area.unmap_span(*span)
+            self._retire_all(freed)
+            yield HELD_CLUSTER_UNITS + len(freed)
 
-    def _unmap(self, area: Area, slots: Iterable[int]) -> None:
-        slot_map = area.slot_map
-        freed = 0
-        for slot in slots:
-            page = slot_map[slot]
-            if page != UNMAPPED:
-                slot_map[slot] = UNMAPPED
-                self._retire(page)
-                freed += 1
-        area.used -= freed
-        self.counters["pages_discarded"] += freed
+    def discard(self, area: Area, start: int, count: int) -> None:
+        for _ in self.discard_steps(area, start, count):
+            pass
+
+    def _retire_all(self, pages: list[int]) -> None:
+        for page in pages:
+            self._retire(page)
+        self.counters["pages_discarded"] += len(pages)
 
     def _check_slots(self, area: Area, slots: Sequence[int]) -> None:
         limit = area.pages
@@ -270,9 +319,9 @@ class PageBackend:
 
     def metadata_bytes(self) -> int:
         """Bytes of index kept per store: what 'overhead per page' measures."""
-        total = self.checksums.itemsize * len(self.checksums)
+        total = self.tags.itemsize * len(self.tags) + len(self.generations)
         total += self.free.itemsize * self.free.buffer_info()[1]
-        total += sum(a.slot_map.itemsize * len(a.slot_map) for a in self.areas.values())
+        total += sum(4 * len(c) for a in self.areas.values() for c in a.clusters.values())
         return total
 
     def stats(self) -> dict[str, int]:
@@ -281,5 +330,7 @@ class PageBackend:
             "capacity_pages": self.capacity_pages,
             "used_pages": self.used_pages,
             "areas": len(self.areas),
+            "clusters": self.budget.held,
+            "clusters_limit": self.budget.limit,
             "metadata_bytes": self.metadata_bytes(),
         }

@@ -1,7 +1,8 @@
 """File backend: pages in one file, the index persisted atomically on flush.
 
 Layout under --path DIR: `pages` (capacity x 4 KiB, sparse, pread/pwrite at
-page * 4096) and `index` (the slot maps and checksums, replaced by rename).
+page * 4096) and `index` (slot maps, tags and generations in checksummed
+records: index.py; replaced by rename).
 
 Crash rule: a store restarted on the same path serves every page it had
 acknowledged before the last completed Flush. To make that true without a
@@ -15,18 +16,17 @@ its own to reclaim retired pages before answering ENOSPC.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import struct
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 from netswap.protocol import PAGE_SIZE, StoreError
 
-from .base import UNMAPPED, Area, PageBackend
-
-_MAGIC = b"NSWPIDX1"
-_LEN = struct.Struct("<Q")
+from . import index
+from .base import PageBackend
+from .slotmap import CLUSTER_SLOTS, UNMAPPED
 
 
 class FileBackend(PageBackend):
@@ -84,17 +84,12 @@ class FileBackend(PageBackend):
         self._retired.clear()
 
     def _write_index(self) -> None:
-        header = {
-            "capacity_pages": self.capacity_pages,
-            "areas": [[a.name, a.pages] for a in self.areas.values()],
-        }
+        numbers = {name: n for n, name in enumerate(self.areas)}
+        count = sum(len(a.clusters) for a in self.areas.values())
         tmp = self.path / "index.tmp"
         with open(tmp, "wb") as f:
-            blob = json.dumps(header).encode()
-            f.write(_MAGIC + _LEN.pack(len(blob)) + blob)
-            for area in self.areas.values():
-                f.write(area.slot_map.tobytes())
-            f.write(self.checksums.tobytes())
+            areas = [(a.name, a.pages) for a in self.areas.values()]
+            index.write(f, self.capacity_pages, areas, self.damaged, self._records(numbers), count)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / "index")
@@ -104,36 +99,39 @@ class FileBackend(PageBackend):
         finally:
             os.close(dir_fd)
 
+    def _records(self, numbers: dict[str, int]) -> Iterator[index.Cluster]:
+        tags, gens = self.tags, self.generations
+        for area in self.areas.values():
+            for number, cluster in area.clusters.items():
+                pages = cluster[:CLUSTER_SLOTS]
+                mapped = [(i, p) for i, p in enumerate(pages) if p != UNMAPPED]
+                t, g = array("I", [0]) * CLUSTER_SLOTS, bytearray(CLUSTER_SLOTS)
+                for i, p in mapped:
+                    t[i], g[i] = tags[p], gens[p]
+                yield index.Cluster(numbers[area.name], number, pages, t, bytes(g))
+
     def _load_index(self) -> None:
-        index = self.path / "index"
-        if not index.exists():
+        path = self.path / "index"
+        if not path.exists():
             return
         try:
-            self._parse_index(index, index.read_bytes())
-        except (KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
-            raise ValueError(f"{index}: corrupt index ({exc.__class__.__name__})") from None
-
-    def _parse_index(self, index: Path, raw: bytes) -> None:
-        if raw[:8] != _MAGIC:
-            raise ValueError(f"{index}: not a netswap index")
-        (length,) = _LEN.unpack_from(raw, 8)
-        header = json.loads(raw[16 : 16 + length])
-        if header["capacity_pages"] > self.capacity_pages:
-            raise ValueError(
-                f"{index} holds {header['capacity_pages']} pages; capacity cannot shrink"
-            )
-        offset = 16 + length
+            loaded = index.read(path.read_bytes(), self.capacity_pages, str(path))
+        except (KeyError, TypeError, ValueError, struct.error) as exc:
+            if isinstance(exc, index.UnusableIndex):
+                raise
+            raise index.UnusableIndex(f"{path}: corrupt index ({type(exc).__name__})") from None
+        areas = [self.activate(name, pages) for name, pages in loaded.areas]
         used: set[int] = set()
-        for name, pages in header["areas"]:
-            area = self.areas[name] = Area(name, 0)
-            area.slot_map = array("i")
-            area.slot_map.frombytes(raw[offset : offset + 4 * pages])
-            offset += 4 * pages
-            mapped = [p for p in area.slot_map if p != UNMAPPED]
-            area.used = len(mapped)
-            used.update(mapped)
-        old = header["capacity_pages"]
-        self.checksums[:old] = array("I", raw[offset : offset + 4 * old])
+        for c in loaded.clusters:
+            area = areas[c.area]
+            self.budget.take(area.new_clusters([c.index * CLUSTER_SLOTS]))
+            for i, page in enumerate(c.pages):
+                if page != UNMAPPED:
+                    area.map(c.index * CLUSTER_SLOTS + i, page)
+                    self.tags[page], self.generations[page] = c.tags[i], c.generations[i]
+                    used.add(page)
+        self.damaged = loaded.damaged
+        self.counters["index_records_lost"] = loaded.lost
         self.free = array("i", (p for p in range(self.capacity_pages - 1, -1, -1) if p not in used))
 
     def close(self) -> None:

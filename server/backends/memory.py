@@ -41,10 +41,8 @@ class MemoryBackend(PageBackend):
         offset = page * PAGE_SIZE
         out[:] = self._view[offset : offset + count * PAGE_SIZE]
 
-    def release(self, name: str) -> None:
-        super().release(name)
-        if not self.areas:
-            self._arena.madvise(mmap.MADV_DONTNEED)
+    def _released(self) -> None:
+        self._arena.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self._view.release()

@@ -1,0 +1,125 @@
+"""The file backend's index on disk: format 2, every record checksummed.
+
+Layout: MAGIC, then a header record (u32 length, JSON, u32 CRC32 of the JSON:
+capacity, areas with their declared sizes, how many cluster records follow,
+and whether maps were lost before), then one fixed-size record per cluster:
+area number, cluster number, then per slot its arena page (i32, -1 unmapped),
+tag (u32) and generation (u8), and a CRC32 of all of it.
+
+A flipped bit can no longer move a page: a record whose CRC fails, or whose
+fields are impossible (a page outside the arena or claimed twice, a mapped
+slot with generation 0), is dropped and the store marks itself damaged, so an
+unmapped slot reads as EIO rather than zeros; and every page's tag names its
+slot, so a map that does load but is wrong is EIO at the first read. A
+corrupt header, or format 1 from an older netswap, refuses to start with one
+line saying so: the page file is left untouched for an operator to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .slotmap import CLUSTER_SLOTS, UNMAPPED
+
+MAGIC = b"NSWPIDX2"
+OLD_MAGIC = b"NSWPIDX1"  # format 1: bare slot maps and checksums, no record checks
+_LEN = struct.Struct("<I")
+_CRC = struct.Struct("<I")
+_KEY = struct.Struct("<IQ")  # area number, cluster number
+RECORD_SIZE = _KEY.size + CLUSTER_SLOTS * (4 + 4 + 1) + _CRC.size
+# The JSON header names every area (MAX_AREAS x ~100 bytes): 1 MiB bounds it.
+MAX_HEADER = 1 << 20
+
+
+class UnusableIndex(ValueError):
+    """The index cannot be used at all (wrong format, corrupt header): refuse to start."""
+
+
+@dataclass
+class Cluster:
+    area: int
+    index: int
+    pages: array[int]
+    tags: array[int]
+    generations: bytes
+
+
+@dataclass
+class Loaded:
+    capacity_pages: int
+    areas: list[tuple[str, int]]
+    clusters: list[Cluster] = field(default_factory=list)
+    lost: int = 0  # records dropped
+    damaged: bool = False
+
+
+def write(f: BinaryIO, capacity_pages: int, areas: list[tuple[str, int]], damaged: bool,
+          clusters: Iterator[Cluster], count: int) -> None:  # fmt: skip
+    header = json.dumps({"capacity_pages": capacity_pages, "areas": areas,
+                         "clusters": count, "damaged": damaged}).encode()  # fmt: skip
+    f.write(MAGIC + _LEN.pack(len(header)) + header + _CRC.pack(zlib.crc32(header)))
+    for c in clusters:
+        body = _KEY.pack(c.area, c.index) + c.pages.tobytes() + c.tags.tobytes() + c.generations
+        f.write(body + _CRC.pack(zlib.crc32(body)))
+
+
+def read(raw: bytes, capacity_pages: int, where: str) -> Loaded:
+    if raw[:8] == OLD_MAGIC:
+        raise UnusableIndex(f"{where} is index format 1, from a netswap before protocol 2; "
+                          "this store reads format 2 -- move the directory aside or use a "
+                          "fresh --path")  # fmt: skip
+    if raw[:8] != MAGIC:
+        raise UnusableIndex(f"{where} is not a netswap index")
+    (length,) = _LEN.unpack_from(raw, 8) if len(raw) >= 12 else (MAX_HEADER + 1,)
+    blob = raw[12 : 12 + length]
+    crc = raw[12 + length : 16 + length]
+    if length > MAX_HEADER or len(crc) != 4 or _CRC.unpack(crc)[0] != zlib.crc32(blob):
+        raise UnusableIndex(f"{where}: corrupt header (its checksum fails)")
+    header = json.loads(blob)
+    if header["capacity_pages"] > capacity_pages:
+        raise UnusableIndex(f"{where} holds {header['capacity_pages']} pages; capacity cannot "
+                          "shrink")  # fmt: skip
+    loaded = Loaded(header["capacity_pages"], [(n, p) for n, p in header["areas"]])
+    loaded.damaged = bool(header["damaged"])
+    claimed: set[int] = set()
+    offset = 16 + length
+    for _ in range(header["clusters"]):
+        record = raw[offset : offset + RECORD_SIZE]
+        offset += RECORD_SIZE
+        cluster = _parse(record, loaded, claimed)
+        if cluster is None:
+            loaded.lost += 1
+        else:
+            loaded.clusters.append(cluster)
+    loaded.damaged = loaded.damaged or loaded.lost > 0
+    return loaded
+
+
+def _parse(record: bytes, loaded: Loaded, claimed: set[int]) -> Cluster | None:
+    """One record, or None when it cannot be trusted."""
+    if len(record) != RECORD_SIZE:
+        return None
+    body, (crc,) = record[:-4], _CRC.unpack(record[-4:])
+    if zlib.crc32(body) != crc:
+        return None
+    area, index = _KEY.unpack_from(body)
+    at = _KEY.size
+    pages = array("i", body[at : at + 4 * CLUSTER_SLOTS])
+    tags = array("I", body[at + 4 * CLUSTER_SLOTS : at + 8 * CLUSTER_SLOTS])
+    gens = body[at + 8 * CLUSTER_SLOTS :]
+    if area >= len(loaded.areas) or index * CLUSTER_SLOTS >= loaded.areas[area][1]:
+        return None
+    mapped = [(p, g) for p, g in zip(pages, gens, strict=True) if p != UNMAPPED]
+    if any(not 0 <= p < loaded.capacity_pages or g == 0 for p, g in mapped):
+        return None
+    mine = {p for p, _ in mapped}
+    if len(mine) != len(mapped) or mine & claimed:
+        return None
+    claimed |= mine
+    return Cluster(area, index, pages, tags, gens)

@@ -1,0 +1,155 @@
+"""An area's slot map, sparse by cluster: memory follows what is written.
+
+An area declares how many slots it has, but that number is only a bound on
+slot numbers: a client may declare 2**40 slots. So the map is not one array of
+the declared size but a dict of clusters of CLUSTER_SLOTS slots, created on a
+cluster's first write and dropped when its last page goes -- activating or
+releasing an area costs the same at any declared size, and a store's metadata
+is bounded by the clusters it holds (`ClusterBudget`), never by what a client
+declares. Each cluster is one array('i') of arena pages (UNMAPPED: never
+written, or discarded) with its mapped count kept in one extra element.
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+from collections.abc import Iterable, Iterator
+
+from netswap.protocol import StoreError, area_seed
+
+UNMAPPED = -1
+# The kernel hands out swap slots in clusters of SWAPFILE_CLUSTER = 256 (mm/swapfile.c),
+# and the agent places whole slabs: written slots come in runs, so a 256-slot cluster is
+# mostly full. One costs 1 KiB + ~120 B of object and dict overhead: 0.03 % of the
+# 1 MiB of pages it maps when full.
+CLUSTER_SLOTS = 256
+_SHIFT = 8  # log2(CLUSTER_SLOTS)
+_COUNT = CLUSTER_SLOTS  # index of the mapped-count element
+# A store holds at most this many clusters per cluster's worth of capacity: 4x the dense
+# layout, so a client scattering single pages can cost the store at most
+# 4 * 1.1 KiB / 1 MiB = 0.4 % of its capacity in slot maps (plus MIN_CLUSTERS),
+# and gets ENOSPC past that.
+SPARSE_FACTOR = 4
+# Room for small stores and many small areas: 1,024 clusters is 1.1 MiB of metadata.
+MIN_CLUSTERS = 1024
+# One area per swapping host (or per device of one); a store serving more hosts than
+# this is past its NIC's budget long before. An Area with no cluster costs ~300 B.
+MAX_AREAS = 4096
+
+
+class ClusterBudget:
+    """Every cluster of every area, counted against one store-wide bound."""
+
+    def __init__(self, capacity_pages: int) -> None:
+        self.limit = capacity_pages // CLUSTER_SLOTS * SPARSE_FACTOR + MIN_CLUSTERS
+        self.held = 0
+
+    def take(self, count: int) -> None:
+        if self.held + count > self.limit:
+            raise StoreError(
+                errno.ENOSPC,
+                f"slot maps full: {self.held} of {self.limit} clusters held "
+                f"(writes scattered over more than {SPARSE_FACTOR}x the dense layout)",
+            )
+        self.held += count
+
+
+class Area:
+    """One swap area: slot -> arena page, by cluster."""
+
+    __slots__ = ("budget", "clusters", "name", "pages", "seed", "used")
+
+    def __init__(self, name: str, pages: int, budget: ClusterBudget) -> None:
+        self.name = name
+        self.pages = pages
+        self.seed = area_seed(name)  # the tags' area identity (protocol/checksum.py)
+        self.clusters: dict[int, array[int]] = {}
+        self.used = 0
+        self.budget = budget
+
+    def page(self, slot: int) -> int:
+        cluster = self.clusters.get(slot >> _SHIFT)
+        return UNMAPPED if cluster is None else cluster[slot & (CLUSTER_SLOTS - 1)]
+
+    def run(self, first: int, count: int) -> array[int]:
+        """The arena pages of slots first..first+count-1."""
+        out = array("i")
+        for index, low, high in _spans(first, count):
+            cluster = self.clusters.get(index)
+            out.extend(cluster[low:high] if cluster is not None else _unmapped(high - low))
+        return out
+
+    def new_clusters(self, slots: Iterable[int]) -> int:
+        """How many clusters writing `slots` would create."""
+        clusters = self.clusters
+        return len({s >> _SHIFT for s in slots} - clusters.keys())
+
+    def map(self, slot: int, page: int) -> int:
+        """Point `slot` at `page`; returns the page it pointed at (or UNMAPPED). The
+        caller took budget for any cluster this creates (new_clusters)."""
+        index, offset = slot >> _SHIFT, slot & (CLUSTER_SLOTS - 1)
+        cluster = self.clusters.get(index)
+        if cluster is None:
+            cluster = self.clusters[index] = _unmapped(CLUSTER_SLOTS + 1)
+            cluster[_COUNT] = 0
+        old = cluster[offset]
+        cluster[offset] = page
+        if old == UNMAPPED:
+            cluster[_COUNT] += 1
+            self.used += 1
+        return old
+
+    def unmap_span(self, index: int, low: int, high: int) -> list[int]:
+        """Unmap slots low..high-1 of cluster `index`; returns the pages they held."""
+        cluster = self.clusters.get(index)
+        if cluster is None:
+            return []
+        freed = [p for p in cluster[low:high] if p != UNMAPPED]
+        if not freed:
+            return freed
+        cluster[low:high] = _unmapped(high - low)
+        cluster[_COUNT] -= len(freed)
+        self.used -= len(freed)
+        if cluster[_COUNT] == 0:
+            del self.clusters[index]
+            self.budget.held -= 1
+        return freed
+
+    def spans(self, first: int, count: int) -> Iterator[tuple[int, int, int] | None]:
+        """(cluster, low, high) for every cluster slots first..+count may hold, walking
+        the range or the held clusters, whichever is shorter; None for a held cluster
+        outside the range. Each item is one unit of work: callers budget by items."""
+        head, last = first >> _SHIFT, (first + count - 1) >> _SHIFT
+        if last - head < len(self.clusters):
+            yield from _spans(first, count)
+            return
+        for index in list(self.clusters):  # a snapshot: the caller unmaps as it goes
+            if not head <= index <= last:
+                yield None
+                continue
+            base = index << _SHIFT
+            yield index, max(first - base, 0), min(first + count - base, CLUSTER_SLOTS)
+
+    def mapped(self) -> Iterator[tuple[int, int]]:
+        """(slot, page) of every mapped slot."""
+        for index, cluster in self.clusters.items():
+            base = index << _SHIFT
+            for offset in range(CLUSTER_SLOTS):
+                if cluster[offset] != UNMAPPED:
+                    yield base + offset, cluster[offset]
+
+
+def _spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
+    """(cluster, low, high) covering slots first..first+count-1."""
+    slot, end = first, first + count
+    while slot < end:
+        index = slot >> _SHIFT
+        low = slot - (index << _SHIFT)
+        high = min(CLUSTER_SLOTS, end - (index << _SHIFT))
+        yield index, low, high
+        slot += high - low
+
+
+def _unmapped(count: int) -> array[int]:
+    return array("i", [UNMAPPED]) * count

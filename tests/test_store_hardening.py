@@ -1,0 +1,276 @@
+"""The store under a hostile or buggy client: the three defects of issue #14.
+
+1. An area's declared size costs nothing until written: Swapfile(2**40 slots)
+   on a real store process moves its RSS by under a few MiB, and releasing it
+   is instant; scattered writes stop at the slot-map budget with ENOSPC.
+2. No request holds the loop: a 1,024-range Discard over 2**30 slots runs in
+   slices while another client's 1-page reads keep a millisecond-class p99.
+3. A page is bound to its slot: a misdirected write, or an index whose bytes
+   were flipped, is EIO or a refusal to start -- never another slot's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netswap.client.lab.ports import free_port
+from netswap.client.rpc import StoreClient
+from netswap.protocol import PAGE_SIZE, StoreError, batch_tags
+from netswap.server.app import StoreServer
+from netswap.server.backends import FileBackend, MemoryBackend
+from netswap.server.backends.index import UnusableIndex
+from netswap.server.backends.slotmap import CLUSTER_SLOTS, MAX_AREAS
+
+from .conftest import wait_for_port
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError("no VmRSS")
+
+
+@pytest.fixture
+def big_store(netswap_cmd: list[str]) -> Iterator[tuple[int, int]]:
+    """A real store process of 1 GiB: (port, pid)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*netswap_cmd, "store", "--listen", f"127.0.0.1:{port}", "--capacity", "1G"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc)
+        yield port, proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- 1: an area's size ---------------------------------------------------------------
+@pytest.mark.parametrize("pages", [2**28, 2**32, 2**40])
+async def test_a_huge_area_costs_nothing_until_written(
+    big_store: tuple[int, int], pages: int
+) -> None:
+    port, pid = big_store
+    client = await StoreClient.connect("127.0.0.1", port, "huge")
+    before = rss_kib(pid)
+    await client.swapfile(True, pages)
+    last = pages - 1
+    await client.swap_out([0, last], b"a" * PAGE_SIZE + b"z" * PAGE_SIZE)
+    assert await client.swap_in([last, 0]) == b"z" * PAGE_SIZE + b"a" * PAGE_SIZE
+    grown = rss_kib(pid) - before
+    # Before: 2**28 slots grew the store by ~1 GiB (a 4-byte slot map entry per slot).
+    assert grown < 8 * 1024, f"RSS grew {grown} KiB for an area of {pages} slots"
+    began = time.perf_counter()
+    await client.swapfile(False, 0)  # before: ~7 s of a blocked loop at 2**28
+    assert time.perf_counter() - began < 0.5
+    await client.close()
+
+
+def test_scattered_writes_stop_at_the_slot_map_budget_with_enospc() -> None:
+    backend = MemoryBackend(4 * CLUSTER_SLOTS)  # budget: 4 x 4 + 1024 clusters
+    area = backend.activate("a", 1 << 40)
+    page = memoryview(bytes(PAGE_SIZE))
+    limit = backend.budget.limit
+    for n in range(limit):  # one page per cluster: each write creates a cluster
+        if backend.free:
+            backend.write(area, [n * CLUSTER_SLOTS], page, None)
+        else:
+            backend.discard(area, (n - 1) * CLUSTER_SLOTS, 1)  # keep a page free
+            backend.write(area, [n * CLUSTER_SLOTS], page, None)
+            backend.discard(area, n * CLUSTER_SLOTS, 1)  # and the cluster count low
+    assert backend.budget.held <= limit
+    backend2 = MemoryBackend(1 << 16)
+    area2 = backend2.activate("b", 1 << 40)
+    with pytest.raises(StoreError) as info:
+        for n in range(backend2.budget.limit + 1):
+            backend2.write(area2, [n * CLUSTER_SLOTS], page, None)
+    assert info.value.errno == errno.ENOSPC and "slot maps full" in info.value.reason
+    assert backend2.budget.held == backend2.budget.limit
+    assert backend2.stats()["enospc"] == 1
+    # What is held still reads back; freeing clusters gives the budget back.
+    backend2.discard(area2, 0, 1 << 30)
+    assert backend2.budget.held < backend2.budget.limit
+    backend2.write(area2, [7], page, None)
+
+
+def test_areas_are_bounded_in_number() -> None:
+    backend = MemoryBackend(64)
+    for n in range(MAX_AREAS):
+        backend.activate(f"a{n}", 1 << 40)
+    with pytest.raises(StoreError) as info:
+        backend.activate("one-more", 1)
+    assert info.value.errno == errno.ENOSPC
+    backend.activate("a0", 1 << 40)  # an existing area is not a new one
+
+
+# -- 2: work per request -------------------------------------------------------------
+async def test_a_worst_case_discard_does_not_stall_another_clients_reads(
+    netswap_cmd: list[str],
+) -> None:
+    port = free_port()
+    # 4 GiB, reserved not touched: a slot-map budget of 17,408 clusters.
+    proc = subprocess.Popen(
+        [*netswap_cmd, "store", "--listen", f"127.0.0.1:{port}", "--capacity", "4G"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc)
+        attacker = await StoreClient.connect("127.0.0.1", port, "attacker", deadline=120)
+        await attacker.swapfile(True, 1 << 40)
+        # One page in each of 16,384 clusters: as much as there is to walk.
+        page = bytes(PAGE_SIZE) * 256
+        for base in range(0, 16384, 256):
+            await attacker.swap_out([(base + i) * CLUSTER_SLOTS for i in range(256)], page)
+        victim = await StoreClient.connect("127.0.0.1", port, "victim", deadline=10)
+        await victim.swapfile(True, 16)
+        await victim.swap_out([0], b"v" * PAGE_SIZE)
+        quiet = []
+        for _ in range(200):
+            t = time.perf_counter()
+            await victim.swap_in([0])
+            quiet.append(time.perf_counter() - t)
+        # 1,024 ranges of 2**20 slots (a 7 KiB frame): 2**30 slots, 4,194,304 clusters.
+        ranges = [(n << 20, 1 << 20) for n in range(1024)]
+        began = time.perf_counter()
+        discard = asyncio.ensure_future(attacker.discard(ranges))
+        latencies = []
+        while not discard.done():
+            t = time.perf_counter()
+            assert await victim.swap_in([0]) == b"v" * PAGE_SIZE
+            latencies.append(time.perf_counter() - t)
+        await discard
+        took = time.perf_counter() - began
+        quiet.sort()
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99)]
+        print(f"discard {took:.2f}s; victim reads meanwhile {len(latencies)}: "
+              f"p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, "
+              f"max {latencies[-1] * 1e3:.2f} ms; alone p99 "
+              f"{quiet[int(len(quiet) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
+        assert len(latencies) >= 20  # the victim ran all along, not once at the end
+        assert p99 < 0.02  # before: one read waited for the whole discard (35 s)
+        stats = await victim.stats()
+        assert stats["clusters"] == 1 and stats["used_pages"] == 1  # all but the victim's
+        await attacker.close()
+        await victim.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- 3: a page is bound to its slot --------------------------------------------------
+async def test_a_misdirected_write_is_eio_at_the_store_and_the_client(
+    store: StoreServer,
+) -> None:
+    client = await StoreClient.connect("127.0.0.1", store.port, "a")
+    await client.swapfile(True, 16)
+    page = b"m" * PAGE_SIZE
+    tag_for_slot_1 = batch_tags(page, client.area_seed, [1], b"\1")
+    done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    client.start_swap_out([2], page, tag_for_slot_1, b"\1", done.set_result)  # slot 1's tag
+    assert await done is None
+    with pytest.raises(StoreError) as info:
+        await client.swap_in([2])
+    assert info.value.errno == errno.EIO and "tag mismatch" in info.value.reason
+    assert store.service.backend.stats()["checksum_errors"] == 1
+    await client.close()
+
+
+def fill(path: Path, slots: int) -> dict[int, bytes]:
+    backend = FileBackend(path, 64)
+    area = backend.activate("a", 64)
+    truth = {s: bytes([s + 1]) * PAGE_SIZE for s in range(slots)}
+    for s, data in truth.items():
+        backend.write(area, [s], memoryview(data), None)
+    backend.flush()
+    backend.close()
+    return truth
+
+
+def test_a_flipped_index_byte_is_eio_or_a_refusal_never_wrong_data(tmp_path: Path) -> None:
+    """The probe that found 3 wrong pages in 40 flips, over more flips: each flip either
+    stops the store at start (one clear line) or leaves every slot right or EIO."""
+    clean = tmp_path / "clean"
+    truth = fill(clean, 24)
+    size = (clean / "index").stat().st_size
+    rng = random.Random(14)
+    outcomes = {"refused": 0, "eio": 0, "all-right": 0}
+    for trial in range(200):
+        copy = tmp_path / f"t{trial}"
+        shutil.copytree(clean, copy)
+        raw = bytearray((copy / "index").read_bytes())
+        raw[rng.randrange(size)] ^= 1 << rng.randrange(8)
+        (copy / "index").write_bytes(raw)
+        try:
+            backend = FileBackend(copy, 64)
+        except UnusableIndex:
+            outcomes["refused"] += 1
+            shutil.rmtree(copy)
+            continue
+        area = backend.area("a")
+        eio = 0
+        for slot, data in truth.items():
+            out = bytearray(PAGE_SIZE)
+            try:
+                backend.read(area, [slot], memoryview(out))
+            except StoreError as exc:
+                assert exc.errno == errno.EIO
+                eio += 1
+                continue
+            assert out == data, f"trial {trial}: slot {slot} read another page"
+        outcomes["eio" if eio else "all-right"] += 1
+        backend.close()
+        shutil.rmtree(copy)
+    print(outcomes)
+    assert outcomes["eio"] + outcomes["refused"] > 100  # the flips did land
+
+
+def test_a_lost_index_record_makes_unmapped_slots_eio_not_zeros(tmp_path: Path) -> None:
+    fill(tmp_path / "s", 4)
+    index = tmp_path / "s" / "index"
+    raw = bytearray(index.read_bytes())
+    raw[-10] ^= 0xFF  # inside the only cluster record (slots 0..255)
+    index.write_bytes(raw)
+    backend = FileBackend(tmp_path / "s", 64)
+    assert backend.damaged and backend.stats()["index_records_lost"] == 1
+    with pytest.raises(StoreError) as info:
+        backend.read(backend.area("a"), [0], memoryview(bytearray(PAGE_SIZE)))
+    assert info.value.errno == errno.EIO
+    backend.flush()  # the damage is persisted, not forgotten at the next start
+    backend.close()
+    assert FileBackend(tmp_path / "s", 64).damaged
+
+
+def test_an_index_from_before_tags_is_refused_in_one_line(tmp_path: Path) -> None:
+    fill(tmp_path / "s", 2)
+    index = tmp_path / "s" / "index"
+    index.write_bytes(b"NSWPIDX1" + index.read_bytes()[8:])
+    with pytest.raises(UnusableIndex, match=r"format 1.*fresh --path"):
+        FileBackend(tmp_path / "s", 64)
+    assert (tmp_path / "s" / "pages").stat().st_size == 64 * PAGE_SIZE  # nothing touched
+
+
+def test_the_store_command_says_so_and_exits(tmp_path: Path, netswap_cmd: list[str]) -> None:
+    fill(tmp_path / "s", 2)
+    index = tmp_path / "s" / "index"
+    index.write_bytes(b"NSWPIDX1" + index.read_bytes()[8:])
+    result = subprocess.run(
+        [*netswap_cmd, "store", "--backend", "file", "--path", str(tmp_path / "s"),
+         "--capacity", f"{64 * PAGE_SIZE}", "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=30, env={**os.environ},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "format 1" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
