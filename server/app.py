@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backends import PageBackend
+from .guard import Limits
 from .service import StoreService, Tokens
 from .transport import StoreProtocol
 
@@ -49,9 +50,13 @@ class StoreServer:
 
 
 async def start_store(
-    backend: PageBackend, host: str, port: int, tokens: Tokens | None = None
+    backend: PageBackend,
+    host: str,
+    port: int,
+    tokens: Tokens | None = None,
+    limits: Limits | None = None,
 ) -> StoreServer:
-    service = StoreService(backend, tokens or Tokens.open())
+    service = StoreService(backend, tokens or Tokens.open(), limits)
     connections: set[StoreProtocol] = set()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -67,8 +72,9 @@ async def serve_until_signal(
     tokens: Tokens,
     on_ready: Callable[[StoreServer], None] | None = None,
     http: tuple[str, int] | None = None,
+    limits: Limits | None = None,
 ) -> None:
-    store = await start_store(backend, host, port, tokens)
+    store = await start_store(backend, host, port, tokens, limits)
     ops = None
     if http is not None:
         from .ops.http import start_http

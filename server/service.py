@@ -42,6 +42,7 @@ from netswap.protocol import (
 )
 
 from .backends import PageBackend
+from .guard import AuthThrottle, Limits, PartialBudget
 from .ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 # Work units one slice may do before other clients' requests run: a unit is ~0.2 us
@@ -118,10 +119,20 @@ class Tokens:
 class StoreService:
     """State shared by all sessions: the backend, the tokens, the counters."""
 
-    def __init__(self, backend: PageBackend, tokens: Tokens) -> None:
+    def __init__(self, backend: PageBackend, tokens: Tokens, limits: Limits | None = None) -> None:
         self.backend = backend
         self.tokens = tokens
-        self.counters = {"connections": 0, "protocol_errors": 0, "auth_failures": 0}
+        self.limits = limits or Limits()
+        self.throttle = AuthThrottle()
+        self.partial = PartialBudget(self.limits.partial_budget)
+        self.counters = {
+            "connections": 0,
+            "protocol_errors": 0,
+            "auth_failures": 0,
+            "connections_refused": 0,
+            "handshake_timeouts": 0,
+            "frame_timeouts": 0,
+        }
         self.recorders = {
             "latency": {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")},
             "batch": {op: Recorder(BATCH_BUCKETS) for op in ("swap_out", "swap_in")},

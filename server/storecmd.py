@@ -11,6 +11,7 @@ from netswap.protocol import PAGE_SIZE
 
 from .app import StoreServer, serve_until_signal
 from .backends import BACKENDS, open_backend
+from .guard import Limits
 from .service import Tokens
 from .units import UsageError, format_size, is_loopback, parse_hostport, parse_size
 
@@ -29,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", help="directory for the file backend")
     parser.add_argument("--token-file", help="tokens: 'TOKEN' or 'AREA TOKEN' per line")
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=Limits.max_connections,
+        help=f"connections served at once; more are refused (default {Limits.max_connections}, "
+        "under the usual 1024 open files: raise `ulimit -n` with it)",
+    )
+    parser.add_argument(
         "--http",
         metavar="HOST:PORT",
         help="ops endpoint: /metrics, /api/stats and the dashboard (default off)",
@@ -44,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if capacity < PAGE_SIZE or capacity % PAGE_SIZE:
         raise UsageError(f"--capacity must be a positive multiple of {PAGE_SIZE}")
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    limits = Limits(max_connections=args.max_connections)
     tokens = Tokens.from_file(args.token_file) if args.token_file else Tokens.open()
     if not is_loopback(host) and not tokens.required:
         raise UsageError(f"listening on {host} needs --token-file (only loopback may be open)")
@@ -64,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     runner = _runner()
     with runner:
-        runner.run(serve_until_signal(backend, host, port, tokens, ready, http))
+        runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits))
     return 0
 
 

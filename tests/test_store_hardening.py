@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import random
 import shutil
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,11 +26,26 @@ from pathlib import Path
 import pytest
 from netswap.client.lab.ports import free_port
 from netswap.client.rpc import StoreClient
-from netswap.protocol import PAGE_SIZE, StoreError, batch_tags
-from netswap.server.app import StoreServer
+from netswap.protocol import (
+    MAX_FRAME_SIZE,
+    MAX_HELLO_FRAME,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Connection,
+    Failed,
+    Hello,
+    Role,
+    StoreError,
+    SwapOut,
+    area_seed,
+    batch_tags,
+    encode,
+)
+from netswap.server.app import StoreServer, start_store
 from netswap.server.backends import FileBackend, MemoryBackend
 from netswap.server.backends.index import UnusableIndex
 from netswap.server.backends.slotmap import CLUSTER_SLOTS, MAX_AREAS
+from netswap.server.guard import Limits
 
 from .conftest import wait_for_port
 
@@ -274,3 +291,175 @@ def test_the_store_command_says_so_and_exits(tmp_path: Path, netswap_cmd: list[s
     assert result.returncode != 0
     assert "format 1" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- risks: what peers may cost the store ----------------------------------------------
+async def raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    (length,) = struct.unpack(">I", await reader.readexactly(4))
+    return await reader.readexactly(length)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the store closes (EOF or reset) within `seconds`, replies skipped."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+async def test_unauthenticated_peers_hold_little_and_give_it_back(
+    big_store: tuple[int, int],
+) -> None:
+    """Before: 2,000 peers each parking most of a 1 MiB frame held 2.1 GiB for good.
+    Now a frame larger than a Hello is refused before Welcome, a Hello-sized partial
+    frame is all a peer can park, and the handshake deadline (5 s) ends it."""
+    port, pid = big_store
+    before = rss_kib(pid)
+    reader, writer = await raw(port)
+    writer.write(struct.pack(">I", 1 << 20) + b"\0" * 65536)  # the start of a 1 MiB frame
+    assert await closed_within(reader, 2)
+    writer.close()
+    peers = [await raw(port) for _ in range(800)]
+    for _, w in peers:
+        w.write(struct.pack(">I", MAX_HELLO_FRAME) + b"\0" * (MAX_HELLO_FRAME - 1))
+    await asyncio.sleep(1)
+    holding = rss_kib(pid) - before
+    assert holding < 16 * 1024, f"800 unauthenticated peers hold {holding} KiB"
+    ended = await asyncio.gather(*(closed_within(r, 10) for r, _ in peers))
+    assert all(ended)  # the handshake deadline closed every one
+    for _, w in peers:
+        w.close()
+    after = rss_kib(pid) - before
+    print(f"RSS: +{holding} KiB with 800 peers parked, +{after} KiB after they went")
+    assert after < 16 * 1024
+
+
+async def test_connections_past_the_limit_are_refused_and_logged_once(
+    netswap_cmd: list[str], tmp_path: Path
+) -> None:
+    port = free_port()
+    log = tmp_path / "store.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*netswap_cmd, "store", "--listen", f"127.0.0.1:{port}", "--capacity", "16M",
+             "--max-connections", "4"],
+            stdout=subprocess.DEVNULL, stderr=out,
+        )  # fmt: skip
+    try:
+        wait_for_port(port, proc)
+        await asyncio.sleep(0.5)  # wait_for_port's own probe has gone
+        kept = [await StoreClient.connect("127.0.0.1", port, f"a{n}") for n in range(4)]
+        refused = 0
+        for _ in range(20):
+            try:
+                extra = await StoreClient.connect("127.0.0.1", port, "extra", deadline=2)
+            except (ConnectionError, OSError):
+                refused += 1
+            else:
+                await extra.close()
+        assert refused == 20
+        for client in kept:  # the four in service are untouched
+            await client.swapfile(True, 8)
+            await client.swap_out([1], b"k" * PAGE_SIZE)
+        stats = await kept[0].stats()
+        assert stats["connections_refused"] == 20
+        for client in kept:
+            await client.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+    lines = [x for x in log.read_text().splitlines() if "refusing" in x]
+    assert len(lines) == 1, lines  # one line per interval, not one per connection
+
+
+async def test_a_peer_that_says_nothing_is_closed_at_the_handshake_deadline() -> None:
+    server = await start_store(MemoryBackend(64), "127.0.0.1", 0, limits=Limits(handshake_s=0.5))
+    try:
+        reader, writer = await raw(server.port)
+        began = time.monotonic()
+        assert await closed_within(reader, 5)
+        assert 0.4 < time.monotonic() - began < 3
+        assert server.service.counters["handshake_timeouts"] == 1
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_a_wrong_token_closes_the_connection_after_a_growing_delay(
+    token_store: StoreServer,
+) -> None:
+    delays = []
+    for _ in range(4):
+        reader, writer = await raw(token_store.port)
+        began = time.monotonic()
+        writer.write(encode(Hello(1, PROTOCOL_VERSION, "alpha", "guess")))
+        frame = await reader.read(65536)
+        delays.append(time.monotonic() - began)
+        conn = Connection(Role.CLIENT)
+        conn.send(Hello(1, PROTOCOL_VERSION, "alpha", "guess"))
+        conn.receive_data(frame)
+        reply = conn.next_event()
+        assert isinstance(reply, Failed) and reply.errno == errno.EPERM
+        writer.write(encode(Hello(2, PROTOCOL_VERSION, "alpha", "s3cret-a")))  # a 2nd try
+        assert await closed_within(reader, 2)  # ...is never read: the connection is done
+        writer.close()
+    print("failed Hello answered after " + ", ".join(f"{d:.2f}s" for d in delays))
+    assert delays[0] >= 0.09
+    growth = [later / earlier for earlier, later in itertools.pairwise(delays)]
+    assert min(growth) > 1.6, growth  # doubling per failure of the source
+    # A right token from another connection still works at once.
+    client = await StoreClient.connect("127.0.0.1", token_store.port, "alpha", "s3cret-a")
+    await client.close()
+
+
+async def test_unfinished_frames_share_one_budget_and_a_stalled_one_is_closed() -> None:
+    frame = MAX_FRAME_SIZE
+    limits = Limits(partial_budget=frame + frame // 2, frame_s=1.5)
+    server = await start_store(MemoryBackend(1024), "127.0.0.1", 0, limits=limits)
+    try:
+        writers = []
+        readers = []
+        for name in ("a", "b"):
+            client = await StoreClient.connect("127.0.0.1", server.port, name)
+            await client.swapfile(True, 256)
+            await client.close()
+            r, w = await raw(server.port)
+            w.write(encode(Hello(1, PROTOCOL_VERSION, name)))
+            await read_frame(r)  # Welcome
+            readers.append(r)
+            writers.append(w)
+        gens = b"\1" * 256
+        data = bytes(256 * PAGE_SIZE)
+        tags = batch_tags(data, area_seed("a"), range(256), gens)
+        whole = encode(SwapOut(2, tuple(range(256)), data, tags, gens))
+        writers[0].write(whole[: len(whole) - 100])  # a's frame: all but 100 bytes
+        await asyncio.sleep(0.2)
+        tags_b = batch_tags(data, area_seed("b"), range(256), gens)
+        whole_b = encode(SwapOut(2, tuple(range(256)), data, tags_b, gens))
+        writers[1].write(whole_b[: len(whole_b) - 100])  # b goes over the budget: paused
+        await asyncio.sleep(0.2)
+        budget = server.service.partial
+        assert budget.over() and len(budget.waiting) == 1
+        writers[0].write(whole[len(whole) - 100 :])  # a finishes: b may go on
+        writers[1].write(whole_b[len(whole_b) - 100 :])
+        for r in readers:
+            await asyncio.wait_for(read_frame(r), 5)  # each gets its Ok
+        assert budget.held == 0 and not budget.waiting
+        writers[0].write(whole[:1000])  # a frame begun and never finished
+        began = time.monotonic()
+        assert await closed_within(readers[0], 5)
+        assert 1.0 < time.monotonic() - began < 4
+        assert server.service.counters["frame_timeouts"] == 1 and budget.held == 0
+        for w in writers:
+            w.close()
+    finally:
+        await server.close()
