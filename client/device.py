@@ -29,7 +29,7 @@ class BlockDevice(Protocol):
     parallel: bool
 
     def start(self) -> None: ...
-    def start_ops(self, host: str, port: int) -> None: ...
+    def start_ops(self, host: str, port: int, token: str = "") -> None: ...
     def pread(self, buf: memoryview, offset: int) -> None: ...
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None: ...
     def flush(self) -> None: ...
@@ -60,11 +60,11 @@ class PageDevice:
     def start(self) -> None:
         """Nothing to start: local backends need no threads."""
 
-    def start_ops(self, host: str, port: int) -> None:
+    def start_ops(self, host: str, port: int, token: str = "") -> None:
         from netswap.server.ops.http import HttpThread
         from netswap.server.ops.sources import backend_source
 
-        HttpThread(backend_source(self.backend), host, port).start()
+        HttpThread(backend_source(self.backend), host, port, token).start()
 
     def pread(self, buf: memoryview, offset: int) -> None:
         count = len(buf)

@@ -50,6 +50,7 @@ from netswap.protocol import (
     batch_tags,
     page_tag,
 )
+from netswap.server.units import read_secret
 
 DEFAULT_DEADLINE_S = 10.0
 # How late a batch call's timeout may fire: deadlines are seconds, so a quarter
@@ -335,7 +336,7 @@ def _failure(reply: Reply | Exception) -> Exception | None:
 
 
 def read_token(path: str | None) -> str:
+    """The page stores' token: from a file, else $NETSWAP_TOKEN, else none."""
     if not path:
         return os.environ.get("NETSWAP_TOKEN", "")
-    with open(path) as f:
-        return f.read().strip()
+    return read_secret(path)

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from netswap.server.ops.snapshot import Snapshot
+from netswap.server.units import read_secret
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -31,14 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_URL,
         help=f"ops endpoint of a store or `netswap serve --http` ({DEFAULT_URL})",
     )
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="the endpoint's bearer token (its --http-token-file)")  # fmt: skip
     parser.add_argument("--watch", action="store_true", help="refresh every second")
     parser.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
 
 
-def fetch(url: str) -> Snapshot:
+def fetch(url: str, token: str = "") -> Snapshot:
     endpoint = url.rstrip("/") + "/api/stats"
+    request = urllib.request.Request(endpoint)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(endpoint, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return Snapshot.from_json(json.load(response))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StatsError(f"cannot read {endpoint}: {getattr(exc, 'reason', exc)}") from None
@@ -84,16 +90,20 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    first = fetch(args.url)
+    try:
+        token = read_secret(args.token_file) if args.token_file else ""
+    except (OSError, ValueError) as exc:
+        raise StatsError(f"--token-file: {exc}") from None
+    first = fetch(args.url, token)
     if not args.watch:
         time.sleep(1)
-        console.print(render(fetch(args.url), first))
+        console.print(render(fetch(args.url, token), first))
         return 0
     prev, shown = first, 0
     with Live(render(first, None), console=console, refresh_per_second=2) as live:
         while not args.count or shown < args.count:
             time.sleep(1)
-            now = fetch(args.url)
+            now = fetch(args.url, token)
             live.update(render(now, prev))
             prev, shown = now, shown + 1
     return 0

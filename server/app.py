@@ -73,6 +73,7 @@ async def serve_until_signal(
     on_ready: Callable[[StoreServer], None] | None = None,
     http: tuple[str, int] | None = None,
     limits: Limits | None = None,
+    http_token: str = "",
 ) -> None:
     store = await start_store(backend, host, port, tokens, limits)
     ops = None
@@ -81,7 +82,7 @@ async def serve_until_signal(
         from .ops.sources import store_source
 
         try:
-            ops = await start_http(store_source(store.service), *http)
+            ops = await start_http(store_source(store.service), *http, http_token)
         except BaseException:
             await store.close()
             raise

@@ -72,12 +72,19 @@ class Slices:
         return True
 
 
-class Tokens:
-    """Who may bind which area. File lines: `TOKEN` (any area) or `AREA TOKEN`."""
+ADMIN = "@admin"  # not an area name (those start with a letter or digit)
 
-    def __init__(self, any_area: list[str], per_area: dict[str, str]) -> None:
+
+class Tokens:
+    """Who may bind which area. File lines: `TOKEN` (any area), `AREA TOKEN`, or
+    `@admin TOKEN` (any area, and Stats shows the whole store, every area's load)."""
+
+    def __init__(
+        self, any_area: list[str], per_area: dict[str, str], admin: list[str] | None = None
+    ) -> None:
         self.any_area = any_area
         self.per_area = per_area
+        self.admin = admin or []
 
     @classmethod
     def open(cls) -> Tokens:
@@ -87,6 +94,7 @@ class Tokens:
     def from_file(cls, path: str | Path) -> Tokens:
         any_area: list[str] = []
         per_area: dict[str, str] = {}
+        admin: list[str] = []
         for raw in Path(path).read_text().splitlines():
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -94,23 +102,31 @@ class Tokens:
             parts = line.split()
             if len(parts) == 1:
                 any_area.append(parts[0])
+            elif len(parts) == 2 and parts[0] == ADMIN:
+                admin.append(parts[1])
             elif len(parts) == 2:
                 per_area[parts[0]] = parts[1]
             else:
                 raise ValueError(f"{path}: expected 'TOKEN' or 'AREA TOKEN', got {line!r}")
-        if not any_area and not per_area:
+        if not any_area and not per_area and not admin:
             raise ValueError(f"{path}: no tokens")
-        return cls(any_area, per_area)
+        return cls(any_area, per_area, admin)
 
     @property
     def required(self) -> bool:
-        return bool(self.any_area or self.per_area)
+        return bool(self.any_area or self.per_area or self.admin)
+
+    def is_admin(self, token: str) -> bool:
+        """An admin token, or any client of a store with no tokens (loopback only)."""
+        if not self.required:
+            return True
+        return any([hmac.compare_digest(token.encode(), a.encode()) for a in self.admin])
 
     def allows(self, area: str, token: str) -> bool:
         if not self.required:
             return True
         given = token.encode()
-        candidates = [*self.any_area, self.per_area.get(area, "")]
+        candidates = [*self.any_area, *self.admin, self.per_area.get(area, "")]
         # compare_digest on every candidate: timing does not reveal which matched.
         matches = [hmac.compare_digest(given, c.encode()) for c in candidates if c]
         return any(matches)
@@ -150,6 +166,7 @@ class Session:
     def __init__(self, service: StoreService) -> None:
         self.service = service
         self.area_name: str | None = None
+        self.admin = False  # may see the whole store's Stats (an @admin token)
 
     def handle(self, request: Request) -> Reply | Slices:
         rid = request.request_id
@@ -192,7 +209,13 @@ class Session:
         if isinstance(request, Swapfile):
             return self._swapfile(request)
         if isinstance(request, Stats):
-            return StatsReply.from_mapping(rid, self.service.stats())
+            mine = backend.areas.get(self.area_name)
+            own = backend.area_stats(mine) if mine is not None else {}
+            if not self.admin:  # other areas' load is not this client's business
+                own = own or {"capacity_pages": backend.capacity_pages,
+                              "used_pages": backend.used_pages}  # fmt: skip
+                return StatsReply.from_mapping(rid, own)
+            return StatsReply.from_mapping(rid, {**self.service.stats(), **own})
         raise StoreError(errno.EOPNOTSUPP, f"unsupported request {type(request).__name__}")
 
     def _observe(self, op: str, pages: int, began: float) -> None:
@@ -212,6 +235,7 @@ class Session:
             self.service.counters["auth_failures"] += 1
             raise StoreError(errno.EPERM, f"token not valid for area {hello.area}")
         self.area_name = hello.area
+        self.admin = self.service.tokens.is_admin(hello.token)
         area = self.service.backend.areas.get(hello.area)
         capacity = self.service.backend.capacity_pages
         return Welcome(hello.request_id, PROTOCOL_VERSION, area.pages if area else 0, capacity)

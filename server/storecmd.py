@@ -13,7 +13,14 @@ from .app import StoreServer, serve_until_signal
 from .backends import BACKENDS, open_backend
 from .guard import Limits
 from .service import Tokens
-from .units import UsageError, format_size, is_loopback, parse_hostport, parse_size
+from .units import (
+    UsageError,
+    format_size,
+    is_loopback,
+    parse_hostport,
+    parse_size,
+    read_secret,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:7177"
 
@@ -28,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="memory")
     parser.add_argument("--capacity", default="1G", help="pages this store holds, as bytes (4G)")
     parser.add_argument("--path", help="directory for the file backend")
+    parser.add_argument(
+        "--area-quota",
+        help="bytes one area may hold (default: the whole capacity), so that one host "
+        "cannot fill a store others share; past it its writes get ENOSPC",
+    )
     parser.add_argument("--token-file", help="tokens: 'TOKEN' or 'AREA TOKEN' per line")
     parser.add_argument(
         "--max-connections",
@@ -41,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="ops endpoint: /metrics, /api/stats and the dashboard (default off)",
     )
+    parser.add_argument(
+        "--http-token-file",
+        metavar="FILE",
+        help="bearer token the ops endpoint requires (needed off loopback)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         host, port = parse_hostport(args.listen, 7177)
         capacity = parse_size(args.capacity)
         http = parse_hostport(args.http, 0) if args.http else None
+        quota = parse_size(args.area_quota) if args.area_quota else 0
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if capacity < PAGE_SIZE or capacity % PAGE_SIZE:
@@ -56,12 +74,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-connections must be at least 1")
     limits = Limits(max_connections=args.max_connections)
     tokens = Tokens.from_file(args.token_file) if args.token_file else Tokens.open()
+    try:
+        http_token = read_secret(args.http_token_file) if args.http_token_file else ""
+    except OSError as exc:
+        raise UsageError(f"--http-token-file: {exc.strerror}: {args.http_token_file}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if http is not None and not is_loopback(http[0]) and not http_token:
+        raise UsageError(f"--http on {http[0]} needs --http-token-file (only loopback may be "
+                         "open)")  # fmt: skip
     if not is_loopback(host) and not tokens.required:
         raise UsageError(f"listening on {host} needs --token-file (only loopback may be open)")
     try:
         backend = open_backend(args.backend, capacity // PAGE_SIZE, args.path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    backend.area_quota = quota // PAGE_SIZE
 
     def ready(store: StoreServer) -> None:
         logging.getLogger("netswap.store").info(
@@ -75,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     runner = _runner()
     with runner:
-        runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits))
+        runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits, http_token))
     return 0
 
 

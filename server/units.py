@@ -61,3 +61,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def read_secret(path: str) -> str:
+    """A token kept in a file: its first line, stripped; an empty file is an error."""
+    with open(path) as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError(f"{path}: no token in it")
+    return token

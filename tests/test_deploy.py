@@ -58,7 +58,15 @@ def test_every_netswap_command_in_compose_is_accepted_by_the_cli() -> None:
         argv = list(svc["command"])
         parser.parse_args(argv)  # argparse exits (SystemExit) on any unknown option
         if argv[0] == "serve":
-            dry = subprocess.run([NETSWAP, *argv, "--dry-run"], capture_output=True, text=True)
+            # The secrets compose mounts at /run/secrets/NAME are files next to it here.
+            secrets = compose_config()["secrets"]  # type: ignore[index]
+            local = [
+                str(DEPLOY / "compose" / secrets[a.removeprefix("/run/secrets/")]["file"])
+                if a.startswith("/run/secrets/")
+                else a
+                for a in argv
+            ]
+            dry = subprocess.run([NETSWAP, *local, "--dry-run"], capture_output=True, text=True)
             assert dry.returncode == 0, (name, dry.stderr)
             assert "backend=remote" in dry.stdout
         checked += 1

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -173,3 +174,41 @@ def test_netswap_stats_prints_the_figures_and_fails_clearly() -> None:
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert dead.returncode == 2 and "cannot read" in dead.stderr
     assert "Traceback" not in dead.stderr and time.monotonic() - start < 15
+
+
+def test_an_ops_endpoint_off_loopback_needs_a_bearer_token(tmp_path: Path) -> None:
+    # Refused before anything listens (so no test binds an address beyond loopback).
+    bare = subprocess.run([NETSWAP, "store", "--listen", f"127.0.0.1:{free_port()}",
+                           "--http", f"0.0.0.0:{free_port()}"],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert bare.returncode == 2 and "needs --http-token-file" in bare.stderr
+    assert "Traceback" not in bare.stderr
+    plugin = subprocess.run([NETSWAP, "serve", "--dry-run", "--size", "64M",
+                             "--http", f"0.0.0.0:{free_port()}"],
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert plugin.returncode == 2 and "needs http-token-file" in plugin.stderr
+    token = tmp_path / "ops-token"
+    token.write_text("t0ken\n")
+    http = free_port()
+    store = StoreProc("64M", ("--http", f"127.0.0.1:{http}", "--http-token-file", str(token)))
+    store.start()
+    try:
+        url = f"http://127.0.0.1:{http}"
+        for path in ("/api/stats", "/metrics", "/", "/?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                get(url + path)
+            assert info.value.code == 401
+            info.value.close()  # the error holds the response's socket
+        request = urllib.request.Request(url + "/api/stats")
+        request.add_header("Authorization", "Bearer t0ken")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.load(response)["role"] == "store"
+        assert "<canvas" in get(url + "/?token=t0ken")  # the dashboard, given it once
+        denied = subprocess.run([NETSWAP, "stats", url], capture_output=True, text=True,
+                                timeout=30)  # fmt: skip
+        assert denied.returncode == 2 and "Unauthorized" in denied.stderr
+        shown = subprocess.run([NETSWAP, "stats", url, "--token-file", str(token)],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert shown.returncode == 0 and "netswap store" in shown.stdout
+    finally:
+        store.kill()

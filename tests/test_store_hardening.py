@@ -46,6 +46,7 @@ from netswap.server.backends import FileBackend, MemoryBackend
 from netswap.server.backends.index import UnusableIndex
 from netswap.server.backends.slotmap import CLUSTER_SLOTS, MAX_AREAS
 from netswap.server.guard import Limits
+from netswap.server.service import Tokens
 
 from .conftest import wait_for_port
 
@@ -461,5 +462,70 @@ async def test_unfinished_frames_share_one_budget_and_a_stalled_one_is_closed() 
         assert server.service.counters["frame_timeouts"] == 1 and budget.held == 0
         for w in writers:
             w.close()
+    finally:
+        await server.close()
+
+
+def test_an_area_quota_stops_one_area_not_the_others() -> None:
+    backend = MemoryBackend(64)
+    backend.area_quota = 16
+    greedy, other = backend.activate("greedy", 64), backend.activate("other", 64)
+    page = memoryview(bytes(PAGE_SIZE) * 16)
+    backend.write(greedy, list(range(16)), page, None)
+    backend.write(greedy, list(range(16)), page, None)  # rewrites need no more room
+    with pytest.raises(StoreError) as info:
+        backend.write(greedy, [16], page[:PAGE_SIZE], None)
+    assert info.value.errno == errno.ENOSPC and "area greedy is at its quota" in info.value.reason
+    with pytest.raises(StoreError):
+        backend.write_range(greedy, 20, 2, page[: 2 * PAGE_SIZE])
+    backend.write(other, list(range(16)), page, None)  # the others still have room
+    assert backend.stats()["quota_refusals"] == 2
+
+
+def test_a_full_file_store_rewrites_in_place_and_a_crash_then_is_eio(tmp_path: Path) -> None:
+    """Before: once full, a file store could not rewrite a slot, even after Flush."""
+    backend = FileBackend(tmp_path / "s", 8)
+    area = backend.activate("a", 8)
+    for slot in range(8):
+        backend.write(area, [slot], memoryview(bytes([slot + 1]) * PAGE_SIZE), None)
+    backend.flush()
+    with pytest.raises(StoreError):  # a new slot: no room
+        backend.write(backend.activate("b", 8), [0], memoryview(bytes(PAGE_SIZE)), None)
+    backend.write(area, [3], memoryview(b"R" * PAGE_SIZE), None, b"\2")  # a rewrite: fine
+    out = bytearray(PAGE_SIZE)
+    backend.read(area, [3], memoryview(out))
+    assert out == b"R" * PAGE_SIZE
+    backend.close()  # a crash: the index of the last flush, with slot 3's old tag
+    again = FileBackend(tmp_path / "s", 8)
+    with pytest.raises(StoreError) as info:
+        again.read(again.area("a"), [3], memoryview(out))
+    assert info.value.errno == errno.EIO  # not the old copy, not the new one unproven
+    again.read(again.area("a"), [4], memoryview(out))
+    assert out == bytes([5]) * PAGE_SIZE
+
+
+async def test_stats_show_an_area_its_own_figures_and_the_whole_only_to_admin(
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alpha s3cret-a\nbeta s3cret-b\n@admin r00t\n")
+    server = await start_store(MemoryBackend(1024), "127.0.0.1", 0, Tokens.from_file(tokens))
+    try:
+        alpha = await StoreClient.connect("127.0.0.1", server.port, "alpha", "s3cret-a")
+        await alpha.swapfile(True, 64)
+        await alpha.swap_out(list(range(10)), bytes(10 * PAGE_SIZE))
+        beta = await StoreClient.connect("127.0.0.1", server.port, "beta", "s3cret-b")
+        await beta.swapfile(True, 64)
+        await beta.swap_out([0], bytes(PAGE_SIZE))
+        seen = await beta.stats()
+        # Its own figures and what placement needs; nothing of alpha's, no store totals.
+        assert seen["area_pages_written"] == 1 and seen["area_used_pages"] == 1
+        assert seen["capacity_pages"] == 1024 and seen["used_pages"] == 11
+        assert "pages_written" not in seen and "areas" not in seen and "connections" not in seen
+        admin = await StoreClient.connect("127.0.0.1", server.port, "ops", "r00t")
+        whole = await admin.stats()
+        assert whole["pages_written"] == 11 and whole["areas"] == 2 and whole["connections"] >= 3
+        for client in (alpha, beta, admin):
+            await client.close()
     finally:
         await server.close()

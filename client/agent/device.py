@@ -95,7 +95,7 @@ class RemoteDevice:
     def start(self) -> None:
         self.agent.start()
 
-    def start_ops(self, host: str, port: int) -> None:
+    def start_ops(self, host: str, port: int, token: str = "") -> None:
         """The ops endpoint runs on the agent's own loop."""
         from netswap.server.ops.http import start_http
 
@@ -103,7 +103,8 @@ class RemoteDevice:
 
         source = agent_source(self.agent, lambda: self.local_reads)
         assert self.agent.loop is not None
-        asyncio.run_coroutine_threadsafe(start_http(source, host, port), self.agent.loop).result(10)
+        started = start_http(source, host, port, token)
+        asyncio.run_coroutine_threadsafe(started, self.agent.loop).result(10)
 
     def close(self) -> None:
         self.agent.stop()

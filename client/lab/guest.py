@@ -150,6 +150,12 @@ def run(args: argparse.Namespace) -> str:
         "--size",
         f"{args.export_mib}M",
     ]
+    if args.http_token:  # the endpoint listens off loopback (for QEMU's forward)
+        token = Path("/run/netswap/ops-token")
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(args.http_token + "\n")
+        token.chmod(0o600)
+        serve += ["--http-token-file", str(token)]
     for store in args.store:
         serve += ["--store", store]
     serve += args.serve_arg
@@ -200,6 +206,7 @@ def main() -> None:
     parser.add_argument("--store", action="append", default=[])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--http", default="0.0.0.0:9178")
+    parser.add_argument("--http-token", default="", help="the ops endpoint's bearer token")
     parser.add_argument("--mib", type=int, default=0, help="verifier pattern (0: no storm)")
     parser.add_argument("--export-mib", type=int, default=1024, help="the swap device's size")
     parser.add_argument("--seed", type=int, default=1)

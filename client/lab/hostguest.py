@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import secrets
 import shlex
 import sys
 import threading
@@ -66,6 +67,9 @@ SCREENSHOT_AFTER_S = 20
 # Serial lines that show the guest moving: its stages, its checks and the verifier's
 # progress (every 10 % of the pattern). Anything else (the vitals loop) does not count.
 PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ")
+# The guest's ops endpoint listens on its NIC (QEMU forwards it to this host's
+# loopback only), so it needs a bearer token like any endpoint off loopback.
+OPS_TOKEN = secrets.token_hex(16)
 _KV = re.compile(r"(\w+)=(\S+)")
 
 
@@ -98,8 +102,8 @@ def guest_script(args: argparse.Namespace, stores: list[int], attach: list[str],
                  serve: list[str], mib: int, seed: int) -> bytes:  # fmt: skip
     """/guest.sh: what init-host runs as root inside the shared root."""
     cmd = [sys.executable, "-m", "netswap.client.lab.guest", "--mib", str(mib),
-           f"--export-mib={mib + 256}",
-           "--seed", str(seed), "--http", f"0.0.0.0:{GUEST_HTTP}"]  # fmt: skip
+           f"--export-mib={mib + 256}", "--seed", str(seed),
+           "--http", f"0.0.0.0:{GUEST_HTTP}", f"--http-token={OPS_TOKEN}"]  # fmt: skip
     cmd += [f"--store=10.0.2.2:{port}" for port in stores]
     cmd += [f"--attach-arg={a}" for a in [*attach, *args.attach_arg]]
     cmd += [f"--serve-arg={a}" for a in [*serve, *args.serve_arg]]
@@ -141,7 +145,7 @@ class Watcher(threading.Thread):
 
     def __init__(self, http: int, run: Run, screenshot: Path) -> None:
         super().__init__(daemon=True)
-        self.url = f"http://127.0.0.1:{http}/"
+        self.url = f"http://127.0.0.1:{http}/?token={OPS_TOKEN}"
         self.run_ = run
         self.screenshot = screenshot
         self.stop = threading.Event()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from netswap.server.ops.snapshot import Quantiles
+from netswap.server.units import read_secret
 
 from ..statscmd import fetch
 from .ports import ExitedEarly, free_port, wait_port
@@ -121,16 +122,19 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default="swap")
     parser.add_argument("--http", required=True, metavar="URL",
                         help="the export's ops endpoint, for the live summary")  # fmt: skip
+    parser.add_argument("--http-token-file", metavar="FILE", help="that endpoint's token")
     parser.add_argument("--duration", type=float, default=30, help="seconds (0: until killed)")
 
 
 def run_load(args: argparse.Namespace) -> int:
     """The compose lab's load generator: the lab's workload against any export."""
-    workload(f"nbd://{args.server}/{args.export}", args.http, args.duration or float("inf"))
+    token = read_secret(args.http_token_file) if args.http_token_file else ""
+    uri = f"nbd://{args.server}/{args.export}"
+    workload(uri, args.http, args.duration or float("inf"), token)
     return 0
 
 
-def workload(uri: str, url: str, duration: float) -> None:
+def workload(uri: str, url: str, duration: float, token: str = "") -> None:
     """Random pages through the real plugin, verified, with a live summary."""
     import nbd
 
@@ -156,11 +160,11 @@ def workload(uri: str, url: str, duration: float) -> None:
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(4)]
     for t in threads:
         t.start()
-    prev = fetch(url)
+    prev = fetch(url, token)
     end = time.monotonic() + duration
     while time.monotonic() < end:
         time.sleep(2)
-        now = fetch(url)
+        now = fetch(url, token)
         dt = max(1e-3, now.time - prev.time)
         up = sum(1 for s in now.stores if s.up)
         lat = now.latency_us.get("swap_out") or Quantiles(0, 0)

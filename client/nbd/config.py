@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
-from netswap.server.units import format_size, parse_hostport, parse_size
+from netswap.server.units import format_size, is_loopback, parse_hostport, parse_size, read_secret
 
 from ..device import BlockDevice, PageDevice
 
@@ -80,6 +81,8 @@ class PluginConfig:
                          "stores, or once in the reserve (flush/FUA still wait)",
                          choices=CACHE_MODES)  # fmt: skip
     http: str = setting("", "address", "ops endpoint: /metrics, /api/stats, / (default off)")
+    http_token_file: str = setting("", "text", "bearer token the ops endpoint requires "
+                                   "(needed off loopback)", metavar="FILE")  # fmt: skip
     mlock: str = setting("onfault", "choice", "lock the server's memory once touched "
                          "(mlockall MCL_ONFAULT), or not", choices=MLOCK_MODES,
                          serve_flag="--no-mlock")  # fmt: skip
@@ -130,6 +133,16 @@ class PluginConfig:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
         if self.backend != "remote" and self.cache != "writethrough":
             raise ConfigError(f"cache={self.cache} is only for backend=remote")
+        if self.http_token_file:  # read now: nbdkit changes directory after forking
+            self.http_token_file = str(Path(self.http_token_file).resolve())
+            try:
+                read_secret(self.http_token_file)
+            except OSError as exc:
+                raise ConfigError(f"http-token-file: {exc.strerror}: {exc.filename}") from None
+        open_http = self.http and not is_loopback(parse_hostport(self.http, 0)[0])
+        if open_http and not self.http_token_file:
+            raise ConfigError(f"http={self.http} needs http-token-file=FILE (only loopback "
+                              "may be open)")  # fmt: skip
         # capacity < size is allowed: a thin export whose writes fail with ENOSPC when full.
 
     @property
@@ -145,7 +158,8 @@ class PluginConfig:
     def start_ops(self, device: BlockDevice) -> None:
         """Serve /metrics, /api/stats and the dashboard for this export, if asked."""
         if self.http:
-            device.start_ops(*parse_hostport(self.http, 0))
+            token = read_secret(self.http_token_file) if self.http_token_file else ""
+            device.start_ops(*parse_hostport(self.http, 0), token)
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":

@@ -65,12 +65,16 @@ class PageBackend:
         # Set when slot maps were lost (a corrupt index record): a slot with no page
         # may then be one whose page was forgotten, so it reads as EIO, not zeros.
         self.damaged = False
+        # Pages one area may hold (0: no bound but the capacity), so that one host
+        # cannot fill a store that others share.
+        self.area_quota = 0
         self.counters = {
             "pages_written": 0,
             "pages_read": 0,
             "pages_discarded": 0,
             "checksum_errors": 0,
             "enospc": 0,
+            "quota_refusals": 0,
         }
 
     # -- arena I/O, per backend -------------------------------------------------
@@ -155,9 +159,19 @@ class PageBackend:
         """
         self._check_slots(area, slots)
         cow = self.copy_on_write
-        needed = len(slots) if cow else sum(1 for s in slots if area.page(s) == UNMAPPED)
+        fresh = sum(1 for s in slots if area.page(s) == UNMAPPED)
+        self._check_quota(area, fresh)
+        needed = len(slots) if cow else fresh
         if needed > len(self.free):
             self._make_room(needed)
+        # A copy-on-write store with no page to spare rewrites mapped slots in place:
+        # the generation bump makes such a page disagree with the tag the last flushed
+        # index holds, so after a crash that slot is EIO, never its older copy.
+        in_place = needed > len(self.free)
+        if fresh > len(self.free):
+            self.counters["enospc"] += 1
+            raise StoreError(errno.ENOSPC, f"store full: {fresh} pages needed, "
+                             f"{len(self.free)} free")  # fmt: skip
         self._take_clusters(area, slots)
         for i, slot in enumerate(slots):
             view = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
@@ -167,7 +181,7 @@ class PageBackend:
             else:
                 tag = page_tag(view, area.seed, slot, gen) if self.verify else 0
             page = area.page(slot)
-            if page == UNMAPPED or cow:
+            if page == UNMAPPED or (cow and not in_place):
                 if page != UNMAPPED:
                     self._retire(page)
                 page = self.free.pop()
@@ -176,6 +190,7 @@ class PageBackend:
             self.tags[page] = tag
             self.generations[page] = gen
         self.counters["pages_written"] += len(slots)
+        area.written += len(slots)
 
     # Memory overwrites a slot's page in place; the file backend writes a fresh page
     # so that the index persisted at the last flush never points at newer data.
@@ -191,9 +206,15 @@ class PageBackend:
                 raise
 
     def _make_room(self, needed: int) -> None:
-        """Called when the free stack is short; raise ENOSPC unless room can be made."""
-        self.counters["enospc"] += 1
-        raise StoreError(errno.ENOSPC, f"store full: {needed} pages needed, {len(self.free)} free")
+        """Called when the free stack is short: reclaim what can be (file: flush)."""
+
+    def _check_quota(self, area: Area, fresh: int) -> None:
+        quota = self.area_quota
+        if quota and area.used + fresh > quota:
+            self.counters["enospc"] += 1
+            self.counters["quota_refusals"] += 1
+            raise StoreError(errno.ENOSPC, f"area {area.name} is at its quota of {quota} pages "
+                             f"(--area-quota): {area.used} held, {fresh} more asked")  # fmt: skip
 
     def read(self, area: Area, slots: Sequence[int], out: memoryview) -> list[int]:
         """Fill `out` with the pages of `slots`; returns their tags."""
@@ -211,6 +232,7 @@ class PageBackend:
             self._load(page, view)
             tags.append(self._verified(area, slot, page, view))
         self.counters["pages_read"] += len(slots)
+        area.read += len(slots)
         return tags
 
     def _verified(self, area: Area, slot: int, page: int, view: memoryview) -> int:
@@ -234,6 +256,7 @@ class PageBackend:
         if not self.copy_on_write and current[0] != UNMAPPED and _is_run(current):
             page = current[0]
         else:
+            self._check_quota(area, current.count(UNMAPPED))
             self._take_clusters(area, range(first, first + count))
             run = self._take_run(count)
             if run is None:
@@ -253,6 +276,7 @@ class PageBackend:
                 "I", (page_tag(view, seed, first + i, gen) for i, view in enumerate(pages))
             )
         self.counters["pages_written"] += count
+        area.written += count
 
     def read_range(self, area: Area, first: int, count: int, out: memoryview) -> None:
         self._check_range(area, first, count)
@@ -265,6 +289,7 @@ class PageBackend:
         for i in range(count):
             self._verified(area, first + i, page + i, out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         self.counters["pages_read"] += count
+        area.read += count
 
     def _take_run(self, count: int) -> int | None:
         """Pop `count` consecutive free pages if the stack's top is such a run."""
@@ -295,6 +320,7 @@ class PageBackend:
                 continue
             freed = area.unmap_span(*span)
             self._retire_all(freed)
+            area.discarded += len(freed)
             yield HELD_CLUSTER_UNITS + len(freed)
 
     def discard(self, area: Area, start: int, count: int) -> None:
@@ -323,6 +349,20 @@ class PageBackend:
         total += self.free.itemsize * self.free.buffer_info()[1]
         total += sum(4 * len(c) for a in self.areas.values() for c in a.clusters.values())
         return total
+
+    def area_stats(self, area: Area) -> dict[str, int]:
+        """What one area's client may see: its own figures, and the store's size and
+        use, which placement needs."""
+        return {
+            "capacity_pages": self.capacity_pages,
+            "used_pages": self.used_pages,
+            "area_pages": area.pages,
+            "area_used_pages": area.used,
+            "area_pages_written": area.written,
+            "area_pages_read": area.read,
+            "area_pages_discarded": area.discarded,
+            "area_quota_pages": self.area_quota,
+        }
 
     def stats(self) -> dict[str, int]:
         return {

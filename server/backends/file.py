@@ -10,7 +10,9 @@ journal, writes are copy-on-write: a rewritten slot gets a fresh arena page and
 the old one is only reused after the next flush, so the persisted index never
 points at data newer than itself. Flush = fsync(pages), write index.tmp,
 fsync, rename, fsync(dir). When the free stack runs dry the backend flushes on
-its own to reclaim retired pages before answering ENOSPC.
+its own to reclaim retired pages; when even that leaves no page to spare, a
+rewrite goes in place (base.py: its tag then disagrees with the flushed index,
+so a crash makes that slot EIO, not stale) and only new slots get ENOSPC.
 """
 
 from __future__ import annotations
@@ -70,10 +72,8 @@ class FileBackend(PageBackend):
         self._retired.append(page)
 
     def _make_room(self, needed: int) -> None:
-        if self._retired and needed <= len(self.free) + len(self._retired):
+        if self._retired:  # pages rewritten since the last flush come back after one
             self.flush()
-            return
-        super()._make_room(needed)
 
     # -- durability ---------------------------------------------------------
     def flush(self) -> None:

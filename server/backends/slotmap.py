@@ -58,7 +58,8 @@ class ClusterBudget:
 class Area:
     """One swap area: slot -> arena page, by cluster."""
 
-    __slots__ = ("budget", "clusters", "name", "pages", "seed", "used")
+    __slots__ = ("budget", "clusters", "discarded", "name", "pages", "read", "seed", "used",
+                 "written")  # fmt: skip
 
     def __init__(self, name: str, pages: int, budget: ClusterBudget) -> None:
         self.name = name
@@ -66,6 +67,7 @@ class Area:
         self.seed = area_seed(name)  # the tags' area identity (protocol/checksum.py)
         self.clusters: dict[int, array[int]] = {}
         self.used = 0
+        self.written = self.read = self.discarded = 0  # pages, for this area's own Stats
         self.budget = budget
 
     def page(self, slot: int) -> int:
