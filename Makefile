@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent clean
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent fuzz clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -39,6 +39,12 @@ bench-agent: setup
 
 bench-nbd: setup
 	$(PY) -m tests.bench.bench_nbd $(BENCH_ARGS)
+
+# The store's protocol fuzzer, long run: a million frames (make test runs a minute of it).
+FUZZ_ARGS ?= --frames 1000000
+
+fuzz: setup
+	$(PY) -m tests.fuzz.fuzz_store $(FUZZ_ARGS)
 
 clean:
 	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache

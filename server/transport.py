@@ -147,8 +147,8 @@ class StoreProtocol(asyncio.Protocol):
             assert isinstance(event, Request)
             self._frames += 1
             reply = self._session.handle(event)
-            if isinstance(event, Hello):
-                if isinstance(reply, Failed):
+            if isinstance(event, Hello) and self._conn.max_frame != MAX_FRAME_SIZE:
+                if isinstance(reply, Failed):  # a first Hello refused: throttle, then close
                     self._refuse(reply)
                     return
                 self._conn.max_frame = MAX_FRAME_SIZE
