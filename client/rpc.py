@@ -20,6 +20,7 @@ import errno
 import itertools
 import math
 import os
+import ssl
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -50,9 +51,13 @@ from netswap.protocol import (
     batch_tags,
     page_tag,
 )
+from netswap.server.tls import client_failure
 from netswap.server.units import read_secret
 
 DEFAULT_DEADLINE_S = 10.0
+# A TLS close exchanges close_notify first; a store that does not answer in this
+# long is cut off (a plain socket closes at once).
+CLOSE_WAIT_S = 1.0
 # How late a batch call's timeout may fire: deadlines are seconds, so a quarter
 # second of slack is noise, and one sweep costs a scan of a handful of calls.
 WATCHDOG_PERIOD_S = 0.25
@@ -74,6 +79,7 @@ class _RpcProtocol(asyncio.Protocol):
         self.on_lost: Callable[[Exception], None] | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self.gone = asyncio.Event()  # connection_lost has run: the socket is closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -115,6 +121,7 @@ class _RpcProtocol(asyncio.Protocol):
         await self._can_write.wait()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone.set()
         lost = ConnectionLost(f"connection to store lost: {exc or 'closed by peer'}")
         self._fail_all(lost)
         self._can_write.set()
@@ -148,13 +155,27 @@ class StoreClient:
         area: str,
         token: str = "",
         deadline: float = DEFAULT_DEADLINE_S,
+        tls: ssl.SSLContext | None = None,
     ) -> StoreClient:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(deadline):
-            _, protocol = await loop.create_connection(_RpcProtocol, host, port)
+            raw, protocol = await loop.create_connection(_RpcProtocol, host, port)
+            if tls is not None:  # TLS as a second step: on failure the socket is ours to close
+                try:
+                    wrapped = await loop.start_tls(raw, protocol, tls, server_hostname=host)
+                except (ssl.SSLError, ConnectionResetError) as exc:  # one line to act on
+                    raw.abort()
+                    why = client_failure(exc)
+                    raise ConnectionLost(f"TLS with {host}:{port} failed: {why}") from None
+                assert wrapped is not None
+                protocol.transport = wrapped
             client = cls(protocol, deadline, area)
             try:
                 reply = await client._call(Hello(client._next_id(), PROTOCOL_VERSION, area, token))
+            except ConnectionLost as exc:
+                client.abort()
+                hint = "" if tls else " (a TLS store? give store-tls-ca)"
+                raise ConnectionLost(f"{exc}, before the store answered Hello{hint}") from None
             except BaseException:
                 client.abort()
                 raise
@@ -319,10 +340,17 @@ class StoreClient:
             self._protocol.transport.abort()
 
     async def close(self) -> None:
-        transport = self._protocol.transport
+        """Close, and wait (briefly) until the socket is: TLS says goodbye first."""
+        protocol = self._protocol
+        transport = protocol.transport
         if transport is not None and not transport.is_closing():
             transport.close()
-        self._protocol._fail_all(ConnectionLost("client closed"))
+        protocol._fail_all(ConnectionLost("client closed"))
+        if transport is not None:
+            try:
+                await asyncio.wait_for(protocol.gone.wait(), CLOSE_WAIT_S)
+            except TimeoutError:
+                transport.abort()
         await asyncio.sleep(0)
 
 

@@ -13,12 +13,14 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backends import PageBackend
 from .guard import Limits
 from .service import StoreService, Tokens
+from .tls import TlsAcceptor
 from .transport import StoreProtocol
 
 log = logging.getLogger("netswap.store")
@@ -55,13 +57,19 @@ async def start_store(
     port: int,
     tokens: Tokens | None = None,
     limits: Limits | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> StoreServer:
     service = StoreService(backend, tokens or Tokens.open(), limits)
     connections: set[StoreProtocol] = set()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: StoreProtocol(service, connections), host, port, reuse_address=True
-    )
+
+    def plain() -> asyncio.Protocol:
+        return StoreProtocol(service, connections)
+
+    factory: Callable[[], asyncio.Protocol] = plain
+    if tls is not None:  # the handshake first, then the same protocol over TLS
+        factory = lambda: TlsAcceptor(tls, plain)  # noqa: E731
+    server = await loop.create_server(factory, host, port, reuse_address=True)
     return StoreServer(service, server, connections)
 
 
@@ -74,8 +82,9 @@ async def serve_until_signal(
     http: tuple[str, int] | None = None,
     limits: Limits | None = None,
     http_token: str = "",
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    store = await start_store(backend, host, port, tokens, limits)
+    store = await start_store(backend, host, port, tokens, limits, tls)
     ops = None
     if http is not None:
         from .ops.http import start_http

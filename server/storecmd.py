@@ -13,6 +13,7 @@ from .app import StoreServer, serve_until_signal
 from .backends import BACKENDS, open_backend
 from .guard import Limits
 from .service import Tokens
+from .tls import server_context
 from .units import (
     UsageError,
     format_size,
@@ -48,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"connections served at once; more are refused (default {Limits.max_connections}, "
         "under the usual 1024 open files: raise `ulimit -n` with it)",
     )
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="require client certificates from this CA (mutual TLS)")  # fmt: skip
     parser.add_argument(
         "--http",
         metavar="HOST:PORT",
@@ -83,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
     if http is not None and not is_loopback(http[0]) and not http_token:
         raise UsageError(f"--http on {http[0]} needs --http-token-file (only loopback may be "
                          "open)")  # fmt: skip
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("TLS needs both --tls-cert and --tls-key")
+        try:
+            tls = server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if not is_loopback(host) and not tokens.required:
         raise UsageError(f"listening on {host} needs --token-file (only loopback may be open)")
     try:
@@ -93,22 +106,26 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(store: StoreServer) -> None:
         logging.getLogger("netswap.store").info(
-            "page store (%s, %s) listening on %s:%d",
+            "page store (%s, %s%s) listening on %s:%d",
             args.backend,
             format_size(capacity),
+            ", TLS" if tls else "",
             host,
             store.port,
         )
         print(f"netswap store ready on {host}:{store.port}", file=sys.stderr, flush=True)
 
-    runner = _runner()
+    runner = _runner(fast=tls is None)  # server/tls.py: why TLS stays on asyncio
     with runner:
-        runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits, http_token))
+        runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits, http_token,
+                                      tls))  # fmt: skip
     return 0
 
 
-def _runner() -> asyncio.Runner:
-    """An asyncio.Runner on uvloop when it is installed."""
+def _runner(fast: bool = True) -> asyncio.Runner:
+    """An asyncio.Runner on uvloop when it is installed (and `fast`)."""
+    if not fast:
+        return asyncio.Runner()
     try:
         import uvloop
     except ImportError:

@@ -59,6 +59,7 @@ class StoreProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._slices: Slices | None = None  # a sliced request under way
         self._partial = 0  # bytes of this peer's unfinished frame, in the shared budget
+        self._tls_hint = ""  # set when the peer opened with a TLS record
         self._budget_paused = False
         self._frames = self._frames_armed = 0  # requests parsed; and when the timer was set
         self._timer: asyncio.TimerHandle | None = None  # handshake, then frame deadline
@@ -95,6 +96,8 @@ class StoreProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if not self._frames and not self._conn.buffered and data[:2] == b"\x16\x03":
+            self._tls_hint = " (a TLS ClientHello: does this store need --tls-cert?)"
         self._conn.receive_data(data)
         self._drain_events()
 
@@ -136,7 +139,8 @@ class StoreProtocol(asyncio.Protocol):
                 event = self._conn.next_event()
             except RemoteProtocolError as exc:
                 self._service.counters["protocol_errors"] += 1
-                warn.warning("protocol", "closing %s: protocol error: %s", self._peer, exc)
+                warn.warning("protocol", "closing %s: protocol error: %s%s", self._peer, exc,
+                             self._tls_hint)  # fmt: skip
                 transport.abort()
                 return
             if event is NEED_DATA:

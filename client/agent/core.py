@@ -24,6 +24,7 @@ import contextlib
 import errno
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -72,12 +73,14 @@ class Agent:
         quorum: int = 1,
         io_timeout: float = 5.0,
         policy: BatchPolicy | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.area, self.token, self.pages = area, token, pages
         self.area_seed = area_seed(area)  # the area identity in every page's tag
         self.reserve = reserve
         self.quorum = quorum
         self.io_timeout = io_timeout
+        self.tls = tls  # verifies the stores (server/tls.py), None: plaintext
         self.policy = policy or BatchPolicy()
         self.table = SlabTable(pages, slab_pages, replicas)
         self.rng = random.Random()

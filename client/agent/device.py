@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 import threading
 
 from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError, page_tag
@@ -77,6 +78,7 @@ class RemoteDevice:
         batch_pages: int,
         batch_linger_us: int,
         write_back: bool,
+        tls: ssl.SSLContext | None = None,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         agent = Agent(
@@ -89,6 +91,7 @@ class RemoteDevice:
             token=read_token(token_file or None),
             quorum=quorum,
             policy=BatchPolicy(batch_pages, batch_linger_us / 1e6),
+            tls=tls,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back)
 

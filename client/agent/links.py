@@ -68,7 +68,7 @@ class StoreLink:
         """Connect and activate the area; True when the store lost our pages."""
         agent = self.agent
         client = await StoreClient.connect(
-            self.host, self.port, agent.area, agent.token, deadline=agent.io_timeout
+            self.host, self.port, agent.area, agent.token, agent.io_timeout, agent.tls
         )
         try:
             assert client.welcome is not None
@@ -94,7 +94,9 @@ class StoreLink:
             try:
                 lost = await self.connect(fresh=False)
             except (*TRANSPORT_ERRORS, StoreError) as exc:
-                log.debug("store %s still down: %s", self.name, exc)
+                # The first failure of a streak says why, once; the retries stay quiet.
+                level = logging.WARNING if backoff == BACKOFF_MIN_S else logging.DEBUG
+                log.log(level, "store %s unreachable: %s", self.name, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
                 continue

@@ -15,11 +15,13 @@ load it.
 from __future__ import annotations
 
 import argparse
+import ssl
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
+from netswap.server.tls import client_context
 from netswap.server.units import format_size, is_loopback, parse_hostport, parse_size, read_secret
 
 from ..device import BlockDevice, PageDevice
@@ -80,6 +82,11 @@ class PluginConfig:
     cache: str = setting("writethrough", "choice", "remote: acknowledge writes when on the "
                          "stores, or once in the reserve (flush/FUA still wait)",
                          choices=CACHE_MODES)  # fmt: skip
+    store_tls_ca: str = setting("", "text", "speak TLS to the stores, verified against this CA "
+                                "(remote)", metavar="FILE")  # fmt: skip
+    tls_cert: str = setting("", "text", "client certificate for stores that require one "
+                            "(remote, with store-tls-ca)", metavar="FILE")  # fmt: skip
+    tls_key: str = setting("", "text", "that certificate's private key", metavar="FILE")
     http: str = setting("", "address", "ops endpoint: /metrics, /api/stats, / (default off)")
     http_token_file: str = setting("", "text", "bearer token the ops endpoint requires "
                                    "(needed off loopback)", metavar="FILE")  # fmt: skip
@@ -133,6 +140,7 @@ class PluginConfig:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
         if self.backend != "remote" and self.cache != "writethrough":
             raise ConfigError(f"cache={self.cache} is only for backend=remote")
+        self._check_tls()
         if self.http_token_file:  # read now: nbdkit changes directory after forking
             self.http_token_file = str(Path(self.http_token_file).resolve())
             try:
@@ -144,6 +152,25 @@ class PluginConfig:
             raise ConfigError(f"http={self.http} needs http-token-file=FILE (only loopback "
                               "may be open)")  # fmt: skip
         # capacity < size is allowed: a thin export whose writes fail with ENOSPC when full.
+
+    def _check_tls(self) -> None:
+        if (self.tls_cert or self.tls_key) and not self.store_tls_ca:
+            raise ConfigError("tls-cert/tls-key need store-tls-ca (TLS to the stores)")
+        if self.store_tls_ca and self.backend != "remote":
+            raise ConfigError(f"store-tls-ca is only for backend=remote, not {self.backend}")
+        for name in ("store_tls_ca", "tls_cert", "tls_key"):  # nbdkit changes directory
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
+        if self.store_tls_ca:
+            self.tls_context()  # a bad file is a one-line error now, not at connect
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.store_tls_ca:
+            return None
+        try:
+            return client_context(self.store_tls_ca, self.tls_cert, self.tls_key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def effective_replicas(self) -> int:
@@ -170,6 +197,7 @@ class PluginConfig:
                 replicas=self.effective_replicas, quorum=self.quorum, reserve=self.reserve,
                 slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
+                tls=self.tls_context(),
             )  # fmt: skip
         from netswap.server.backends import open_backend
 

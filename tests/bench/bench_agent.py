@@ -5,6 +5,7 @@ Same run, same client (fio ioengine=nbd), alternating between:
   agent-unbatched  the same with --batch-pages 1: one page per RPC
   agent-2x         two stores, --replicas 2, default batching
   agent-writeback  agent-batched with --cache writeback (acknowledged from the reserve)
+  agent-tls        agent-batched against a TLS store (--store-tls-ca)
   nbdkit-memory    the peer
   py-parallel      floor: a PARALLEL Python plugin doing one copy per request
   py-handoff       floor: the same plus the agent's hand-off to an event-loop
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 
 from ..conftest import free_port
+from ..pki import make_pki
 from ..procs import StoreProc
 from .bench_nbd import floor_cmd, netswap_cmd, peer_cmd, server
 from .fio import Result, Workload, fio, prefill
@@ -50,10 +54,15 @@ def main() -> None:
     pin = [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     with ExitStack() as stack:
+        pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        tls = ("--tls-cert", str(pki.store_cert), "--tls-key", str(pki.store_key))
         s1, s2, s3 = (StoreProc("1G").start() for _ in range(3))
-        for s in (s1, s2, s3):
+        s4 = StoreProc("1G", tls).start()
+        for s in (s1, s2, s3, s4):
             stack.callback(s.kill)
         one = ["--backend", "remote", "--store", s1.address, "--area", "bench1", *pin]
+        tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
+                   "--area", "bench1t", *pin]  # fmt: skip
         two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
                "--replicas", "2", "--area", "bench2", *pin]  # fmt: skip
         commands = {
@@ -65,6 +74,7 @@ def main() -> None:
             "agent-writeback": lambda port: netswap_cmd(
                 port, [*one, "--cache", "writeback", "--area", "bench1w"]
             ),
+            "agent-tls": lambda port: netswap_cmd(port, tls_one),
             "nbdkit-memory": peer_cmd,
             "py-parallel": lambda port: [*taskset, *floor_cmd(port, "model=parallel")],
             "py-handoff": lambda port: [
@@ -116,6 +126,7 @@ def report(results: dict[str, dict[str, list[Result]]], rounds: int, placement: 
             "py-handoff/nbdkit-memory": med["py-handoff"][0] / med["nbdkit-memory"][0],
             "2 replicas/batched": med["agent-2x"][0] / batched,
             "writeback/nbdkit-memory": med["agent-writeback"][0] / med["nbdkit-memory"][0],
+            "tls/batched": med["agent-tls"][0] / batched,
         }
         print(f"{'':<20}" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
