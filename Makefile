@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent fuzz clean
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent fuzz soak clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -45,6 +45,13 @@ FUZZ_ARGS ?= --frames 1000000
 
 fuzz: setup
 	$(PY) -m tests.fuzz.fuzz_store $(FUZZ_ARGS)
+
+# Ten minutes of agent and stores under a verified workload, stores killed on a
+# schedule (make test runs ninety seconds of it); the RSS chart goes to artifacts/.
+SOAK_ARGS ?= --seconds 600
+
+soak: setup
+	$(PY) -m tests.soak.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,176 @@
+"""`make soak`: the agent and three stores under a verified workload for ten minutes,
+with stores killed (-9) and restarted on a schedule.
+
+Every second it samples RSS, open fds and threads of the agent (nbdkit with the
+plugin) and of each store. Every page the workload wrote is checked when read
+back. It passes when no page is wrong or lost, and the agent's RSS after the
+warm-up grows slower than SLOPE_BOUND_MIB per ten minutes (least squares over
+the samples; reported either way). The RSS chart goes to artifacts/soak-rss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbd
+
+from ..procs import StoreProc, agent_serve
+from .png import line_chart
+
+LEGEND = ("blue", "orange", "green", "red")  # png.COLOURS, in series order
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+# A store is down this long in every KILL_EVERY_S; with 3 stores and 2 replicas one
+# down at a time never loses a page (the others hold a copy, resync refills it).
+KILL_EVERY_S, DOWN_S = 30.0, 5.0
+# The first stretch fills the reserve, the slab table and the stores' arenas.
+WARMUP_FRACTION = 0.3
+# The issue's bar for the ten-minute run; the short slice in make test uses a looser
+# one, since a minute of samples cannot resolve 1 MiB in ten.
+SLOPE_BOUND_MIB = 1.0
+
+
+@dataclass
+class Samples:
+    t: list[float] = field(default_factory=list)
+    by_name: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)  # rss, fds, thr
+
+    def add(self, t: float, name: str, pid: int | None) -> None:
+        self.by_name.setdefault(name, []).append(proc_figures(pid) if pid else (0, 0, 0))
+
+
+def proc_figures(pid: int) -> tuple[int, int, int]:
+    """(RSS KiB, open fds, threads) of a live process; zeros if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        fields = {k: v.split()[0] for k, _, v in (x.partition(":") for x in status) if v.split()}
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        return int(fields["VmRSS"]), fds, int(fields["Threads"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0, 0
+
+
+def slope_mib_per_10min(t: list[float], rss_kib: list[int]) -> float:
+    n = len(t)
+    if n < 2:
+        return 0.0
+    mt, mr = sum(t) / n, sum(rss_kib) / n
+    var = sum((x - mt) ** 2 for x in t)
+    cov = sum((x - mt) * (y - mr) for x, y in zip(t, rss_kib, strict=True))
+    return cov / var / 1024 * 600 if var else 0.0
+
+
+def verified_workload(uri: str, stop: threading.Event, errors: list[str],
+                      checked: list[int]) -> list[threading.Thread]:  # fmt: skip
+    """Two writers of whole 8-page blocks, each reading back a random earlier block."""
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        blocks = h.get_size() // 4096 // 8 // 2
+        truth: dict[int, bytes] = {}
+        while not stop.is_set():
+            block = n * blocks + rng.randrange(blocks)
+            data = rng.randbytes(8 * 4096)
+            try:
+                h.pwrite(data, block * 8 * 4096)
+                truth[block] = data
+                probe = rng.choice(list(truth))
+                if h.pread(8 * 4096, probe * 8 * 4096) != truth[probe]:
+                    errors.append(f"block {probe} read back wrong")
+                checked[0] += 8
+            except nbd.Error as exc:
+                errors.append(f"block {block}: {exc}")
+                return
+        h.shutdown()
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(2)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@dataclass
+class Outcome:
+    seconds: float
+    errors: list[str]
+    pages_checked: int
+    kills: int
+    slope: float
+    peaks: dict[str, tuple[int, int, int]]
+    chart: Path
+
+
+def soak(seconds: float, chart: Path, replicas: int = 2) -> Outcome:
+    samples, errors, checked, kills = Samples(), [], [0], 0
+    with ExitStack() as stack:
+        stores = [StoreProc("256M").start() for _ in range(3)]
+        for s in stores:
+            stack.callback(s.kill)
+        uri, agent = stack.enter_context(agent_serve(stores, "256M", "--replicas", str(replicas)))
+        stop = threading.Event()
+        threads = verified_workload(uri, stop, errors, checked)
+        began = time.monotonic()
+        next_kill, down = began + KILL_EVERY_S, None
+        while (now := time.monotonic()) - began < seconds and not errors:
+            if down is None and now >= next_kill:
+                down = stores[kills % len(stores)]
+                down.kill()
+                kills += 1
+            elif down is not None and now >= next_kill + DOWN_S:
+                down.start()
+                down, next_kill = None, next_kill + KILL_EVERY_S
+            samples.t.append(now - began)
+            samples.add(now, "agent", agent.pid)
+            for i, s in enumerate(stores):
+                samples.add(now, f"store{i + 1}", s.proc.pid if s.proc else None)
+            time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    agent_rss = [r for r, _, _ in samples.by_name["agent"]]
+    warm = int(len(samples.t) * WARMUP_FRACTION)
+    slope = slope_mib_per_10min(samples.t[warm:], agent_rss[warm:])
+    line_chart(chart, {name: [(t, f[0] / 1024) for t, f in zip(samples.t, figs, strict=True)]
+                       for name, figs in samples.by_name.items()})  # fmt: skip
+    peaks = {name: tuple(max(f[i] for f in figs) for i in range(3))
+             for name, figs in samples.by_name.items()}  # fmt: skip
+    return Outcome(samples.t[-1] if samples.t else 0, errors, checked[0], kills, slope,
+                   peaks, chart)  # type: ignore[arg-type]  # fmt: skip
+
+
+def report(out: Outcome) -> None:
+    print(f"soak: {out.seconds:.0f}s, {out.kills} store kills, {out.pages_checked} pages "
+          f"verified, {len(out.errors)} errors; agent RSS slope after warm-up "
+          f"{out.slope:+.2f} MiB per 10 min (bound {SLOPE_BOUND_MIB})")  # fmt: skip
+    for name, (rss, fds, threads) in out.peaks.items():
+        print(f"  {name:<7} peak RSS {rss / 1024:6.1f} MiB, fds {fds:4d}, threads {threads:3d}")
+    legend = ", ".join(f"{name} {colour}" for name, colour in zip(out.peaks, LEGEND, strict=False))
+    print(f"  RSS chart (MiB over seconds): {out.chart} -- {legend}")
+    for error in out.errors[:5]:
+        print(f"  ERROR {error}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="make soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--chart", type=Path, default=ARTIFACTS / "soak-rss.png")
+    parser.add_argument("--replicas", type=int, default=2, help="1: shows the check failing")
+    args = parser.parse_args()
+    out = soak(args.seconds, args.chart, args.replicas)
+    report(out)
+    ok = not out.errors and out.pages_checked and out.slope < SLOPE_BOUND_MIB
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
