@@ -260,7 +260,10 @@ def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
     while not answers(host, port):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid)
-            lines = log.read_text(errors="replace").strip().splitlines()
+            # Only a regular file: a log that is the console (the lab guest's) would
+            # block this read until someone typed a line -- the stall of a 192 MiB guest.
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            lines = text.strip().splitlines()
             why = f": {lines[-1]}" if lines else ""
             raise AttachError(f"`netswap serve` did not come up on {host}:{port}{why} (log {log})")
         time.sleep(0.2)
