@@ -51,7 +51,7 @@ from netswap.protocol import (
     batch_tags,
     page_tag,
 )
-from netswap.server.tls import client_failure
+from netswap.server.tls import handshake_failure
 from netswap.server.units import read_secret
 
 DEFAULT_DEADLINE_S = 10.0
@@ -165,7 +165,7 @@ class StoreClient:
                     wrapped = await loop.start_tls(raw, protocol, tls, server_hostname=host)
                 except (ssl.SSLError, ConnectionResetError) as exc:  # one line to act on
                     raw.abort()
-                    why = client_failure(exc)
+                    why = handshake_failure(exc)
                     raise ConnectionLost(f"TLS with {host}:{port} failed: {why}") from None
                 assert wrapped is not None
                 protocol.transport = wrapped

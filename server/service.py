@@ -40,6 +40,7 @@ from netswap.protocol import (
     SwapOut,
     Welcome,
 )
+from netswap.protocol.limits import MAX_REASON_SIZE
 
 from .backends import PageBackend
 from .guard import AuthThrottle, Limits, PartialBudget
@@ -68,8 +69,13 @@ class Slices:
                 if done >= SLICE_UNITS:
                     return False
         except StoreError as exc:
-            self.reply = Failed(self.reply.request_id, exc.errno, exc.reason[:1000])
+            self.reply = failed(self.reply.request_id, exc)
         return True
+
+
+def failed(request_id: int, exc: StoreError) -> Failed:
+    """A backend's refusal as the reply that carries its errno (reason bounded)."""
+    return Failed(request_id, exc.errno, exc.reason[:MAX_REASON_SIZE])
 
 
 ADMIN = "@admin"  # not an area name (those start with a letter or digit)
@@ -173,7 +179,7 @@ class Session:
         try:
             return self._dispatch(request)
         except StoreError as exc:
-            return Failed(rid, exc.errno, exc.reason[:1000])
+            return failed(rid, exc)
 
     def _dispatch(self, request: Request) -> Reply | Slices:
         rid = request.request_id

@@ -100,7 +100,9 @@ class TlsAcceptor(asyncio.Protocol):
                 tcp, self, self._ctx, server_side=True, ssl_handshake_timeout=HANDSHAKE_S
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            warn.warning("tls", "closing %s: TLS handshake failed: %s", name, _why(exc))
+            warn.warning(
+                "tls", "closing %s: TLS handshake failed: %s", name, handshake_failure(exc)
+            )
             tcp.abort()
             return
         if tls is None:
@@ -140,8 +142,8 @@ class TlsAcceptor(asyncio.Protocol):
             self._inner.connection_lost(exc)
 
 
-def _why(exc: BaseException) -> str:
-    """The part of an SSL error a person can act on."""
+def handshake_failure(exc: BaseException) -> str:
+    """The part of a failed TLS handshake a person can act on (either side)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate not accepted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError) and exc.reason:
@@ -157,8 +159,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, ConnectionResetError):
         return "reset by the other side (it rejected this certificate, or speaks no TLS)"
     return str(exc) or type(exc).__name__
-
-
-def client_failure(exc: BaseException) -> str:
-    """What an agent says when it cannot reach a store over TLS (or without it)."""
-    return _why(exc)

@@ -23,7 +23,14 @@ import errno
 from array import array
 from collections.abc import Iterator, Sequence
 
-from netswap.protocol import NEVER_WRITTEN, PAGE_SIZE, ZERO_PAGE, StoreError, page_tag
+from netswap.protocol import (
+    NEVER_WRITTEN,
+    PAGE_SIZE,
+    ZERO_PAGE,
+    StoreError,
+    batch_tags,
+    page_tag,
+)
 
 from .slotmap import CLUSTER_SLOTS, MAX_AREAS, UNMAPPED, Area, ClusterBudget
 
@@ -270,10 +277,9 @@ class PageBackend:
         self._store_run(page, count, data)
         self.generations[page : page + count] = bytes([LOCAL_GENERATION]) * count
         if self.verify:
-            seed, gen = area.seed, LOCAL_GENERATION
-            pages = (data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(count))
+            gens = bytes([LOCAL_GENERATION]) * count
             self.tags[page : page + count] = array(
-                "I", (page_tag(view, seed, first + i, gen) for i, view in enumerate(pages))
+                "I", batch_tags(data, area.seed, range(first, first + count), gens)
             )
         self.counters["pages_written"] += count
         area.written += count

@@ -133,14 +133,6 @@ class Area:
             base = index << _SHIFT
             yield index, max(first - base, 0), min(first + count - base, CLUSTER_SLOTS)
 
-    def mapped(self) -> Iterator[tuple[int, int]]:
-        """(slot, page) of every mapped slot."""
-        for index, cluster in self.clusters.items():
-            base = index << _SHIFT
-            for offset in range(CLUSTER_SLOTS):
-                if cluster[offset] != UNMAPPED:
-                    yield base + offset, cluster[offset]
-
 
 def _spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
     """(cluster, low, high) covering slots first..first+count-1."""

@@ -46,8 +46,6 @@ from netswap.protocol import (
     Swapfile,
     SwapIn,
     SwapOut,
-    area_seed,
-    batch_tags,
     encode,
 )
 
@@ -215,16 +213,14 @@ async def good_client(port: int, tally: Tally, stop: asyncio.Event) -> None:
     rng = random.Random(0)
     client = await StoreClient.connect("127.0.0.1", port, "good", GOOD_TOKEN, deadline=30)
     await client.swapfile(True, GOOD_SLOTS)
-    seed, gens = area_seed("good"), bytearray(GOOD_SLOTS)
+    gens = bytearray(GOOD_SLOTS)
     truth: dict[int, bytes] = {}
     while not stop.is_set():
         slots = rng.sample(range(GOOD_SLOTS), 8)
         data = rng.randbytes(8 * PAGE_SIZE)
         for s in slots:
             gens[s] = gens[s] % 255 + 1
-        g = bytes(gens[s] for s in slots)
-        assert batch_tags(data, seed, slots, g)  # the client tags them itself
-        await client.swap_out(slots, data, g)
+        await client.swap_out(slots, data, bytes(gens[s] for s in slots))  # it tags them
         for i, s in enumerate(slots):
             truth[s] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         check = rng.sample(sorted(truth), min(8, len(truth)))
