@@ -6,9 +6,10 @@ proved itself for area A has no way to even name area B. Backend refusals
 become Failed replies with their errno; nothing a client sends raises here.
 
 Every request's work on the loop is bounded: batches by MAX_BATCH_PAGES, and
-the two whose work a client can make large -- a Discard's ranges, releasing
-an area -- come back as `Slices`, run SLICE_UNITS at a time between other
-clients' requests (transport.py), with their reply sent when the last is done.
+the three whose work a client can make large -- a Discard's ranges, releasing
+an area, a Flush of many clusters -- come back as `Slices`, run SLICE_UNITS at
+a time between other clients' requests (transport.py), with their reply sent
+when the last is done; a Flush's fsyncs run in a thread while the loop serves.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hmac
 import itertools
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from netswap.protocol import (
 from netswap.protocol.limits import MAX_REASON_SIZE
 
 from .backends import PageBackend
+from .backends.base import Step
 from .guard import AuthThrottle, Limits, PartialBudget
 from .ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
@@ -57,15 +60,18 @@ SLICE_UNITS = 4096
 class Slices:
     """A request whose work runs a slice at a time; `reply` once `steps` run out."""
 
-    steps: Iterator[int]
+    steps: Iterator[Step]
     reply: Reply
 
-    def run_slice(self) -> bool:
-        """Do up to SLICE_UNITS of work; True when all of it is done."""
+    def run_slice(self) -> bool | Future[None]:
+        """Do up to SLICE_UNITS of work: True when all of it is done, a Future when
+        the next slice must wait for it (an fsync in a thread)."""
         done = 0
         try:
-            for units in self.steps:
-                done += units
+            for step in self.steps:
+                if isinstance(step, Future):
+                    return step
+                done += step
                 if done >= SLICE_UNITS:
                     return False
         except StoreError as exc:
@@ -210,8 +216,7 @@ class Session:
             steps = (backend.discard_steps(area, s, c) for s, c in request.ranges)
             return Slices(itertools.chain.from_iterable(steps), Ok(rid))
         if isinstance(request, Flush):
-            backend.flush()
-            return Ok(rid)
+            return Slices(backend.flush_steps(), Ok(rid))
         if isinstance(request, Swapfile):
             return self._swapfile(request)
         if isinstance(request, Stats):

@@ -188,9 +188,13 @@ class StoreProtocol(asyncio.Protocol):
     def _next_slice(self) -> None:
         slices, transport = self._slices, self._transport
         assert slices is not None and transport is not None
-        if not slices.run_slice():
+        done = slices.run_slice()
+        if done is not True:
             # The work goes on even if the peer left: a half-released area would leak.
-            asyncio.get_running_loop().call_soon(self._next_slice)
+            if done is False:
+                asyncio.get_running_loop().call_soon(self._next_slice)
+            else:  # an fsync in the backend's thread: the loop serves others meanwhile
+                asyncio.wrap_future(done).add_done_callback(lambda _: self._next_slice())
             return
         self._slices = None
         if transport.is_closing():

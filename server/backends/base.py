@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 from array import array
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 
 from netswap.protocol import (
     NEVER_WRITTEN,
@@ -33,6 +34,9 @@ from netswap.protocol import (
 )
 
 from .slotmap import CLUSTER_SLOTS, MAX_AREAS, UNMAPPED, Area, ClusterBudget
+
+# One step of sliced work: units done (the unit: below), or a Future to wait for.
+Step = int | Future[None]
 
 # array('i') indexes arena pages: 2**31 pages of 4 KiB is 8 TiB per store.
 MAX_CAPACITY_PAGES = (1 << 31) - 1
@@ -108,6 +112,11 @@ class PageBackend:
 
     def flush(self) -> None:
         """Make every acknowledged write durable (no-op for memory)."""
+
+    def flush_steps(self) -> Iterator[Step]:
+        """The flush as steps for the store's loop: work units, or a Future to await."""
+        self.flush()
+        return iter(())
 
     def close(self) -> None:
         """Release the arena."""

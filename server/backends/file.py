@@ -7,28 +7,40 @@ records: index.py; replaced by rename).
 Crash rule: a store restarted on the same path serves every page it had
 acknowledged before the last completed Flush. To make that true without a
 journal, writes are copy-on-write: a rewritten slot gets a fresh arena page and
-the old one is only reused after the next flush, so the persisted index never
-points at data newer than itself. Flush = fsync(pages), write index.tmp,
-fsync, rename, fsync(dir). When the free stack runs dry the backend flushes on
-its own to reclaim retired pages; when even that leaves no page to spare, a
-rewrite goes in place (base.py: its tag then disagrees with the flushed index,
-so a crash makes that slot EIO, not stale) and only new slots get ENOSPC.
+the old one is only reused once a flush begun after that completes, so the
+persisted index never points at data newer than itself. Flush = write
+index.tmpN (a step per cluster record, between other clients' requests), then,
+in a thread off the loop, fsync(pages), fsync(index.tmpN), rename, fsync(dir).
+When the free stack runs dry the backend flushes on its own to reclaim retired
+pages; when even that leaves no page to spare, a rewrite goes in place
+(base.py: its tag then disagrees with the flushed index, so a crash makes that
+slot EIO, not stale) and only new slots get ENOSPC.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import struct
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from netswap.protocol import PAGE_SIZE, StoreError
 
 from . import index
-from .base import PageBackend
-from .slotmap import CLUSTER_SLOTS, UNMAPPED
+from .base import PageBackend, Step
+from .slotmap import CLUSTER_SLOTS, UNMAPPED, Area
+
+# Work units (service.py's slices) for one cluster record: building and writing its
+# 2,320 bytes costs ~20 us here, a hundred times the 0.2 us unit.
+RECORD_UNITS = 100
+
+
+def _nothing() -> None:
+    """A Future that is done at once: a waiting flush gives the loop back."""
 
 
 class FileBackend(PageBackend):
@@ -43,6 +55,12 @@ class FileBackend(PageBackend):
         if os.fstat(self._fd).st_size < capacity_pages * PAGE_SIZE:
             os.ftruncate(self._fd, capacity_pages * PAGE_SIZE)
         self._retired: list[int] = []
+        self._flushing: object | None = None  # the flush under way, if any
+        self._tmp_names = itertools.count()
+        # fsync takes the disk's time, not ours: it runs here, off the store's loop.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netswap-fsync")
+        for stale in self.path.glob("index.tmp*"):  # a flush the last process did not end
+            stale.unlink()
         self._load_index()
 
     # -- arena I/O ----------------------------------------------------------
@@ -72,43 +90,85 @@ class FileBackend(PageBackend):
         self._retired.append(page)
 
     def _make_room(self, needed: int) -> None:
-        if self._retired:  # pages rewritten since the last flush come back after one
+        # Pages rewritten since the last flush come back after one. Not while a sliced
+        # flush is under way: it frees what was retired before it began, when it ends.
+        if self._retired and self._flushing is None:
             self.flush()
 
     # -- durability ---------------------------------------------------------
-    def flush(self) -> None:
-        os.fsync(self._fd)
-        self._write_index()
-        # Only now may pages that the old index referenced be overwritten.
-        self.free.extend(self._retired)
-        self._retired.clear()
+    def flush_steps(self) -> Iterator[Step]:
+        """Flush in steps: one per cluster record, then the fsyncs as a Future.
 
-    def _write_index(self) -> None:
-        numbers = {name: n for n, name in enumerate(self.areas)}
-        count = sum(len(a.clusters) for a in self.areas.values())
-        tmp = self.path / "index.tmp"
-        with open(tmp, "wb") as f:
-            areas = [(a.name, a.pages) for a in self.areas.values()]
-            index.write(f, self.capacity_pages, areas, self.damaged, self._records(numbers), count)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / "index")
-        dir_fd = os.open(self.path, os.O_RDONLY)
+        The store's other clients go on meanwhile, so the index is built from a
+        snapshot of which clusters exist and each record is taken whole at its
+        step; the page file is synced after the last record, so every page the
+        index names is durable. Only pages retired before the flush began are
+        freed at its end: one retired later may still be named by a record.
+        """
+        while self._flushing is not None:  # another client's flush first: ours covers more
+            yield self._io.submit(_nothing)
+        me = self._flushing = object()
+        tmp = self.path / f"index.tmp{next(self._tmp_names)}"
         try:
-            os.fsync(dir_fd)
+            retired = len(self._retired)
+            numbers = {id(a): n for n, a in enumerate(self.areas.values())}
+            areas = [(a.name, a.pages) for a in self.areas.values()]
+            held = [(a, number) for a in self.areas.values() for number in a.clusters]
+            with open(tmp, "wb") as f:
+                f.write(index.header(self.capacity_pages, areas, self.damaged, len(held)))
+                for area, number in held:
+                    f.write(index.record(self._record(numbers[id(area)], area, number)))
+                    yield RECORD_UNITS
+                    if self._flushing is not me:
+                        return  # a synchronous flush ran meanwhile and covered all of this
+            commit = self._io.submit(self._commit, tmp)
+            yield commit
+            commit.result()  # a failed fsync raises its StoreError here
+            if self._flushing is me:
+                self.free.extend(self._retired[:retired])
+                del self._retired[:retired]
         finally:
-            os.close(dir_fd)
+            tmp.unlink(missing_ok=True)  # gone already once committed
+            if self._flushing is me:
+                self._flushing = None
 
-    def _records(self, numbers: dict[str, int]) -> Iterator[index.Cluster]:
+    def flush(self) -> None:
+        """The whole flush at once (in-process callers, and the store's shutdown, which
+        supersedes a sliced flush that can no longer run)."""
+        self._flushing = None
+        for step in self.flush_steps():
+            if isinstance(step, Future):
+                step.result()
+
+    def _commit(self, tmp: Path) -> None:
+        """In the I/O thread: pages, then the new index, then its name, durable."""
+        try:
+            os.fsync(self._fd)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / "index")
+            dir_fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"flush: {exc.strerror}") from None
+
+    def _record(self, number: int, area: Area, index_: int) -> index.Cluster:
+        """One cluster's record as it is now (empty if its slots went meanwhile)."""
+        cluster = area.clusters.get(index_)
+        pages = (
+            cluster[:CLUSTER_SLOTS]
+            if cluster is not None
+            else array("i", [UNMAPPED]) * CLUSTER_SLOTS
+        )
+        t, g = array("I", [0]) * CLUSTER_SLOTS, bytearray(CLUSTER_SLOTS)
         tags, gens = self.tags, self.generations
-        for area in self.areas.values():
-            for number, cluster in area.clusters.items():
-                pages = cluster[:CLUSTER_SLOTS]
-                mapped = [(i, p) for i, p in enumerate(pages) if p != UNMAPPED]
-                t, g = array("I", [0]) * CLUSTER_SLOTS, bytearray(CLUSTER_SLOTS)
-                for i, p in mapped:
-                    t[i], g[i] = tags[p], gens[p]
-                yield index.Cluster(numbers[area.name], number, pages, t, bytes(g))
+        for i, p in enumerate(pages):
+            if p != UNMAPPED:
+                t[i], g[i] = tags[p], gens[p]
+        return index.Cluster(number, index_, pages, t, bytes(g))
 
     def _load_index(self) -> None:
         path = self.path / "index"
@@ -123,6 +183,8 @@ class FileBackend(PageBackend):
         areas = [self.activate(name, pages) for name, pages in loaded.areas]
         used: set[int] = set()
         for c in loaded.clusters:
+            if all(page == UNMAPPED for page in c.pages):
+                continue  # its slots went while that flush ran
             area = areas[c.area]
             self.budget.take(area.new_clusters([c.index * CLUSTER_SLOTS]))
             for i, page in enumerate(c.pages):
@@ -136,5 +198,6 @@ class FileBackend(PageBackend):
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._io.shutdown()
             os.close(self._fd)
             self._fd = -1

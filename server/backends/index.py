@@ -21,9 +21,7 @@ import json
 import struct
 import zlib
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from .slotmap import CLUSTER_SLOTS, UNMAPPED
 
@@ -59,14 +57,16 @@ class Loaded:
     damaged: bool = False
 
 
-def write(f: BinaryIO, capacity_pages: int, areas: list[tuple[str, int]], damaged: bool,
-          clusters: Iterator[Cluster], count: int) -> None:  # fmt: skip
-    header = json.dumps({"capacity_pages": capacity_pages, "areas": areas,
-                         "clusters": count, "damaged": damaged}).encode()  # fmt: skip
-    f.write(MAGIC + _LEN.pack(len(header)) + header + _CRC.pack(zlib.crc32(header)))
-    for c in clusters:
-        body = _KEY.pack(c.area, c.index) + c.pages.tobytes() + c.tags.tobytes() + c.generations
-        f.write(body + _CRC.pack(zlib.crc32(body)))
+def header(capacity_pages: int, areas: list[tuple[str, int]], damaged: bool, count: int) -> bytes:
+    """MAGIC and the header record: `count` cluster records must follow."""
+    blob = json.dumps({"capacity_pages": capacity_pages, "areas": areas,
+                       "clusters": count, "damaged": damaged}).encode()  # fmt: skip
+    return MAGIC + _LEN.pack(len(blob)) + blob + _CRC.pack(zlib.crc32(blob))
+
+
+def record(c: Cluster) -> bytes:
+    body = _KEY.pack(c.area, c.index) + c.pages.tobytes() + c.tags.tobytes() + c.generations
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def read(raw: bytes, capacity_pages: int, where: str) -> Loaded:
