@@ -111,5 +111,5 @@ async def serve_until_signal(
         on_ready(store)
     await stop.wait()
     if ops is not None:
-        await ops.cleanup()
+        await ops.close()
     await store.close()

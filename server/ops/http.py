@@ -1,11 +1,16 @@
 """The ops endpoint: /metrics (Prometheus), /api/stats (JSON), / (the dashboard).
 
-aiohttp on the event loop that already runs the role -- the store's loop, the
-agent's loop -- or, for an embedded export (which has no loop), on a small
-thread of its own. Every request builds one snapshot; nothing here is on the
-swap path. Off unless --http is given. On any address but loopback it needs a
-bearer token (--http-token-file): the figures name hosts, areas and sizes. The
-dashboard takes it once as `/?token=...` and sends it as a header from then on.
+A small HTTP/1.1 server, one `asyncio.Protocol` on the event loop that already
+runs the role -- the store's loop, the agent's loop -- or, for an embedded
+export (which has no loop), on a small thread of its own. Not aiohttp: in the
+agent this runs inside nbdkit, whose every touched page is locked, and
+aiohttp's import alone cost ~14 MiB of it. Three GET routes need no framework:
+one request per connection (`Connection: close`), its head bounded in bytes
+and time, the number of connections bounded. Every request builds one
+snapshot; nothing here is on the swap path. Off unless --http is given. On any
+address but loopback it needs a bearer token (--http-token-file): the figures
+name hosts, areas and sizes. The dashboard takes it once as `/?token=...` and
+sends it as a header from then on.
 """
 
 from __future__ import annotations
@@ -15,60 +20,155 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from importlib import resources
-
-from aiohttp import web
+from typing import cast
+from urllib.parse import parse_qs, urlsplit
 
 from .metrics import render
 from .sources import Source
 
 log = logging.getLogger("netswap.http")
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A request's line and headers: a browser sends 1-2 KiB, Prometheus less; 8 KiB is
+# the line limit aiohttp and nginx apply by default.
+MAX_HEAD = 8192
+# A peer has this long to send its request head (the store's own Hello deadline).
+HEAD_DEADLINE_S = 5.0
+# A dashboard, a scraper and `netswap stats --watch` are a handful of connections;
+# 64 leave room for several watchers while one peer can hold at most 64 x 8 KiB.
+MAX_CONNECTIONS = 64
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error"}  # fmt: skip
+
+Response = tuple[int, str, bytes]
 
 
 def dashboard_html() -> bytes:
     return resources.files("netswap.server.ops").joinpath("dashboard.html").read_bytes()
 
 
-def _allowed(request: web.Request, token: str) -> bool:
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    given = given or request.query.get("token", "")
-    return hmac.compare_digest(given.encode(), token.encode())
+class Routes:
+    """What each path answers; the token check comes first."""
+
+    def __init__(self, source: Source, token: str) -> None:
+        self.source, self.token, self.page = source, token, dashboard_html()
+
+    def answer(self, method: str, target: str, headers: dict[str, str]) -> Response:
+        if method != "GET":
+            return 405, "text/plain", b"only GET\n"
+        url = urlsplit(target)
+        if self.token and not self._allowed(headers, url.query):
+            return 401, "text/plain", b"bearer token required\n"
+        if url.path == "/metrics":
+            return 200, CONTENT_TYPE_METRICS, render(self.source())
+        if url.path == "/api/stats":
+            return 200, "application/json", json.dumps(self.source().to_json()).encode()
+        if url.path == "/":
+            return 200, "text/html; charset=utf-8", self.page
+        return 404, "text/plain", b"not found\n"
+
+    def _allowed(self, headers: dict[str, str], query: str) -> bool:
+        given = headers.get("authorization", "").removeprefix("Bearer ")
+        given = given or parse_qs(query).get("token", [""])[0]
+        return hmac.compare_digest(given.encode(), self.token.encode())
 
 
-def make_app(source: Source, token: str = "") -> web.Application:
-    page = dashboard_html()
+class OpsProtocol(asyncio.Protocol):
+    """One connection: read a bounded head, answer it, close."""
 
-    @web.middleware
-    async def bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and not _allowed(request, token):
-            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
+    def __init__(self, routes: Routes, connections: set[OpsProtocol]) -> None:
+        self._routes, self._connections = routes, connections
+        self._transport: asyncio.Transport | None = None
+        self._head = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=render(source()), headers={"Content-Type": CONTENT_TYPE_METRICS})
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport = transport
+        if len(self._connections) >= MAX_CONNECTIONS:
+            transport.abort()
+            return
+        self._connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(HEAD_DEADLINE_S, self._reply, 408, "text/plain", b"")
 
-    async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(source().to_json()), content_type="application/json")
+    def data_received(self, data: bytes) -> None:
+        if self._timer is None:  # answered already: anything more is ignored
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end > MAX_HEAD or (end < 0 and len(self._head) > MAX_HEAD):
+            self._reply(431, "text/plain", b"request head over 8 KiB\n")
+        elif end >= 0:
+            self._reply(*self._answer(bytes(self._head[:end])))
 
-    async def index(_: web.Request) -> web.Response:
-        return web.Response(body=page, content_type="text/html", charset="utf-8")
+    def _answer(self, head: bytes) -> Response:
+        try:
+            line, *fields = head.decode("latin-1").split("\r\n")
+            method, target, version = line.split(" ")
+            if not version.startswith("HTTP/1."):
+                raise ValueError(version)
+            headers = {}
+            for f in fields:
+                name, value = f.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        except ValueError:
+            return 400, "text/plain", b"malformed request\n"
+        try:
+            return self._routes.answer(method, target, headers)
+        except Exception:  # a snapshot that fails is the server's fault, not the peer's
+            log.exception("ops endpoint: %s failed", target[:100])
+            return 500, "text/plain", b"internal error\n"
 
-    app = web.Application(middlewares=[bearer])
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/stats", stats)
-    app.router.add_get("/", index)
-    return app
+    def _reply(self, status: int, kind: str, body: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        extra = "WWW-Authenticate: Bearer\r\n" if status == 401 else ""
+        head = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
+                "Connection: close\r\n\r\n")  # fmt: skip
+        transport.write(head.encode() + body)
+        transport.close()  # after the buffered reply is written
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
 
 
-async def start_http(source: Source, host: str, port: int, token: str = "") -> web.AppRunner:
-    runner = web.AppRunner(make_app(source, token), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+class OpsServer:
+    """A listening ops endpoint; `close()` stops it and its connections."""
+
+    def __init__(self, server: asyncio.Server, connections: set[OpsProtocol]) -> None:
+        self._server, self._connections = server, connections
+
+    async def close(self) -> None:
+        self._server.close()
+        for conn in list(self._connections):
+            conn.abort()
+        await self._server.wait_closed()
+
+
+async def start_http(source: Source, host: str, port: int, token: str = "") -> OpsServer:
+    routes = Routes(source, token)
+    connections: set[OpsProtocol] = set()
+    factory: Callable[[], OpsProtocol] = lambda: OpsProtocol(routes, connections)  # noqa: E731
+    server = await asyncio.get_running_loop().create_server(factory, host, port,
+                                                            reuse_address=True)  # fmt: skip
     log.info("ops endpoint on http://%s:%d/", host, port)
-    return runner
+    return OpsServer(server, connections)
 
 
 class HttpThread:
@@ -90,9 +190,7 @@ class HttpThread:
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
         try:
-            runner = loop.run_until_complete(
-                start_http(self.source, self.host, self.port, self.token)
-            )
+            ops = loop.run_until_complete(start_http(self.source, self.host, self.port, self.token))
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -101,7 +199,7 @@ class HttpThread:
         try:
             loop.run_forever()
         finally:
-            loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(ops.close())
             loop.close()
 
     def stop(self) -> None:
