@@ -297,6 +297,18 @@ class StoreClient:
         assert isinstance(reply, Pages)
         return reply.data
 
+    async def swap_in_unproven(
+        self, slots: Sequence[int], generations: bytes
+    ) -> tuple[bytes, list[int]]:
+        """Fetch pages, and the indexes of those not proven to be the slots' at
+        `generations`: a resync skips those, as a write may be on its way to them."""
+        slots = tuple(slots)
+        reply = await self._call(SwapIn(self._next_id(), slots))
+        if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
+            raise StoreError(errno.EIO, "store returned the wrong number of pages")
+        computed = batch_tags(reply.data, self.area_seed, slots, generations)
+        return reply.data, [i for i, tag in enumerate(reply.tags) if computed[i] != tag]
+
     def _check_pages(
         self,
         reply: Reply | Exception,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -10,9 +11,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import nbd
 import pytest
+from netswap.client.agent.device import RemoteDevice
+from netswap.client.agent.placement import IN_SYNC, STALE
 from netswap.client.statscmd import fetch
 
 from .conftest import free_port
@@ -255,3 +259,50 @@ def test_cpus_and_sched_place_every_thread_of_the_agent_and_bad_lists_are_errors
             assert os.sched_getaffinity(int(tid)) == {cpu}, f"thread {tid}"
             assert os.sched_getscheduler(int(tid)) == os.SCHED_BATCH, f"thread {tid}"
         h.shutdown()
+
+
+def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds() -> None:
+    """A write takes its generation on nbdkit's thread, then the loop routes it. A
+    resync copy reading that slot in between finds the older page at the source:
+    that is a write on its way (it reaches the target itself), not a wrong page.
+    Found by the soak under load: the failed resync left a slab on one replica,
+    whose death then made its pages EIO."""
+    with stores(2) as procs:
+        device = RemoteDevice.open(
+            stores=[p.address for p in procs], area="race", size=4 << 20, replicas=2,
+            quorum=1, reserve=1 << 20, slab=1 << 20, token_file="", batch_pages=64,
+            batch_linger_us=200, write_back=False,
+        )  # fmt: skip
+        device.start()
+        try:
+            agent = device.agent
+            device.pwrite(memoryview(b"\1" * PAGE * 8), 0, False)
+            routed = threading.Event()
+            submit = agent.submit
+
+            def held_submit(fn: Callable[..., None], *args: Any) -> None:
+                if fn == agent.submit_write and not routed.is_set():  # the thread stalls
+                    threading.Timer(1.0, lambda: (submit(fn, *args), routed.set())).start()
+                else:
+                    submit(fn, *args)
+
+            agent.submit = held_submit  # type: ignore[method-assign]
+            writer = threading.Thread(target=device.pwrite,
+                                      args=(memoryview(b"\2" * PAGE), 5 * PAGE, False))  # fmt: skip
+            writer.start()
+            while 5 not in device._inflight:
+                time.sleep(0.001)
+            assert agent.loop is not None
+            table = agent.table
+            position, target, _ = table.replicas_of(0)[1]
+            table.set_state(0, position, STALE)  # as if store 1 had missed a write
+            repair = agent._repair(0, position, target)
+            asyncio.run_coroutine_threadsafe(repair, agent.loop).result(30)
+            assert not routed.is_set()  # the copy ran while the write was held
+            assert table.state[0 * table.replicas + position] == IN_SYNC
+            writer.join(10)
+            out = bytearray(PAGE * 8)
+            device.pread(memoryview(out), 0)
+            assert bytes(out) == b"\1" * PAGE * 5 + b"\2" * PAGE + b"\1" * PAGE * 2
+        finally:
+            device.close()

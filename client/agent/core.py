@@ -29,7 +29,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
-from functools import partial
 from typing import Any
 
 from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError, area_seed, batch_tags
@@ -103,6 +102,9 @@ class Agent:
         self.rpc_latency = {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")}
         self.batch_sizes = {op: Recorder(BATCH_BUCKETS) for op in ("swap_out", "swap_in")}
         self.recent_decisions: deque[tuple[float, str, int]] = deque(maxlen=50)
+        # Of some slots, those whose latest write is not complete yet (the device,
+        # which bumps generations, sets this; called on the loop).
+        self.pending_writes: Callable[[list[int]], set[int]] = lambda slots: set()
 
     # -- lifecycle (called from nbdkit's threads) -------------------------------
     def start(self, connect_timeout: float = 10.0) -> None:
@@ -473,35 +475,52 @@ class Agent:
         table = self.table
         written = [s for s in table.slab_slots(slab) if table.is_written(s)]
         for at in range(0, len(written), SYNC_CHUNK):
-            src, dst = self.links[source].client, self.links[target].client
-            if src is None or dst is None:
-                return False
             chunk = written[at : at + SYNC_CHUNK]
-            try:
-                gens = table.generations_of(chunk)
-                data = await src.swap_in(chunk, gens, partial(table.generations_of, chunk))
-                # Copy only what no write has touched meanwhile, with the generation it
-                # was read at: a newer write reaches the target on its own.
-                now = table.generations_of(chunk)
-                keep = [
-                    i
-                    for i, s in enumerate(chunk)
-                    if s not in dirty and table.is_written(s) and now[i] == gens[i]
-                ]
-                if keep:
-                    pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
-                    kept = bytes(gens[i] for i in keep)
-                    await copy_to(dst, [chunk[i] for i in keep], pages, kept)
-                    self.counters["pages_resynced"] += len(keep)
-            except StoreError as exc:
-                log.warning("resync of slab %d failed: %s", slab, exc)
+            wrong = await self._copy_chunk(source, target, chunk, dirty)
+            if wrong is None:
                 return False
-            except TRANSPORT_ERRORS as exc:
-                for link in (self.links[source], self.links[target]):
-                    if link.client is not None and not link.client.connected:
-                        link.mark_down(exc)
+            if wrong:
+                log.warning("resync of slab %d failed: slots %s are not their own pages at "
+                            "%s", slab, wrong[:8], self.links[source].name)  # fmt: skip
                 return False
         return True
+
+    async def _copy_chunk(
+        self, source: int, target: int, chunk: list[int], dirty: set[int]
+    ) -> list[int] | None:
+        """Copy what no write has touched meanwhile, with the generation it was read
+        at (a newer write reaches the target on its own); returns the slots whose
+        page did not prove itself and no write explains, or None on failure."""
+        table = self.table
+        src, dst = self.links[source].client, self.links[target].client
+        if src is None or dst is None:
+            return None
+        try:
+            gens = table.generations_of(chunk)
+            data, unproven = await src.swap_in_unproven(chunk, gens)
+            now = table.generations_of(chunk)
+            moved = {i for i, s in enumerate(chunk)
+                     if s in dirty or not table.is_written(s) or now[i] != gens[i]}  # fmt: skip
+            keep = [i for i in range(len(chunk)) if i not in moved and i not in unproven]
+            if keep:
+                pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
+                kept = bytes(gens[i] for i in keep)
+                await copy_to(dst, [chunk[i] for i in keep], pages, kept)
+                self.counters["pages_resynced"] += len(keep)
+            # A write takes its generation on nbdkit's thread before the loop routes it:
+            # read in between, the source still holds the older page. Such a write is
+            # routed after the sync began, so it reaches the target itself.
+            odd = [chunk[i] for i in unproven if i not in moved]
+            pending = self.pending_writes(odd) if odd else set()
+            return [s for s in odd if s not in pending]
+        except StoreError as exc:
+            log.warning("resync from %s failed: %s", self.links[source].name, exc)
+            return None
+        except TRANSPORT_ERRORS as exc:
+            for link in (self.links[source], self.links[target]):
+                if link.client is not None and not link.client.connected:
+                    link.mark_down(exc)
+            return None
 
     # -- figures --------------------------------------------------------------
     def store_table(self) -> list[StoreRow]:

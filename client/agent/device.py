@@ -62,6 +62,12 @@ class RemoteDevice:
         self._ops: set[WriteOp] = set()
         self.local_reads = 0  # pages served from the reserve or as zeros, under _lock
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
+        agent.pending_writes = self._pending
+
+    def _pending(self, slots: list[int]) -> set[int]:
+        """The slots among these with a write in flight (on the loop, for a resync)."""
+        with self._lock:
+            return {s for s in slots if s in self._inflight}
 
     @classmethod
     def open(
