@@ -98,7 +98,7 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     row = re.search(r"^defaults\s+(\d+)\s+1\s+1\s+0\s+0\s+([\d.]+)", out, re.M)
     assert row, out[-2000:]
     for when in ("attached", "stormed"):
-        for check in ("mlock", "oom_score_adj", "io_flusher"):
+        for check in ("mlock", "footprint", "oom_score_adj", "io_flusher"):
             assert f"check {when} {check}: ok" in out, (when, check, out[-3000:])
     pswpout = int(re.search(r"NETSWAP-SWAP.* pswpout=(\d+)", log_of(out)).group(1))  # type: ignore[union-attr]
     assert pswpout >= 2 * HOST_RAM_MIB * 256, pswpout  # pattern 3x RAM: 2x RAM must go out

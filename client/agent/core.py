@@ -52,7 +52,11 @@ RESYNC_PERIOD_S = 0.5
 # exists): long enough to ride out a restart, short enough to shrink the window
 # in which a second failure loses pages.
 REPLACE_AFTER_S = 3.0
+# A resync copies 64 pages per read (256 KiB: memory the swapping host spends on
+# repair, so small) and keeps up to SYNC_WINDOW copies' writes in flight while it
+# reads the next: repair runs at a few round trips per window, not one per chunk.
 SYNC_CHUNK = 64
+SYNC_WINDOW = 4
 # How often a resync checks whether the slab's earlier writes are answered: a few
 # loop ticks; the wait itself is bounded by two RPC deadlines.
 DRAIN_POLL_S = 0.005
@@ -474,53 +478,62 @@ class Agent:
     async def _copy_slab(self, slab: int, source: int, target: int, dirty: set[int]) -> bool:
         table = self.table
         written = [s for s in table.slab_slots(slab) if table.is_written(s)]
-        for at in range(0, len(written), SYNC_CHUNK):
-            chunk = written[at : at + SYNC_CHUNK]
-            wrong = await self._copy_chunk(source, target, chunk, dirty)
-            if wrong is None:
-                return False
-            if wrong:
-                log.warning("resync of slab %d failed: slots %s are not their own pages at "
-                            "%s", slab, wrong[:8], self.links[source].name)  # fmt: skip
-                return False
-        return True
-
-    async def _copy_chunk(
-        self, source: int, target: int, chunk: list[int], dirty: set[int]
-    ) -> list[int] | None:
-        """Copy what no write has touched meanwhile, with the generation it was read
-        at (a newer write reaches the target on its own); returns the slots whose
-        page did not prove itself and no write explains, or None on failure."""
-        table = self.table
-        src, dst = self.links[source].client, self.links[target].client
-        if src is None or dst is None:
-            return None
+        copies: deque[asyncio.Future[Exception | None]] = deque()
         try:
-            gens = table.generations_of(chunk)
-            data, unproven = await src.swap_in_unproven(chunk, gens)
-            now = table.generations_of(chunk)
-            moved = {i for i, s in enumerate(chunk)
-                     if s in dirty or not table.is_written(s) or now[i] != gens[i]}  # fmt: skip
-            keep = [i for i in range(len(chunk)) if i not in moved and i not in unproven]
-            if keep:
-                pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
-                kept = bytes(gens[i] for i in keep)
-                await copy_to(dst, [chunk[i] for i in keep], pages, kept)
-                self.counters["pages_resynced"] += len(keep)
-            # A write takes its generation on nbdkit's thread before the loop routes it:
-            # read in between, the source still holds the older page. Such a write is
-            # routed after the sync began, so it reaches the target itself.
-            odd = [chunk[i] for i in unproven if i not in moved]
-            pending = self.pending_writes(odd) if odd else set()
-            return [s for s in odd if s not in pending]
+            for at in range(0, len(written), SYNC_CHUNK):
+                chunk = written[at : at + SYNC_CHUNK]
+                wrong = await self._copy_chunk(source, target, chunk, dirty, copies)
+                if wrong:
+                    log.warning("resync of slab %d failed: slots %s are not their own pages "
+                                "at %s", slab, wrong[:8], self.links[source].name)  # fmt: skip
+                    return False
+                while len(copies) > SYNC_WINDOW or (copies and at + SYNC_CHUNK >= len(written)):
+                    failure = await copies.popleft()
+                    if failure is not None:
+                        raise failure
         except StoreError as exc:
-            log.warning("resync from %s failed: %s", self.links[source].name, exc)
-            return None
+            log.warning("resync of slab %d onto %s failed: %s", slab, self.links[target].name, exc)
+            return False
         except TRANSPORT_ERRORS as exc:
             for link in (self.links[source], self.links[target]):
                 if link.client is not None and not link.client.connected:
                     link.mark_down(exc)
-            return None
+            return False
+        return True
+
+    async def _copy_chunk(
+        self,
+        source: int,
+        target: int,
+        chunk: list[int],
+        dirty: set[int],
+        copies: deque[asyncio.Future[Exception | None]],
+    ) -> list[int]:
+        """Read a chunk; start the copy of what no write touched meanwhile, with the
+        generation it was read at (a newer write reaches the target on its own), its
+        outcome appended to `copies`. Returns the slots whose page did not prove
+        itself and no write explains."""
+        table = self.table
+        src, dst = self.links[source].client, self.links[target].client
+        if src is None or dst is None:
+            raise ConnectionError("a store of the resync is gone")
+        gens = table.generations_of(chunk)
+        data, unproven = await src.swap_in_unproven(chunk, gens)
+        now = table.generations_of(chunk)
+        moved = {i for i, s in enumerate(chunk)
+                 if s in dirty or not table.is_written(s) or now[i] != gens[i]}  # fmt: skip
+        keep = [i for i in range(len(chunk)) if i not in moved and i not in unproven]
+        if keep:
+            pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
+            kept = bytes(gens[i] for i in keep)
+            copies.append(start_copy(dst, [chunk[i] for i in keep], pages, kept))
+            self.counters["pages_resynced"] += len(keep)
+        # A write takes its generation on nbdkit's thread before the loop routes it:
+        # read in between, the source still holds the older page. Such a write is
+        # routed after the sync began, so it reaches the target itself.
+        odd = [chunk[i] for i in unproven if i not in moved]
+        pending = self.pending_writes(odd) if odd else set()
+        return [s for s in odd if s not in pending]
 
     # -- figures --------------------------------------------------------------
     def store_table(self) -> list[StoreRow]:
@@ -560,11 +573,14 @@ class Agent:
         return out
 
 
-async def copy_to(client: StoreClient, slots: list[int], pages: bytes, generations: bytes) -> None:
-    """A resync copy, written to the transport at once, in order with batch writes.
+def start_copy(
+    client: StoreClient, slots: list[int], pages: bytes, generations: bytes
+) -> asyncio.Future[Exception | None]:
+    """A resync copy, written to the transport at once, in order with batch writes;
+    the future gets its outcome (None or the failure).
 
     The caller picked `slots` (those not rewritten meanwhile) in this same loop
-    tick; the awaitable swap_out may first wait for a paused transport, and a
+    tick; an awaitable swap_out may first wait for a paused transport, and a
     batch write of one of those slots sent in that wait would then be
     overwritten on the target by this older copy.
     """
@@ -576,6 +592,4 @@ async def copy_to(client: StoreClient, slots: list[int], pages: bytes, generatio
 
     tags = batch_tags(pages, client.area_seed, slots, generations)
     client.start_swap_out(slots, pages, tags, generations, finished)
-    failure = await done
-    if failure is not None:
-        raise failure
+    return done

@@ -29,6 +29,9 @@ IO_FLUSHER_FLAGS = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
 # Resident pages that must be locked: all but a margin for pages the kernel will not
 # lock (the vDSO, and pages shared through 9p's mapping of a file being read).
 LOCKED_SHARE = 0.95
+# What nbdkit + the agent may lock at attach's defaults (--reserve 16M): issue #11's
+# aim, the reserve plus 32 MiB for Python, nbdkit and the agent's tables.
+FOOTPRINT_KIB = 48 * 1024
 MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
 DEVICE = "/dev/nbd0"
 # attach or detach taking longer than this is a hang of its own (attach waits at most
@@ -86,7 +89,7 @@ def nbdkit_pid() -> int:
 
 
 def check_protections(pid: int, when: str) -> bool:
-    """One NETSWAP-CHECK line per protection; True when all three hold.
+    """One NETSWAP-CHECK line per protection, and the footprint; True when all hold.
 
     Locked memory: with mlockall(MCL_ONFAULT) VmLck counts whole locked areas
     (nbdkit's .bss included, touched or not), so the check is smaps_rollup's
@@ -104,6 +107,7 @@ def check_protections(pid: int, when: str) -> bool:
     results = [
         ("mlock", locked >= pss * LOCKED_SHARE,
          f"Locked={locked}kB Pss={pss}kB Rss={rss}kB VmLck={vmlck}kB"),
+        ("footprint", locked <= FOOTPRINT_KIB, f"Locked={locked}kB limit={FOOTPRINT_KIB}kB"),
         ("oom_score_adj", oom == -1000, f"oom_score_adj={oom}"),
         ("io_flusher", not missing,
          f"threads={len(flags)} without={len(missing)} flags={sorted(set(flags.values()))}"),

@@ -1,5 +1,6 @@
 """`make soak`: the agent and three stores under a verified workload for ten minutes,
-with stores killed (-9) and restarted on a schedule.
+with stores killed (-9) and restarted on a schedule (one store at a time: the
+next kill waits until the agent reports the last one repaired).
 
 Every second it samples RSS, open fds and threads of the agent (nbdkit with the
 plugin) and of each store. Every page the workload wrote is checked when read
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbd
+from netswap.client.lab.ports import free_port
+from netswap.client.statscmd import StatsError, fetch
 
 from ..procs import StoreProc, agent_serve
 from .png import line_chart
@@ -29,7 +32,9 @@ LEGEND = ("blue", "orange", "green", "red")  # png.COLOURS, in series order
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 # A store is down this long in every KILL_EVERY_S; with 3 stores and 2 replicas one
-# down at a time never loses a page (the others hold a copy, resync refills it).
+# down at a time never loses a page (the others hold a copy, resync refills it). The
+# next kill waits until the last restart is repaired: a kill before that would be a
+# second failure, which two replicas do not promise to survive.
 KILL_EVERY_S, DOWN_S = 30.0, 5.0
 # The first stretch fills the reserve, the slab table and the stores' arenas.
 WARMUP_FRACTION = 0.3
@@ -45,6 +50,15 @@ class Samples:
 
     def add(self, t: float, name: str, pid: int | None) -> None:
         self.by_name.setdefault(name, []).append(proc_figures(pid) if pid else (0, 0, 0))
+
+
+def healthy(url: str) -> bool:
+    """Every store up and no slab with a replica out of sync (the agent's own figures)."""
+    try:
+        snap = fetch(url)
+    except StatsError:
+        return False
+    return snap.replication_lag_pages == 0 and all(s.up for s in snap.stores)
 
 
 def proc_figures(pid: int) -> tuple[int, int, int]:
@@ -108,27 +122,35 @@ class Outcome:
     slope: float
     peaks: dict[str, tuple[int, int, int]]
     chart: Path
+    repairs: list[float]
 
 
 def soak(seconds: float, chart: Path, replicas: int = 2) -> Outcome:
     samples, errors, checked, kills = Samples(), [], [0], 0
+    repairs: list[float] = []  # seconds from a store's restart to every slab in sync
     with ExitStack() as stack:
         stores = [StoreProc("256M").start() for _ in range(3)]
         for s in stores:
             stack.callback(s.kill)
-        uri, agent = stack.enter_context(agent_serve(stores, "256M", "--replicas", str(replicas)))
+        http = f"127.0.0.1:{free_port()}"
+        uri, agent = stack.enter_context(
+            agent_serve(stores, "256M", "--replicas", str(replicas), "--http", http)
+        )
         stop = threading.Event()
         threads = verified_workload(uri, stop, errors, checked)
         began = time.monotonic()
-        next_kill, down = began + KILL_EVERY_S, None
+        next_kill, down, back = began + KILL_EVERY_S, None, None
         while (now := time.monotonic()) - began < seconds and not errors:
-            if down is None and now >= next_kill:
+            if back is not None and healthy(f"http://{http}/"):
+                repairs.append(now - back)
+                back = None
+            if down is None and back is None and now >= next_kill:
                 down = stores[kills % len(stores)]
                 down.kill()
                 kills += 1
             elif down is not None and now >= next_kill + DOWN_S:
                 down.start()
-                down, next_kill = None, next_kill + KILL_EVERY_S
+                down, back, next_kill = None, now, next_kill + KILL_EVERY_S
             samples.t.append(now - began)
             samples.add(now, "agent", agent.pid)
             for i, s in enumerate(stores):
@@ -145,13 +167,17 @@ def soak(seconds: float, chart: Path, replicas: int = 2) -> Outcome:
     peaks = {name: tuple(max(f[i] for f in figs) for i in range(3))
              for name, figs in samples.by_name.items()}  # fmt: skip
     return Outcome(samples.t[-1] if samples.t else 0, errors, checked[0], kills, slope,
-                   peaks, chart)  # type: ignore[arg-type]  # fmt: skip
+                   peaks, chart, repairs)  # type: ignore[arg-type]  # fmt: skip
 
 
 def report(out: Outcome) -> None:
     print(f"soak: {out.seconds:.0f}s, {out.kills} store kills, {out.pages_checked} pages "
           f"verified, {len(out.errors)} errors; agent RSS slope after warm-up "
           f"{out.slope:+.2f} MiB per 10 min (bound {SLOPE_BOUND_MIB})")  # fmt: skip
+    if out.repairs:
+        print(f"  repairs: {len(out.repairs)}, each from a store's restart to every slab in "
+              f"sync again: median {sorted(out.repairs)[len(out.repairs) // 2]:.1f}s, "
+              f"max {max(out.repairs):.1f}s")  # fmt: skip
     for name, (rss, fds, threads) in out.peaks.items():
         print(f"  {name:<7} peak RSS {rss / 1024:6.1f} MiB, fds {fds:4d}, threads {threads:3d}")
     legend = ", ".join(f"{name} {colour}" for name, colour in zip(out.peaks, LEGEND, strict=False))
