@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nbd
@@ -21,7 +22,7 @@ from netswap.client.statscmd import fetch
 
 from .conftest import free_port
 from .nbdserver import NETSWAP, connect, errno_of
-from .procs import agent_serve, rss_kib, store_used_pages, stores, wait_until
+from .procs import StoreProc, agent_serve, rss_kib, store_used_pages, stores, wait_until
 
 PAGE = 4096
 
@@ -111,6 +112,36 @@ def test_killing_one_of_two_stores_mid_storm_loses_nothing_and_resyncs() -> None
         wait_until(lambda: store_used_pages(s2) == held, 60, "resync onto the restarted store")
         s1.kill()  # now only the resynced store is left
         storm.verify()
+
+
+def test_a_file_store_killed_and_restarted_gets_back_what_it_had_not_flushed(
+    tmp_path: Path,
+) -> None:
+    """A file store keeps its pages across kill -9, but only those of its last Flush:
+    the slabs it took writes for since then are copied to it again, so it can serve
+    every page alone afterwards."""
+    durable = StoreProc("64M", ("--backend", "file", "--path", str(tmp_path / "s1"))).start()
+    other = StoreProc("64M").start()
+    http = free_port()
+    try:
+        with agent_serve([durable, other], "32M", "--slab", "1M",
+                         "--http", f"127.0.0.1:{http}") as (uri, _):  # fmt: skip
+            storm = Storm(uri, 4096)
+            storm.run(2)
+            h = connect(uri)
+            h.flush()  # this much is durable on the file store...
+            h.shutdown()
+            storm.run(2)  # ...and this is not
+            durable.kill()
+            durable.start()  # same directory: it comes back with the flushed pages
+            url = f"http://127.0.0.1:{http}/"
+            wait_until(lambda: fetch(url).replication_lag_pages == 0
+                       and all(s.up for s in fetch(url).stores), 60, "resync")  # fmt: skip
+            other.kill()  # the file store alone now
+            storm.verify()
+    finally:
+        durable.kill()
+        other.kill()
 
 
 def test_a_frozen_store_times_out_and_the_storm_carries_on_without_errors() -> None:

@@ -277,6 +277,7 @@ class Agent:
         table = self.table
         for op, start, count in batch:
             if error == 0:
+                link.unflushed.add(table.slab_of(op.first + start))
                 acks = op.acks
                 for i in range(start, start + count):
                     acks[i] += 1
@@ -367,7 +368,15 @@ class Agent:
         up = [link for link in self.links if link.up]
         if not up:
             return errno.EIO
+        # What each store acknowledged before this Flush is durable once it answers;
+        # a write answered later may or may not be, so it stays unflushed.
+        taken = [link.unflushed for link in up]
+        for link in up:
+            link.unflushed = set()
         results = await asyncio.gather(*(link.call(lambda c: c.flush()) for link in up))
+        for link, slabs, result in zip(up, taken, results, strict=True):
+            if result != 0:
+                link.unflushed |= slabs
         failures = [r for r in results if r > 0]
         return failures[0] if failures else (0 if any(r == 0 for r in results) else errno.EIO)
 
@@ -383,11 +392,14 @@ class Agent:
         self._wake_resync()
 
     def store_up(self, link: StoreLink, lost: bool) -> None:
-        """A store is back: replicas that missed nothing and kept pages are in sync."""
+        """A store is back: replicas that missed nothing and kept every page they were
+        sent (none written since its last Flush, or it lost none) are in sync."""
         table = self.table
         for slab, position in table.slabs_on(link.index):
             if table.state[slab * table.replicas + position] == DOWN:
-                table.set_state(slab, position, STALE if lost else IN_SYNC)
+                kept = not lost and slab not in link.unflushed
+                table.set_state(slab, position, IN_SYNC if kept else STALE)
+        link.unflushed.clear()  # what it lacks now comes back by resync, which re-adds
         self._wake_resync()
 
     def _wake_resync(self) -> None:
@@ -527,6 +539,7 @@ class Agent:
             pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
             kept = bytes(gens[i] for i in keep)
             copies.append(start_copy(dst, [chunk[i] for i in keep], pages, kept))
+            self.links[target].unflushed.add(table.slab_of(chunk[0]))
             self.counters["pages_resynced"] += len(keep)
         # A write takes its generation on nbdkit's thread before the loop routes it:
         # read in between, the source still holds the older page. Such a write is

@@ -49,6 +49,10 @@ class StoreLink:
         self.write_pages = 0
         self.write_slots: set[int] = set()
         self.reads: list[ReadEntry] = []
+        # Slabs this store acknowledged writes to since its last completed Flush: a
+        # file store killed and restarted keeps only what it had flushed, so on its
+        # return these need a copy even though it kept its pages.
+        self.unflushed: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._down = asyncio.Event()
         self._down.set()
