@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent fuzz soak clean
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent fuzz soak lab-compose clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -25,8 +25,13 @@ typecheck:
 	cd .cache/typecheck && MYPYPATH=. $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		-p netswap.protocol -p netswap.server -p netswap.client
 
+# Two workers: the QEMU labs (two groups, each on one worker in turn) are CPU-bound
+# in one process while most other tests wait on sockets; --dist loadgroup keeps a
+# group's tests on one worker, as they share a guest cache or a port.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
+
 pytest:
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # Extra arguments for a benchmark, e.g. make bench-agent BENCH_ARGS="--cpus 1".
 BENCH_ARGS ?=
@@ -52,6 +57,13 @@ SOAK_ARGS ?= --seconds 600
 
 soak: setup
 	$(PY) -m tests.soak.soak $(SOAK_ARGS)
+
+# The compose lab for real: podman (offline: the base image from debootstrap, Prometheus
+# from Debian's package), a store killed and another restarted under a verified load.
+COMPOSE_ARGS ?=
+
+lab-compose: setup
+	$(VENV)/bin/netswap lab compose $(COMPOSE_ARGS)
 
 clean:
 	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache

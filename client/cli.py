@@ -16,6 +16,7 @@ from netswap.server import storecmd
 from netswap.server.units import UsageError
 
 from . import statscmd
+from .lab import compose as labcompose
 from .lab import procs as labprocs
 from .lab import vm as labvm
 from .lab.qemu import LabError
@@ -44,6 +45,8 @@ LABS: list[tuple[str, str, Register, Run]] = [
     ("load", "verified random-page load on an export", labprocs.add_load_arguments,
      labprocs.run_load),
     ("down", "stop exactly what `lab up` started", None, labprocs.run_down),
+    ("compose", "the compose lab on podman, offline: up, proofs, down", labcompose.add_arguments,
+     labcompose.run),
 ]  # fmt: skip
 # Expected failures: one line on stderr and exit status 2, never a traceback.
 USER_ERRORS = (UsageError, attach.AttachError, LabError, statscmd.StatsError,

@@ -1,5 +1,5 @@
-"""deploy/: the compose lab (checked statically: no container engine runs here),
-the systemd units, and the process lab that runs the same topology here."""
+"""deploy/: the compose files checked statically (tests/test_lab_compose.py runs
+them on podman), the systemd units, and the process lab of the same topology."""
 
 from __future__ import annotations
 
@@ -71,6 +71,21 @@ def test_every_netswap_command_in_compose_is_accepted_by_the_cli() -> None:
             assert "backend=remote" in dry.stdout
         checked += 1
     assert checked == 5
+
+
+def test_the_offline_profile_is_an_addition_that_drops_only_the_registry_images() -> None:
+    import yaml
+
+    files = ["-f", str(COMPOSE), "-f", str(DEPLOY / "compose" / "compose.offline.yaml")]
+    out = subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert set(services) == set(compose_config()["services"])  # type: ignore[call-overload]
+    assert "grafana" not in services or services["grafana"]["profiles"] == ["registry"]
+    assert services["prometheus"]["build"]["dockerfile"] == "deploy/compose/Dockerfile.prometheus"
+    text = (DEPLOY / "compose" / "Dockerfile.prometheus").read_text()
+    assert re.findall(r"^FROM\s+(\S+)", text, re.M) == ["debian:12-slim"]
+    assert "apt-get install" in text and " prometheus " in text
 
 
 def test_dockerfile_builds_from_debian_packages_only() -> None:

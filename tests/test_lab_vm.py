@@ -45,11 +45,19 @@ def assert_swapped(result: subprocess.CompletedProcess[str]) -> None:
     assert pswpout >= (SIZE_MIB - RAM_MIB) * 256
 
 
+# make test runs on two workers (Makefile): every guest runs on one of them, in turn
+# (two TCG guests at once would each take twice as long), while the other worker
+# takes the rest of the suite.
+KERNEL_ONLY = HOST_IN_GUEST = pytest.mark.xdist_group("vm")
+
+
+@KERNEL_ONLY
 @pytest.mark.timeout(1000)
 def test_kernel_swaps_4x_ram_through_the_embedded_store() -> None:
     assert_swapped(lab("--backend", "memory", "--timeout", "600"))
 
 
+@KERNEL_ONLY
 @pytest.mark.timeout(1000)
 def test_kernel_swaps_4x_ram_through_the_agent_with_two_replicated_stores() -> None:
     assert_swapped(
@@ -57,6 +65,7 @@ def test_kernel_swaps_4x_ram_through_the_agent_with_two_replicated_stores() -> N
     )
 
 
+@KERNEL_ONLY
 @pytest.mark.timeout(1000)
 def test_kernel_swaps_4x_ram_through_a_write_back_agent() -> None:
     """cache=writeback: the kernel's swap-outs are acknowledged from the reserve."""
@@ -78,15 +87,18 @@ def test_the_verifier_names_a_corrupted_page(tmp_path: Path) -> None:
 
 def host_lab(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [NETSWAP, "lab", "vm", "--host-in-guest", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1150)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1450)
 
 
-# The guest's deadline: the storm alone took 400-533 s in the runs so far (the swap-in
-# pass varies most), plus ~30 s of boot and attach; 900 s tells a slow run from a hang.
-HOST_DEADLINE_S = "900"
+# The guest's hard deadline: the storm alone took 400-533 s in quiet runs and 860 s
+# on a machine loaded by other work, plus ~50 s of boot and attach. A hang is told
+# from a slow run by the lab's stall deadline (no progress for 240 s), so this one
+# only bounds a run that keeps crawling.
+HOST_DEADLINE_S = "1300"
 
 
-@pytest.mark.timeout(1200)
+@HOST_IN_GUEST
+@pytest.mark.timeout(1500)
 def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_undoes_it() -> None:
     """attach, nbdkit and the agent in a 256 MiB guest; the stores on this host."""
     shot = ARTIFACTS / "dashboard-host-in-guest.png"
@@ -106,6 +118,7 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     assert shot.exists() and shot.stat().st_size > 10_000, out[-1500:]
 
 
+@HOST_IN_GUEST
 @pytest.mark.timeout(600)
 def test_host_in_guest_protection_check_fails_without_mlock() -> None:
     """The self-test of the check: --no-mlock must show unlocked pages and fail."""
@@ -118,6 +131,7 @@ def test_host_in_guest_protection_check_fails_without_mlock() -> None:
     assert "detach: rc=0 restored=yes" in out, out[-3000:]
 
 
+@HOST_IN_GUEST
 @pytest.mark.timeout(600)
 def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
     """No store answers: serve starts, nbd-client connects, mkswap fails; attach undoes."""

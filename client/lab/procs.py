@@ -140,22 +140,30 @@ def workload(uri: str, url: str, duration: float, token: str = "") -> None:
 
     stop = threading.Event()
     errors: list[str] = []
+    verified = [0] * 4  # pages each worker read back in its final check
 
     def worker(n: int) -> None:
         rng = random.Random(n)
         h = nbd.NBD()
-        h.connect_uri(uri)
-        pages = h.get_size() // 4096 // 4
-        base, truth = n * pages, {}
-        while not stop.is_set():
-            page = base + rng.randrange(pages // 8) * 8  # whole 8-page blocks: no overlaps
-            data = rng.randbytes(8 * 4096)
-            h.pwrite(data, page * 4096)
-            truth[page] = data
-            probe = rng.choice(list(truth))
-            if h.pread(8 * 4096, probe * 4096) != truth[probe]:
-                errors.append(f"pages {probe}+8 read back wrong")
-        h.shutdown()
+        try:
+            h.connect_uri(uri)
+            pages = h.get_size() // 4096 // 4
+            base, truth = n * pages, {}
+            while not stop.is_set():
+                page = base + rng.randrange(pages // 8) * 8  # whole 8-page blocks: no overlaps
+                data = rng.randbytes(8 * 4096)
+                h.pwrite(data, page * 4096)
+                truth[page] = data
+                probe = rng.choice(list(truth))
+                if h.pread(8 * 4096, probe * 4096) != truth[probe]:
+                    errors.append(f"pages {probe}+8 read back wrong")
+            # At the end every block written is read back once more.
+            wrong = [p for p, data in truth.items() if h.pread(8 * 4096, p * 4096) != data]
+            errors.extend(f"pages {p}+8 wrong in the final check" for p in wrong[:10])
+            verified[n] = 8 * len(truth)
+            h.shutdown()
+        except nbd.Error as exc:  # a client error: the lab fails, with the reason
+            errors.append(f"client error: {exc}")
 
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(4)]
     for t in threads:
@@ -178,9 +186,10 @@ def workload(uri: str, url: str, duration: float, token: str = "") -> None:
     for t in threads:
         t.join(30)
     if errors:
-        raise LabStateError(f"workload saw {len(errors)} wrong reads, first: {errors[0]}")
+        raise LabStateError(f"workload saw {len(errors)} errors, first: {errors[0]}")
     print(f"  workload: {prev.swap_out_pages_total} pages out, "
-          f"{prev.swap_in_pages_total} in, every read verified")  # fmt: skip
+          f"{prev.swap_in_pages_total} in, every read verified; final check: "
+          f"{sum(verified)} pages written, every one verified")  # fmt: skip
 
 
 def cmdline(pid: int) -> list[str]:

@@ -13,6 +13,7 @@ not a hang, and a run that stopped moving is one well before the hard deadline.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import subprocess
 import time
@@ -47,9 +48,13 @@ class Boot:
 
 
 def build_guest() -> None:
-    """Build or reuse the kernel and both initramfs images in .cache/lab."""
-    result = subprocess.run([str(LAB / "build-guest.sh"), str(CACHE)], capture_output=True,
-                            text=True)  # fmt: skip
+    """Build or reuse the kernel and both initramfs images in .cache/lab (one builder
+    at a time: labs may start together, as make test's parallel workers do)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run([str(LAB / "build-guest.sh"), str(CACHE)], capture_output=True,
+                                text=True)  # fmt: skip
     if result.returncode != 0:
         raise LabError(f"building the guest failed: {result.stderr.strip()[-400:]}")
 
