@@ -21,6 +21,7 @@ import pytest
 
 from .nbdserver import NETSWAP
 
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 # One worker runs them in turn (make test's -n 2): they share port 9090 and podman.
 pytestmark = pytest.mark.xdist_group("compose")
 
@@ -34,6 +35,8 @@ def lab_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 def test_the_compose_lab_runs_a_store_kill_and_a_restart_without_losing_a_page() -> None:
     result = lab_compose("--seconds", "90", "--peer-seconds", "10")
     out = result.stdout
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "lab-compose.txt").write_text(out + result.stderr[-5000:])
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     assert re.search(r"first verified page \d+s after start", out)
     rising = re.search(r"4 of 4 netswap targets up; sum\(netswap_swap_out_pages_total\) "
