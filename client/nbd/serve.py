@@ -123,21 +123,11 @@ def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) 
     return [*cmd, "python", str(PLUGIN), *serve_params(args)]
 
 
-# glibc gives each thread that allocates its own malloc arena (up to 8 per core);
-# nbdkit's 16 workers and the agent's loop then spread the agent's objects over many
-# heaps, each keeping what it freed, and the resident (and locked) size creeps up:
-# the ten-minute soak measured +2.2 MiB per 10 min, +0.6 with one arena. The GIL
-# already serialises Python's allocations, so one arena costs no parallelism there.
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1"
-
-
 def plugin_env() -> dict[str, str]:
-    """nbdkit embeds /usr/bin/python3: point it at this venv's site-packages, and give
-    it one malloc arena."""
+    """nbdkit embeds /usr/bin/python3: point it at this venv's site-packages."""
     site = sysconfig.get_paths()["purelib"]
     env = dict(os.environ)
     env["NETSWAP_SITE"] = os.pathsep.join(filter(None, [site, env.get("NETSWAP_SITE")]))
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
     return env
 
 
