@@ -327,7 +327,7 @@ def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds
             table = agent.table
             position, target, _ = table.replicas_of(0)[1]
             table.set_state(0, position, STALE)  # as if store 1 had missed a write
-            repair = agent._repair(0, position, target)
+            repair = agent.repair.repair_slab(0, position, target)
             asyncio.run_coroutine_threadsafe(repair, agent.loop).result(30)
             assert not routed.is_set()  # the copy ran while the write was held
             assert table.state[0 * table.replicas + position] == IN_SYNC

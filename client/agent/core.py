@@ -10,17 +10,14 @@ by power-of-two-choices); an op completes when every such replica has
 answered and each page has at least `quorum` acks. A replica whose store
 fails mid-write is marked STALE: it serves no reads until resynced.
 Reads: each page goes to the first in-sync replica on an up store and falls
-back to the next on error or timeout. A background task re-replicates stale
-replicas -- onto another store when one is free of that slab, else back onto
-the same store once it returns -- copying every written slot from an in-sync
-replica while new writes also go to the target (slots written meanwhile are
-not copied, so the copy never overwrites newer data).
+back to the next on error or timeout. What happens when a store goes and comes
+back -- replica states, resync, re-replication, pages declared lost -- is
+repair.py's; figures for the dashboard are stats.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import random
@@ -31,35 +28,22 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from netswap.protocol import MAX_DISCARD_RANGES, PAGE_SIZE, StoreError, area_seed, batch_tags
+from netswap.protocol import MAX_DISCARD_RANGES, StoreError, area_seed
 from netswap.server.ops.pressure import Pressure, sample
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
-from netswap.server.ops.snapshot import StoreRow
 
 from ..rpc import StoreClient
-from .links import TRANSPORT_ERRORS, StoreLink, WriteRun
+from .links import TRANSPORT_ERRORS, ConnectStore, StoreLink, WriteRun
 from .ops import CallOp, ReadEntry, ReadOp, WriteOp
-from .placement import DOWN, IN_SYNC, STALE, SYNCING, SlabTable, power_of_two_choices
+from .placement import DOWN, IN_SYNC, STALE, SYNCING, SlabTable
 from .policy import BatchPolicy, Decision
+from .repair import Repair
 from .reserve import Reserve
 
 log = logging.getLogger("netswap.agent")
 
 PRESSURE_PERIOD_S = 0.25
 USAGE_PERIOD_S = 2.0
-RESYNC_PERIOD_S = 0.5
-# A store down this long has its replicas copied elsewhere (when a spare store
-# exists): long enough to ride out a restart, short enough to shrink the window
-# in which a second failure loses pages.
-REPLACE_AFTER_S = 3.0
-# A resync copies 64 pages per read (256 KiB: memory the swapping host spends on
-# repair, so small) and keeps up to SYNC_WINDOW copies' writes in flight while it
-# reads the next: repair runs at a few round trips per window, not one per chunk.
-SYNC_CHUNK = 64
-SYNC_WINDOW = 4
-# How often a resync checks whether the slab's earlier writes are answered: a few
-# loop ticks; the wait itself is bounded by two RPC deadlines.
-DRAIN_POLL_S = 0.005
 
 
 class Agent:
@@ -77,6 +61,7 @@ class Agent:
         io_timeout: float = 5.0,
         policy: BatchPolicy | None = None,
         tls: ssl.SSLContext | None = None,
+        connect_store: ConnectStore = StoreClient.connect,
     ) -> None:
         self.area, self.token, self.pages = area, token, pages
         self.area_seed = area_seed(area)  # the area identity in every page's tag
@@ -84,6 +69,7 @@ class Agent:
         self.quorum = quorum
         self.io_timeout = io_timeout
         self.tls = tls  # verifies the stores (server/tls.py), None: plaintext
+        self.connect_store = connect_store
         self.policy = policy or BatchPolicy()
         self.table = SlabTable(pages, slab_pages, replicas)
         self.rng = random.Random()
@@ -97,9 +83,8 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
-        self._syncing: dict[int, set[int]] = {}  # slab -> slots written during its sync
-        self._slab_writes: dict[int, set[WriteOp]] = {}  # slab -> its writes not yet answered
-        self._resync_wake: asyncio.Event | None = None
+        self.slab_writes: dict[int, set[WriteOp]] = {}  # slab -> its writes not yet answered
+        self.repair = Repair(self)
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
@@ -130,10 +115,10 @@ class Agent:
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._resync_wake = asyncio.Event()
+        self.repair.start()
         self.links = [StoreLink(self, i, h, p) for i, (h, p) in enumerate(self._stores)]
         await asyncio.gather(*(self._first_connect(link) for link in self.links))
-        for coro in (self._sample_pressure(), self._refresh_usage(), self._resync_loop()):
+        for coro in (self._sample_pressure(), self._refresh_usage(), self.repair.run()):
             self._background(coro)
         for link in self.links:
             self._background(link.reconnect_forever())
@@ -243,7 +228,7 @@ class Agent:
             slab = table.slab_of(slot)
             count = min(op.count - start, table.slab_slots(slab).stop - slot)
             if table.placed(slab) or self._place(slab):
-                dirty = self._syncing.get(slab)
+                dirty = self.repair.syncing.get(slab)
                 if dirty is not None:
                     dirty.update(range(slot, slot + count))
                 for position, store, state in table.replicas_of(slab):
@@ -252,7 +237,7 @@ class Agent:
                         link.add_write(op, start, count)
                         op.remaining += count
                         kicked.add(link)
-                        self._slab_writes.setdefault(slab, set()).add(op)
+                        self.slab_writes.setdefault(slab, set()).add(op)
                     elif state == DOWN:  # it misses this write: it needs a copy now
                         table.set_state(slab, position, STALE)
                         self.counters["replicas_stale"] += 1
@@ -290,15 +275,21 @@ class Agent:
                 self._forget_write(op)
                 op.finish(self.quorum)
 
+    def store_down(self, link: StoreLink) -> None:
+        self.repair.store_down(link)
+
+    def store_up(self, link: StoreLink, lost: bool) -> None:
+        self.repair.store_up(link, lost)
+
     def _forget_write(self, op: WriteOp) -> None:
         """The op is complete: no slab waits for it any more."""
         table = self.table
         for slab in range(table.slab_of(op.first), table.slab_of(op.first + op.count - 1) + 1):
-            ops = self._slab_writes.get(slab)
+            ops = self.slab_writes.get(slab)
             if ops is not None:
                 ops.discard(op)
                 if not ops:
-                    del self._slab_writes[slab]
+                    del self.slab_writes[slab]
 
     def _mark_stale(self, slab: int, store: int) -> None:
         for position, s, state in self.table.replicas_of(slab):
@@ -379,230 +370,3 @@ class Agent:
                 link.unflushed |= slabs
         failures = [r for r in results if r > 0]
         return failures[0] if failures else (0 if any(r == 0 for r in results) else errno.EIO)
-
-    # -- store health and re-replication ----------------------------------------
-    def store_down(self, link: StoreLink) -> None:
-        table = self.table
-        for slab, position in table.slabs_on(link.index):
-            state = table.state[slab * table.replicas + position]
-            if state == IN_SYNC:
-                table.set_state(slab, position, DOWN)
-            elif state == SYNCING:
-                table.set_state(slab, position, STALE)
-        self._wake_resync()
-
-    def store_up(self, link: StoreLink, lost: bool) -> None:
-        """A store is back: replicas that missed nothing and kept every page they were
-        sent (none written since its last Flush, or it lost none) are in sync."""
-        table = self.table
-        for slab, position in table.slabs_on(link.index):
-            if table.state[slab * table.replicas + position] == DOWN:
-                kept = not lost and slab not in link.unflushed
-                table.set_state(slab, position, IN_SYNC if kept else STALE)
-        link.unflushed.clear()  # what it lacks now comes back by resync, which re-adds
-        self._wake_resync()
-
-    def _wake_resync(self) -> None:
-        if self._resync_wake is not None:
-            self._resync_wake.set()
-
-    async def _resync_loop(self) -> None:
-        assert self._resync_wake is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resync_wake.wait(), RESYNC_PERIOD_S)
-            self._resync_wake.clear()
-            now = asyncio.get_running_loop().time()
-            for slab in range(self.table.slabs):
-                for position, store, state in self.table.replicas_of(slab):
-                    link = self.links[store]
-                    gone = state == DOWN and now - link.down_since >= REPLACE_AFTER_S
-                    if state == STALE or (gone and not link.up):
-                        await self._repair(slab, position, store)
-
-    def replication_lag(self) -> int:
-        """Slots whose slab has a replica that is not in sync."""
-        table = self.table
-        lag = 0
-        for slab in range(table.slabs):
-            if any(state != IN_SYNC for _, _, state in table.replicas_of(slab)):
-                lag += table.written_in(slab)
-        return lag
-
-    async def _repair(self, slab: int, position: int, store: int) -> None:
-        table = self.table
-        replicas = table.replicas_of(slab)
-        holders = {s for _, s, _ in replicas}
-        sources = [s for _, s, st in replicas if st == IN_SYNC and self.links[s].up]
-        if not sources:
-            if all(st == STALE for _, _, st in replicas) and self.links[store].up:
-                self._declare_lost(slab, position)
-            return  # else wait: a DOWN or unreachable in-sync replica may come back
-        spare = [s for s in self.up_stores() if s not in holders]
-        if spare:
-            target = power_of_two_choices(spare, lambda s: self.links[s].free_pages, self.rng)
-        elif self.links[store].up and table.state[slab * table.replicas + position] == STALE:
-            target = store
-        else:
-            return
-        table.set_replica(slab, position, target, SYNCING)
-        dirty = self._syncing[slab] = set()
-        # Writes routed before this point did not go to the target and are not in
-        # `dirty`; one still queued for the source would be overtaken by the copy's
-        # read, which would then install the older page on the target. So the copy
-        # starts once they are all answered (each within its RPC deadline).
-        earlier = list(self._slab_writes.get(slab, ()))
-        try:
-            ok = await self._drained(earlier) and await self._copy_slab(
-                slab, sources[0], target, dirty
-            )
-        finally:
-            del self._syncing[slab]
-        still = table.store[slab * table.replicas + position] == target
-        if ok and still and table.state[slab * table.replicas + position] == SYNCING:
-            table.set_state(slab, position, IN_SYNC)
-            self.counters["slabs_resynced"] += 1
-        elif still:
-            table.set_state(slab, position, STALE)
-
-    def _declare_lost(self, slab: int, position: int) -> None:
-        """Every copy of this slab's pages is gone: they read as EIO from now on."""
-        table = self.table
-        lost = 0
-        for slot in table.slab_slots(slab):
-            if table.is_written(slot):
-                table.mark_lost(slot)
-                lost += 1
-        for pos, _, _ in table.replicas_of(slab):
-            table.set_state(slab, pos, IN_SYNC)
-        self.counters["pages_lost"] += lost
-        log.error("slab %d: every replica lost its pages; %d pages now read as EIO", slab, lost)
-
-    async def _drained(self, ops: list[WriteOp]) -> bool:
-        """Wait until every op is complete; False if one outlives two RPC deadlines."""
-        deadline = asyncio.get_running_loop().time() + 2 * self.io_timeout
-        while any(not op.done.is_set() for op in ops):
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(DRAIN_POLL_S)
-        return True
-
-    async def _copy_slab(self, slab: int, source: int, target: int, dirty: set[int]) -> bool:
-        table = self.table
-        written = [s for s in table.slab_slots(slab) if table.is_written(s)]
-        copies: deque[asyncio.Future[Exception | None]] = deque()
-        try:
-            for at in range(0, len(written), SYNC_CHUNK):
-                chunk = written[at : at + SYNC_CHUNK]
-                wrong = await self._copy_chunk(source, target, chunk, dirty, copies)
-                if wrong:
-                    log.warning("resync of slab %d failed: slots %s are not their own pages "
-                                "at %s", slab, wrong[:8], self.links[source].name)  # fmt: skip
-                    return False
-                while len(copies) > SYNC_WINDOW or (copies and at + SYNC_CHUNK >= len(written)):
-                    failure = await copies.popleft()
-                    if failure is not None:
-                        raise failure
-        except StoreError as exc:
-            log.warning("resync of slab %d onto %s failed: %s", slab, self.links[target].name, exc)
-            return False
-        except TRANSPORT_ERRORS as exc:
-            for link in (self.links[source], self.links[target]):
-                if link.client is not None and not link.client.connected:
-                    link.mark_down(exc)
-            return False
-        return True
-
-    async def _copy_chunk(
-        self,
-        source: int,
-        target: int,
-        chunk: list[int],
-        dirty: set[int],
-        copies: deque[asyncio.Future[Exception | None]],
-    ) -> list[int]:
-        """Read a chunk; start the copy of what no write touched meanwhile, with the
-        generation it was read at (a newer write reaches the target on its own), its
-        outcome appended to `copies`. Returns the slots whose page did not prove
-        itself and no write explains."""
-        table = self.table
-        src, dst = self.links[source].client, self.links[target].client
-        if src is None or dst is None:
-            raise ConnectionError("a store of the resync is gone")
-        gens = table.generations_of(chunk)
-        data, unproven = await src.swap_in_unproven(chunk, gens)
-        now = table.generations_of(chunk)
-        moved = {i for i, s in enumerate(chunk)
-                 if s in dirty or not table.is_written(s) or now[i] != gens[i]}  # fmt: skip
-        keep = [i for i in range(len(chunk)) if i not in moved and i not in unproven]
-        if keep:
-            pages = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
-            kept = bytes(gens[i] for i in keep)
-            copies.append(start_copy(dst, [chunk[i] for i in keep], pages, kept))
-            self.links[target].unflushed.add(table.slab_of(chunk[0]))
-            self.counters["pages_resynced"] += len(keep)
-        # A write takes its generation on nbdkit's thread before the loop routes it:
-        # read in between, the source still holds the older page. Such a write is
-        # routed after the sync began, so it reaches the target itself.
-        odd = [chunk[i] for i in unproven if i not in moved]
-        pending = self.pending_writes(odd) if odd else set()
-        return [s for s in odd if s not in pending]
-
-    # -- figures --------------------------------------------------------------
-    def store_table(self) -> list[StoreRow]:
-        """One row per store for the dashboard: health, usage, slabs by state."""
-        table = self.table
-        rows = []
-        for link in self.links:
-            states = [table.state[i] for i, s in enumerate(table.store) if s == link.index]
-            rows.append(
-                StoreRow(
-                    name=link.name,
-                    up=link.up,
-                    used_bytes=link.used_pages * PAGE_SIZE,
-                    capacity_bytes=link.capacity_pages * PAGE_SIZE,
-                    slabs=len(states),
-                    stale=sum(1 for st in states if st in (STALE, DOWN)),
-                    syncing=sum(1 for st in states if st == SYNCING),
-                    failures=link.counters["failures"],
-                    reconnects=link.counters["reconnects"],
-                )
-            )
-        return rows
-
-    def stats(self) -> dict[str, int]:
-        out: dict[str, int] = dict(self.counters)
-        out["reserve_pages"] = self.reserve.pages
-        out["reserve_used_pages"] = self.reserve.used
-        out["reserve_waits"] = self.reserve.waits
-        out["reserve_locked"] = int(self.reserve.locked)
-        out["stores_up"] = len(self.up_stores())
-        out["metadata_bytes"] = self.table.metadata_bytes()
-        for reason, n in self.decisions.items():
-            out[f"decision_{reason}"] = n
-        for direction, op in (("out", "swap_out"), ("in", "swap_in")):
-            out[f"batches_{direction}"] = self.batch_sizes[op].count
-            out[f"batch_pages_{direction}"] = int(self.batch_sizes[op].sum)
-        return out
-
-
-def start_copy(
-    client: StoreClient, slots: list[int], pages: bytes, generations: bytes
-) -> asyncio.Future[Exception | None]:
-    """A resync copy, written to the transport at once, in order with batch writes;
-    the future gets its outcome (None or the failure).
-
-    The caller picked `slots` (those not rewritten meanwhile) in this same loop
-    tick; an awaitable swap_out may first wait for a paused transport, and a
-    batch write of one of those slots sent in that wait would then be
-    overwritten on the target by this older copy.
-    """
-    done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-
-    def finished(failure: Exception | None) -> None:
-        if not done.done():
-            done.set_result(failure)
-
-    tags = batch_tags(pages, client.area_seed, slots, generations)
-    client.start_swap_out(slots, pages, tags, generations, finished)
-    return done

@@ -14,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, StoreError
 
 from ..rpc import ConnectionLost, StoreClient
-from .ops import ReadEntry, WriteOp
-
-if TYPE_CHECKING:
-    from .core import Agent
+from .ops import ReadEntry, ReadOp, WriteOp
+from .placement import SlabTable
+from .policy import Decision
+from .reserve import Reserve
 
 log = logging.getLogger("netswap.agent")
 
@@ -33,10 +34,33 @@ WriteRun = tuple[WriteOp, int, int]  # (op, index of its first page, pages): con
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 TRANSPORT_ERRORS = (ConnectionLost, TimeoutError, OSError)
+ConnectStore = Callable[[str, int, str, str, float, ssl.SSLContext | None], Awaitable[StoreClient]]
+
+
+class LinkListener(Protocol):
+    """What a link needs from the agent, and tells it: one interface (core.Agent)."""
+
+    area: str
+    token: str
+    pages: int
+    io_timeout: float
+    tls: ssl.SSLContext | None
+    table: SlabTable
+    reserve: Reserve
+    connect_store: ConnectStore  # StoreClient.connect; tests pass an in-process fake
+
+    def decide(self) -> Decision: ...
+    def count_decision(self, reason: str, queued: int) -> None: ...
+    def observe_batch(self, direction: str, pages: int, seconds: float) -> None: ...
+    def writes_done(self, link: StoreLink, batch: list[WriteRun], error: int) -> None: ...
+    def reads_failed(self, link: StoreLink, batch: list[ReadEntry], error: int) -> None: ...
+    def read_page_done(self, op: ReadOp, error: int) -> None: ...
+    def store_up(self, link: StoreLink, lost: bool) -> None: ...
+    def store_down(self, link: StoreLink) -> None: ...
 
 
 class StoreLink:
-    def __init__(self, agent: Agent, index: int, host: str, port: int) -> None:
+    def __init__(self, agent: LinkListener, index: int, host: str, port: int) -> None:
         self.agent = agent
         self.index = index
         self.host, self.port = host, port
@@ -71,7 +95,7 @@ class StoreLink:
     async def connect(self, fresh: bool) -> bool:
         """Connect and activate the area; True when the store lost our pages."""
         agent = self.agent
-        client = await StoreClient.connect(
+        client = await agent.connect_store(
             self.host, self.port, agent.area, agent.token, agent.io_timeout, agent.tls
         )
         try:

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from netswap.protocol import PAGE_SIZE
-from netswap.server.ops.snapshot import RecentDecision, ReserveFigures, Snapshot
+from netswap.server.ops.snapshot import RecentDecision, ReserveFigures, Snapshot, StoreRow
 from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
+from .placement import DOWN, STALE, SYNCING
 from .policy import REASONS
 
 # Recent decisions the dashboard lists; the agent keeps a ring of 50.
@@ -42,8 +43,8 @@ def agent_source(agent: Agent, local_reads: Callable[[], int]) -> Source:
                 op: (r.sum / r.count if r.count else 0.0) for op, r in agent.batch_sizes.items()
             },
             reserve=ReserveFigures(reserve.pages * PAGE_SIZE, reserve.used * PAGE_SIZE),
-            stores=agent.store_table(),
-            replication_lag_pages=agent.replication_lag(),
+            stores=store_rows(agent),
+            replication_lag_pages=agent.repair.lag(),
             # Every reason from the start, at 0: series exist before the first batch.
             decisions={r: agent.decisions.get(r, 0) for r in (*REASONS, "linger")},
             recent_decisions=[
@@ -53,3 +54,25 @@ def agent_source(agent: Agent, local_reads: Callable[[], int]) -> Source:
         )
 
     return snapshot
+
+
+def store_rows(agent: Agent) -> list[StoreRow]:
+    """One row per store for the dashboard: health, usage, slabs by state."""
+    table = agent.table
+    rows = []
+    for link in agent.links:
+        states = [table.state[i] for i, s in enumerate(table.store) if s == link.index]
+        rows.append(
+            StoreRow(
+                name=link.name,
+                up=link.up,
+                used_bytes=link.used_pages * PAGE_SIZE,
+                capacity_bytes=link.capacity_pages * PAGE_SIZE,
+                slabs=len(states),
+                stale=sum(1 for st in states if st in (STALE, DOWN)),
+                syncing=sum(1 for st in states if st == SYNCING),
+                failures=link.counters["failures"],
+                reconnects=link.counters["reconnects"],
+            )
+        )
+    return rows

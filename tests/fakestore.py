@@ -1,0 +1,161 @@
+"""An in-process page store and StoreClient for unit tests of the agent core.
+
+In the manner of uvicorn's MockTransport: the agent runs unchanged (its loop,
+links, batching, replicas, repair) but `connect_store` hands it a FakeClient
+over a FakeStore's dict instead of a socket to a store process. Tags are the
+real ones (protocol.batch_tags), so the agent's end-to-end check still runs.
+Each fault a test needs is one knob on the store: refuse connections, drop
+every connection (kill -9), hold replies (a frozen store), refuse writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from netswap.client.rpc import ConnectionLost, StoreClient
+from netswap.protocol import PAGE_SIZE, StoreError, Welcome, area_seed, batch_tags
+
+ZERO = bytes(PAGE_SIZE)
+
+
+@dataclass
+class FakeStore:
+    name: str
+    capacity_pages: int = 1 << 16
+    pages: dict[int, tuple[bytes, int, int]] = field(default_factory=dict)  # slot: data,tag,gen
+    refuse: bool = False  # connections fail (the store is down)
+    frozen: bool = False  # requests are taken but not answered until thawed
+    write_error: int = 0  # every SwapOut fails with this errno
+    clients: list[FakeClient] = field(default_factory=list)
+    held: list[Callable[[], None]] = field(default_factory=list)
+    swap_outs: int = 0
+
+    async def connect(self, host: str, port: int, area: str, token: str, deadline: float,
+                      tls: ssl.SSLContext | None) -> StoreClient:  # fmt: skip
+        await asyncio.sleep(0)
+        if self.refuse:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"{self.name} refuses")
+        client = FakeClient(self, area)
+        self.clients.append(client)
+        return cast(StoreClient, client)
+
+    def kill(self) -> None:
+        """kill -9: every connection drops, every page is gone, new ones are refused."""
+        self.refuse = True
+        self.pages.clear()
+        for client in self.clients:
+            client.drop(ConnectionLost(f"{self.name} died"))
+        self.clients.clear()
+        held, self.held = self.held, []
+        for reply in held:  # requests on the wire fail with the connection, as in rpc.py
+            reply()
+
+    def thaw(self) -> None:
+        self.frozen = False
+        held, self.held = self.held, []
+        for reply in held:
+            reply()
+
+
+class FakeClient:
+    def __init__(self, store: FakeStore, area: str) -> None:
+        self.store = store
+        self.area_seed = area_seed(area)
+        pages = max(store.pages, default=-1) + 1 if store.pages else 0
+        self.welcome = Welcome(1, 2, pages, store.capacity_pages)
+        self.connected = True
+        self._on_lost: Callable[[Exception], None] | None = None
+
+    def on_lost(self, callback: Callable[[Exception], None]) -> None:
+        self._on_lost = callback
+
+    def drop(self, why: Exception) -> None:
+        if self.connected:
+            self.connected = False
+            if self._on_lost is not None:
+                asyncio.get_running_loop().call_soon(self._on_lost, why)
+
+    def abort(self) -> None:
+        self.connected = False
+
+    async def close(self) -> None:
+        self.connected = False
+
+    def _reply(self, fn: Callable[[], None]) -> None:
+        if self.store.frozen:
+            self.store.held.append(fn)
+        else:
+            asyncio.get_running_loop().call_soon(fn)
+
+    # -- the batch path -------------------------------------------------------
+    def start_swap_out(
+        self,
+        slots: Sequence[int],
+        data: bytes,
+        tags: Sequence[int],
+        generations: bytes,
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        store = self.store
+        store.swap_outs += 1
+
+        def reply() -> None:
+            if not self.connected:
+                return done(ConnectionLost("gone"))
+            if store.write_error:
+                return done(StoreError(store.write_error, "refused by the test"))
+            for i, slot in enumerate(slots):
+                page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                store.pages[slot] = (page, tags[i], generations[i])
+            done(None)
+
+        self._reply(reply)
+
+    def start_swap_in(self, slots: Sequence[int], generations: bytes,
+                      done: Callable[[bytes, Exception | None], None],
+                      current: Callable[[], bytes] | None = None) -> None:  # fmt: skip
+        def reply() -> None:
+            if not self.connected:
+                return done(b"", ConnectionLost("gone"))
+            data, failure = self._read(slots, generations, current)
+            done(data, failure)
+
+        self._reply(reply)
+
+    def _read(self, slots: Sequence[int], generations: bytes,
+              current: Callable[[], bytes] | None) -> tuple[bytes, Exception | None]:  # fmt: skip
+        data = b"".join(self.store.pages.get(s, (ZERO, 0, 0))[0] for s in slots)
+        stored = [self.store.pages.get(s, (ZERO, 0, 0))[1] for s in slots]
+        now = current() if current is not None else generations
+        for gens in (generations, now):
+            if list(batch_tags(data, self.area_seed, list(slots), gens)) == stored:
+                return data, None
+        return b"", StoreError(errno.EIO, "not its own page at that generation")
+
+    async def swap_in_unproven(self, slots: Sequence[int],
+                               generations: bytes) -> tuple[bytes, list[int]]:  # fmt: skip
+        data = b"".join(self.store.pages.get(s, (ZERO, 0, 0))[0] for s in slots)
+        computed = batch_tags(data, self.area_seed, list(slots), generations)
+        stored = [self.store.pages.get(s, (ZERO, 0, 0))[1] for s in slots]
+        return data, [i for i, tag in enumerate(stored) if computed[i] != tag]
+
+    # -- control --------------------------------------------------------------
+    async def swapfile(self, activate: bool, pages: int) -> None:
+        if not activate:
+            self.store.pages.clear()
+
+    async def stats(self) -> dict[str, Any]:
+        return {"used_pages": len(self.store.pages)}
+
+    async def flush(self) -> None:
+        pass
+
+    async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        for start, count in ranges:
+            for slot in range(start, start + count):
+                self.store.pages.pop(slot, None)
