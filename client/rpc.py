@@ -263,8 +263,10 @@ class StoreClient:
         `current()`'s), else done(b"", error)."""
         slots = tuple(slots)
 
+        seed = self.area_seed
+
         def on_reply(reply: Reply | Exception) -> None:
-            failure = _failure(reply) or self._check_pages(reply, slots, generations, current)
+            failure = _failure(reply) or check_pages(seed, reply, slots, generations, current)
             done(b"" if failure is not None else cast(Pages, reply).data, failure)
 
         self._start(SwapIn(self._next_id(), slots), on_reply)
@@ -291,7 +293,7 @@ class StoreClient:
         or `current()`'s -- a wrong, damaged or stale page is StoreError EIO."""
         gens = generations if generations is not None else bytes([1]) * len(slots)
         reply = await self._call(SwapIn(self._next_id(), tuple(slots)))
-        failure = self._check_pages(reply, tuple(slots), gens, current)
+        failure = check_pages(self.area_seed, reply, tuple(slots), gens, current)
         if failure is not None:
             raise failure
         assert isinstance(reply, Pages)
@@ -308,33 +310,6 @@ class StoreClient:
             raise StoreError(errno.EIO, "store returned the wrong number of pages")
         computed = batch_tags(reply.data, self.area_seed, slots, generations)
         return reply.data, [i for i, tag in enumerate(reply.tags) if computed[i] != tag]
-
-    def _check_pages(
-        self,
-        reply: Reply | Exception,
-        slots: tuple[int, ...],
-        generations: bytes,
-        current: Callable[[], bytes] | None,
-    ) -> StoreError | None:
-        """A SwapIn answer must be one page per slot, each the slot's own page at the
-        generation the caller last wrote: its tag, recomputed here, must match. A
-        write that raced the read (NBD leaves such a read's result to either) moved
-        the generation on; `current` gives the one now, which a page may match."""
-        if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
-            return StoreError(errno.EIO, "store returned the wrong number of pages")
-        seed, tags = self.area_seed, reply.tags
-        computed = batch_tags(reply.data, seed, slots, generations)
-        if computed == tags:
-            return None
-        now = current() if current is not None else generations
-        view = memoryview(reply.data)
-        for i, slot in enumerate(slots):
-            page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            if computed[i] != tags[i] and page_tag(page, seed, slot, now[i]) != tags[i]:
-                return StoreError(
-                    errno.EIO, f"slot {slot}: not its own page at generation {generations[i]}"
-                )
-        return None
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
         await self._call(Discard(self._next_id(), tuple(ranges)))
@@ -364,6 +339,34 @@ class StoreClient:
             except TimeoutError:
                 transport.abort()
         await asyncio.sleep(0)
+
+
+def check_pages(
+    seed: int,
+    reply: Reply | Exception,
+    slots: tuple[int, ...],
+    generations: bytes,
+    current: Callable[[], bytes] | None,
+) -> StoreError | None:
+    """A SwapIn answer must be one page per slot, each the slot's own page at the
+    generation the caller last wrote: its tag, recomputed here, must match. A
+    write that raced the read (NBD leaves such a read's result to either) moved
+    the generation on; `current` gives the one now, which a page may match."""
+    if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
+        return StoreError(errno.EIO, "store returned the wrong number of pages")
+    tags = reply.tags
+    computed = batch_tags(reply.data, seed, slots, generations)
+    if computed == tags:
+        return None
+    now = current() if current is not None else generations
+    view = memoryview(reply.data)
+    for i, slot in enumerate(slots):
+        page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        if computed[i] != tags[i] and page_tag(page, seed, slot, now[i]) != tags[i]:
+            return StoreError(
+                errno.EIO, f"slot {slot}: not its own page at generation {generations[i]}"
+            )
+    return None
 
 
 def _failure(reply: Reply | Exception) -> Exception | None:

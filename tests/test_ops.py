@@ -94,6 +94,9 @@ def test_agent_metrics_follow_nbd_traffic_and_store_health() -> None:
         text = get(url + "/metrics")
         assert metric(text, "netswap_swap_out_pages_total") == 32
         assert metric(text, "netswap_swap_in_pages_total") == 8
+        # reads=direct (the default): nbdkit's thread asked a store itself
+        assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="direct"}') == 8
+        assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="loop"}') == 0
         assert metric(text, "netswap_store_up") == 2
         assert metric(text, "netswap_reserve_bytes") == 16 << 20
         assert metric(text, "netswap_rpc_duration_seconds_count", '{op="swap_out"}') >= 2
@@ -212,3 +215,18 @@ def test_an_ops_endpoint_off_loopback_needs_a_bearer_token(tmp_path: Path) -> No
         assert shown.returncode == 0 and "netswap store" in shown.stdout
     finally:
         store.kill()
+
+
+def test_reads_loop_sends_every_swap_in_through_the_agents_loop() -> None:
+    http = free_port()
+    with (
+        stores(1) as (s1,),
+        agent_serve([s1], "16M", "--http", f"127.0.0.1:{http}", "--reads", "loop") as (uri, _),
+    ):
+        h = connect(uri)
+        h.pwrite(b"q" * (16 * PAGE), 0)
+        assert h.pread(16 * PAGE, 0) == b"q" * (16 * PAGE)
+        text = get(f"http://127.0.0.1:{http}/metrics")
+        assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="loop"}') == 16
+        assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="direct"}') == 0
+        h.shutdown()

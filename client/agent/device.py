@@ -28,6 +28,7 @@ from netswap.server.units import parse_hostport
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
 from ..rpc import read_token
 from .core import Agent
+from .direct import DirectReads
 from .ops import CallOp, ReadOp, WriteOp
 from .placement import slab_pages_for
 from .policy import BatchPolicy
@@ -49,9 +50,16 @@ class RemoteDevice:
     parallel = True
 
     def __init__(
-        self, agent: Agent, size: int, reserve_wait: float, write_back: bool = False
+        self,
+        agent: Agent,
+        size: int,
+        reserve_wait: float,
+        write_back: bool = False,
+        direct_reads: bool = False,
     ) -> None:
         self.agent = agent
+        # Swap-in on the calling thread (direct.py); None: every read through the loop.
+        self.direct = DirectReads(agent) if direct_reads else None
         self.write_back = write_back
         self._write_back_error = 0  # errno of a failed write-back, for the next flush
         self.size = size
@@ -85,6 +93,7 @@ class RemoteDevice:
         batch_linger_us: int,
         write_back: bool,
         tls: ssl.SSLContext | None = None,
+        direct_reads: bool = True,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         agent = Agent(
@@ -99,7 +108,8 @@ class RemoteDevice:
             policy=BatchPolicy(batch_pages, batch_linger_us / 1e6),
             tls=tls,
         )
-        return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back)
+        return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
+                   direct_reads=direct_reads)  # fmt: skip
 
     def start(self) -> None:
         self.agent.start()
@@ -110,13 +120,15 @@ class RemoteDevice:
 
         from .stats import agent_source
 
-        source = agent_source(self.agent, lambda: self.local_reads)
+        source = agent_source(self.agent, lambda: self.local_reads, self.direct)
         assert self.agent.loop is not None
         started = start_http(source, host, port, token)
         asyncio.run_coroutine_threadsafe(started, self.agent.loop).result(10)
 
     def close(self) -> None:
         self.agent.stop()
+        if self.direct is not None:
+            self.direct.close()
 
     # -- writes ---------------------------------------------------------------
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
@@ -219,15 +231,21 @@ class RemoteDevice:
             self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
 
     def _read_chunk(self, buf: memoryview, first: int, indexes: list[int]) -> None:
+        table = self.agent.table
         slots = [first + i for i in indexes]
-        gens = self.agent.table.generations_of(slots)
-        op = ReadOp(slots, gens, bytearray(len(indexes) * PAGE_SIZE))
-        self.agent.submit(self.agent.submit_read, op)
-        if not op.done.wait(self._hard_timeout):
-            raise StoreError(errno.EIO, "agent did not complete a read")
-        if op.error:
-            raise StoreError(op.error, f"read of {len(indexes)} pages from slot {first} failed")
-        out = memoryview(op.out)
+        gens = table.generations_of(slots)
+        data: bytes | bytearray | None = None
+        if self.direct is not None:
+            data = self.direct.read(slots, gens, lambda: table.generations_of(slots))
+        if data is None:
+            op = ReadOp(slots, gens, bytearray(len(indexes) * PAGE_SIZE))
+            self.agent.submit(self.agent.submit_read, op)
+            if not op.done.wait(self._hard_timeout):
+                raise StoreError(errno.EIO, "agent did not complete a read")
+            if op.error:
+                raise StoreError(op.error, f"read of {len(indexes)} pages from slot {first} failed")
+            data = op.out
+        out = memoryview(data)
         for j, i in enumerate(indexes):
             buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]
 

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from netswap.protocol import PAGE_SIZE
+from netswap.server.ops.recorder import Recorder
 from netswap.server.ops.snapshot import RecentDecision, ReserveFigures, Snapshot, StoreRow
 from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
+from .direct import DirectReads
 from .placement import DOWN, STALE, SYNCING
 from .policy import REASONS
 
@@ -22,25 +24,39 @@ from .policy import REASONS
 RECENT_SHOWN = 20
 
 
-def agent_source(agent: Agent, local_reads: Callable[[], int]) -> Source:
-    """local_reads: pages the device served itself (reserve copies, zeros)."""
+def agent_source(
+    agent: Agent, local_reads: Callable[[], int], direct: DirectReads | None = None
+) -> Source:
+    """local_reads: pages the device served itself (reserve copies, zeros); direct:
+    the swap-ins done on nbdkit's threads, merged into the swap_in figures."""
 
     def snapshot() -> Snapshot:
         c = agent.counters
         reserve = agent.reserve
         now = time.monotonic()
+        latency, batches = dict(agent.rpc_latency), dict(agent.batch_sizes)
+        direct_pages = 0
+        if direct is not None:
+            latency["swap_in"] = Recorder.merged(latency["swap_in"], direct.latency)
+            batches["swap_in"] = Recorder.merged(batches["swap_in"], direct.batches)
+            direct_pages = direct.counters["pages"]
         return replace(
             empty("agent"),
             swap_out_pages_total=c["swap_out_pages"],
-            swap_in_pages_total=c["swap_in_pages"] + local_reads(),
+            swap_in_pages_total=c["swap_in_pages"] + local_reads() + direct_pages,
+            swap_in_by_path={
+                "direct": direct_pages,
+                "loop": c["swap_in_pages"],
+                "local": local_reads(),
+            },
             checksum_errors_total=c["checksum_errors"],
             histograms={
-                "rpc_duration_seconds": [histogram(op, r) for op, r in agent.rpc_latency.items()],
-                "batch_pages": [histogram(op, r) for op, r in agent.batch_sizes.items()],
+                "rpc_duration_seconds": [histogram(op, r) for op, r in latency.items()],
+                "batch_pages": [histogram(op, r) for op, r in batches.items()],
             },
-            latency_us={op: quantiles_us(r) for op, r in agent.rpc_latency.items()},
+            latency_us={op: quantiles_us(r) for op, r in latency.items()},
             batch_avg_pages={
-                op: (r.sum / r.count if r.count else 0.0) for op, r in agent.batch_sizes.items()
+                op: (r.sum / r.count if r.count else 0.0) for op, r in batches.items()
             },
             reserve=ReserveFigures(reserve.pages * PAGE_SIZE, reserve.used * PAGE_SIZE),
             stores=store_rows(agent),

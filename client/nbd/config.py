@@ -29,6 +29,7 @@ from ..device import BlockDevice, PageDevice
 BACKENDS = ("memory", "file", "remote")
 CACHE_MODES = ("writethrough", "writeback")
 MLOCK_MODES = ("onfault", "off")
+READ_PATHS = ("direct", "loop")
 # Kinds of value: how `set` parses one, and what `serve` shows as its metavar.
 KINDS = {"size": "SIZE", "count": "N", "text": "", "address": "HOST:PORT", "choice": ""}
 
@@ -82,6 +83,9 @@ class PluginConfig:
     cache: str = setting("writethrough", "choice", "remote: acknowledge writes when on the "
                          "stores, or once in the reserve (flush/FUA still wait)",
                          choices=CACHE_MODES)  # fmt: skip
+    reads: str = setting("direct", "choice", "remote: a swap-in goes from nbdkit's thread "
+                         "straight to a store, or through the agent's loop",
+                         choices=READ_PATHS)  # fmt: skip
     store_tls_ca: str = setting("", "text", "speak TLS to the stores, verified against this CA "
                                 "(remote)", metavar="FILE")  # fmt: skip
     tls_cert: str = setting("", "text", "client certificate for stores that require one "
@@ -197,7 +201,7 @@ class PluginConfig:
                 replicas=self.effective_replicas, quorum=self.quorum, reserve=self.reserve,
                 slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
-                tls=self.tls_context(),
+                tls=self.tls_context(), direct_reads=self.reads == "direct",
             )  # fmt: skip
         from netswap.server.backends import open_backend
 

@@ -51,3 +51,20 @@ class Recorder:
             return None
         ordered = sorted(self.ring[:n])
         return ordered[min(n - 1, int(q * n))]
+
+    @classmethod
+    def merged(cls, *parts: Recorder) -> Recorder:
+        """One recorder with the samples of several (at scrape time, not on the swap path:
+        reads recorded by nbdkit's threads and by the agent's loop are kept apart)."""
+        out = cls(parts[0].buckets)
+        recent: list[float] = []
+        for r in parts:
+            for i, n in enumerate(r.counts):
+                out.counts[i] += n
+            out.count += r.count
+            out.sum += r.sum
+            recent += r.ring[: min(r.ring_at, RING)]
+        for value in recent[-RING:]:
+            out.ring[out.ring_at % RING] = value
+            out.ring_at += 1
+        return out

@@ -1,0 +1,189 @@
+"""Swap-in on nbdkit's own threads: a read goes to a store without the loop.
+
+Runs in nbdkit's worker threads. A faulting process waits for one 4 KiB read at
+QD1, and handing that read to the agent's loop thread and back cost about a
+third of its latency (shared README: blocking RPCs from worker threads, 196 µs
+against 295 µs). So a read goes straight to one in-sync replica over a blocking
+connection this thread keeps to that store -- the GIL is free while the socket
+waits -- and its pages are proven as on the loop's path (rpc.check_pages: each
+tag recomputed for its slot and generation). Anything out of the ordinary -- no
+connection, a deadline passed, a refusal, a page not proven, a read across
+slabs -- hands the read to the loop's path, which owns failover, fallbacks and
+marking a store down. Writes stay on the loop: they are batched and replicated.
+
+Each store has a small pool of such connections: a thread takes an idle one,
+or opens one while the pool is below POOL_SIZE, and gives it back after its
+call; with all of them busy the read goes through the loop, which batches. So
+the connections do not grow with nbdkit's threads (16 per NBD connection, and
+they come and go with those connections).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+from netswap.protocol import (
+    CLOSED,
+    PROTOCOL_VERSION,
+    Connection,
+    Hello,
+    Pages,
+    Reply,
+    Request,
+    Role,
+    StoreError,
+    SwapIn,
+    Welcome,
+)
+from netswap.protocol.errors import RemoteProtocolError
+from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
+
+from ..rpc import ConnectionLost, check_pages
+from .core import Agent
+from .placement import IN_SYNC
+
+# One recv: a 1 MiB batch of pages arrives in a few; larger buffers only cost memory.
+RECV_BYTES = 256 * 1024
+# Connections per store. Swap-ins in flight at once are the faulting threads plus
+# readahead (8 pages, vm.page-cluster=3, which the kernel sends as one request):
+# past 8 concurrent reads the loop's batching serves as well, and a store serving
+# a hundred hosts then holds 800 of them, within its --max-connections (960).
+POOL_SIZE = 8
+
+
+class _Conn:
+    """A blocking connection to one store, bound to the agent's area."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.conn, self.ids = sock, Connection(Role.CLIENT), 0
+
+    @classmethod
+    def open(cls, agent: Agent, host: str, port: int) -> _Conn:
+        sock = socket.create_connection((host, port), timeout=agent.io_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if agent.tls is not None:
+            sock = agent.tls.wrap_socket(sock, server_hostname=host)
+        conn = cls(sock)
+        hello = Hello(conn.next_id(), PROTOCOL_VERSION, agent.area, agent.token)
+        if not isinstance(conn.call(hello, agent.io_timeout), Welcome):
+            conn.close()
+            raise ConnectionLost(f"{host}:{port} did not welcome the direct path")
+        return conn
+
+    def next_id(self) -> int:
+        self.ids = (self.ids + 1) & 0xFFFFFFFF
+        return self.ids
+
+    def call(self, request: Request, deadline: float) -> Reply:
+        """One request, its reply, within `deadline` seconds in all."""
+        end = time.monotonic() + deadline
+        self.sock.settimeout(deadline)
+        self.sock.sendall(self.conn.send(request))
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, Reply):
+                return event
+            if event is CLOSED:
+                raise ConnectionLost("the store closed the direct connection")
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the store did not answer in time")
+            self.sock.settimeout(left)
+            self.conn.receive_data(self.sock.recv(RECV_BYTES))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Pool:
+    """The idle connections to one store, and how many exist."""
+
+    def __init__(self) -> None:
+        self.idle: list[_Conn] = []
+        self.total = 0
+
+
+class DirectReads:
+    """The agent's reads done on the calling thread; None means: use the loop."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._pools: dict[int, _Pool] = {}
+        self._lock = threading.Lock()  # guards the pools and the figures, not the calls
+        self.counters = {"direct_reads": 0, "direct_fallbacks": 0, "pages": 0}
+        # Round trips and batch sizes of the swap-ins done here; the stats merge them
+        # with the loop's (each side's recorders have one writer at a time).
+        self.latency = Recorder(LATENCY_BUCKETS)
+        self.batches = Recorder(BATCH_BUCKETS)
+
+    def read(self, slots: list[int], gens: bytes, current: Callable[[], bytes]) -> bytes | None:
+        agent, table = self.agent, self.agent.table
+        slab = table.slab_of(slots[0])
+        if table.slab_of(slots[-1]) != slab:
+            return self._count(None)
+        store = next((s for _, s, st in table.replicas_of(slab)
+                      if st == IN_SYNC and agent.links[s].up), None)  # fmt: skip
+        if store is None:
+            return self._count(None)
+        try:
+            conn = self._take(store)
+        except (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError):
+            return self._count(None)
+        if conn is None:  # every connection to that store is busy
+            return self._count(None)
+        try:
+            began = time.perf_counter()
+            reply = conn.call(SwapIn(conn.next_id(), tuple(slots)), agent.io_timeout)
+        except (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError):
+            self._lost(store, conn)
+            return self._count(None)
+        self._give(store, conn)
+        if check_pages(agent.area_seed, reply, tuple(slots), gens, current) is not None:
+            return self._count(None)  # a refusal or an unproven page: the loop decides
+        assert isinstance(reply, Pages)  # check_pages proved it
+        with self._lock:
+            self.latency.observe(time.perf_counter() - began)
+            self.batches.observe(len(slots))
+            self.counters["pages"] += len(slots)
+        return self._count(reply.data)
+
+    def _take(self, store: int) -> _Conn | None:
+        with self._lock:
+            pool = self._pools.setdefault(store, _Pool())
+            if pool.idle:
+                return pool.idle.pop()
+            if pool.total >= POOL_SIZE:
+                return None
+            pool.total += 1
+        link = self.agent.links[store]
+        try:
+            return _Conn.open(self.agent, link.host, link.port)
+        except BaseException:
+            with self._lock:
+                pool.total -= 1
+            raise
+
+    def _give(self, store: int, conn: _Conn) -> None:
+        with self._lock:
+            self._pools[store].idle.append(conn)
+
+    def _lost(self, store: int, conn: _Conn) -> None:
+        conn.close()
+        with self._lock:
+            self._pools[store].total -= 1
+
+    def _count(self, data: bytes | None) -> bytes | None:
+        with self._lock:
+            self.counters["direct_reads" if data is not None else "direct_fallbacks"] += 1
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for pool in self._pools.values() for c in pool.idle]
+            self._pools = {}
+        for conn in conns:
+            conn.close()
