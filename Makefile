@@ -28,7 +28,7 @@ typecheck:
 # Two workers: the QEMU labs (two groups, each on one worker in turn) are CPU-bound
 # in one process while most other tests wait on sockets; --dist loadgroup keeps a
 # group's tests on one worker, as they share a guest cache or a port.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=12
 
 pytest:
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

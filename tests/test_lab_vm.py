@@ -45,10 +45,12 @@ def assert_swapped(result: subprocess.CompletedProcess[str]) -> None:
     assert pswpout >= (SIZE_MIB - RAM_MIB) * 256
 
 
-# make test runs on two workers (Makefile): every guest runs on one of them, in turn
-# (two TCG guests at once would each take twice as long), while the other worker
-# takes the rest of the suite.
+# make test runs on two workers (Makefile). The swapping guests run on one of them,
+# in turn (two storms at once would each take twice as long); the two short
+# host-in-guest runs (attach, check, detach: no storm) go to the other worker after
+# the compose lab, beside the lighter kernel-only storms (conftest.FIRST_GROUPS).
 KERNEL_ONLY = HOST_IN_GUEST = pytest.mark.xdist_group("vm")
+SHORT_GUEST = pytest.mark.xdist_group("vm-short")
 
 
 @KERNEL_ONLY
@@ -118,7 +120,7 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     assert shot.exists() and shot.stat().st_size > 10_000, out[-1500:]
 
 
-@HOST_IN_GUEST
+@SHORT_GUEST
 @pytest.mark.timeout(600)
 def test_host_in_guest_protection_check_fails_without_mlock() -> None:
     """The self-test of the check: --no-mlock must show unlocked pages and fail."""
@@ -131,7 +133,7 @@ def test_host_in_guest_protection_check_fails_without_mlock() -> None:
     assert "detach: rc=0 restored=yes" in out, out[-3000:]
 
 
-@HOST_IN_GUEST
+@SHORT_GUEST
 @pytest.mark.timeout(600)
 def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
     """No store answers: serve starts, nbd-client connects, mkswap fails; attach undoes."""

@@ -2,6 +2,8 @@
 
 Same run, same client (fio ioengine=nbd), alternating between:
   agent-batched    netswap serve --backend remote, default batching (64 pages)
+  agent-loop       the same with --reads loop: every swap-in through the agent's
+                   loop thread instead of straight from nbdkit's thread
   agent-unbatched  the same with --batch-pages 1: one page per RPC
   agent-2x         two stores, --replicas 2, default batching
   agent-writeback  agent-batched with --cache writeback (acknowledged from the reserve)
@@ -36,6 +38,7 @@ SIZE = "256M"
 # 4 KiB is the worst case; 64-128 KiB at depth is what the kernel's swap-out
 # sends (writes merge to ~18-20 pages, at most 32).
 WORKLOADS = (
+    Workload("4K randread QD1", "randread", "4k", 1),
     Workload("4K randwrite QD1", "randwrite", "4k", 1),
     Workload("4K randwrite QD32", "randwrite", "4k", 32),
     Workload("4K randread QD32", "randread", "4k", 32),
@@ -67,6 +70,9 @@ def main() -> None:
                "--replicas", "2", "--area", "bench2", *pin]  # fmt: skip
         commands = {
             "agent-batched": lambda port: netswap_cmd(port, one),
+            "agent-loop": lambda port: netswap_cmd(
+                port, [*one, "--reads", "loop", "--area", "bench1l"]
+            ),
             "agent-unbatched": lambda port: netswap_cmd(
                 port, [*one, "--batch-pages", "1", "--area", "bench1u"]
             ),
@@ -120,6 +126,9 @@ def report(results: dict[str, dict[str, list[Result]]], rounds: int, placement: 
             )
         batched = med["agent-batched"][0]
         ratios = {
+            "p50 batched/nbdkit-memory": med["agent-batched"][1] / med["nbdkit-memory"][1],
+            "batched/py-parallel": batched / med["py-parallel"][0],
+            "direct/loop reads": batched / med["agent-loop"][0],
             "batched/unbatched": batched / med["agent-unbatched"][0],
             "batched/nbdkit-memory": batched / med["nbdkit-memory"][0],
             "batched/py-handoff": batched / med["py-handoff"][0],
