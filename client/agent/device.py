@@ -69,6 +69,7 @@ class RemoteDevice:
         self._inflight: dict[int, tuple[WriteOp, int]] = {}  # slot -> (op, reserve buffer)
         self._ops: set[WriteOp] = set()
         self.local_reads = 0  # pages served from the reserve or as zeros, under _lock
+        self._readers = 0  # preads under way, under _lock
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
         agent.pending_writes = self._pending
 
@@ -210,6 +211,15 @@ class RemoteDevice:
     # -- reads ----------------------------------------------------------------
     def pread(self, buf: memoryview, offset: int) -> None:
         check_aligned(len(buf), offset)
+        with self._lock:
+            self._readers += 1
+        try:
+            self._pread(buf, offset)
+        finally:
+            with self._lock:
+                self._readers -= 1
+
+    def _pread(self, buf: memoryview, offset: int) -> None:
         first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
         table, reserve = self.agent.table, self.reserve
         remote: list[int] = []
@@ -235,7 +245,11 @@ class RemoteDevice:
         slots = [first + i for i in indexes]
         gens = table.generations_of(slots)
         data: bytes | bytearray | None = None
-        if self.direct is not None:
+        # A read alone (what a faulting process waits on, at QD1) skips the hand-off;
+        # reads that come together go through the loop, whose batches serve them
+        # better (make bench-agent, 4K randread QD32: 7.1k IOPS through the loop,
+        # 5.2k when two of them at a time went direct).
+        if self.direct is not None and self._readers == 1:
             data = self.direct.read(slots, gens, lambda: table.generations_of(slots))
         if data is None:
             op = ReadOp(slots, gens, bytearray(len(indexes) * PAGE_SIZE))

@@ -14,8 +14,9 @@ marking a store down. Writes stay on the loop: they are batched and replicated.
 Each store has a small pool of such connections: a thread takes an idle one,
 or opens one while the pool is below POOL_SIZE, and gives it back after its
 call; with all of them busy the read goes through the loop, which batches. So
-the connections do not grow with nbdkit's threads (16 per NBD connection, and
-they come and go with those connections).
+a lone faulting thread (QD1, what a user waits on) skips the hand-off, many at
+once are batched, and the connections do not grow with nbdkit's threads (16 per
+NBD connection, coming and going with those connections).
 """
 
 from __future__ import annotations
@@ -48,11 +49,10 @@ from .placement import IN_SYNC
 
 # One recv: a 1 MiB batch of pages arrives in a few; larger buffers only cost memory.
 RECV_BYTES = 256 * 1024
-# Connections per store. Swap-ins in flight at once are the faulting threads plus
-# readahead (8 pages, vm.page-cluster=3, which the kernel sends as one request):
-# past 8 concurrent reads the loop's batching serves as well, and a store serving
-# a hundred hosts then holds 800 of them, within its --max-connections (960).
-POOL_SIZE = 8
+# Connections per store. The device sends only a read that is alone down this path
+# (device.py: reads that come together are batched by the loop), so one or two at a
+# time per store suffice: two NBD connections each with its lone read.
+POOL_SIZE = 2
 
 
 class _Conn:

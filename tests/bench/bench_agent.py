@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--runtime", type=float, default=4)
     parser.add_argument("--cpus", help="pin the Python servers to these CPUs")
     parser.add_argument("--sched", default="normal", help="the agents' scheduling policy")
+    parser.add_argument("--only", default="", help="workloads whose name contains this")
     args = parser.parse_args()
+    workloads = [w for w in WORKLOADS if args.only in w.name]
     pin = [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     with ExitStack() as stack:
@@ -96,21 +98,26 @@ def main() -> None:
             prefill(uri, SIZE)
         results: dict[str, dict[str, list[Result]]] = {name: {} for name in uris}
         for _ in range(args.rounds):
-            for work in WORKLOADS:
+            for work in workloads:
                 for name, uri in uris.items():
                     results[name].setdefault(work.name, []).append(
                         fio(uri, work, SIZE, args.runtime)
                     )
     placement = f"Python servers on CPU {args.cpus}" if args.cpus else "no CPU pinning"
-    report(results, args.rounds, f"{placement}, agents --sched {args.sched}")
+    report(results, workloads, args.rounds, f"{placement}, agents --sched {args.sched}")
 
 
-def report(results: dict[str, dict[str, list[Result]]], rounds: int, placement: str) -> None:
+def report(
+    results: dict[str, dict[str, list[Result]]],
+    workloads: list[Workload],
+    rounds: int,
+    placement: str,
+) -> None:
     print(
         f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds, {placement}"
     )
     print(f"{'workload':<20}{'server':<17}{'IOPS':>10}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
-    for work in WORKLOADS:
+    for work in workloads:
         pages = int(work.bs.rstrip("k")) // 4
         med = {
             name: tuple(
