@@ -33,7 +33,7 @@ from typing import Any
 from netswap.server.units import read_secret
 
 from ..statscmd import StatsError, fetch
-from .engine import Engine, missing_tools
+from .engine import Engine, require_tools
 from .qemu import LabError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,10 +125,7 @@ class ComposeLab:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = missing_tools()
-    if missing:
-        raise LabError(f"lab compose needs {', '.join(missing)} (apt-get install "
-                       f"{' '.join(missing)})")  # fmt: skip
+    require_tools()
     if not port_free(9090):
         raise LabError("port 127.0.0.1:9090 (the lab's Prometheus) is in use: free it first")
     began = time.monotonic()

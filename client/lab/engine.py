@@ -40,8 +40,12 @@ runtime = "runc"
 HEALTH_TICK_S = 2.0
 
 
-def missing_tools() -> list[str]:
-    return [tool for tool in TOOLS if shutil.which(tool) is None]
+def require_tools() -> None:
+    """One line naming what is missing, before anything starts."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise LabError(f"lab compose needs {', '.join(missing)} (apt-get install "
+                       f"{' '.join(missing)})")  # fmt: skip
 
 
 def debian_mirror() -> str:
@@ -73,10 +77,7 @@ class Engine:
         self._ticker = threading.Thread(target=self._health, name="healthchecks", daemon=True)
 
     def start(self) -> None:
-        missing = missing_tools()
-        if missing:
-            raise LabError(f"lab compose needs {', '.join(missing)} (apt-get install "
-                           f"{' '.join(missing)})")  # fmt: skip
+        require_tools()
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "containers.conf").write_text(CONTAINERS_CONF)
         self.socket.unlink(missing_ok=True)
