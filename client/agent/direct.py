@@ -53,6 +53,9 @@ RECV_BYTES = 256 * 1024
 # (device.py: reads that come together are batched by the loop), so one or two at a
 # time per store suffice: two NBD connections each with its lone read.
 POOL_SIZE = 2
+# A store the direct path cannot connect to (while the loop's link still can, or
+# has not noticed yet) costs a connect per lone read; this long, they use the loop.
+RETRY_AFTER_S = 1.0
 
 
 class _Conn:
@@ -100,11 +103,12 @@ class _Conn:
 
 
 class _Pool:
-    """The idle connections to one store, and how many exist."""
+    """The idle connections to one store, how many exist, and when to try again."""
 
     def __init__(self) -> None:
         self.idle: list[_Conn] = []
         self.total = 0
+        self.retry_at = 0.0  # after a failed connect, lone reads use the loop until then
 
 
 class DirectReads:
@@ -156,7 +160,7 @@ class DirectReads:
             pool = self._pools.setdefault(store, _Pool())
             if pool.idle:
                 return pool.idle.pop()
-            if pool.total >= POOL_SIZE:
+            if pool.total >= POOL_SIZE or time.monotonic() < pool.retry_at:
                 return None
             pool.total += 1
         link = self.agent.links[store]
@@ -165,16 +169,23 @@ class DirectReads:
         except BaseException:
             with self._lock:
                 pool.total -= 1
+                pool.retry_at = time.monotonic() + RETRY_AFTER_S
             raise
 
     def _give(self, store: int, conn: _Conn) -> None:
         with self._lock:
-            self._pools[store].idle.append(conn)
+            pool = self._pools.get(store)
+            if pool is not None:  # else closed meanwhile
+                pool.idle.append(conn)
+                return
+        conn.close()
 
     def _lost(self, store: int, conn: _Conn) -> None:
         conn.close()
         with self._lock:
-            self._pools[store].total -= 1
+            pool = self._pools.get(store)
+            if pool is not None:
+                pool.total -= 1
 
     def _count(self, data: bytes | None) -> bytes | None:
         with self._lock:
