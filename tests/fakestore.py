@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from netswap.client.rpc import ConnectionLost, StoreClient
-from netswap.protocol import PAGE_SIZE, StoreError, Welcome, area_seed, batch_tags
+from netswap.client.rpc import ConnectionLost, StoreClient, check_pages
+from netswap.protocol import PAGE_SIZE, Pages, StoreError, Welcome, area_seed, batch_tags
 
 ZERO = bytes(PAGE_SIZE)
 
@@ -129,13 +129,12 @@ class FakeClient:
 
     def _read(self, slots: Sequence[int], generations: bytes,
               current: Callable[[], bytes] | None) -> tuple[bytes, Exception | None]:  # fmt: skip
+        """The pages as a store would answer, proven by the real client's check."""
         data = b"".join(self.store.pages.get(s, (ZERO, 0, 0))[0] for s in slots)
-        stored = [self.store.pages.get(s, (ZERO, 0, 0))[1] for s in slots]
-        now = current() if current is not None else generations
-        for gens in (generations, now):
-            if list(batch_tags(data, self.area_seed, list(slots), gens)) == stored:
-                return data, None
-        return b"", StoreError(errno.EIO, "not its own page at that generation")
+        tags = tuple(self.store.pages.get(s, (ZERO, 0, 0))[1] for s in slots)
+        failure = check_pages(self.area_seed, Pages(0, data, tags), tuple(slots), generations,
+                              current)  # fmt: skip
+        return (b"", failure) if failure is not None else (data, None)
 
     async def swap_in_unproven(self, slots: Sequence[int],
                                generations: bytes) -> tuple[bytes, list[int]]:  # fmt: skip

@@ -40,15 +40,12 @@ def agent_source(
             latency["swap_in"] = Recorder.merged(latency["swap_in"], direct.latency)
             batches["swap_in"] = Recorder.merged(batches["swap_in"], direct.batches)
             direct_pages = direct.counters["pages"]
+        by_path = {"direct": direct_pages, "loop": c["swap_in_pages"], "local": local_reads()}
         return replace(
             empty("agent"),
             swap_out_pages_total=c["swap_out_pages"],
-            swap_in_pages_total=c["swap_in_pages"] + local_reads() + direct_pages,
-            swap_in_by_path={
-                "direct": direct_pages,
-                "loop": c["swap_in_pages"],
-                "local": local_reads(),
-            },
+            swap_in_pages_total=sum(by_path.values()),
+            swap_in_by_path=by_path,
             checksum_errors_total=c["checksum_errors"],
             histograms={
                 "rpc_duration_seconds": [histogram(op, r) for op, r in latency.items()],
