@@ -219,7 +219,7 @@ class StoreClient:
                     raise ConnectionLost(str(protocol.lost))
                 assert protocol.transport is not None
                 protocol.pending[rid] = (math.inf, resolve)  # this call's own timeout rules
-                protocol.transport.write(protocol.conn.send(request))
+                protocol.transport.writelines(protocol.conn.send_parts(request))
                 reply = await future
         finally:
             protocol.pending.pop(rid, None)
@@ -237,7 +237,7 @@ class StoreClient:
             return
         assert protocol.transport is not None
         protocol.pending[request.request_id] = (loop.time() + self.deadline, on_reply)
-        protocol.transport.write(protocol.conn.send(request))
+        protocol.transport.writelines(protocol.conn.send_parts(request))
 
     def start_swap_out(
         self,

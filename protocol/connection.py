@@ -14,11 +14,15 @@ dead: every later call raises again.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import TypeVar
 
-from .codec import HEADER_SIZE, decode, encode, frame_length
+from .codec import HEADER_SIZE, decode, encode, encode_parts, frame_length
 from .errors import LocalProtocolError, RemoteProtocolError
 from .limits import MAX_FRAME_SIZE
 from .messages import Message, Reply, Request
+
+_T = TypeVar("_T")
 
 
 class Role(enum.Enum):
@@ -106,17 +110,26 @@ class Connection:
             self._in_flight.discard(rid)
 
     def send(self, message: Message) -> bytes:
+        """The message's frame, as one buffer."""
+        return self._sent(message, encode)
+
+    def send_parts(self, message: Message) -> list[bytes]:
+        """The message's frame as buffers to write in order: a batch's pages are not
+        copied into it (for transport.writelines or socket.sendmsg)."""
+        return self._sent(message, encode_parts)
+
+    def _sent(self, message: Message, encoder: Callable[[Message], _T]) -> _T:
         if not isinstance(message, self._sends):
             raise LocalProtocolError(f"a {self.role.value} cannot send {type(message).__name__}")
         rid = message.request_id
         if self.role is Role.CLIENT:
             if rid in self._in_flight:
                 raise LocalProtocolError(f"request id {rid} is already in flight")
-            data = encode(message)
+            data = encoder(message)
             self._in_flight.add(rid)
         else:
             if rid not in self._in_flight:
                 raise LocalProtocolError(f"no request {rid} to reply to")
-            data = encode(message)
+            data = encoder(message)
             self._in_flight.discard(rid)
         return data

@@ -73,8 +73,10 @@ def _check_slots(slots: object) -> None:
 
 
 def _check_pages(data: object, tags: object, count: int) -> None:
-    _check(type(data) is bytes, "data must be bytes")
-    assert isinstance(data, bytes)
+    # A sender may hand over the bytearray it filled (the store's SwapIn) rather than
+    # copy it into bytes; what comes off the wire is always bytes.
+    _check(type(data) is bytes or type(data) is bytearray, "data must be bytes")
+    assert isinstance(data, (bytes, bytearray))
     _check(len(data) == count * PAGE_SIZE, f"data must be {count} x {PAGE_SIZE} bytes")
     _check(type(tags) is tuple and len(tags) == count, "one tag per page")
     assert isinstance(tags, tuple)
@@ -261,7 +263,7 @@ class Pages(Reply):
 
     TYPE: ClassVar[int] = 67
     request_id: int
-    data: bytes
+    data: bytes  # received: always bytes; a store may send the bytearray it filled
     tags: tuple[int, ...]
 
     def __post_init__(self) -> None:

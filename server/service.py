@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from netswap.protocol import (
     PAGE_SIZE,
@@ -207,7 +208,8 @@ class Session:
             out = bytearray(len(request.slots) * PAGE_SIZE)
             crcs = backend.read(area, request.slots, memoryview(out))
             self._observe("swap_in", len(request.slots), began)
-            return Pages(rid, bytes(out), tuple(crcs))
+            # The bytearray goes out as is (codec.encode_parts), without a copy into bytes.
+            return Pages(rid, cast(bytes, out), tuple(crcs))
         if isinstance(request, Discard):
             area = backend.area(self.area_name)
             for start, count in request.ranges:  # all or nothing: check before any work

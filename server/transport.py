@@ -164,7 +164,7 @@ class StoreProtocol(asyncio.Protocol):
                 transport.pause_reading()
                 self._next_slice()
                 return
-            transport.write(self._conn.send(reply))
+            transport.writelines(self._conn.send_parts(reply))  # a batch's pages: no copy
 
     def _refuse(self, reply: Failed) -> None:
         """A failed Hello: answer after the source's throttle delay, then close."""

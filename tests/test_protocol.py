@@ -18,6 +18,7 @@ from netswap.protocol import (
     RemoteProtocolError,
     Role,
 )
+from netswap.protocol.codec import BULK_MIN, encode_parts
 
 ids = st.integers(0, 2**32 - 1)
 slot_tuples = st.lists(st.integers(0, p.MAX_SLOTS - 1), min_size=1, max_size=8, unique=True).map(
@@ -87,6 +88,24 @@ def test_every_request_round_trips_through_both_sides(message: p.Request) -> Non
 @given(replies)
 def test_every_reply_round_trips(message: p.Reply) -> None:
     assert p.decode(p.encode(message)[4:]) == message
+
+
+@given(st.one_of(requests, replies))
+def test_a_frame_in_parts_is_the_same_bytes_as_the_frame(message: p.Message) -> None:
+    parts = encode_parts(message)
+    assert b"".join(parts) == p.encode(message)
+    if isinstance(message, (p.SwapOut, p.Pages)) and len(message.data) >= BULK_MIN:
+        assert any(part is message.data for part in parts)  # the pages: their own buffer
+
+
+def test_a_server_sends_a_batch_in_parts_the_client_reads_as_one() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    server.receive_data(client.send(p.SwapIn(7, (1, 2, 3, 4))))
+    server.next_event()
+    reply = p.Pages(7, bytes(range(256)) * 64, tuple(range(4)))
+    for part in server.send_parts(reply):
+        client.receive_data(part)
+    assert client.next_event() == reply and client.in_flight == 0
 
 
 @given(requests, st.integers(1, 97))
