@@ -12,6 +12,7 @@ from netswap.protocol import PAGE_SIZE
 from .app import StoreServer, serve_until_signal
 from .backends import BACKENDS, open_backend
 from .guard import Limits
+from .heap import tune_heap
 from .service import Tokens
 from .tls import server_context
 from .units import (
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"netswap store ready on {host}:{store.port}", file=sys.stderr, flush=True)
 
+    tune_heap()  # batch buffers reused from the heap (heap.py: 95k -> 170k+ pages/s)
     runner = _runner(fast=tls is None)  # server/tls.py: why TLS stays on asyncio
     with runner:
         runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits, http_token,

@@ -36,6 +36,7 @@ from netswap.client.device import BlockDevice  # noqa: E402
 from netswap.client.hardening import lock_memory  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
+from netswap.server.heap import tune_heap  # noqa: E402
 
 API_VERSION = 2
 T = TypeVar("T")
@@ -93,6 +94,7 @@ def after_fork() -> None:
     # Build the device here, not at load: threads and sockets must not cross
     # nbdkit's fork into the background.
     global _device
+    tune_heap()  # before the first batch buffer: reused from the heap, never unmapped
     if _config.mlock == "onfault":
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
     _device = _config.build_device()

@@ -1,0 +1,46 @@
+"""The process heap: batch-sized buffers reused, not mapped and unmapped each time.
+
+Any netswap process that moves batches (the store, the agent inside nbdkit)
+allocates and frees frame-sized buffers many thousand times a second: msgpack's
+bytes for a batch's pages, the reply's bytearray, the joined pages of a
+SwapOut. glibc serves a block of 128 KiB or more with its own mmap and returns
+it with munmap (the threshold only rises after such a free, and the heap's top
+is trimmed back to the kernel past 128 KiB), so each batch paid page faults
+and zeroing for fresh pages: make bench-store at batch 32 moved 95k pages/s
+out and 145k in with glibc's defaults, 170-240k both ways with the thresholds
+below (same run of the comparison, one store, loopback).
+
+For the swapping host it is also the discipline the swap path asks for: a
+freed batch buffer stays in the heap (and under mlockall, resident) for the
+next batch, instead of each batch asking the kernel for pages while it is
+short of them.
+
+Applied with mallopt(3) at start; a libc without it (musl) keeps its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+from netswap.protocol import MAX_FRAME_SIZE
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+# Every frame (at most MAX_FRAME_SIZE, 1.06 MiB) comes from the heap: twice it.
+MMAP_THRESHOLD = 2 * MAX_FRAME_SIZE
+# Free memory at the heap's top kept for reuse: a store's or an agent's frames in
+# flight are a few MiB (4 batches per store link each way, links.MAX_INFLIGHT);
+# beyond 8 MiB the heap is given back, so an idle process does not hold a peak.
+TRIM_THRESHOLD = 8 * 1024 * 1024
+
+
+def tune_heap() -> bool:
+    """Set the thresholds; False when this libc has no mallopt or refused."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
