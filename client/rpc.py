@@ -242,14 +242,27 @@ class StoreClient:
     def start_swap_out(
         self,
         slots: Sequence[int],
-        data: bytes,
+        pages: bytes | Sequence[bytes | memoryview],
         tags: Sequence[int],
         generations: bytes,
         done: Callable[[Exception | None], None],
     ) -> None:
-        """The batch path's SwapOut: done(None), done(StoreError) or done(transport error)."""
-        request = SwapOut(self._next_id(), tuple(slots), data, tuple(tags), generations)
-        self._start(request, lambda reply: done(_failure(reply)))
+        """The batch path's SwapOut: done(None), done(StoreError) or done(transport error).
+
+        `pages`: the batch's bytes, or buffers that make it up in order (the agent's
+        reserve views), written as they are: they must not change until done runs,
+        which is after the transport sent them or dropped them with the connection."""
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        if protocol.lost is not None:
+            loop.call_soon(done, ConnectionLost(str(protocol.lost)))
+            return
+        assert protocol.transport is not None
+        rid = self._next_id()
+        buffers = [pages] if isinstance(pages, bytes) else pages
+        parts = protocol.conn.send_swap_out(rid, slots, buffers, tags, generations)
+        protocol.pending[rid] = (loop.time() + self.deadline, lambda reply: done(_failure(reply)))
+        protocol.transport.writelines(parts)
 
     def start_swap_in(
         self,

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
-from .limits import FRAME_HEADER_SIZE, MAX_BATCH_PAGES, MAX_DISCARD_RANGES, MAX_FRAME_SIZE
-from .messages import BY_TYPE, Message
+from .limits import (
+    FRAME_HEADER_SIZE,
+    MAX_BATCH_PAGES,
+    MAX_DISCARD_RANGES,
+    MAX_FRAME_SIZE,
+    PAGE_SIZE,
+)
+from .messages import BY_TYPE, Message, SwapOut
 
 _HEADER = struct.Struct(">I")
 _FIELDS: dict[int, tuple[str, ...]] = {
@@ -63,12 +70,45 @@ def encode_parts(message: Message) -> list[bytes]:
     head = msgpack.packb(values[:k], use_bin_type=True)
     tail = msgpack.packb(values[k + 1 :], use_bin_type=True)[1:]
     n = len(data)  # type: ignore[arg-type]
-    bin_header = struct.pack(">BH", 0xC5, n) if n < 0x10000 else struct.pack(">BI", 0xC6, n)
+    bin_header = _bin_header(n)
     length = len(head) + len(bin_header) + n + len(tail)
     if length > MAX_FRAME_SIZE:
         raise LocalProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_SIZE}")
     first = _HEADER.pack(length) + bytes([0x90 | len(values)]) + head[1:] + bin_header
     return [first, data, tail] if tail else [first, data]  # type: ignore[list-item]
+
+
+def swap_out_parts(
+    request_id: int,
+    slots: Sequence[int],
+    pages: Sequence[bytes | memoryview],
+    tags: Sequence[int],
+    generations: bytes,
+) -> list[bytes | memoryview]:
+    """The frame of SwapOut(request_id, slots, b"".join(pages), tags, generations)
+    with the pages as given (the agent's reserve buffers): no join, no per-page copy.
+    Checks the shape a store checks (counts, lengths, generations); the caller
+    vouches for the types, as it built them."""
+    n = len(slots)
+    size = sum(len(page) for page in pages)
+    if not 1 <= n <= MAX_BATCH_PAGES or size != n * PAGE_SIZE:
+        raise LocalProtocolError(f"a SwapOut of {n} slots with {size} bytes of pages")
+    if len(tags) != n or len(generations) != n or 0 in generations:
+        raise LocalProtocolError("one tag and one generation (1..255) per page")
+    head = msgpack.packb((SwapOut.TYPE, request_id, tuple(slots)), use_bin_type=True)
+    tail = msgpack.packb((tuple(tags), generations), use_bin_type=True)[1:]
+    bin_header = _bin_header(size)
+    length = len(head) + len(bin_header) + size + len(tail)
+    first = _HEADER.pack(length) + bytes([0x90 | _SWAP_OUT_ARRAY]) + head[1:] + bin_header
+    return [first, *pages, tail]
+
+
+_SWAP_OUT_ARRAY = 1 + len(_FIELDS[SwapOut.TYPE])  # TYPE and the fields
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's own header for a bin of n >= 256 bytes: bin 16 or bin 32."""
+    return struct.pack(">BH", 0xC5, n) if n < 0x10000 else struct.pack(">BI", 0xC6, n)
 
 
 def frame_length(header: bytes | bytearray | memoryview, limit: int = MAX_FRAME_SIZE) -> int:

@@ -14,10 +14,10 @@ dead: every later call raises again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .codec import HEADER_SIZE, decode, encode, encode_parts, frame_length
+from .codec import HEADER_SIZE, decode, encode, encode_parts, frame_length, swap_out_parts
 from .errors import LocalProtocolError, RemoteProtocolError
 from .limits import MAX_FRAME_SIZE
 from .messages import Message, Reply, Request
@@ -117,6 +117,24 @@ class Connection:
         """The message's frame as buffers to write in order: a batch's pages are not
         copied into it (for transport.writelines or socket.sendmsg)."""
         return self._sent(message, encode_parts)
+
+    def send_swap_out(
+        self,
+        request_id: int,
+        slots: Sequence[int],
+        pages: Sequence[bytes | memoryview],
+        tags: Sequence[int],
+        generations: bytes,
+    ) -> list[bytes | memoryview]:
+        """A client's SwapOut straight from its page buffers (codec.swap_out_parts):
+        the frame as buffers to write in order; the pages are not copied."""
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("a server cannot send SwapOut")
+        if request_id in self._in_flight:
+            raise LocalProtocolError(f"request id {request_id} is already in flight")
+        parts = swap_out_parts(request_id, slots, pages, tags, generations)
+        self._in_flight.add(request_id)
+        return parts
 
     def _sent(self, message: Message, encoder: Callable[[Message], _T]) -> _T:
         if not isinstance(message, self._sends):

@@ -96,13 +96,14 @@ class FakeClient:
     def start_swap_out(
         self,
         slots: Sequence[int],
-        data: bytes,
+        pages: bytes | Sequence[bytes | memoryview],
         tags: Sequence[int],
         generations: bytes,
         done: Callable[[Exception | None], None],
     ) -> None:
         store = self.store
         store.swap_outs += 1
+        data = pages if isinstance(pages, bytes) else b"".join(pages)  # copied now, as sent
 
         def reply() -> None:
             if not self.connected:

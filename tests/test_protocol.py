@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import random
 import struct
 
 import netswap.protocol as p
@@ -96,6 +97,24 @@ def test_a_frame_in_parts_is_the_same_bytes_as_the_frame(message: p.Message) -> 
     assert b"".join(parts) == p.encode(message)
     if isinstance(message, (p.SwapOut, p.Pages)) and len(message.data) >= BULK_MIN:
         assert any(part is message.data for part in parts)  # the pages: their own buffer
+
+
+@given(st.integers(1, p.MAX_BATCH_PAGES), st.integers(0, 2**32 - 1), st.integers(1, 3))
+def test_a_swap_out_from_page_buffers_is_the_same_frame(n: int, seed: int, cut: int) -> None:
+    rng = random.Random(seed)
+    data = rng.randbytes(n * PAGE_SIZE)
+    slots = tuple(rng.sample(range(p.MAX_SLOTS), n))
+    tags, gens = (
+        tuple(rng.getrandbits(32) for _ in slots),
+        bytes(rng.randint(1, 255) for _ in slots),
+    )
+    message = p.SwapOut(seed, slots, data, tags, gens)
+    views = [memoryview(data)[i : i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+    parts = Connection(Role.CLIENT).send_swap_out(seed, slots, views, tags, gens)
+    assert b"".join(parts) == p.encode(message)
+    with pytest.raises(p.LocalProtocolError):  # a page short: refused, nothing sent
+        Connection(Role.CLIENT).send_swap_out(seed, slots, [*views[:-1], views[-1][:-cut]], tags,
+                                              gens)  # fmt: skip
 
 
 def test_a_server_sends_a_batch_in_parts_the_client_reads_as_one() -> None:

@@ -239,7 +239,7 @@ class StoreLink:
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_out(slots, b"".join(data), tags, b"".join(gens), done)
+        client.start_swap_out(slots, data, tags, b"".join(gens), done)  # the views, not a copy
 
     def _swap_in(self, batch: list[ReadEntry]) -> None:
         client = self.client
