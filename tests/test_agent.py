@@ -302,7 +302,7 @@ def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds
         device = RemoteDevice.open(
             stores=[p.address for p in procs], area="race", size=4 << 20, replicas=2,
             quorum=1, reserve=1 << 20, slab=1 << 20, token_file="", batch_pages=64,
-            batch_linger_us=200, write_back=False,
+            batch_linger_us=200, write_back=False, direct_writes=False,
         )  # fmt: skip
         device.start()
         try:
@@ -335,5 +335,64 @@ def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds
             out = bytearray(PAGE * 8)
             device.pread(memoryview(out), 0)
             assert bytes(out) == b"\1" * PAGE * 5 + b"\2" * PAGE + b"\1" * PAGE * 2
+        finally:
+            device.close()
+
+
+def test_a_resync_begun_while_a_direct_write_is_on_its_way_waits_for_it() -> None:
+    """A lone write picks its replicas and goes to them from nbdkit's thread. A
+    resync of that slab begun meanwhile must wait for it, as for the loop's writes
+    (else its copy could overtake the write); once the resync runs, a lone write
+    to that slab goes through the loop, which sends it to the new replica too."""
+    with stores(2) as procs:
+        device = RemoteDevice.open(
+            stores=[p.address for p in procs], area="direct", size=4 << 20, replicas=2,
+            quorum=1, reserve=1 << 20, slab=1 << 20, token_file="", batch_pages=64,
+            batch_linger_us=200, write_back=False,
+        )  # fmt: skip
+        device.start()
+        try:
+            agent, direct = device.agent, device.direct_writes
+            assert direct is not None
+            device.pwrite(memoryview(b"\1" * PAGE * 8), 0, False)  # places the slab: loop
+            device.pwrite(memoryview(b"\1" * PAGE * 8), 0, False)  # direct
+            assert direct.counters == {"direct_writes": 1, "direct_write_fallbacks": 1,
+                                       "pages": 8}  # fmt: skip
+            sending, release = threading.Event(), threading.Event()
+            send = direct._send
+
+            def held_send(*args: Any) -> bool:
+                sending.set()
+                release.wait(10)
+                return send(*args)
+
+            direct._send = held_send  # type: ignore[method-assign]
+            writer = threading.Thread(target=device.pwrite,
+                                      args=(memoryview(b"\2" * PAGE), 5 * PAGE, False))  # fmt: skip
+            writer.start()
+            assert sending.wait(5), "the lone write did not go direct"
+            table = agent.table
+            position, target, _ = table.replicas_of(0)[1]
+            table.set_state(0, position, STALE)  # as if store 1 had missed a write
+            assert agent.loop is not None
+            repair = asyncio.run_coroutine_threadsafe(
+                agent.repair.repair_slab(0, position, target), agent.loop
+            )
+            time.sleep(0.5)
+            assert not repair.done(), "the resync did not wait for the direct write"
+            release.set()
+            repair.result(30)
+            writer.join(10)
+            assert table.state[0 * table.replicas + position] == IN_SYNC
+            assert direct.counters["direct_writes"] == 2
+            # A resync under way: a lone write of that slab goes through the loop.
+            agent.repair.syncing[0] = set()
+            device.pwrite(memoryview(b"\3" * PAGE), 6 * PAGE, False)
+            assert agent.repair.syncing.pop(0) == {6}  # the loop noted it for the copy
+            assert direct.counters["direct_write_fallbacks"] == 2
+            procs[0].kill()  # store 1 alone must hold every page, the resync's and the writes'
+            out = bytearray(PAGE * 8)
+            device.pread(memoryview(out), 0)
+            assert bytes(out) == b"\1" * PAGE * 5 + b"\2" * PAGE + b"\3" * PAGE + b"\1" * PAGE
         finally:
             device.close()

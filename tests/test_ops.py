@@ -89,14 +89,18 @@ def test_agent_metrics_follow_nbd_traffic_and_store_health() -> None:
     ):
         url = f"http://127.0.0.1:{http}"
         h = connect(uri)
-        h.pwrite(b"m" * (32 * PAGE), 0)
+        h.pwrite(b"m" * (32 * PAGE), 0)  # the loop places the slab: the first write's
+        h.pwrite(b"m" * (8 * PAGE), 0)  # a lone write to a placed slab: direct
         h.pread(8 * PAGE, 0)
         text = get(url + "/metrics")
-        assert metric(text, "netswap_swap_out_pages_total") == 32
+        assert metric(text, "netswap_swap_out_pages_total") == 40
         assert metric(text, "netswap_swap_in_pages_total") == 8
         # reads=direct (the default): nbdkit's thread asked a store itself
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="direct"}') == 8
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="loop"}') == 0
+        # writes=direct: the second went to both replicas from nbdkit's thread
+        assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="direct"}') == 8
+        assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="loop"}') == 32
         assert metric(text, "netswap_store_up") == 2
         assert metric(text, "netswap_reserve_bytes") == 16 << 20
         assert metric(text, "netswap_rpc_duration_seconds_count", '{op="swap_out"}') >= 2
@@ -217,11 +221,13 @@ def test_an_ops_endpoint_off_loopback_needs_a_bearer_token(tmp_path: Path) -> No
         store.kill()
 
 
-def test_reads_loop_sends_every_swap_in_through_the_agents_loop() -> None:
+def test_reads_and_writes_loop_send_everything_through_the_agents_loop() -> None:
     http = free_port()
     with (
         stores(1) as (s1,),
-        agent_serve([s1], "16M", "--http", f"127.0.0.1:{http}", "--reads", "loop") as (uri, _),
+        agent_serve(
+            [s1], "16M", "--http", f"127.0.0.1:{http}", "--reads", "loop", "--writes", "loop"
+        ) as (uri, _),  # fmt: skip
     ):
         h = connect(uri)
         h.pwrite(b"q" * (16 * PAGE), 0)
@@ -229,4 +235,6 @@ def test_reads_loop_sends_every_swap_in_through_the_agents_loop() -> None:
         text = get(f"http://127.0.0.1:{http}/metrics")
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="loop"}') == 16
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="direct"}') == 0
+        assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="loop"}') == 16
+        assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="direct"}') == 0
         h.shutdown()

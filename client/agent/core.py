@@ -84,6 +84,11 @@ class Agent:
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
         self.slab_writes: dict[int, set[WriteOp]] = {}  # slab -> its writes not yet answered
+        # Held while a lone write picks its replicas on nbdkit's thread (directwrite.py)
+        # and while a resync begins (repair.py): one sees the other. Every change to
+        # slab_writes holds it too, as two threads change it. Reentrant: the direct
+        # path tracks its op while it holds it.
+        self.routing = threading.RLock()
         self.repair = Repair(self)
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
@@ -237,7 +242,7 @@ class Agent:
                         link.add_write(op, start, count)
                         op.remaining += count
                         kicked.add(link)
-                        self.slab_writes.setdefault(slab, set()).add(op)
+                        self.track_write(slab, op)
                     elif state == DOWN:  # it misses this write: it needs a copy now
                         table.set_state(slab, position, STALE)
                         self.counters["replicas_stale"] += 1
@@ -272,7 +277,7 @@ class Agent:
                 self._mark_stale(table.slab_of(op.first + start), link.index)
             op.remaining -= count
             if op.remaining == 0:
-                self._forget_write(op)
+                self.forget_write(op)
                 op.finish(self.quorum)
 
     def store_down(self, link: StoreLink) -> None:
@@ -281,15 +286,21 @@ class Agent:
     def store_up(self, link: StoreLink, lost: bool) -> None:
         self.repair.store_up(link, lost)
 
-    def _forget_write(self, op: WriteOp) -> None:
-        """The op is complete: no slab waits for it any more."""
+    def track_write(self, slab: int, op: WriteOp) -> None:
+        """The op will write to this slab: a resync of the slab first waits for it."""
+        with self.routing:
+            self.slab_writes.setdefault(slab, set()).add(op)
+
+    def forget_write(self, op: WriteOp) -> None:
+        """The op is complete, or handed on: no slab waits for it any more."""
         table = self.table
-        for slab in range(table.slab_of(op.first), table.slab_of(op.first + op.count - 1) + 1):
-            ops = self.slab_writes.get(slab)
-            if ops is not None:
-                ops.discard(op)
-                if not ops:
-                    del self.slab_writes[slab]
+        with self.routing:
+            for slab in range(table.slab_of(op.first), table.slab_of(op.first + op.count - 1) + 1):
+                ops = self.slab_writes.get(slab)
+                if ops is not None:
+                    ops.discard(op)
+                    if not ops:
+                        del self.slab_writes[slab]
 
     def _mark_stale(self, slab: int, store: int) -> None:
         for position, s, state in self.table.replicas_of(slab):

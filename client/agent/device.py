@@ -29,6 +29,7 @@ from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
 from ..rpc import read_token
 from .core import Agent
 from .direct import DirectReads
+from .directwrite import DirectWrites
 from .ops import CallOp, ReadOp, WriteOp
 from .placement import slab_pages_for
 from .policy import BatchPolicy
@@ -56,10 +57,18 @@ class RemoteDevice:
         reserve_wait: float,
         write_back: bool = False,
         direct_reads: bool = False,
+        direct_writes: bool = False,
     ) -> None:
         self.agent = agent
         # Swap-in on the calling thread (direct.py); None: every read through the loop.
-        self.direct = DirectReads(agent) if direct_reads else None
+        self.direct = DirectReads(agent) if direct_reads or direct_writes else None
+        self.direct_reads = direct_reads
+        # A lone write-through write on the calling thread (directwrite.py).
+        self.direct_writes = (
+            DirectWrites(agent, self.direct)
+            if direct_writes and not write_back and self.direct is not None
+            else None
+        )
         self.write_back = write_back
         self._write_back_error = 0  # errno of a failed write-back, for the next flush
         self.size = size
@@ -70,6 +79,7 @@ class RemoteDevice:
         self._ops: set[WriteOp] = set()
         self.local_reads = 0  # pages served from the reserve or as zeros, under _lock
         self._readers = 0  # preads under way, under _lock
+        self._writers = 0  # pwrites under way, under _lock
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
         agent.pending_writes = self._pending
 
@@ -95,6 +105,7 @@ class RemoteDevice:
         write_back: bool,
         tls: ssl.SSLContext | None = None,
         direct_reads: bool = True,
+        direct_writes: bool = True,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         agent = Agent(
@@ -110,7 +121,7 @@ class RemoteDevice:
             tls=tls,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
-                   direct_reads=direct_reads)  # fmt: skip
+                   direct_reads=direct_reads, direct_writes=direct_writes)  # fmt: skip
 
     def start(self) -> None:
         self.agent.start()
@@ -121,7 +132,8 @@ class RemoteDevice:
 
         from .stats import agent_source
 
-        source = agent_source(self.agent, lambda: self.local_reads, self.direct)
+        source = agent_source(self.agent, lambda: self.local_reads, self.direct,
+                              self.direct_writes)  # fmt: skip
         assert self.agent.loop is not None
         started = start_http(source, host, port, token)
         asyncio.run_coroutine_threadsafe(started, self.agent.loop).result(10)
@@ -135,9 +147,15 @@ class RemoteDevice:
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         check_aligned(len(buf), offset)
         first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
-        for at in range(0, count, CHUNK_PAGES):
-            n = min(CHUNK_PAGES, count - at)
-            self._write_chunk(buf[at * PAGE_SIZE : (at + n) * PAGE_SIZE], first + at, n)
+        with self._lock:
+            self._writers += 1
+        try:
+            for at in range(0, count, CHUNK_PAGES):
+                n = min(CHUNK_PAGES, count - at)
+                self._write_chunk(buf[at * PAGE_SIZE : (at + n) * PAGE_SIZE], first + at, n)
+        finally:
+            with self._lock:
+                self._writers -= 1
         if fua:
             self.flush()
 
@@ -151,14 +169,24 @@ class RemoteDevice:
         for i, index in enumerate(bufs):
             views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         slots = range(first, first + count)
+        inflight = self._inflight
         with self._lock:  # generations bump in the order writes enter the in-flight map
             gens = self.agent.table.mark_written_run(first, count)
             tags = tuple(
                 page_tag(views[index], seed, first + i, gens[i]) for i, index in enumerate(bufs)
             )
             op = WriteOp(first, count, bufs, tags, gens)
-            self._inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
+            # A write sent by its own thread is ordered with no other: a later write of
+            # the same slots waits for it, or the stores could see the two swapped.
+            before = {e[0] for s in slots if (e := inflight.get(s)) is not None and e[0].direct}
+            op.direct = self.direct_writes is not None and self._writers == 1 and not before
+            inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
             self._ops.add(op)
+        for earlier in before:
+            earlier.done.wait(self._hard_timeout)
+        if op.direct and self.direct_writes is not None and self.direct_writes.write(op):
+            self._finish_direct(op)
+            return
         if self.write_back:
             op.on_done = self._retire_write_back  # acknowledged now; the loop retires it
         self.agent.submit(self.agent.submit_write, op)
@@ -174,6 +202,12 @@ class RemoteDevice:
         reserve.release(bufs)
         if op.error:
             raise StoreError(op.error, f"write of slots {first}+{count} failed")
+
+    def _finish_direct(self, op: WriteOp) -> None:
+        """Every replica took a direct write: the op leaves the in-flight map."""
+        with self._lock:
+            self._forget_op(op)
+        self.agent.reserve.release(op.bufs)
 
     def _forget_op(self, op: WriteOp) -> list[int]:
         """Under _lock: drop the op's pages from the in-flight map where no newer write
@@ -249,7 +283,7 @@ class RemoteDevice:
         # reads that come together go through the loop, whose batches serve them
         # better (make bench-agent, 4K randread QD32: 7.1k IOPS through the loop,
         # 5.2k when two of them at a time went direct).
-        if self.direct is not None and self._readers == 1:
+        if self.direct is not None and self.direct_reads and self._readers == 1:
             data = self.direct.read(slots, gens, lambda: table.generations_of(slots))
         if data is None:
             op = ReadOp(slots, gens, bytearray(len(indexes) * PAGE_SIZE))

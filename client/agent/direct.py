@@ -9,7 +9,8 @@ waits -- and its pages are proven as on the loop's path (rpc.check_pages: each
 tag recomputed for its slot and generation). Anything out of the ordinary -- no
 connection, a deadline passed, a refusal, a page not proven, a read across
 slabs -- hands the read to the loop's path, which owns failover, fallbacks and
-marking a store down. Writes stay on the loop: they are batched and replicated.
+marking a store down. A lone write does the same over these connections
+(directwrite.py).
 
 Each store has a small pool of such connections: a thread takes an idle one,
 or opens one while the pool is below POOL_SIZE, and gives it back after its
@@ -86,6 +87,26 @@ class _Conn:
         end = time.monotonic() + deadline
         self.sock.settimeout(deadline)
         self.sock.sendall(self.conn.send(request))
+        return self.reply(end)
+
+    def send_parts(self, parts: list[bytes | memoryview], deadline: float) -> None:
+        """A frame given as buffers (Connection.send_swap_out), without joining them
+        (TLS has no sendmsg: joined there)."""
+        sock = self.sock
+        sock.settimeout(deadline)
+        if isinstance(sock, ssl.SSLSocket):
+            sock.sendall(b"".join(parts))
+            return
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
+
+    def reply(self, end: float) -> Reply:
+        """The reply to the request in flight, by `end` (time.monotonic())."""
         while True:
             event = self.conn.next_event()
             if isinstance(event, Reply):
@@ -117,7 +138,7 @@ class DirectReads:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._pools: dict[int, _Pool] = {}
-        self._lock = threading.Lock()  # guards the pools and the figures, not the calls
+        self.lock = threading.Lock()  # guards the pools and the figures, not the calls
         self.counters = {"direct_reads": 0, "direct_fallbacks": 0, "pages": 0}
         # Round trips and batch sizes of the swap-ins done here; the stats merge them
         # with the loop's (each side's recorders have one writer at a time).
@@ -134,7 +155,7 @@ class DirectReads:
         if store is None:
             return self._count(None)
         try:
-            conn = self._take(store)
+            conn = self.take(store)
         except (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError):
             return self._count(None)
         if conn is None:  # every connection to that store is busy
@@ -143,20 +164,21 @@ class DirectReads:
             began = time.perf_counter()
             reply = conn.call(SwapIn(conn.next_id(), tuple(slots)), agent.io_timeout)
         except (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError):
-            self._lost(store, conn)
+            self.lost(store, conn)
             return self._count(None)
-        self._give(store, conn)
+        self.give(store, conn)
         if check_pages(agent.area_seed, reply, tuple(slots), gens, current) is not None:
             return self._count(None)  # a refusal or an unproven page: the loop decides
         assert isinstance(reply, Pages)  # check_pages proved it
-        with self._lock:
+        with self.lock:
             self.latency.observe(time.perf_counter() - began)
             self.batches.observe(len(slots))
             self.counters["pages"] += len(slots)
         return self._count(reply.data)
 
-    def _take(self, store: int) -> _Conn | None:
-        with self._lock:
+    def take(self, store: int) -> _Conn | None:
+        """An idle connection to `store`, a new one, or None (all busy, or retry later)."""
+        with self.lock:
             pool = self._pools.setdefault(store, _Pool())
             if pool.idle:
                 return pool.idle.pop()
@@ -167,33 +189,33 @@ class DirectReads:
         try:
             return _Conn.open(self.agent, link.host, link.port)
         except BaseException:
-            with self._lock:
+            with self.lock:
                 pool.total -= 1
                 pool.retry_at = time.monotonic() + RETRY_AFTER_S
             raise
 
-    def _give(self, store: int, conn: _Conn) -> None:
-        with self._lock:
+    def give(self, store: int, conn: _Conn) -> None:
+        with self.lock:
             pool = self._pools.get(store)
             if pool is not None:  # else closed meanwhile
                 pool.idle.append(conn)
                 return
         conn.close()
 
-    def _lost(self, store: int, conn: _Conn) -> None:
+    def lost(self, store: int, conn: _Conn) -> None:
         conn.close()
-        with self._lock:
+        with self.lock:
             pool = self._pools.get(store)
             if pool is not None:
                 pool.total -= 1
 
     def _count(self, data: bytes | None) -> bytes | None:
-        with self._lock:
+        with self.lock:
             self.counters["direct_reads" if data is not None else "direct_fallbacks"] += 1
         return data
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             conns = [c for pool in self._pools.values() for c in pool.idle]
             self._pools = {}
         for conn in conns:

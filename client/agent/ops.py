@@ -57,6 +57,7 @@ class WriteOp:
         "acks",
         "bufs",
         "count",
+        "direct",
         "done",
         "error",
         "first",
@@ -75,6 +76,7 @@ class WriteOp:
         self.tags = tags  # each page's tag: CRC32 bound to (area, slot, generation)
         self.generations = generations
         self.acks = [0] * count
+        self.direct = False  # sent by its own thread (directwrite.py), not the loop
         self.remaining = 0
         self.error = 0
         self.done = Completion()

@@ -124,13 +124,16 @@ class Repair:
             target = store
         else:
             return
-        table.set_replica(slab, position, target, SYNCING)
-        dirty = self.syncing[slab] = set()
         # Writes routed before this point did not go to the target and are not in
         # `dirty`; one still queued for the source would be overtaken by the copy's
         # read, which would then install the older page on the target. So the copy
-        # starts once they are all answered (each within its RPC deadline).
-        earlier = list(self.agent.slab_writes.get(slab, ()))
+        # starts once they are all answered (each within its RPC deadline). Under
+        # `routing`, a lone write on nbdkit's thread is either among them or sees
+        # the sync and goes through the loop (directwrite.py).
+        with self.agent.routing:
+            table.set_replica(slab, position, target, SYNCING)
+            dirty = self.syncing[slab] = set()
+            earlier = list(self.agent.slab_writes.get(slab, ()))
         try:
             ok = await self._drained(earlier) and await self._copy_slab(
                 slab, sources[0], target, dirty

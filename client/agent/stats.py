@@ -17,6 +17,7 @@ from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
 from .direct import DirectReads
+from .directwrite import DirectWrites
 from .placement import DOWN, STALE, SYNCING
 from .policy import REASONS
 
@@ -25,10 +26,14 @@ RECENT_SHOWN = 20
 
 
 def agent_source(
-    agent: Agent, local_reads: Callable[[], int], direct: DirectReads | None = None
+    agent: Agent,
+    local_reads: Callable[[], int],
+    direct: DirectReads | None = None,
+    direct_writes: DirectWrites | None = None,
 ) -> Source:
-    """local_reads: pages the device served itself (reserve copies, zeros); direct:
-    the swap-ins done on nbdkit's threads, merged into the swap_in figures."""
+    """local_reads: pages the device served itself (reserve copies, zeros); direct,
+    direct_writes: the swap-ins and lone swap-outs done on nbdkit's threads, merged
+    into the swap_in and swap_out figures."""
 
     def snapshot() -> Snapshot:
         c = agent.counters
@@ -41,11 +46,18 @@ def agent_source(
             batches["swap_in"] = Recorder.merged(batches["swap_in"], direct.batches)
             direct_pages = direct.counters["pages"]
         by_path = {"direct": direct_pages, "loop": c["swap_in_pages"], "local": local_reads()}
+        out_direct = 0
+        if direct_writes is not None:
+            latency["swap_out"] = Recorder.merged(latency["swap_out"], direct_writes.latency)
+            batches["swap_out"] = Recorder.merged(batches["swap_out"], direct_writes.batches)
+            out_direct = direct_writes.counters["pages"]
+        out_by_path = {"direct": out_direct, "loop": c["swap_out_pages"]}
         return replace(
             empty("agent"),
-            swap_out_pages_total=c["swap_out_pages"],
+            swap_out_pages_total=sum(out_by_path.values()),
             swap_in_pages_total=sum(by_path.values()),
             swap_in_by_path=by_path,
+            swap_out_by_path=out_by_path,
             checksum_errors_total=c["checksum_errors"],
             histograms={
                 "rpc_duration_seconds": [histogram(op, r) for op, r in latency.items()],

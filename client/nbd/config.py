@@ -86,6 +86,9 @@ class PluginConfig:
     reads: str = setting("direct", "choice", "remote: a swap-in goes from nbdkit's thread "
                          "straight to a store, or through the agent's loop",
                          choices=READ_PATHS)  # fmt: skip
+    writes: str = setting("direct", "choice", "remote, write-through: a lone swap-out goes "
+                          "from nbdkit's thread straight to its replicas, or through the "
+                          "agent's loop", choices=READ_PATHS)  # fmt: skip
     store_tls_ca: str = setting("", "text", "speak TLS to the stores, verified against this CA "
                                 "(remote)", metavar="FILE")  # fmt: skip
     tls_cert: str = setting("", "text", "client certificate for stores that require one "
@@ -202,6 +205,7 @@ class PluginConfig:
                 slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
+                direct_writes=self.writes == "direct",
             )  # fmt: skip
         from netswap.server.backends import open_backend
 

@@ -97,14 +97,15 @@ class _SnapshotCollector:
         yield CounterMetricFamily(
             "netswap_swap_in_pages", "Pages swapped in", value=s.swap_in_pages_total
         )
-        by_path = CounterMetricFamily(
-            "netswap_swap_in_pages_by_path",
-            "Pages swapped in, by the path that served them",
-            labels=["path"],
-        )
-        for path, n in sorted(s.swap_in_by_path.items()):
-            by_path.add_metric([path], n)
-        yield by_path
+        for way, paths in (("in", s.swap_in_by_path), ("out", s.swap_out_by_path)):
+            by_path = CounterMetricFamily(
+                f"netswap_swap_{way}_pages_by_path",
+                f"Pages swapped {way}, by the path that served them",
+                labels=["path"],
+            )
+            for path, n in sorted(paths.items()):
+                by_path.add_metric([path], n)
+            yield by_path
         yield CounterMetricFamily(
             "netswap_checksum_errors", "Page checksum mismatches", value=s.checksum_errors_total
         )

@@ -91,6 +91,8 @@ class Snapshot:
     # agents: which path served the swap-ins -- "direct" (nbdkit's thread to a store),
     # "loop" (through the agent's loop), "local" (the reserve, or zeros)
     swap_in_by_path: dict[str, int] = field(default_factory=dict)
+    # agents: "direct" (a lone write sent by nbdkit's thread) or "loop" (batched)
+    swap_out_by_path: dict[str, int] = field(default_factory=dict)
     checksum_errors_total: int = 0
     histograms: dict[str, list[Histogram]] = field(default_factory=dict)
     latency_us: dict[str, Quantiles | None] = field(default_factory=dict)
@@ -120,6 +122,7 @@ class Snapshot:
             swap_out_pages_total=raw["swap_out_pages_total"],
             swap_in_pages_total=raw["swap_in_pages_total"],
             swap_in_by_path=dict(raw.get("swap_in_by_path", {})),
+            swap_out_by_path=dict(raw.get("swap_out_by_path", {})),
             checksum_errors_total=raw["checksum_errors_total"],
             histograms={
                 name: [

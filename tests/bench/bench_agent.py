@@ -2,8 +2,9 @@
 
 Same run, same client (fio ioengine=nbd), alternating between:
   agent-batched    netswap serve --backend remote, default batching (64 pages)
-  agent-loop       the same with --reads loop: every swap-in through the agent's
-                   loop thread instead of straight from nbdkit's thread
+  agent-loop       the same with --reads loop --writes loop: every swap-in and
+                   lone swap-out through the agent's loop thread instead of
+                   straight from nbdkit's thread
   agent-unbatched  the same with --batch-pages 1: one page per RPC
   agent-2x         two stores, --replicas 2, default batching
   agent-writeback  agent-batched with --cache writeback (acknowledged from the reserve)
@@ -73,7 +74,7 @@ def main() -> None:
         commands = {
             "agent-batched": lambda port: netswap_cmd(port, one),
             "agent-loop": lambda port: netswap_cmd(
-                port, [*one, "--reads", "loop", "--area", "bench1l"]
+                port, [*one, "--reads", "loop", "--writes", "loop", "--area", "bench1l"]
             ),
             "agent-unbatched": lambda port: netswap_cmd(
                 port, [*one, "--batch-pages", "1", "--area", "bench1u"]
@@ -135,7 +136,7 @@ def report(
         ratios = {
             "p50 batched/nbdkit-memory": med["agent-batched"][1] / med["nbdkit-memory"][1],
             "batched/py-parallel": batched / med["py-parallel"][0],
-            "direct/loop reads": batched / med["agent-loop"][0],
+            "direct/loop": batched / med["agent-loop"][0],
             "batched/unbatched": batched / med["agent-unbatched"][0],
             "batched/nbdkit-memory": batched / med["nbdkit-memory"][0],
             "batched/py-handoff": batched / med["py-handoff"][0],
