@@ -185,3 +185,27 @@ def test_a_read_in_flight_when_its_store_dies_is_served_by_the_other(
     reader.join(5)
     assert got == [bytes(page(3))]
     assert device.agent.counters["read_fallbacks"] == 1
+
+
+def test_a_direct_reply_that_arrived_in_time_counts_after_the_deadline() -> None:
+    """A direct write waits for its replicas in turn: once a frozen one has used up
+    the deadline, an answer the other sent long ago must still be read, not taken
+    for a timeout (which marked a healthy store down: found by the SIGSTOP test)."""
+    import socket
+
+    from netswap.client.agent.direct import _Conn
+    from netswap.protocol import Connection, Ok, Role, SwapIn
+
+    ours, store = socket.socketpair()
+    with ours, store:
+        conn = _Conn(ours)
+        server = Connection(Role.SERVER)
+        server.receive_data(conn.conn.send(SwapIn(7, (1,))))
+        server.next_event()
+        store.sendall(server.send(Ok(7)))
+        assert conn.reply(time.monotonic() - 1) == Ok(7)
+        conn.conn.send(SwapIn(8, (1,)))  # no answer this time: a prompt timeout
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.reply(time.monotonic() - 1)
+        assert time.monotonic() - began < 0.5

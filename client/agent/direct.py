@@ -106,18 +106,21 @@ class _Conn:
                 views[0] = views[0][sent:]
 
     def reply(self, end: float) -> Reply:
-        """The reply to the request in flight, by `end` (time.monotonic())."""
+        """The reply to the request in flight, by `end` (time.monotonic()). Past `end`,
+        what has already arrived still counts: a write waits for its replicas in turn,
+        and one that answered in time must not be late because another did not."""
         while True:
             event = self.conn.next_event()
             if isinstance(event, Reply):
                 return event
             if event is CLOSED:
                 raise ConnectionLost("the store closed the direct connection")
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the store did not answer in time")
-            self.sock.settimeout(left)
-            self.conn.receive_data(self.sock.recv(RECV_BYTES))
+            self.sock.settimeout(max(0.0, end - time.monotonic()))  # 0: only what is there
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+                raise TimeoutError("the store did not answer in time") from None
+            self.conn.receive_data(data)
 
     def close(self) -> None:
         self.sock.close()
