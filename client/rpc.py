@@ -230,14 +230,22 @@ class StoreClient:
 
     def _start(self, request: Request, on_reply: ReplyCallback) -> None:
         """Send now; on_reply(reply or exception) runs later on the loop, exactly once."""
+        conn = self._protocol.conn
+        self._start_frame(request.request_id, lambda: conn.send_parts(request), on_reply)
+
+    def _start_frame(
+        self, rid: int, frame: Callable[[], Sequence[bytes | memoryview]], on_reply: ReplyCallback
+    ) -> None:
+        """_start for a frame already cut into buffers by `frame()` (request `rid`)."""
         protocol = self._protocol
         loop = asyncio.get_running_loop()
         if protocol.lost is not None:
             loop.call_soon(on_reply, ConnectionLost(str(protocol.lost)))
             return
         assert protocol.transport is not None
-        protocol.pending[request.request_id] = (loop.time() + self.deadline, on_reply)
-        protocol.transport.writelines(protocol.conn.send_parts(request))
+        parts = frame()
+        protocol.pending[rid] = (loop.time() + self.deadline, on_reply)
+        protocol.transport.writelines(parts)
 
     def start_swap_out(
         self,
@@ -252,17 +260,10 @@ class StoreClient:
         `pages`: the batch's bytes, or buffers that make it up in order (the agent's
         reserve views), written as they are: they must not change until done runs,
         which is after the transport sent them or dropped them with the connection."""
-        protocol = self._protocol
-        loop = asyncio.get_running_loop()
-        if protocol.lost is not None:
-            loop.call_soon(done, ConnectionLost(str(protocol.lost)))
-            return
-        assert protocol.transport is not None
-        rid = self._next_id()
+        conn, rid = self._protocol.conn, self._next_id()
         buffers = [pages] if isinstance(pages, bytes) else pages
-        parts = protocol.conn.send_swap_out(rid, slots, buffers, tags, generations)
-        protocol.pending[rid] = (loop.time() + self.deadline, lambda reply: done(_failure(reply)))
-        protocol.transport.writelines(parts)
+        self._start_frame(rid, lambda: conn.send_swap_out(rid, slots, buffers, tags, generations),
+                          lambda reply: done(_failure(reply)))  # fmt: skip
 
     def start_swap_in(
         self,
