@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -54,28 +54,16 @@ _BULK_FIELD = {code: 1 + f.index("data") for code, f in _FIELDS.items() if "data
 BULK_MIN = 16 * 1024
 
 
-def encode_parts(message: Message) -> list[bytes]:
+def encode_parts(message: Message) -> list[bytes | memoryview]:
     """The frame of `encode(message)` as buffers to send in order (writelines,
     sendmsg): the same bytes, but a batch's pages are not copied into it."""
+    k = _BULK_FIELD.get(message.TYPE) if isinstance(message, Message) else None
     data = getattr(message, "data", None)
-    if type(data) not in (bytes, bytearray) or len(data) < BULK_MIN:  # type: ignore[arg-type]
-        return [encode(message)]
-    code = message.TYPE
-    k = _BULK_FIELD.get(code)
-    if k is None or not isinstance(message, Message):
-        return [encode(message)]
-    values = [code, *(getattr(message, name) for name in _FIELDS[code])]
-    # Every message has fewer than 16 fields, so each array header is one byte
-    # (fixarray): the packed head and tail are spliced under the whole array's.
-    head = msgpack.packb(values[:k], use_bin_type=True)
-    tail = msgpack.packb(values[k + 1 :], use_bin_type=True)[1:]
-    n = len(data)  # type: ignore[arg-type]
-    bin_header = _bin_header(n)
-    length = len(head) + len(bin_header) + n + len(tail)
-    if length > MAX_FRAME_SIZE:
-        raise LocalProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_SIZE}")
-    first = _HEADER.pack(length) + bytes([0x90 | len(values)]) + head[1:] + bin_header
-    return [first, data, tail] if tail else [first, data]  # type: ignore[list-item]
+    if k is None or not isinstance(data, (bytes, bytearray)) or len(data) < BULK_MIN:
+        return [encode(message)]  # encode() also refuses what is not a message
+    values = [message.TYPE, *(getattr(message, name) for name in _FIELDS[message.TYPE])]
+    # A store's bytearray goes as it is (messages.Pages): bytes to the type checker.
+    return _around_bulk(values[:k], [cast(bytes, data)], len(data), values[k + 1 :])
 
 
 def swap_out_parts(
@@ -95,20 +83,28 @@ def swap_out_parts(
         raise LocalProtocolError(f"a SwapOut of {n} slots with {size} bytes of pages")
     if len(tags) != n or len(generations) != n or 0 in generations:
         raise LocalProtocolError("one tag and one generation (1..255) per page")
-    head = msgpack.packb((SwapOut.TYPE, request_id, tuple(slots)), use_bin_type=True)
-    tail = msgpack.packb((tuple(tags), generations), use_bin_type=True)[1:]
-    bin_header = _bin_header(size)
-    length = len(head) + len(bin_header) + size + len(tail)
-    first = _HEADER.pack(length) + bytes([0x90 | _SWAP_OUT_ARRAY]) + head[1:] + bin_header
-    return [first, *pages, tail]
+    before, after = (SwapOut.TYPE, request_id, tuple(slots)), (tuple(tags), generations)
+    return _around_bulk(before, pages, size, after)
 
 
-_SWAP_OUT_ARRAY = 1 + len(_FIELDS[SwapOut.TYPE])  # TYPE and the fields
-
-
-def _bin_header(n: int) -> bytes:
-    """msgpack's own header for a bin of n >= 256 bytes: bin 16 or bin 32."""
-    return struct.pack(">BH", 0xC5, n) if n < 0x10000 else struct.pack(">BI", 0xC6, n)
+def _around_bulk(
+    before: Sequence[Any], bulk: Sequence[bytes | memoryview], size: int, after: Sequence[Any]
+) -> list[bytes | memoryview]:
+    """The frame of the array [*before, b"".join(bulk), *after], with the bulk's
+    buffers as they are. Every message has fewer than 16 fields, so each array
+    header is one byte (fixarray): the packed head and tail are spliced under the
+    whole array's, and the bulk gets msgpack's own bin header (bin 16 or bin 32)."""
+    head = msgpack.packb(before, use_bin_type=True)[1:]
+    tail = msgpack.packb(after, use_bin_type=True)[1:]
+    bin_header = (
+        struct.pack(">BH", 0xC5, size) if size < 0x10000 else struct.pack(">BI", 0xC6, size)
+    )
+    length = 1 + len(head) + len(bin_header) + size + len(tail)
+    if length > MAX_FRAME_SIZE:
+        raise LocalProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_SIZE}")
+    fields = len(before) + 1 + len(after)
+    first = _HEADER.pack(length) + bytes([0x90 | fields]) + head + bin_header
+    return [first, *bulk, tail] if tail else [first, *bulk]
 
 
 def frame_length(header: bytes | bytearray | memoryview, limit: int = MAX_FRAME_SIZE) -> int:

@@ -113,7 +113,7 @@ class Connection:
         """The message's frame, as one buffer."""
         return self._sent(message, encode)
 
-    def send_parts(self, message: Message) -> list[bytes]:
+    def send_parts(self, message: Message) -> list[bytes | memoryview]:
         """The message's frame as buffers to write in order: a batch's pages are not
         copied into it (for transport.writelines or socket.sendmsg)."""
         return self._sent(message, encode_parts)
