@@ -50,6 +50,8 @@ from .placement import IN_SYNC
 
 # One recv: a 1 MiB batch of pages arrives in a few; larger buffers only cost memory.
 RECV_BYTES = 256 * 1024
+# What a direct call can meet on its way; each hands the request to the loop.
+DIRECT_ERRORS = (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError)
 # Connections per store. The device sends only a read that is alone down this path
 # (device.py: reads that come together are batched by the loop), so one or two at a
 # time per store suffice: two NBD connections each with its lone read.
@@ -159,14 +161,14 @@ class DirectReads:
             return self._count(None)
         try:
             conn = self.take(store)
-        except (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError):
+        except DIRECT_ERRORS:
             return self._count(None)
         if conn is None:  # every connection to that store is busy
             return self._count(None)
         try:
             began = time.perf_counter()
             reply = conn.call(SwapIn(conn.next_id(), tuple(slots)), agent.io_timeout)
-        except (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError):
+        except DIRECT_ERRORS:
             self.lost(store, conn)
             return self._count(None)
         self.give(store, conn)

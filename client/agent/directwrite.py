@@ -23,22 +23,15 @@ quorum holds whatever it is.
 
 from __future__ import annotations
 
-import logging
-import ssl
 import time
 
-from netswap.protocol import Ok, StoreError
-from netswap.protocol.errors import RemoteProtocolError
+from netswap.protocol import Ok
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 from .core import Agent
-from .direct import DirectReads, _Conn
+from .direct import DIRECT_ERRORS, DirectReads, _Conn
 from .ops import WriteOp
 from .placement import IN_SYNC
-
-log = logging.getLogger("netswap.agent")
-
-_ERRORS = (OSError, ssl.SSLError, StoreError, RemoteProtocolError, TimeoutError)
 
 
 class DirectWrites:
@@ -90,7 +83,7 @@ class DirectWrites:
                 if conn is None:
                     break
                 conns.append((store, conn))
-        except _ERRORS:
+        except DIRECT_ERRORS:
             pass
         if len(conns) != len(stores):  # one store's connections are all busy or refused
             for store, conn in conns:
@@ -107,7 +100,7 @@ class DirectWrites:
                 frame = conn.conn.send_swap_out(conn.next_id(), slots, pages, op.tags,
                                                 op.generations)  # fmt: skip
                 conn.send_parts(frame, timeout)
-            except _ERRORS:
+            except DIRECT_ERRORS:
                 self.pool.lost(store, conn)
                 continue
             sent.append((store, conn))
@@ -120,7 +113,7 @@ class DirectWrites:
                 self.agent.submit(self.agent.links[store].mark_down, exc)
                 ok = False
                 continue
-            except _ERRORS:
+            except DIRECT_ERRORS:
                 self.pool.lost(store, conn)
                 ok = False
                 continue
