@@ -290,3 +290,29 @@ def test_sequential_range_writes_stay_contiguous_and_read_as_one_run() -> None:
     assert out == data
     with pytest.raises(StoreError):
         backend.write_range(area, 60, 5, memoryview(pages(5)))
+
+
+def test_a_run_write_that_falls_back_to_single_pages_charges_its_new_cluster_once() -> None:
+    """The top of the free stack is not a run, so a fresh run of slots takes the per-page
+    path: the cluster it opens is counted once (it was counted twice, and never given back)."""
+    backend = MemoryBackend(64)
+    area = backend.activate("a", 4 * CLUSTER_SLOTS)
+    backend.write(area, [0, 2, 4, 6], memoryview(pages(4)), None)
+    backend.discard(area, 2, 1)  # frees one page off the run: the stack's top is no run now
+    backend.write_range(area, 2 * CLUSTER_SLOTS, 3, memoryview(pages(3, 1)))
+    assert backend.budget.held == len(area.clusters) == 2
+    assert read(backend, "a", [2 * CLUSTER_SLOTS + i for i in range(3)]) == pages(3, 1)
+
+
+def test_a_batch_of_consecutive_slots_is_one_run_of_pages_read_back_as_written() -> None:
+    backend = MemoryBackend(64)
+    area = backend.activate("a", 64)
+    backend.write(area, [5, 6, 7, 8], memoryview(pages(4, 2)), None)
+    assert list(area.run(5, 4)) == [0, 1, 2, 3]
+    backend.write(area, (6, 7), memoryview(pages(2, 3)), None)  # rewritten in place
+    assert list(area.run(5, 4)) == [0, 1, 2, 3]
+    assert (
+        read(backend, "a", [5, 6, 7, 8])
+        == pages(4, 2)[:PAGE_SIZE] + pages(2, 3) + pages(4, 2)[3 * PAGE_SIZE :]
+    )
+    assert backend.counters["pages_written"] == 6 and area.used == 4

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import PageBackend
 from .file import FileBackend
 from .memory import MemoryBackend
+from .runs import PageBackend
 from .slotmap import UNMAPPED, Area
 
 BACKENDS = ("memory", "file")

@@ -29,7 +29,6 @@ from netswap.protocol import (
     PAGE_SIZE,
     ZERO_PAGE,
     StoreError,
-    batch_tags,
     page_tag,
 )
 
@@ -49,16 +48,9 @@ HELD_CLUSTER_UNITS = 32
 LOCAL_GENERATION = 1
 
 
-def _is_run(pages: array[int]) -> bool:
-    """True when pages are p, p+1, p+2, ... (and p is mapped)."""
-    first = pages[0]
-    return pages[-1] - first == len(pages) - 1 and pages == array(
-        "i", range(first, first + len(pages))
-    )
-
-
-class PageBackend:
-    """Common slot bookkeeping; subclasses implement the arena I/O."""
+class BackendCore:
+    """Common slot bookkeeping; subclasses implement the arena I/O (runs.py adds the
+    one-copy paths for consecutive slots and is what the backends extend)."""
 
     kind = "abstract"
 
@@ -259,71 +251,6 @@ class PageBackend:
             raise StoreError(errno.EIO, f"tag mismatch in {area.name} slot {slot}")
         return tag
 
-    # -- contiguous ranges (NBD requests) ---------------------------------------
-    # A multi-page NBD request covers consecutive slots; when those map to
-    # consecutive arena pages the whole request is one copy (one pwrite for the
-    # file backend) instead of a Python loop per page. Fresh writes take a run
-    # off the free stack when its top is one, so sequentially written areas
-    # stay contiguous.
-
-    def write_range(self, area: Area, first: int, count: int, data: memoryview) -> None:
-        self._check_range(area, first, count)
-        current = area.run(first, count)
-        if not self.copy_on_write and current[0] != UNMAPPED and _is_run(current):
-            page = current[0]
-        else:
-            self._check_quota(area, current.count(UNMAPPED))
-            self._take_clusters(area, range(first, first + count))
-            run = self._take_run(count)
-            if run is None:
-                self.write(area, range(first, first + count), data, None)
-                return
-            for i in range(count):
-                old = area.map(first + i, run + i)
-                if old != UNMAPPED:
-                    self._retire(old)
-            page = run
-        self._store_run(page, count, data)
-        self.generations[page : page + count] = bytes([LOCAL_GENERATION]) * count
-        if self.verify:
-            gens = bytes([LOCAL_GENERATION]) * count
-            self.tags[page : page + count] = array(
-                "I", batch_tags(data, area.seed, range(first, first + count), gens)
-            )
-        self.counters["pages_written"] += count
-        area.written += count
-
-    def read_range(self, area: Area, first: int, count: int, out: memoryview) -> None:
-        self._check_range(area, first, count)
-        current = area.run(first, count)
-        page = current[0]
-        if page == UNMAPPED or not _is_run(current):
-            self.read(area, range(first, first + count), out)
-            return
-        self._load_run(page, count, out)
-        for i in range(count):
-            self._verified(area, first + i, page + i, out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        self.counters["pages_read"] += count
-        area.read += count
-
-    def _take_run(self, count: int) -> int | None:
-        """Pop `count` consecutive free pages if the stack's top is such a run."""
-        free = self.free
-        if count > len(free):
-            return None
-        top = free[-count:]
-        low = top[-1]
-        if top[0] - low != count - 1 or top != array("i", range(top[0], low - 1, -1)):
-            return None
-        del free[-count:]
-        return low
-
-    def _check_range(self, area: Area, first: int, count: int) -> None:
-        if first < 0 or count < 1 or first + count > area.pages:
-            raise StoreError(
-                errno.EINVAL, f"slots {first}+{count} outside area {area.name} ({area.pages})"
-            )
-
     def discard_steps(self, area: Area, start: int, count: int) -> Iterator[int]:
         """Unmap slots start..start+count-1, yielding the work done per cluster
         visited: the cost follows what the area holds, not the range's length."""
@@ -348,10 +275,11 @@ class PageBackend:
         self.counters["pages_discarded"] += len(pages)
 
     def _check_slots(self, area: Area, slots: Sequence[int]) -> None:
+        # min/max run in C; the protocol already checked each slot is an int.
         limit = area.pages
-        for slot in slots:
-            if not 0 <= slot < limit:
-                raise StoreError(errno.EINVAL, f"slot {slot} outside area {area.name} ({limit})")
+        if slots and (min(slots) < 0 or max(slots) >= limit):
+            slot = next(s for s in slots if not 0 <= s < limit)
+            raise StoreError(errno.EINVAL, f"slot {slot} outside area {area.name} ({limit})")
 
     # -- accounting ---------------------------------------------------------
     @property

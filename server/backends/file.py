@@ -31,7 +31,8 @@ from pathlib import Path
 from netswap.protocol import PAGE_SIZE, StoreError
 
 from . import index
-from .base import PageBackend, Step
+from .base import Step
+from .runs import PageBackend
 from .slotmap import CLUSTER_SLOTS, UNMAPPED, Area
 
 # Work units (service.py's slices) for one cluster record: building and writing its

@@ -13,7 +13,7 @@ import mmap
 
 from netswap.protocol import PAGE_SIZE
 
-from .base import PageBackend
+from .runs import PageBackend
 
 
 class MemoryBackend(PageBackend):
