@@ -14,9 +14,15 @@ Same run, same client (fio ioengine=nbd), alternating between:
   py-handoff       floor: the same plus the agent's hand-off to an event-loop
                    thread that completes each request at once (no agent work,
                    no network) -- the ceiling of this architecture
+  py-combine       floor: no loop thread; requests combine into batches, the
+                   first thread in making one raw 4 KiB round trip to an echo
+                   process per batch (#12's combining design, no agent work)
+  py-rpc           floor: one raw round trip per request on its thread's own
+                   connection (the direct path's shape, no agent work)
 Prints IOPS, pages/s, p50/p99, and the ratios batched/unbatched,
-batched/nbdkit-memory and batched/py-handoff. With --cpus LIST every Python
-server (the agents and both floors) runs pinned there (serve --cpus, taskset
+batched/nbdkit-memory, batched/py-handoff and each floor's ceiling against
+py-parallel. With --cpus LIST every Python
+server (the agents and the floors) runs pinned there (serve --cpus, taskset
 for the floors); nbdkit-memory, a C server without a GIL, runs as it likes.
 --sched batch applies to the agents only: the floors measured faster without it.
 """
@@ -90,6 +96,11 @@ def main() -> None:
                 *taskset,
                 *floor_cmd(port, "model=parallel", "handoff=1"),
             ],
+            "py-combine": lambda port: [
+                *taskset,
+                *floor_cmd(port, "model=parallel", "handoff=combine"),
+            ],
+            "py-rpc": lambda port: [*taskset, *floor_cmd(port, "model=parallel", "handoff=rpc")],
         }
         uris = {}
         for name, command in commands.items():
@@ -145,6 +156,10 @@ def report(
             "writeback/nbdkit-memory": med["agent-writeback"][0] / med["nbdkit-memory"][0],
             "tls/batched": med["agent-tls"][0] / batched,
         }
+        parallel = med["py-parallel"][0]
+        # The ceilings of the three shapes a networked plugin can take, no agent work.
+        ratios.update({f"{f}/py-parallel": med[f][0] / parallel
+                       for f in ("py-handoff", "py-combine", "py-rpc")})  # fmt: skip
         print(f"{'':<20}" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
