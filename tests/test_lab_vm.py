@@ -120,6 +120,9 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
             assert f"check {when} {check}: ok" in out, (when, check, out[-3000:])
     pswpout = int(re.search(r"NETSWAP-SWAP.* pswpout=(\d+)", log_of(out)).group(1))  # type: ignore[union-attr]
     assert pswpout >= 2 * HOST_RAM_MIB * 256, pswpout  # pattern 3x RAM: 2x RAM must go out
+    # Where the storm's time went: the guest's CPU split, nbdkit's and the verifier's.
+    cpu = re.search(r"guest CPU in the storm: user=(\d+)% sys=(\d+)%.* nbdkit=([\d.]+)s", out)
+    assert cpu and float(cpu.group(3)) > 0, out[-2000:]
     assert "detach: rc=0 restored=yes" in out
     assert shot.exists() and shot.stat().st_size > 10_000, out[-1500:]
 

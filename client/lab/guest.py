@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -54,6 +56,33 @@ def stage(name: str) -> None:
 def vmstat() -> dict[str, int]:
     pairs = (line.split() for line in Path("/proc/vmstat").read_text().splitlines())
     return {k: int(v) for k, v in pairs if k in ("pswpin", "pswpout")}
+
+
+def cpu_ticks(pid: int) -> dict[str, int]:
+    """Clock ticks so far: every vCPU's (/proc/stat) by kind, and nbdkit's own, all
+    its threads (utime + stime of /proc/PID/stat): where a storm's time goes."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    after = stat[stat.rindex(")") + 2 :].split()  # state is field 3; utime 14, stime 15
+    return {"user": user + nice, "sys": system + irq + softirq, "idle": idle,
+            "iowait": iowait, "nbdkit": int(after[11]) + int(after[12])}  # fmt: skip
+
+
+def cpu_line(before: dict[str, int], after: dict[str, int], child_s: float) -> str:
+    """NETSWAP-CPU: each kind's share of all vCPUs' time, and the CPU-seconds nbdkit
+    and the verifier (the storm's workload) used."""
+    spent = {k: after[k] - before[k] for k in before}
+    total = sum(spent[k] for k in ("user", "sys", "idle", "iowait")) or 1
+    hz = os.sysconf("SC_CLK_TCK")
+    shares = " ".join(f"{k}={100 * spent[k] / total:.0f}%" for k in ("user", "sys", "iowait",
+                                                                       "idle"))  # fmt: skip
+    return f"NETSWAP-CPU {shares} nbdkit={spent['nbdkit'] / hz:.1f}s verifier={child_s:.1f}s"
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def kib(path: Path, field: str) -> int:
@@ -186,7 +215,7 @@ def run(args: argparse.Namespace) -> str:
     swapped = ""
     if args.mib:
         stage("storm")
-        base = vmstat()
+        base, ticks, children = vmstat(), cpu_ticks(pid), _children_cpu()
         began = time.monotonic()
         test = subprocess.run([args.swaptest, str(args.mib), str(args.seed)], check=False)
         seconds = time.monotonic() - began
@@ -194,6 +223,7 @@ def run(args: argparse.Namespace) -> str:
         say(f"NETSWAP-SWAP rc={test.returncode} seconds={seconds:.1f} "
             f"pswpin={now['pswpin'] - base['pswpin']} "
             f"pswpout={now['pswpout'] - base['pswpout']}")  # fmt: skip
+        say(cpu_line(ticks, cpu_ticks(pid), _children_cpu() - children))
         swapped = "" if test.returncode == 0 else f"swaptest-rc-{test.returncode}"
         protected = check_protections(pid, "stormed") and protected
     detach = netswap("detach")

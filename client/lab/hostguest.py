@@ -83,6 +83,7 @@ class Run:
     pswpin: int = 0
     pswpout: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    cpu: str = ""  # the storm's NETSWAP-CPU line: where the guest's time went
     log: Path = Path()
     screenshot: str = ""
 
@@ -130,6 +131,9 @@ def parse(line: str, run: Run, start: float) -> None:
         kv = dict(_KV.findall(line))
         run.swap_seconds = float(kv.get("seconds", 0))
         run.pswpin, run.pswpout = int(kv.get("pswpin", 0)), int(kv.get("pswpout", 0))
+    elif line.startswith("NETSWAP-CPU "):
+        run.cpu = line.partition(" ")[2]
+        print(f"    guest CPU in the storm: {run.cpu}", flush=True)
     elif line.startswith(("NETSWAP-ATTACH ", "NETSWAP-DETACH ", "NETSWAP-MINFREE ")):
         what, _, rest = line.partition(" ")
         print(f"    {what[8:].lower()}: {rest}", flush=True)
@@ -288,5 +292,7 @@ def print_table(rows: list[tuple[str, int, int, float, list[Run]]]) -> None:
         for i, r in enumerate(runs):
             why = f" {r.reason}" if r.reason else ""
             print(f"  {r.config} run {i + 1}: {r.verdict}{why} (serial log {r.log})")
+            if r.cpu:
+                print(f"    storm {r.swap_seconds:.0f} s; guest CPU {r.cpu}")
             if r.screenshot:
                 print(f"  dashboard mid-storm: {r.screenshot}")
