@@ -65,7 +65,7 @@ while True:
 _echo_port = 0
 _conns = {}  # thread id -> its connection (threading.local does not survive callbacks)
 _combine_lock = threading.Lock()
-_pending = []  # (lock, entry) of requests waiting for the next batch
+_pending = []  # the [wake-up, lead] entries of requests waiting for the next batch
 _leading = False
 
 
@@ -123,13 +123,18 @@ def _round_trip():
     conn.sendall(bytes(16))
     got = 0
     while got < 4096:
-        got += len(conn.recv(4096 - got))
+        chunk = conn.recv(4096 - got)
+        if not chunk:
+            raise RuntimeError("the echo process closed its connection")
+        got += len(chunk)
 
 
 def _combine():
-    """Join the forming batch; the first thread in leads, a round trip per batch."""
+    """Join the forming batch. The first thread in leads: one round trip for every
+    request that joined meanwhile (its own first among them), then it wakes them and
+    hands the lead to the oldest request still waiting, which leads the next batch."""
     global _leading
-    entry = [threading.Lock(), False]  # (wake-up, "you lead now")
+    entry = [threading.Lock(), False]  # [its wake-up, "you lead now"]
     entry[0].acquire()
     with _combine_lock:
         _pending.append(entry)
@@ -139,24 +144,19 @@ def _combine():
         entry[0].acquire()
         if not entry[1]:
             return  # a leader completed it
-    while True:  # leading: take what joined, one round trip, wake them
-        with _combine_lock:
-            batch = _pending[:]
-            _pending.clear()
-        _round_trip()
-        for other in batch:
-            if other is not entry:
-                other[0].release()
-        with _combine_lock:
-            if entry in batch:  # ours is done: hand the lead to a waiting request
-                if _pending:
-                    nxt = _pending.pop(0)
-                    nxt[1] = True
-                    _pending.insert(0, nxt)
-                    nxt[0].release()
-                else:
-                    _leading = False
-                return
+    with _combine_lock:
+        batch = _pending[:]
+        _pending.clear()
+    _round_trip()
+    for other in batch:
+        if other is not entry:
+            other[0].release()
+    with _combine_lock:
+        if _pending:
+            _pending[0][1] = True
+            _pending[0][0].release()
+        else:
+            _leading = False
 
 
 def _handoff():
