@@ -56,7 +56,7 @@ class PageBackend(BackendCore):
     ) -> None:
         first = first_of_run(slots)
         if first is not None:
-            self._check_slots(area, slots)
+            self._check_range(area, first, len(slots))  # a run's bounds: O(1), not per slot
             if self._write_run(area, first, len(slots), data, tags, generations):
                 return
         super().write(area, slots, data, tags, generations)
@@ -64,7 +64,7 @@ class PageBackend(BackendCore):
     def read(self, area: Area, slots: Sequence[int], out: memoryview) -> list[int]:
         first = first_of_run(slots)
         if first is not None:
-            self._check_slots(area, slots)
+            self._check_range(area, first, len(slots))
             tags = self._read_run(area, first, len(slots), out)
             if tags is not None:
                 return tags
