@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent fuzz soak lab-compose clean
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent bench-budget fuzz soak lab-compose clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -41,6 +41,10 @@ bench-store: setup
 
 bench-agent: setup
 	$(PY) -m tests.bench.bench_agent $(BENCH_ARGS)
+
+# µs of CPU per request by stage, agent and store (py-spy --gil and /proc; see the README).
+bench-budget: setup
+	$(PY) -m tests.bench.budget $(BENCH_ARGS)
 
 bench-nbd: setup
 	$(PY) -m tests.bench.bench_nbd $(BENCH_ARGS)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from netswap.client.agent.placement import IN_SYNC, STALE
 from netswap.client.statscmd import fetch
 
 from .conftest import free_port
-from .nbdserver import NETSWAP, connect, errno_of
+from .nbdserver import connect, errno_of
 from .procs import StoreProc, agent_serve, rss_kib, store_used_pages, stores, wait_until
 
 PAGE = 4096
@@ -264,31 +262,6 @@ def test_quorum_two_refuses_writes_with_one_replica_down() -> None:
             h.pwrite(b"r" * PAGE, PAGE)
         assert errno_of(info.value) == errno.EIO
         assert h.pread(PAGE, 0) == b"q" * PAGE  # the surviving copy still serves reads
-        h.shutdown()
-
-
-def test_cpus_and_sched_place_every_thread_of_the_agent_and_bad_lists_are_errors() -> None:
-    for bad, words in (
-        ("abc", "expected a CPU list"),
-        ("3-1", "bad range"),
-        ("4096", "CPU 4096 not available here"),
-    ):
-        result = subprocess.run(
-            [NETSWAP, "serve", "--cpus", bad, "--dry-run"], capture_output=True, text=True
-        )
-        assert result.returncode == 2, result.stderr
-        assert words in result.stderr and "Traceback" not in result.stderr
-    cpu = max(os.sched_getaffinity(0))
-    placed = ("--cpus", str(cpu), "--sched", "batch")
-    with stores(1) as procs, agent_serve(procs, "16M", *placed) as (uri, nbdkit):
-        h = connect(uri)
-        h.pwrite(b"p" * (8 * PAGE), 0)
-        assert h.pread(8 * PAGE, 0) == b"p" * (8 * PAGE)
-        tasks = os.listdir(f"/proc/{nbdkit.pid}/task")
-        assert len(tasks) > 2  # nbdkit's workers and the agent's loop thread
-        for tid in tasks:
-            assert os.sched_getaffinity(int(tid)) == {cpu}, f"thread {tid}"
-            assert os.sched_getscheduler(int(tid)) == os.SCHED_BATCH, f"thread {tid}"
         h.shutdown()
 
 

@@ -23,11 +23,32 @@ tick, so use it on a CPU of the agent's own.
 
 Both are set on the `serve` process just before it becomes (or starts) nbdkit;
 threads inherit them.
+
+`--cpus auto`, the default for the remote backend, gathers instead of pinning:
+`Gatherer` keeps every thread of the process on one CPU -- the one the rest of
+the machine uses least -- and moves them all together when another CPU has
+become clearly idler, so the hand-offs stay on one CPU without tying the agent
+to a CPU the workload may take over. `--cpus all` leaves placement to the
+kernel.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger("netswap.affinity")
+
+# How often the gatherer looks at the CPUs: a move costs one sched_setaffinity per
+# thread (~50) and a cold cache, so it follows load over seconds, not ticks.
+GATHER_PERIOD_S = 2.0
+# Move only when the CPU we are on carries this much more of others' work than the
+# idlest one (a fraction of one CPU): less would chase noise back and forth.
+MOVE_MARGIN = 0.25
+# The first choice is made from a sample this long (the process is starting).
+FIRST_SAMPLE_S = 0.1
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
@@ -62,6 +83,11 @@ def format_cpu_list(cpus: frozenset[int] | set[int]) -> str:
     return ",".join(runs)
 
 
+def parse_cpus_option(text: str) -> frozenset[int] | str:
+    """--cpus: 'auto' (gather on the idlest CPU), 'all' (the kernel's choice), or a list."""
+    return text if text in ("auto", "all") else parse_cpu_list(text)
+
+
 def check_available(cpus: frozenset[int]) -> None:
     """Only CPUs this process may run on (its cgroup/affinity), else a clear error."""
     allowed = os.sched_getaffinity(0)
@@ -91,6 +117,107 @@ def set_policy(name: str) -> str:
     return f"scheduling policy SCHED_{name.upper() if name != 'normal' else 'OTHER'}"
 
 
-def pin(cpus: frozenset[int]) -> str:
-    os.sched_setaffinity(0, cpus)
+def pin_process(cpus: frozenset[int]) -> str:
+    """Every thread of this process on `cpus` (threads started later inherit it)."""
+    check_available(cpus)
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:  # the thread ended meanwhile
+            continue
     return f"CPU affinity {format_cpu_list(cpus)} (nbdkit's threads and the agent hand off on it)"
+
+
+def _cpu_busy() -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies per CPU since boot, from /proc/stat."""
+    out: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *values = line.split()
+            ticks = [int(v) for v in values[:8]]
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    return out
+
+
+def _own_ticks() -> int:
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class Gatherer:
+    """Every thread of this process on one CPU, the one others use least.
+
+    The process's threads share one GIL: on two CPUs they buy no parallelism and
+    pay a cross-CPU wake-up (an IPI, in a VM an exit) per hand-off. So they all
+    run on one CPU; every GATHER_PERIOD_S the gatherer compares how busy each
+    allowed CPU was with *other* work and moves the whole process when its CPU
+    carries MOVE_MARGIN of a CPU more than the idlest. Threads started later
+    inherit the affinity of the thread that starts them; each tick re-applies it
+    to any that differ.
+    """
+
+    def __init__(self, allowed: frozenset[int] | None = None) -> None:
+        self.allowed = sorted(allowed if allowed is not None else os.sched_getaffinity(0))
+        self.cpu = -1
+        self.moves = 0
+        self._last = (_cpu_busy(), _own_ticks())
+        self._stop = threading.Event()
+
+    def others_load(self) -> dict[int, float]:
+        """Each allowed CPU's busy fraction since the last look, without this process."""
+        busy, own = _cpu_busy(), _own_ticks()
+        (before, own_before), self._last = self._last, (busy, own)
+        load = {}
+        for cpu in self.allowed:
+            b0, t0 = before.get(cpu, (0, 0))
+            b1, t1 = busy.get(cpu, (0, 0))
+            span = max(1, t1 - t0)
+            mine = own - own_before if cpu == self.cpu else 0
+            load[cpu] = max(0.0, (b1 - b0 - mine) / span)
+        return load
+
+    def choose(self, load: dict[int, float]) -> int:
+        idlest = min(self.allowed, key=lambda c: (load[c], -c))
+        if self.cpu in load and load[self.cpu] - load[idlest] < MOVE_MARGIN:
+            return self.cpu
+        return idlest
+
+    def apply(self, cpu: int) -> None:
+        """Put every thread of the process on `cpu` (threads that ended are skipped)."""
+        target = {cpu}
+        for task in Path("/proc/self/task").iterdir():
+            tid = int(task.name)
+            try:
+                if os.sched_getaffinity(tid) != target:
+                    os.sched_setaffinity(tid, target)
+            except OSError:  # the thread ended meanwhile
+                continue
+        if cpu != self.cpu:
+            self.moves += self.cpu >= 0
+            self.cpu = cpu
+
+    def tick(self) -> None:
+        self.apply(self.choose(self.others_load()))
+
+    def start(self) -> str:
+        """Choose a first CPU now, then re-choose every GATHER_PERIOD_S in a thread."""
+        if len(self.allowed) < 2:
+            return f"CPU placement: one CPU allowed ({format_cpu_list(set(self.allowed))})"
+        self._stop.wait(FIRST_SAMPLE_S)
+        self.tick()
+        threading.Thread(target=self._run, name="netswap-gather", daemon=True).start()
+        return (
+            f"CPU placement: threads gathered on CPU {self.cpu}, re-chosen every "
+            f"{GATHER_PERIOD_S:g} s by load (--cpus all: the kernel's choice)"
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(GATHER_PERIOD_S):
+            try:
+                self.tick()
+            except OSError as exc:  # /proc unreadable: keep the last placement
+                log.warning("CPU placement: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -25,6 +25,7 @@ from netswap.server.tls import client_context
 from netswap.server.units import format_size, is_loopback, parse_hostport, parse_size, read_secret
 
 from ..device import BlockDevice, PageDevice
+from .affinity import Gatherer, parse_cpus_option, pin_process
 
 BACKENDS = ("memory", "file", "remote")
 CACHE_MODES = ("writethrough", "writeback")
@@ -97,6 +98,9 @@ class PluginConfig:
     http: str = setting("", "address", "ops endpoint: /metrics, /api/stats, / (default off)")
     http_token_file: str = setting("", "text", "bearer token the ops endpoint requires "
                                    "(needed off loopback)", metavar="FILE")  # fmt: skip
+    cpus: str = setting("auto", "text", "CPUs for nbdkit and the agent: auto (remote: every "
+                        "thread gathered on the idlest CPU), all (the kernel's choice), or a "
+                        "list such as 3 or 0,2 (pinned)", metavar="auto|all|LIST")  # fmt: skip
     mlock: str = setting("onfault", "choice", "lock the server's memory once touched "
                          "(mlockall MCL_ONFAULT), or not", choices=MLOCK_MODES,
                          serve_flag="--no-mlock")  # fmt: skip
@@ -148,6 +152,7 @@ class PluginConfig:
         if self.backend != "remote" and self.cache != "writethrough":
             raise ConfigError(f"cache={self.cache} is only for backend=remote")
         self._check_tls()
+        parse_cpus_option(self.cpus)  # a bad list is a one-line error now
         if self.http_token_file:  # read now: nbdkit changes directory after forking
             self.http_token_file = str(Path(self.http_token_file).resolve())
             try:
@@ -188,6 +193,16 @@ class PluginConfig:
     def parallel(self) -> bool:
         """The remote device waits on the network; the embedded ones never block."""
         return self.backend == "remote"
+
+    def place_threads(self, device: BlockDevice) -> str:
+        """Apply cpus= to every thread of nbdkit (after_fork, once the device runs)."""
+        cpus = parse_cpus_option(self.cpus)
+        if cpus == "all" or (cpus == "auto" and not device.parallel):
+            return "CPU placement: the kernel's choice"
+        if cpus == "auto":
+            return Gatherer().start()
+        assert isinstance(cpus, frozenset)
+        return pin_process(cpus)
 
     def start_ops(self, device: BlockDevice) -> None:
         """Serve /metrics, /api/stats and the dashboard for this export, if asked."""

@@ -99,6 +99,7 @@ def after_fork() -> None:
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
     _device = _config.build_device()
     _device.start()
+    print(f"netswap plugin: {_config.place_threads(_device)}", file=sys.stderr, flush=True)
     _config.start_ops(_device)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from netswap.server.units import UsageError, is_loopback, parse_hostport
 
 from ..hardening import harden_for_swap
-from .affinity import SCHED_POLICIES, check_available, parse_cpu_list, pin, set_policy
+from .affinity import SCHED_POLICIES, check_available, parse_cpus_option, set_policy
 from .config import ConfigError, PluginConfig, add_serve_options, plugin_params
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
@@ -50,11 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep serving after the process that started it exits",
     )
     parser.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
-    parser.add_argument(
-        "--cpus",
-        metavar="LIST",
-        help="run nbdkit and the agent on these CPUs only, e.g. 3 (remote: ~1.6x at 4K QD32)",
-    )
     parser.add_argument(
         "--sched",
         choices=sorted(SCHED_POLICIES),
@@ -139,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
             key, _, value = param.partition("=")
             config.set(key, value)
         config.complete()
-        cpus = parse_cpu_list(args.cpus) if args.cpus else None
-        if cpus is not None:
+        cpus = parse_cpus_option(config.cpus)
+        if isinstance(cpus, frozenset):
             check_available(cpus)
     except (ValueError, ConfigError) as exc:
         raise UsageError(str(exc)) from None
@@ -157,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
     check_port_free(host, port)
     for outcome in harden_for_swap(io_flusher=not args.no_io_flusher):
         print(f"netswap serve: {outcome}", file=sys.stderr)
-    if cpus is not None:
-        print(f"netswap serve: {pin(cpus)}", file=sys.stderr)
     if args.sched != "normal":
         try:
             print(f"netswap serve: {set_policy(args.sched)}", file=sys.stderr)
