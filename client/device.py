@@ -2,7 +2,7 @@
 
 The plugin speaks bytes and offsets; a device speaks slots. `BlockDevice` is
 the whole contract the plugin relies on, so the embedded backends (memory,
-file: `PageDevice`, here) and the remote agent (`netswap.client.agent.device`) plug in
+file: `PageDevice`, here) and the remote agent (`netswap.client.agent.remote`) plug in
 the same way. Every data request must be 4 KiB aligned -- the plugin
 advertises 4096 as its minimum block size, the kernel's nbd driver with
 `-b 4096` never sends less -- and a misaligned one is EINVAL before anything is

@@ -1,16 +1,23 @@
-"""Pipelined asyncio client for a page store (asyncpg-style thin shell).
+"""The store clients: one connection to a page store, bound to one area.
 
-Each request registers a callback under its request id; replies may come back
-in any order. Two ways in: `await client.swap_out(...)` and friends (control
-and resync paths: one future, one deadline for the whole call, writers wait
-while the transport is paused), and `start_swap_out` / `start_swap_in`, the
-batch path, which send at once and call back on the loop -- no task, future or
-timer per batch, because on the swap path those cost as much as the RPC. A
-watchdog sweeps the batch calls every WATCHDOG_PERIOD_S and fails those past
-their deadline with TimeoutError (late replies are dropped). The batch path
-does not wait on pause_writing: its caller bounds what can be queued (links
-keep at most MAX_INFLIGHT batches per store on the wire). When the connection
-drops, every pending call fails with ConnectionLost.
+Two thin shells over the same sans-IO Connection, for the two kinds of thread
+that talk to a store:
+
+- `StoreClient`, on the agent's event loop (asyncpg-style): requests are
+  pipelined and paired with their replies by id, which may come in any order.
+  `await client.swap_out(...)` and friends carry one deadline per call (control
+  and repair paths); `start_swap_out` / `start_swap_in` are the batch path: they
+  send at once and call back on the loop, with no task, future or timer per
+  batch. A watchdog sweeps the batch calls every WATCHDOG_PERIOD_S and fails
+  those past their deadline. It reads straight into the connection's buffer
+  (asyncio.BufferedProtocol).
+- `BlockingClient`, on an nbdkit thread (client/agent/direct.py): one request
+  and its reply at a time over a blocking socket, read with recv_into into the
+  same kind of buffer; the GIL is free while it waits.
+
+`check_pages` is the end-to-end proof both use: a page is the slot's own when
+its tag, recomputed here over its bytes at its stored generation, matches, and
+that generation's write count is the one the caller last wrote.
 """
 
 from __future__ import annotations
@@ -20,21 +27,24 @@ import errno
 import itertools
 import math
 import os
+import socket
 import ssl
+import time
+from array import array
 from collections.abc import Callable, Sequence
 from typing import cast
 
 from netswap.protocol import (
     CLOSED,
     NEED_DATA,
-    PAGE_SIZE,
     PROTOCOL_VERSION,
     Connection,
     Discard,
     Failed,
     Flush,
+    Held,
     Hello,
-    Ok,
+    Inventory,
     Pages,
     RemoteProtocolError,
     Reply,
@@ -48,9 +58,9 @@ from netswap.protocol import (
     SwapOut,
     Welcome,
     area_seed,
-    batch_tags,
-    page_tag,
+    tags_of,
 )
+from netswap.protocol.messages import Buffer
 from netswap.server.tls import handshake_failure
 from netswap.server.units import read_secret
 
@@ -61,15 +71,73 @@ CLOSE_WAIT_S = 1.0
 # How late a batch call's timeout may fire: deadlines are seconds, so a quarter
 # second of slack is noise, and one sweep costs a scan of a handful of calls.
 WATCHDOG_PERIOD_S = 0.25
+# A generation's write count: its low 32 bits (the epoch is above them).
+COUNT_MASK = 0xFFFFFFFF
 
 ReplyCallback = Callable[["Reply | Exception"], None]
+PagesCallback = Callable[[Pages | None, Exception | None], None]
 
 
 class ConnectionLost(ConnectionError):
     """The store connection closed with this request still pending."""
 
 
-class _RpcProtocol(asyncio.Protocol):
+def counts_of(generations: array[int]) -> array[int]:
+    """The write counts (low 32 bits) of 64-bit generations, in C: an array('Q')'s
+    bytes read as array('I') are [low, high, low, high, ...] on little-endian."""
+    halves = array("I")
+    halves.frombytes(generations.tobytes())
+    return halves[::2]
+
+
+def check_pages(
+    seed: int,
+    reply: Reply | Exception,
+    slots: Sequence[int],
+    counts: array[int],
+    current: Callable[[], array[int]] | None = None,
+) -> StoreError | None:
+    """A SwapIn answer must be one page per slot, each the slot's own page (its tag
+    matches its bytes at its generation) from the write the caller last made: that
+    generation's count is counts[i]. A write that raced the read (NBD leaves such a
+    read's result to either) moved the count on; `current` gives the one now,
+    which a page may match instead."""
+    if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
+        return StoreError(errno.EIO, "store returned the wrong number of pages")
+    if tags_of(reply.data, seed, slots, reply.generations) != reply.tags:
+        bad = next(
+            i
+            for i, t in enumerate(tags_of(reply.data, seed, slots, reply.generations))
+            if t != reply.tags[i]
+        )
+        return StoreError(errno.EIO, f"slot {slots[bad]}: its page does not match its tag")
+    found = counts_of(reply.generations)
+    if found == counts:
+        return None
+    now = current() if current is not None else counts
+    for i, slot in enumerate(slots):
+        if found[i] != counts[i] and found[i] != now[i]:
+            return StoreError(errno.EIO, f"slot {slot}: the store holds write {found[i]}, "
+                              f"not write {counts[i]}")  # fmt: skip
+    return None
+
+
+def _failure(reply: Reply | Exception) -> Exception | None:
+    """What a reply says went wrong: the transport's exception, a store's Failed, or None."""
+    if isinstance(reply, Exception):
+        return reply
+    if isinstance(reply, Failed):
+        return StoreError(reply.errno, reply.reason)
+    return None
+
+
+def _hello_failed(where: str, exc: Exception, tls: bool) -> ConnectionLost:
+    hint = "" if tls else " (a TLS store? give store-tls-ca)"
+    return ConnectionLost(f"{exc}, before {where} answered Hello{hint}")
+
+
+# -- the loop's client ---------------------------------------------------------
+class _RpcProtocol(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.conn = Connection(Role.CLIENT)
         self.pending: dict[int, tuple[float, ReplyCallback]] = {}  # rid -> (due, callback)
@@ -94,11 +162,22 @@ class _RpcProtocol(asyncio.Protocol):
         if self.lost is None:
             self._watchdog = loop.call_later(WATCHDOG_PERIOD_S, self._sweep)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        self._deliver()
+
+    def data_received(self, data: bytes) -> None:  # transports that hand over bytes
         self.conn.receive_data(data)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        conn, pending = self.conn, self.pending
         while True:
             try:
-                event = self.conn.next_event()
+                event = conn.next_event()
             except RemoteProtocolError as exc:
                 self._fail_all(ConnectionLost(f"store sent garbage: {exc}"))
                 assert self.transport is not None
@@ -106,10 +185,9 @@ class _RpcProtocol(asyncio.Protocol):
                 return
             if event is NEED_DATA or event is CLOSED:
                 return
-            assert isinstance(event, Reply)
-            entry = self.pending.pop(event.request_id, None)
+            entry = pending.pop(event.request_id, None)  # type: ignore[union-attr]
             if entry is not None:
-                entry[1](event)
+                entry[1](event)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -138,7 +216,7 @@ class _RpcProtocol(asyncio.Protocol):
 
 
 class StoreClient:
-    """One authenticated connection to one page store, bound to one area."""
+    """One authenticated, pipelined connection to one page store, bound to one area."""
 
     def __init__(self, protocol: _RpcProtocol, deadline: float, area: str) -> None:
         self._protocol = protocol
@@ -174,8 +252,7 @@ class StoreClient:
                 reply = await client._call(Hello(client._next_id(), PROTOCOL_VERSION, area, token))
             except ConnectionLost as exc:
                 client.abort()
-                hint = "" if tls else " (a TLS store? give store-tls-ca)"
-                raise ConnectionLost(f"{exc}, before the store answered Hello{hint}") from None
+                raise _hello_failed(f"{host}:{port}", exc, tls is not None) from None
             except BaseException:
                 client.abort()
                 raise
@@ -228,102 +305,98 @@ class StoreClient:
             raise failure
         return reply
 
-    def _start(self, request: Request, on_reply: ReplyCallback) -> None:
-        """Send now; on_reply(reply or exception) runs later on the loop, exactly once."""
-        conn = self._protocol.conn
-        self._start_frame(request.request_id, lambda: conn.send_parts(request), on_reply)
-
-    def _start_frame(
-        self, rid: int, frame: Callable[[], Sequence[bytes | memoryview]], on_reply: ReplyCallback
+    def _start(
+        self, rid: int, parts: Callable[[], Sequence[Buffer]], on_reply: ReplyCallback
     ) -> None:
-        """_start for a frame already cut into buffers by `frame()` (request `rid`)."""
+        """Send the frame `parts()` cuts for request `rid` now; on_reply(reply or
+        exception) runs later on the loop, exactly once."""
         protocol = self._protocol
         loop = asyncio.get_running_loop()
         if protocol.lost is not None:
             loop.call_soon(on_reply, ConnectionLost(str(protocol.lost)))
             return
         assert protocol.transport is not None
-        parts = frame()
+        frame = parts()
         protocol.pending[rid] = (loop.time() + self.deadline, on_reply)
-        protocol.transport.writelines(parts)
+        protocol.transport.writelines(frame)
 
+    # -- the batch path ------------------------------------------------------
     def start_swap_out(
         self,
         slots: Sequence[int],
-        pages: bytes | Sequence[bytes | memoryview],
-        tags: Sequence[int],
-        generations: bytes,
+        pages: Sequence[Buffer],
+        tags: array[int],
+        generations: array[int],
+        seals: Buffer | None,
         done: Callable[[Exception | None], None],
     ) -> None:
-        """The batch path's SwapOut: done(None), done(StoreError) or done(transport error).
-
-        `pages`: the batch's bytes, or buffers that make it up in order (the agent's
-        reserve views), written as they are: they must not change until done runs,
-        which is after the transport sent them or dropped them with the connection."""
+        """A SwapOut of `pages` (buffers that make up the batch in order, written as
+        they are: they must not change until done(None | error) runs)."""
         conn, rid = self._protocol.conn, self._next_id()
-        buffers = [pages] if isinstance(pages, bytes) else pages
-        self._start_frame(rid, lambda: conn.send_swap_out(rid, slots, buffers, tags, generations),
-                          lambda reply: done(_failure(reply)))  # fmt: skip
+        self._start(rid, lambda: conn.send_swap_out(rid, slots, generations, tags, seals, pages),
+                    lambda reply: done(_failure(reply)))  # fmt: skip
 
-    def start_swap_in(
-        self,
-        slots: Sequence[int],
-        generations: bytes,
-        done: Callable[[bytes, Exception | None], None],
-        current: Callable[[], bytes] | None = None,
-    ) -> None:
-        """The batch path's SwapIn: done(pages, None) once every page is proven to be
-        its slot's at the generation asked for (or, when a write raced the read, at
-        `current()`'s), else done(b"", error)."""
-        slots = tuple(slots)
-
-        seed = self.area_seed
+    def start_swap_in(self, slots: Sequence[int], sealed: bool, done: PagesCallback) -> None:
+        """A SwapIn; done(Pages, None) with its pages as views valid during the call
+        only (not yet proven: the caller checks them), or done(None, error)."""
+        rid = self._next_id()
+        request = SwapIn(rid, slots, sealed)
+        conn = self._protocol.conn
 
         def on_reply(reply: Reply | Exception) -> None:
-            failure = _failure(reply) or check_pages(seed, reply, slots, generations, current)
-            done(b"" if failure is not None else cast(Pages, reply).data, failure)
+            failure = _failure(reply)
+            if failure is None and not isinstance(reply, Pages):
+                failure = StoreError(errno.EIO, f"a {type(reply).__name__} answered SwapIn")
+            done(reply if failure is None else None, failure)  # type: ignore[arg-type]
 
-        self._start(SwapIn(self._next_id(), slots), on_reply)
+        self._start(rid, lambda: conn.send_parts(request), on_reply)
 
-    async def swapfile(self, activate: bool, pages: int) -> None:
-        await self._call(Swapfile(self._next_id(), activate, pages, PAGE_SIZE))
+    # -- control, repair and tests -------------------------------------------
+    async def swapfile(self, activate: bool, slots: int) -> None:
+        await self._call(Swapfile(self._next_id(), activate, slots))
 
     async def swap_out(
-        self, slots: Sequence[int], data: bytes, generations: bytes | None = None
+        self,
+        slots: Sequence[int],
+        data: Buffer,
+        generations: Sequence[int] | None = None,
+        seals: Buffer | None = None,
     ) -> None:
         """Store pages written for generations[i] (default: each slot's first write)."""
-        gens = generations if generations is not None else bytes([1]) * len(slots)
-        tags = batch_tags(data, self.area_seed, slots, gens)
-        reply = await self._call(SwapOut(self._next_id(), tuple(slots), data, tags, gens))
-        assert isinstance(reply, Ok)
+        gens = array("Q", list(generations) if generations is not None else [1] * len(slots))
+        tags = tags_of(data, self.area_seed, slots, gens)
+        await self._call(SwapOut(self._next_id(), slots, data, tags, gens, seals))
+
+    async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
+        """The store's answer to a SwapIn, unproven, its buffers copied (repair and
+        rebuild decide themselves which pages they trust)."""
+        reply = await self._call(SwapIn(self._next_id(), slots, sealed))
+        if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
+            raise StoreError(errno.EIO, "store returned the wrong number of pages")
+        seals = bytes(reply.seals) if reply.seals is not None else None
+        return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals)
 
     async def swap_in(
         self,
         slots: Sequence[int],
-        generations: bytes | None = None,
-        current: Callable[[], bytes] | None = None,
+        counts: Sequence[int] | None = None,
+        current: Callable[[], array[int]] | None = None,
     ) -> bytes:
-        """Fetch pages, proven end to end to be the slots' at `generations` (default 1)
+        """Fetch pages proven end to end to be the slots' at write `counts` (default 1)
         or `current()`'s -- a wrong, damaged or stale page is StoreError EIO."""
-        gens = generations if generations is not None else bytes([1]) * len(slots)
-        reply = await self._call(SwapIn(self._next_id(), tuple(slots)))
-        failure = check_pages(self.area_seed, reply, tuple(slots), gens, current)
+        expected = array("I", list(counts) if counts is not None else [1] * len(slots))
+        reply = await self.read_pages(slots)
+        failure = check_pages(self.area_seed, reply, slots, expected, current)
         if failure is not None:
             raise failure
-        assert isinstance(reply, Pages)
-        return reply.data
+        return bytes(reply.data)
 
-    async def swap_in_unproven(
-        self, slots: Sequence[int], generations: bytes
-    ) -> tuple[bytes, list[int]]:
-        """Fetch pages, and the indexes of those not proven to be the slots' at
-        `generations`: a resync skips those, as a write may be on its way to them."""
-        slots = tuple(slots)
-        reply = await self._call(SwapIn(self._next_id(), slots))
-        if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
-            raise StoreError(errno.EIO, "store returned the wrong number of pages")
-        computed = batch_tags(reply.data, self.area_seed, slots, generations)
-        return reply.data, [i for i, tag in enumerate(reply.tags) if computed[i] != tag]
+    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
+        """The slots of first..first+count-1 the store holds, and their generations."""
+        reply = await self._call(Inventory(self._next_id(), first, count))
+        if not isinstance(reply, Held):
+            raise StoreError(errno.EIO, f"a {type(reply).__name__} answered Inventory")
+        return reply.slots, reply.generations
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
         await self._call(Discard(self._next_id(), tuple(ranges)))
@@ -355,41 +428,93 @@ class StoreClient:
         await asyncio.sleep(0)
 
 
-def check_pages(
-    seed: int,
-    reply: Reply | Exception,
-    slots: tuple[int, ...],
-    generations: bytes,
-    current: Callable[[], bytes] | None,
-) -> StoreError | None:
-    """A SwapIn answer must be one page per slot, each the slot's own page at the
-    generation the caller last wrote: its tag, recomputed here, must match. A
-    write that raced the read (NBD leaves such a read's result to either) moved
-    the generation on; `current` gives the one now, which a page may match."""
-    if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
-        return StoreError(errno.EIO, "store returned the wrong number of pages")
-    tags = reply.tags
-    computed = batch_tags(reply.data, seed, slots, generations)
-    if computed == tags:
-        return None
-    now = current() if current is not None else generations
-    view = memoryview(reply.data)
-    for i, slot in enumerate(slots):
-        page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-        if computed[i] != tags[i] and page_tag(page, seed, slot, now[i]) != tags[i]:
-            return StoreError(
-                errno.EIO, f"slot {slot}: not its own page at generation {generations[i]}"
-            )
-    return None
+# -- a thread's client ---------------------------------------------------------
+class BlockingClient:
+    """One request and its reply at a time, over a blocking socket (nbdkit threads)."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.conn, self._ids = sock, Connection(Role.CLIENT), 0
 
-def _failure(reply: Reply | Exception) -> Exception | None:
-    """What a reply says went wrong: the transport's exception, a store's Failed, or None."""
-    if isinstance(reply, Exception):
-        return reply
-    if isinstance(reply, Failed):
-        return StoreError(reply.errno, reply.reason)
-    return None
+    @classmethod
+    def open(
+        cls,
+        host: str,
+        port: int,
+        area: str,
+        token: str,
+        deadline: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> BlockingClient:
+        sock = socket.create_connection((host, port), timeout=deadline)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        client = cls(sock)
+        try:
+            reply = client.call(Hello(client.next_id(), PROTOCOL_VERSION, area, token), deadline)
+        except ConnectionLost as exc:
+            client.close()
+            raise _hello_failed(f"{host}:{port}", exc, tls is not None) from None
+        except BaseException:
+            client.close()
+            raise
+        if not isinstance(reply, Welcome):
+            client.close()
+            failure = _failure(reply)
+            raise failure if failure is not None else ConnectionLost(f"{host}:{port}: no Welcome")
+        return client
+
+    def next_id(self) -> int:
+        self._ids = (self._ids + 1) & 0xFFFFFFFF
+        return self._ids
+
+    def call(self, request: Request, deadline: float) -> Reply:
+        """One request, its reply, within `deadline` seconds in all."""
+        end = time.monotonic() + deadline
+        self.sock.settimeout(deadline)
+        self.send(self.conn.send_parts(request), deadline)
+        return self.reply(end)
+
+    def send(self, parts: Sequence[Buffer], deadline: float) -> None:
+        """A frame given as buffers, in one sendmsg where the socket takes it (TLS has
+        no sendmsg: joined there)."""
+        sock = self.sock
+        sock.settimeout(deadline)
+        if isinstance(sock, ssl.SSLSocket):
+            sock.sendall(b"".join(parts))
+            return
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
+
+    def reply(self, end: float) -> Reply:
+        """The reply to the request in flight, by `end` (time.monotonic()). Past `end`,
+        what has already arrived still counts: a write waits for its replicas in turn,
+        and one that answered in time must not be late because another did not. Its
+        pages are views into this connection's buffer, valid until the next call."""
+        conn, sock = self.conn, self.sock
+        while True:
+            event = conn.next_event()
+            if event is CLOSED:
+                raise ConnectionLost("the store closed the connection")
+            if event is not NEED_DATA:
+                return cast(Reply, event)
+            sock.settimeout(max(0.0, end - time.monotonic()))  # 0: only what is there
+            try:
+                got = sock.recv_into(conn.get_buffer())
+            except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+                raise TimeoutError("the store did not answer in time") from None
+            if got:
+                conn.buffer_updated(got)
+            else:
+                conn.receive_data(b"")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def read_token(path: str | None) -> str:

@@ -1,34 +1,37 @@
-"""netswap's sans-IO wire protocol: length-prefixed msgpack frames, no I/O here."""
+"""netswap's sans-IO wire protocol: length-prefixed frames (codec.py), no I/O here."""
 
 from .checksum import (
-    MAX_GENERATION,
     NEVER_WRITTEN,
     ZERO_PAGE,
     ZERO_PAGE_CRC,
     area_seed,
-    batch_tags,
-    next_generation,
     page_crc,
     page_tag,
     slot_seed,
+    tags_of,
 )
-from .codec import decode, encode
+from .codec import decode, encode, encode_handshake
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, StoreError
 from .limits import (
     MAX_BATCH_PAGES,
     MAX_DISCARD_RANGES,
     MAX_FRAME_SIZE,
+    MAX_GENERATION,
     MAX_HELLO_FRAME,
+    MAX_INVENTORY_SLOTS,
     MAX_SLOTS,
     PAGE_SIZE,
     PROTOCOL_VERSION,
+    SEAL_SIZE,
 )
 from .messages import (
     Discard,
     Failed,
     Flush,
+    Held,
     Hello,
+    Inventory,
     Message,
     Ok,
     Pages,
@@ -49,11 +52,13 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_GENERATION",
     "MAX_HELLO_FRAME",
+    "MAX_INVENTORY_SLOTS",
     "MAX_SLOTS",
     "NEED_DATA",
     "NEVER_WRITTEN",
     "PAGE_SIZE",
     "PROTOCOL_VERSION",
+    "SEAL_SIZE",
     "ZERO_PAGE",
     "ZERO_PAGE_CRC",
     "Connection",
@@ -61,7 +66,9 @@ __all__ = [
     "Event",
     "Failed",
     "Flush",
+    "Held",
     "Hello",
+    "Inventory",
     "LocalProtocolError",
     "Message",
     "Ok",
@@ -79,11 +86,11 @@ __all__ = [
     "Swapfile",
     "Welcome",
     "area_seed",
-    "batch_tags",
     "decode",
     "encode",
-    "next_generation",
+    "encode_handshake",
     "page_crc",
     "page_tag",
     "slot_seed",
+    "tags_of",
 ]

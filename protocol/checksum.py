@@ -5,27 +5,27 @@ page: a store whose slot map points slot 0 at slot 1's page would return it
 with a valid CRC. So, as T10-DIF's reference tag and ZFS's checksum in the
 block pointer do, the tag covers the page's identity too. It is the CRC32 of
 the page started from a seed that is itself the CRC32 of (area, slot, write
-generation): `zlib.crc32(page, slot_seed(...))`. Two seeds give two different
-tags for the same bytes (a CRC's initial value shifts it by an invertible
+generation): `crc32(page, slot_seed(...))`. Two seeds give two different tags
+for the same bytes (a CRC's initial value shifts it by an invertible
 function), so a misdirected read or write, or a copy from before the last
 write of that slot, fails its check and is EIO.
 
-The writer (the agent) picks the generation: 1..255, bumped on every write of
-a slot, 0 meaning "never written". The seed costs one more CRC over 9 bytes.
-It is not a defence against a malicious store.
+The writer (the agent) picks the generation, a 64-bit number (limits.py): 0
+means "never written". The seed costs one more CRC over 16 bytes. It is not a
+defence against a malicious store: that is the seal's job (encrypted pages).
 
-Speed: every page is tagged by the agent, checked by the store on the way in
-and out and by the agent on the way back, so the CRC was the largest single cost
-of a batch at the store (make bench-store, py-spy). ISA-L's CRC32 (PyPI `isal`,
-PCLMULQDQ folding) gives zlib's value in 0.29 µs per 4 KiB page against zlib's
-1.2 µs here; for the 9-byte seed zlib's call is cheaper (0.13 µs against 0.40).
-The values are identical, so hosts with and without it interoperate.
+Speed: every page is tagged by the agent, checked by the store on the way out
+and by the agent on the way back. ISA-L's CRC32 (PyPI `isal`, PCLMULQDQ
+folding) gives zlib's value in 0.29 µs per 4 KiB page against zlib's 1.2 µs
+here; for the 16-byte seed zlib's call is cheaper. The values are identical,
+so hosts with and without it interoperate.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from array import array
 from collections.abc import Callable, Sequence
 
 from .limits import PAGE_SIZE
@@ -51,21 +51,13 @@ _page_crc32 = _page_crc_function()
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_PAGE_CRC = zlib.crc32(ZERO_PAGE)
-# Generations wrap 255 -> 1: 0 stays "never written", so an unwritten slot can never
-# pass for a written one. A stale copy exactly 255 writes behind would pass the check:
-# one slot must be rewritten 255 times while one replica misses every one of them.
 NEVER_WRITTEN = 0
-MAX_GENERATION = 255
 
-_IDENTITY = struct.Struct("<QB")
+_IDENTITY = struct.Struct("<QQ")
 
 
 def area_seed(area: str) -> int:
     return zlib.crc32(area.encode())
-
-
-def next_generation(generation: int) -> int:
-    return generation % MAX_GENERATION + 1
 
 
 def slot_seed(area: int, slot: int, generation: int) -> int:
@@ -76,15 +68,20 @@ def page_tag(page: bytes | bytearray | memoryview, area: int, slot: int, generat
     return _page_crc32(page, slot_seed(area, slot, generation))
 
 
-def batch_tags(
-    data: bytes | bytearray | memoryview, area: int, slots: Sequence[int], generations: bytes
-) -> tuple[int, ...]:
+def tags_of(
+    data: bytes | bytearray | memoryview,
+    area: int,
+    slots: Sequence[int],
+    generations: Sequence[int],
+) -> array[int]:
     """One tag per PAGE_SIZE page of `data`, for slots[i] at generations[i]."""
     view, crc32, seed, pack = memoryview(data), _page_crc32, zlib.crc32, _IDENTITY.pack
-    return tuple(
-        crc32(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], seed(pack(slot, generations[i]), area))
-        for i, slot in enumerate(slots)
-    )
+    out = array("I", bytes(4 * len(slots)))
+    at = 0
+    for i, slot in enumerate(slots):
+        out[i] = crc32(view[at : at + PAGE_SIZE], seed(pack(slot, generations[i]), area))
+        at += PAGE_SIZE
+    return out
 
 
 def page_crc(page: bytes | bytearray | memoryview) -> int:

@@ -1,17 +1,36 @@
-"""Frame codec: a 4-byte big-endian length, then a msgpack array body.
+"""Frame codec: a 4-byte big-endian length, then a body, in one of two layouts.
 
-Body layout: [TYPE, request_id, field, field, ...] in dataclass field order.
-Decoding never trusts the peer: msgpack is asked to bound every container, the
-shape is checked before a dataclass is built, and every failure surfaces as
-RemoteProtocolError -- never as a msgpack, Type or Value error.
+The handshake (a Hello and the store's answer to it) keeps protocol 2's layout,
+a msgpack array [TYPE, request_id, field, ...], so that peers of different
+versions still understand each other's first words: a version-2 agent gets one
+clear EPROTONOSUPPORT line from a version-3 store, and the other way round.
+
+After the handshake every body starts with an 8-byte head -- type (u8), flags
+(u8), count (u16), request id (u32), little-endian -- and then:
+
+  SwapOut  first slot (u64); the slots (u64 x count) unless flags has RUN (then
+           they are first..first+count-1); generations (u64 x count); tags
+           (u32 x count); seals (16 B x count) if flags has SEALED; the pages.
+  SwapIn   first slot (u64); the slots unless RUN. SEALED asks for the seals.
+  Pages    generations, tags, seals if SEALED, the pages.
+  Held     slots (u64 x count), generations (u64 x count).
+  Ok       nothing.
+  others   a msgpack array of the message's fields after its request id.
+
+So a batch is a few packed arrays and one run of pages: the sender writes them
+straight from its buffers and the receiver reads them as views of what it
+received, with no msgpack object per page. Decoding never trusts the peer:
+every length is computed from the head and must match the body exactly, msgpack
+is asked to bound every container, and every failure is RemoteProtocolError.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
+from array import array
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 
@@ -21,105 +40,253 @@ from .limits import (
     MAX_BATCH_PAGES,
     MAX_DISCARD_RANGES,
     MAX_FRAME_SIZE,
+    MAX_INVENTORY_SLOTS,
     PAGE_SIZE,
+    SEAL_SIZE,
 )
-from .messages import BY_TYPE, Message, SwapOut
+from .messages import (
+    BY_TYPE,
+    Buffer,
+    Failed,
+    Held,
+    Hello,
+    Message,
+    Ok,
+    Pages,
+    SwapIn,
+    SwapOut,
+    Welcome,
+    as_slots,
+)
 
-_HEADER = struct.Struct(">I")
-_FIELDS: dict[int, tuple[str, ...]] = {
-    code: tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+LENGTH = struct.Struct(">I")
+HEAD = struct.Struct("<BBHI")  # type, flags, count, request id
+FIRST = struct.Struct("<Q")
+HEAD_SIZE = HEAD.size
+RUN = 1  # flags: the slots are first..first+count-1, not listed
+SEALED = 2  # flags: a seal per page follows the tags (SwapIn: send them back)
+HANDSHAKE = (Hello.TYPE, Welcome.TYPE, Failed.TYPE)
+_CONTROL_FIELDS: dict[int, tuple[str, ...]] = {
+    code: tuple(f.name for f in dataclasses.fields(cls)[1:])  # type: ignore[arg-type]
     for code, cls in BY_TYPE.items()
+    if dataclasses.is_dataclass(cls)
 }
-# Largest array in any message: a batch's slots/checksums or a Discard's ranges.
-_MAX_ARRAY = max(MAX_BATCH_PAGES, MAX_DISCARD_RANGES, 16)
+# Largest array in a control message: a Discard's ranges or a Stats reply's counters.
+_MAX_ARRAY = max(MAX_DISCARD_RANGES, 256, 16)
+_OK = (Ok.TYPE, 0, 0)
 
 
-def encode(message: Message) -> bytes:
-    """Serialize one message into one complete frame (header included)."""
-    if not isinstance(message, Message) or type(message).TYPE not in BY_TYPE:
-        raise LocalProtocolError(f"not a netswap message: {message!r}")
-    fields = _FIELDS[message.TYPE]
-    body: bytes = msgpack.packb(
-        [message.TYPE, *(getattr(message, name) for name in fields)], use_bin_type=True
-    )
-    if len(body) > MAX_FRAME_SIZE:
-        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_SIZE}")
-    return _HEADER.pack(len(body)) + body
+# -- encoding ------------------------------------------------------------------
+def _frame(head: bytes, parts: Sequence[Buffer], size: int) -> list[Buffer]:
+    length = len(head) + size
+    if length > MAX_FRAME_SIZE:
+        raise LocalProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_SIZE}")
+    return [LENGTH.pack(length) + head, *parts]
 
 
-# A message's bulk field: its pages, sent as their own buffer when at least BULK_MIN
-# long. Below that one packed buffer is cheaper than the parts (for one 4 KiB page
-# encode() measured 2.1 µs, the parts 2.6 µs; for 32 pages 14 µs against 2.9 µs).
-_BULK_FIELD = {code: 1 + f.index("data") for code, f in _FIELDS.items() if "data" in f}
-BULK_MIN = 16 * 1024
-
-
-def encode_parts(message: Message) -> list[bytes | memoryview]:
-    """The frame of `encode(message)` as buffers to send in order (writelines,
-    sendmsg): the same bytes, but a batch's pages are not copied into it."""
-    k = _BULK_FIELD.get(message.TYPE) if isinstance(message, Message) else None
-    data = getattr(message, "data", None)
-    if k is None or not isinstance(data, (bytes, bytearray)) or len(data) < BULK_MIN:
-        return [encode(message)]  # encode() also refuses what is not a message
-    values = [message.TYPE, *(getattr(message, name) for name in _FIELDS[message.TYPE])]
-    # A store's bytearray goes as it is (messages.Pages): bytes to the type checker.
-    return _around_bulk(values[:k], [cast(bytes, data)], len(data), values[k + 1 :])
+def _slots_field(slots: Sequence[int]) -> tuple[int, bytes]:
+    """(flags, first slot and slot list) for a batch's slots: consecutive ones as a run."""
+    packed = as_slots(slots)
+    if isinstance(packed, range):
+        return RUN, FIRST.pack(packed.start)
+    return 0, FIRST.pack(packed[0]) + packed.tobytes()
 
 
 def swap_out_parts(
     request_id: int,
     slots: Sequence[int],
-    pages: Sequence[bytes | memoryview],
-    tags: Sequence[int],
-    generations: bytes,
-) -> list[bytes | memoryview]:
-    """The frame of SwapOut(request_id, slots, b"".join(pages), tags, generations)
-    with the pages as given (the agent's reserve buffers): no join, no per-page copy.
-    Checks the shape a store checks (counts, lengths, generations); the caller
-    vouches for the types, as it built them."""
+    generations: array[int],
+    tags: array[int],
+    seals: Buffer | None,
+    pages: Sequence[Buffer],
+) -> list[Buffer]:
+    """The frame of a SwapOut as buffers to send in order, the pages as given (the
+    agent's reserve views): no join, no per-page copy. Checks the shape a store
+    checks; the caller vouches for the values, as it made them."""
     n = len(slots)
     size = sum(len(page) for page in pages)
     if not 1 <= n <= MAX_BATCH_PAGES or size != n * PAGE_SIZE:
         raise LocalProtocolError(f"a SwapOut of {n} slots with {size} bytes of pages")
-    if len(tags) != n or len(generations) != n or 0 in generations:
-        raise LocalProtocolError("one tag and one generation (1..255) per page")
-    before, after = (SwapOut.TYPE, request_id, tuple(slots)), (tuple(tags), generations)
-    return _around_bulk(before, pages, size, after)
+    sealed = seals is not None and len(seals) != n * SEAL_SIZE
+    if len(tags) != n or len(generations) != n or sealed:
+        raise LocalProtocolError("one tag, generation and seal per page")
+    flags, slot_bytes = _slots_field(slots)
+    head = HEAD.pack(SwapOut.TYPE, flags | (SEALED if seals is not None else 0), n, request_id)
+    head += slot_bytes + generations.tobytes() + tags.tobytes()
+    body = [seals, *pages] if seals is not None else pages
+    return _frame(head, body, size + (len(seals) if seals is not None else 0))
 
 
-def _around_bulk(
-    before: Sequence[Any], bulk: Sequence[bytes | memoryview], size: int, after: Sequence[Any]
-) -> list[bytes | memoryview]:
-    """The frame of the array [*before, b"".join(bulk), *after], with the bulk's
-    buffers as they are. Every message has fewer than 16 fields, so each array
-    header is one byte (fixarray): the packed head and tail are spliced under the
-    whole array's, and the bulk gets msgpack's own bin header (bin 16 or bin 32)."""
-    head = msgpack.packb(before, use_bin_type=True)[1:]
-    tail = msgpack.packb(after, use_bin_type=True)[1:]
-    bin_header = (
-        struct.pack(">BH", 0xC5, size) if size < 0x10000 else struct.pack(">BI", 0xC6, size)
-    )
-    length = 1 + len(head) + len(bin_header) + size + len(tail)
-    if length > MAX_FRAME_SIZE:
-        raise LocalProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_SIZE}")
-    fields = len(before) + 1 + len(after)
-    first = _HEADER.pack(length) + bytes([0x90 | fields]) + head + bin_header
-    return [first, *bulk, tail] if tail else [first, *bulk]
+def encode_parts(message: Message) -> list[Buffer]:
+    """The message's frame as buffers to write in order; a batch's pages are their
+    own buffer (transport.writelines, socket.sendmsg)."""
+    if isinstance(message, SwapOut):
+        return swap_out_parts(message.request_id, message.slots, message.generations,
+                              message.tags, message.seals, [message.data])  # fmt: skip
+    if isinstance(message, Pages):
+        sealed = message.seals is not None
+        head = HEAD.pack(Pages.TYPE, SEALED if sealed else 0, len(message.tags),
+                         message.request_id)  # fmt: skip
+        head += message.generations.tobytes() + message.tags.tobytes()
+        if message.seals is not None:
+            return _frame(head, [message.seals, message.data],
+                          len(message.seals) + len(message.data))  # fmt: skip
+        return _frame(head, [message.data], len(message.data))
+    return [encode(message)]
 
 
-def frame_length(header: bytes | bytearray | memoryview, limit: int = MAX_FRAME_SIZE) -> int:
+def encode(message: Message) -> bytes:
+    """Serialize one message into one complete frame (length prefix included)."""
+    if not isinstance(message, Message) or type(message).TYPE not in BY_TYPE:
+        raise LocalProtocolError(f"not a netswap message: {message!r}")
+    if isinstance(message, (SwapOut, Pages)):
+        return b"".join(encode_parts(message))
+    if isinstance(message, (Hello, Welcome)):  # only ever the handshake's
+        return encode_handshake(message)
+    rid = message.request_id
+    if isinstance(message, Ok):
+        body = HEAD.pack(Ok.TYPE, 0, 0, rid)
+    elif isinstance(message, SwapIn):
+        flags, slot_bytes = _slots_field(message.slots)
+        sealed = SEALED if message.sealed else 0
+        body = HEAD.pack(SwapIn.TYPE, flags | sealed, len(message.slots), rid) + slot_bytes
+    elif isinstance(message, Held):
+        body = HEAD.pack(Held.TYPE, 0, len(message.slots), rid)
+        body += message.slots.tobytes() + message.generations.tobytes()
+    else:
+        fields = [getattr(message, name) for name in _CONTROL_FIELDS[message.TYPE]]
+        body = HEAD.pack(message.TYPE, 0, 0, rid) + msgpack.packb(fields, use_bin_type=True)
+    return _checked(body)
+
+
+def encode_ok(request_id: int) -> bytes:
+    """Ok's frame: the store's answer to every SwapOut, so it skips the dispatch."""
+    return LENGTH.pack(HEAD_SIZE) + HEAD.pack(Ok.TYPE, 0, 0, request_id)
+
+
+def encode_handshake(message: Hello | Welcome | Failed) -> bytes:
+    """A Hello, or the answer to one, in protocol 2's layout (a msgpack array)."""
+    fields = [getattr(message, f.name) for f in dataclasses.fields(message)]
+    return _checked(msgpack.packb([message.TYPE, *fields], use_bin_type=True))
+
+
+def _checked(body: bytes) -> bytes:
+    if len(body) > MAX_FRAME_SIZE:
+        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_SIZE}")
+    return LENGTH.pack(len(body)) + body
+
+
+# -- decoding ------------------------------------------------------------------
+def frame_length(header: Buffer, limit: int = MAX_FRAME_SIZE, offset: int = 0) -> int:
     """Body length announced by a frame header; rejects oversized frames at once."""
-    (length,) = _HEADER.unpack_from(header)
+    (length,) = LENGTH.unpack_from(header, offset)
     if length == 0 or length > limit:
         raise RemoteProtocolError(f"frame length {length} outside 1..{limit}")
     return int(length)
 
 
-def decode(body: bytes | bytearray | memoryview) -> Message:
-    """Parse one frame body into a validated message."""
+def decode(body: memoryview) -> Message:
+    """Parse one frame body (after the handshake) into a validated message. A batch's
+    pages and seals are views into `body`."""
+    if len(body) < HEAD_SIZE:
+        raise RemoteProtocolError(f"frame body of {len(body)} bytes has no head")
+    kind, flags, count, rid = HEAD.unpack_from(body)
+    if (kind, flags, count) == _OK:
+        if len(body) != HEAD_SIZE:
+            raise RemoteProtocolError("an Ok carries nothing")
+        return Ok(rid)
     try:
-        obj = msgpack.unpackb(
-            body,
+        if kind == SwapOut.TYPE:
+            return _swap_out(body, flags, count, rid)
+        if kind == SwapIn.TYPE:
+            return _swap_in(body, flags, count, rid)
+        if kind == Pages.TYPE:
+            return _pages(body, flags, count, rid)
+        if kind == Held.TYPE:
+            return _held(body, count, rid)
+        return _control(body, kind, rid)
+    except LocalProtocolError as exc:
+        name = BY_TYPE[kind].__name__ if kind in BY_TYPE else f"type {kind}"
+        raise RemoteProtocolError(f"invalid {name}: {exc}") from None
+
+
+def _array(typecode: str, data: memoryview) -> array[int]:
+    """Packed little-endian integers as an array (one copy, in C)."""
+    out = array(typecode)
+    out.frombytes(data)
+    return out
+
+
+def _sized(body: memoryview, expected: int, what: str) -> None:
+    if len(body) != expected:
+        raise RemoteProtocolError(f"{what} of {len(body)} bytes, its head says {expected}")
+
+
+def _swap_out(body: memoryview, flags: int, n: int, rid: int) -> SwapOut:
+    if flags & ~(RUN | SEALED) or not 1 <= n <= MAX_BATCH_PAGES:
+        raise RemoteProtocolError(f"SwapOut: flags {flags}, {n} pages")
+    listed = 0 if flags & RUN else 8 * n
+    seals = SEAL_SIZE * n if flags & SEALED else 0
+    _sized(body, HEAD_SIZE + 8 + listed + 12 * n + seals + n * PAGE_SIZE, "SwapOut")
+    at = HEAD_SIZE + 8
+    slots = _slot_list(body, flags, n)
+    at += listed
+    gens = _array("Q", body[at : at + 8 * n])
+    tags = _array("I", body[at + 8 * n : at + 12 * n])
+    at += 12 * n
+    seal = body[at : at + seals] if seals else None
+    return SwapOut(rid, slots, body[at + seals :], tags, gens, seal)
+
+
+def _slot_list(body: memoryview, flags: int, n: int) -> range | array[int]:
+    (first,) = FIRST.unpack_from(body, HEAD_SIZE)
+    if flags & RUN:
+        return range(first, first + n)
+    return _array("Q", body[HEAD_SIZE + 8 : HEAD_SIZE + 8 + 8 * n])
+
+
+def _swap_in(body: memoryview, flags: int, n: int, rid: int) -> SwapIn:
+    if flags & ~(RUN | SEALED) or not 1 <= n <= MAX_BATCH_PAGES:
+        raise RemoteProtocolError(f"SwapIn: flags {flags}, {n} pages")
+    _sized(body, HEAD_SIZE + 8 + (0 if flags & RUN else 8 * n), "SwapIn")
+    return SwapIn(rid, _slot_list(body, flags, n), bool(flags & SEALED))
+
+
+def _pages(body: memoryview, flags: int, n: int, rid: int) -> Pages:
+    if flags & ~SEALED or not 1 <= n <= MAX_BATCH_PAGES:
+        raise RemoteProtocolError(f"Pages: flags {flags}, {n} pages")
+    seals = SEAL_SIZE * n if flags & SEALED else 0
+    _sized(body, HEAD_SIZE + 12 * n + seals + n * PAGE_SIZE, "Pages")
+    at = HEAD_SIZE
+    gens = _array("Q", body[at : at + 8 * n])
+    tags = _array("I", body[at + 8 * n : at + 12 * n])
+    at += 12 * n
+    seal = body[at : at + seals] if seals else None
+    return Pages(rid, body[at + seals :], tags, gens, seal)
+
+
+def _held(body: memoryview, n: int, rid: int) -> Held:
+    if n > MAX_INVENTORY_SLOTS:
+        raise RemoteProtocolError(f"Held: {n} slots")
+    _sized(body, HEAD_SIZE + 16 * n, "Held")
+    slots = _array("Q", body[HEAD_SIZE : HEAD_SIZE + 8 * n])
+    return Held(rid, slots, _array("Q", body[HEAD_SIZE + 8 * n :]))
+
+
+def _control(body: memoryview, kind: int, rid: int) -> Message:
+    fields = _CONTROL_FIELDS.get(kind)
+    if fields is None:
+        raise RemoteProtocolError(f"unknown message type {kind}")
+    values = _unpack(body[HEAD_SIZE:])
+    if type(values) is not tuple or len(values) != len(fields):
+        raise RemoteProtocolError(f"{BY_TYPE[kind].__name__} takes {len(fields)} fields")
+    return BY_TYPE[kind](rid, *values)  # type: ignore[call-arg]
+
+
+def _unpack(data: Buffer) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
             raw=False,
             use_list=False,
             strict_map_key=True,
@@ -131,20 +298,21 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
         )
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}") from None
-    return _build(obj)
 
 
-def _build(obj: Any) -> Message:
-    if type(obj) is not tuple or len(obj) < 2 or type(obj[0]) is not int:
-        raise RemoteProtocolError("frame body is not [type, request_id, ...]")
-    cls = BY_TYPE.get(obj[0])
-    if cls is None:
-        raise RemoteProtocolError(f"unknown message type {obj[0]}")
-    fields = _FIELDS[obj[0]]
-    if len(obj) - 1 != len(fields):
-        raise RemoteProtocolError(f"{cls.__name__} takes {len(fields)} fields")
+def decode_handshake(body: Buffer) -> Message:
+    """A Hello or its answer, in protocol 2's layout (anything else is an error)."""
+    try:
+        obj = _unpack(body)
+    except RemoteProtocolError as exc:
+        raise RemoteProtocolError(f"the first frame must be a Hello ({exc})") from None
+    if type(obj) is not tuple or len(obj) < 2 or obj[0] not in HANDSHAKE:
+        raise RemoteProtocolError("the first frame must be a Hello, and then its answer")
+    cls = BY_TYPE[obj[0]]
     try:
         return cls(*obj[1:])
+    except TypeError:
+        raise RemoteProtocolError(f"{cls.__name__} with {len(obj) - 1} fields") from None
     except LocalProtocolError as exc:
         raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}") from None
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 # Bumped on any incompatible change to the frame layout or a message's fields.
 # 2: pages carry tags bound to (area, slot, generation), and SwapOut the generations.
-PROTOCOL_VERSION = 2
+# 3: batches are binary (packed arrays, pages outside msgpack), generations are 64-bit,
+#    pages may carry a seal, and Inventory lists what an area holds. The Hello and its
+#    answer keep version 2's layout, so that the two versions tell each other apart.
+PROTOCOL_VERSION = 3
 
 # The kernel swaps in units of its base page; x86-64 and arm64 (4K kernels) use 4096.
 PAGE_SIZE = 4096
@@ -20,16 +23,21 @@ PAGE_SIZE = 4096
 # (~43 us on loopback here) and small enough that one frame never pins more than 1 MiB.
 MAX_BATCH_PAGES = 256
 
-# One page's metadata on the wire: a uint64 slot (<= 9 bytes msgpack) and a uint32
-# checksum (<= 5 bytes); 64 KiB of headroom covers a full batch plus the envelope.
-MAX_FRAME_SIZE = MAX_BATCH_PAGES * PAGE_SIZE + 64 * 1024
+# A seal is the AEAD tag of an encrypted page (AES-GCM's 16 bytes): the store keeps it
+# beside the page and never looks inside.
+SEAL_SIZE = 16
+
+# One page's metadata on the wire at most: its slot (8 B), generation (8 B), tag (4 B)
+# and seal (16 B); 64 KiB of headroom covers the headers and any control message.
+PAGE_META_MAX = 8 + 8 + 4 + SEAL_SIZE
+MAX_FRAME_SIZE = MAX_BATCH_PAGES * (PAGE_SIZE + PAGE_META_MAX) + 64 * 1024
 
 # Before a peer has authenticated, the only frame it may send is a Hello: type, id and
 # version (<= 15 B msgpack), an area name (MAX_AREA_NAME) and a token (MAX_TOKEN_SIZE),
 # ~340 B at most; 1 KiB keeps what an unauthenticated peer can make a store hold small.
 MAX_HELLO_FRAME = 1024
 
-# Length prefix: a 4-byte big-endian unsigned integer in front of each msgpack body.
+# Length prefix: a 4-byte big-endian unsigned integer in front of each frame body.
 FRAME_HEADER_SIZE = 4
 
 # 2**40 slots of 4 KiB is 4 PiB per area: far beyond any swap area (the kernel's own
@@ -39,6 +47,10 @@ MAX_SLOTS = 1 << 40
 # A Discard carries ranges, not slots; swap discards arrive one cluster at a time, so
 # 1024 ranges per message is generous and keeps one Discard's work bounded.
 MAX_DISCARD_RANGES = 1024
+
+# An Inventory covers at most one default slab (64 MiB of swap): its answer is at most
+# 16,384 x 16 B = 256 KiB, and the store walks at most 64 of its 256-slot clusters.
+MAX_INVENTORY_SLOTS = 1 << 14
 
 # Area names are identifiers chosen by operators (hostname, "swap0", ...); 64 bytes
 # fits a FQDN label plus suffix and keeps them usable as file names on the store.
@@ -57,3 +69,8 @@ MAX_STAT_NAME = 64
 
 # Request ids are uint32 and wrap; a peer never has anywhere near 2**32 in flight.
 MAX_REQUEST_ID = (1 << 32) - 1
+
+# Generations are 64-bit: a slot's write count in the low 32 bits and the writer's
+# epoch above them (the agent's; the store only keeps and returns them). 0 is "never
+# written".
+MAX_GENERATION = (1 << 64) - 1

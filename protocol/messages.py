@@ -1,29 +1,37 @@
-"""One frozen dataclass per message, each validated as it is built.
+"""One class per message, each validated as it is built.
 
 Requests flow client -> store, replies store -> client; every message carries a
 request id so replies may come back in any order. Validation raises
 LocalProtocolError; the decoder turns that into RemoteProtocolError when the
-message came off the wire. Pages travel as one contiguous `data` blob of
-len(slots) * PAGE_SIZE bytes with one tag per page (a CRC32 bound to the
-area, the slot and the write generation: checksum.py) and, on SwapOut, one
-generation byte per page, so a batch is a few msgpack values and never a list
-of small objects.
+message came off the wire.
+
+Control messages (Hello, Swapfile, Discard, ...) are frozen dataclasses. The
+batches -- SwapOut, SwapIn, Pages, Held -- are slotted classes whose fields are
+packed arrays, not lists of small objects: a batch's slots are a `range` when
+they are consecutive (the common case) or an array('Q'), its generations an
+array('Q'), its tags an array('I'), its pages one buffer of len(slots) *
+PAGE_SIZE bytes and, when the writer encrypts, one SEAL_SIZE seal per page.
+A page's tag is a CRC32 bound to the area, the slot and the generation
+(checksum.py). Off the wire, `data` and `seals` are views into the receiving
+connection's buffer (connection.py says how long they stay valid).
 """
 
 from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Mapping
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import Any, ClassVar
 
-from .checksum import NEVER_WRITTEN
 from .errors import LocalProtocolError
 from .limits import (
     MAX_AREA_NAME,
     MAX_BATCH_PAGES,
     MAX_DISCARD_RANGES,
+    MAX_GENERATION,
+    MAX_INVENTORY_SLOTS,
     MAX_REASON_SIZE,
     MAX_REQUEST_ID,
     MAX_SLOTS,
@@ -31,7 +39,10 @@ from .limits import (
     MAX_STATS_ENTRIES,
     MAX_TOKEN_SIZE,
     PAGE_SIZE,
+    SEAL_SIZE,
 )
+
+Buffer = bytes | bytearray | memoryview
 
 _AREA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MAX_U32 = (1 << 32) - 1
@@ -47,15 +58,9 @@ def _is_int(value: object, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
-def _all_ints(values: tuple[object, ...], low: int, high: int) -> bool:
-    """Every value an int (not bool) in [low, high]: set/min/max run in C, which
-    matters for 256-slot batches validated on both ends of every RPC."""
-    if not values:
-        return True
-    if {type(v) for v in values} != {int}:
-        return False
-    ints = cast("tuple[int, ...]", values)
-    return low <= min(ints) and max(ints) <= high
+def _ints_within(values: Sequence[int], low: int, high: int) -> bool:
+    """Every value in [low, high]: min/max run in C over an array or a range."""
+    return not values or (low <= min(values) and max(values) <= high)
 
 
 def _check_request_id(request_id: object) -> None:
@@ -63,48 +68,66 @@ def _check_request_id(request_id: object) -> None:
         raise LocalProtocolError(f"request_id must be a uint32, got {request_id!r}")
 
 
-# The batch checks run twice per RPC on each end's hot path, so each first tries one
-# condition with no message built (an f-string per check cost as much as the checks);
-# only a failure walks the checks one by one for the message that names the fault.
+def _check_slots(slots: Sequence[int]) -> None:
+    """1..MAX_BATCH_PAGES distinct slots below MAX_SLOTS (a range is distinct)."""
+    n = len(slots)
+    if not 1 <= n <= MAX_BATCH_PAGES:
+        raise LocalProtocolError(f"a batch holds 1..{MAX_BATCH_PAGES} slots, not {n}")
+    if not _ints_within(slots, 0, MAX_SLOTS - 1):
+        raise LocalProtocolError("slot out of range")
+    if not isinstance(slots, range) and len(set(slots)) != n:
+        raise LocalProtocolError("duplicate slot in one batch")
 
 
-def _check_slots(slots: object) -> None:
-    if (
-        type(slots) is tuple
-        and 1 <= len(slots) <= MAX_BATCH_PAGES
-        and _all_ints(slots, 0, MAX_SLOTS - 1)
-        and len(set(slots)) == len(slots)
-    ):
-        return
-    _check(type(slots) is tuple, "slots must be a tuple")
-    assert isinstance(slots, tuple)
-    _check(1 <= len(slots) <= MAX_BATCH_PAGES, f"a batch holds 1..{MAX_BATCH_PAGES} slots")
-    _check(_all_ints(slots, 0, MAX_SLOTS - 1), "slot out of range")
-    _check(len(set(slots)) == len(slots), "duplicate slot in one batch")
+def _check_pages(
+    n: int, data: Buffer, tags: Sequence[int], gens: Sequence[int], seals: Buffer | None
+) -> None:
+    if len(data) != n * PAGE_SIZE:
+        raise LocalProtocolError(f"data must be {n} x {PAGE_SIZE} bytes, not {len(data)}")
+    if len(tags) != n or len(gens) != n:
+        raise LocalProtocolError("one tag and one generation per page")
+    if seals is not None and len(seals) != n * SEAL_SIZE:
+        raise LocalProtocolError(f"seals must be {n} x {SEAL_SIZE} bytes")
+    if not _ints_within(tags, 0, _MAX_U32) or not _ints_within(gens, 0, MAX_GENERATION):
+        raise LocalProtocolError("tags are uint32 and generations uint64")
 
 
-def _check_pages(data: object, tags: object, count: int) -> None:
-    # A sender may hand over the bytearray it filled (the store's SwapIn) rather than
-    # copy it into bytes; what comes off the wire is always bytes.
-    if (
-        (type(data) is bytes or type(data) is bytearray)
-        and len(data) == count * PAGE_SIZE
-        and type(tags) is tuple
-        and len(tags) == count
-        and _all_ints(tags, 0, _MAX_U32)
-    ):
-        return
-    _check(type(data) is bytes or type(data) is bytearray, "data must be bytes")
-    assert isinstance(data, (bytes, bytearray))
-    _check(len(data) == count * PAGE_SIZE, f"data must be {count} x {PAGE_SIZE} bytes")
-    _check(type(tags) is tuple and len(tags) == count, "one tag per page")
-    assert isinstance(tags, tuple)
-    _check(_all_ints(tags, 0, _MAX_U32), "tags are uint32")
+def as_slots(slots: Sequence[int]) -> range | array[int]:
+    """A batch's slots as the wire keeps them: a range, or an array('Q')."""
+    if isinstance(slots, range) and slots.step == 1:
+        return slots
+    packed = _packed("Q", slots)
+    n = len(packed)
+    if n and packed[-1] - packed[0] == n - 1:
+        run = range(packed[0], packed[0] + n)
+        if packed == array("Q", run):
+            return run
+    return packed
+
+
+def _packed(typecode: str, values: Sequence[int]) -> array[int]:
+    """Integers as an array of `typecode` (bytes count as integers, not raw memory)."""
+    if isinstance(values, array) and values.typecode == typecode:
+        return values
+    return array(typecode, list(values) if isinstance(values, (bytes, bytearray)) else values)
+
+
+def _u64s(values: Sequence[int]) -> array[int]:
+    return _packed("Q", values)
+
+
+def _u32s(values: Sequence[int]) -> array[int]:
+    return _packed("I", values)
+
+
+def _bytes(value: Buffer | None) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 class Message:
     """Base of every message; TYPE is its code on the wire."""
 
+    __slots__ = ()
     TYPE: ClassVar[int]
     request_id: int
 
@@ -112,9 +135,13 @@ class Message:
 class Request(Message):
     """Sent by the client (the agent or plugin) to a page store."""
 
+    __slots__ = ()
+
 
 class Reply(Message):
     """Sent by the page store in answer to exactly one request."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,54 +164,107 @@ class Hello(Request):
 
 @dataclass(frozen=True, slots=True)
 class Swapfile(Request):
-    """->swapfile(1) / ->swapfile(0): reserve an area of `pages` slots, or release it."""
+    """->swapfile(1) / ->swapfile(0): reserve an area of `slots` slots, or release it."""
 
     TYPE: ClassVar[int] = 2
     request_id: int
     activate: bool
-    pages: int
+    slots: int
     page_size: int = PAGE_SIZE
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
         _check(type(self.activate) is bool, "activate is a bool")
-        _check(_is_int(self.pages, 0, MAX_SLOTS), f"pages must be 0..{MAX_SLOTS}")
+        _check(_is_int(self.slots, 0, MAX_SLOTS), f"slots must be 0..{MAX_SLOTS}")
         ps = self.page_size
         _check(_is_int(ps, 512, 1 << 16) and ps & (ps - 1) == 0, "page_size: power of 2")
 
 
-@dataclass(frozen=True, slots=True)
-class SwapOut(Request):
-    """Store a batch of pages: data[i*PAGE_SIZE:(i+1)*PAGE_SIZE] goes to slots[i],
-    written for the generations[i]-th time (1..255), with tags[i] bound to both."""
+class _Batch(Message):
+    """Equality and repr by fields, for tests and logs (batches are not dataclasses:
+    their fields are arrays and views, and mypyc lays out slotted classes plainly)."""
+
+    __slots__ = ()
+
+    def _key(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Batch) and type(other) is type(self) and self._key() == other._key()
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self._key()[1:]!r}"[:200]
+
+
+class SwapOut(Request, _Batch):
+    """Store a batch of pages: data's i-th page goes to slots[i], written for the
+    generations[i]-th time (nonzero), tagged tags[i]; seals[i] is kept beside it."""
 
     TYPE: ClassVar[int] = 3
-    request_id: int
-    slots: tuple[int, ...]
-    data: bytes
-    tags: tuple[int, ...]
-    generations: bytes
+    __slots__ = ("data", "generations", "request_id", "seals", "slots", "tags")
 
-    def __post_init__(self) -> None:
-        _check_request_id(self.request_id)
-        _check_slots(self.slots)
-        _check_pages(self.data, self.tags, len(self.slots))
-        gens = self.generations
-        _check(type(gens) is bytes and len(gens) == len(self.slots), "one generation per page")
-        _check(NEVER_WRITTEN not in gens, "generations are 1..255 (0 is never written)")
+    def __init__(
+        self,
+        request_id: int,
+        slots: Sequence[int],
+        data: Buffer,
+        tags: Sequence[int],
+        generations: Sequence[int],
+        seals: Buffer | None = None,
+    ) -> None:
+        _check_request_id(request_id)
+        _check_slots(slots)
+        _check_pages(len(slots), data, tags, generations, seals)
+        if 0 in generations:
+            raise LocalProtocolError("generation 0 means never written")
+        self.request_id = request_id
+        self.slots = as_slots(slots)
+        self.data = data
+        self.tags = _u32s(tags)
+        self.generations = _u64s(generations)
+        self.seals = seals
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.TYPE, self.request_id, tuple(self.slots), bytes(self.data),
+                tuple(self.tags), tuple(self.generations), _bytes(self.seals))  # fmt: skip
+
+
+class SwapIn(Request, _Batch):
+    """Fetch a batch of pages (with their seals when `sealed`); answered by Pages."""
+
+    TYPE: ClassVar[int] = 4
+    __slots__ = ("request_id", "sealed", "slots")
+
+    def __init__(self, request_id: int, slots: Sequence[int], sealed: bool = False) -> None:
+        _check_request_id(request_id)
+        _check_slots(slots)
+        self.request_id = request_id
+        self.slots = as_slots(slots)
+        self.sealed = sealed
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.TYPE, self.request_id, tuple(self.slots), self.sealed)
 
 
 @dataclass(frozen=True, slots=True)
-class SwapIn(Request):
-    """Fetch a batch of pages; answered by Pages (never-written slots read as zeros)."""
+class Inventory(Request):
+    """Which slots of first..first+count-1 the store holds for this area, and at which
+    generations (answered by Held): what a restarted agent rebuilds its map from."""
 
-    TYPE: ClassVar[int] = 4
+    TYPE: ClassVar[int] = 8
     request_id: int
-    slots: tuple[int, ...]
+    first: int
+    count: int
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
-        _check_slots(self.slots)
+        _check(_is_int(self.first, 0, MAX_SLOTS - 1), "first slot out of range")
+        _check(_is_int(self.count, 1, MAX_INVENTORY_SLOTS), f"count is 1..{MAX_INVENTORY_SLOTS}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,37 +340,74 @@ class Failed(Reply):
 
 @dataclass(frozen=True, slots=True)
 class Welcome(Reply):
-    """Answer to Hello: the store's version and the area's current size (0: inactive)."""
+    """Answer to Hello: the store's version, the area's size in slots (0: inactive),
+    and the store's capacity in pages."""
 
     TYPE: ClassVar[int] = 66
     request_id: int
     version: int
-    area_pages: int
+    area_slots: int
     capacity_pages: int
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
         _check(_is_int(self.version, 0, _MAX_U32), "version is a uint32")
-        _check(_is_int(self.area_pages, 0, MAX_SLOTS), "area_pages out of range")
+        _check(_is_int(self.area_slots, 0, MAX_SLOTS), "area_slots out of range")
         _check(_is_int(self.capacity_pages, 0, _MAX_U64), "capacity_pages out of range")
 
 
-@dataclass(frozen=True, slots=True)
-class Pages(Reply):
-    """Answer to SwapIn: the pages in request order, with their stored tags (a slot
-    never written reads as zeros tagged for generation 0)."""
+class Pages(Reply, _Batch):
+    """Answer to SwapIn: the pages in request order with their stored generations and
+    tags (a slot never written reads as zeros at generation 0), and their seals when
+    the SwapIn asked for them (zeros for a page stored without one)."""
 
     TYPE: ClassVar[int] = 67
-    request_id: int
-    data: bytes  # received: always bytes; a store may send the bytearray it filled
-    tags: tuple[int, ...]
+    __slots__ = ("data", "generations", "request_id", "seals", "tags")
 
-    def __post_init__(self) -> None:
-        _check_request_id(self.request_id)
-        _check(type(self.tags) is tuple, "tags must be a tuple")
-        count = len(self.tags)
-        _check(1 <= count <= MAX_BATCH_PAGES, "1..MAX_BATCH_PAGES pages")
-        _check_pages(self.data, self.tags, count)
+    def __init__(
+        self,
+        request_id: int,
+        data: Buffer,
+        tags: Sequence[int],
+        generations: Sequence[int],
+        seals: Buffer | None = None,
+    ) -> None:
+        _check_request_id(request_id)
+        n = len(tags)
+        if not 1 <= n <= MAX_BATCH_PAGES:
+            raise LocalProtocolError(f"1..{MAX_BATCH_PAGES} pages")
+        _check_pages(n, data, tags, generations, seals)
+        self.request_id = request_id
+        self.data = data
+        self.tags = _u32s(tags)
+        self.generations = _u64s(generations)
+        self.seals = seals
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.TYPE, self.request_id, bytes(self.data), tuple(self.tags),
+                tuple(self.generations), _bytes(self.seals))  # fmt: skip
+
+
+class Held(Reply, _Batch):
+    """Answer to Inventory: the slots held, ascending, each with its generation."""
+
+    TYPE: ClassVar[int] = 69
+    __slots__ = ("generations", "request_id", "slots")
+
+    def __init__(self, request_id: int, slots: Sequence[int], generations: Sequence[int]) -> None:
+        _check_request_id(request_id)
+        if len(slots) > MAX_INVENTORY_SLOTS or len(generations) != len(slots):
+            raise LocalProtocolError("one generation per slot, at most MAX_INVENTORY_SLOTS")
+        if not _ints_within(slots, 0, MAX_SLOTS - 1):
+            raise LocalProtocolError("slot out of range")
+        if not _ints_within(generations, 0, MAX_GENERATION):
+            raise LocalProtocolError("generations are uint64")
+        self.request_id = request_id
+        self.slots = _u64s(slots)
+        self.generations = _u64s(generations)
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.TYPE, self.request_id, tuple(self.slots), tuple(self.generations))
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +435,9 @@ class StatsReply(Reply):
         return dict(self.values)
 
 
-REQUESTS: tuple[type[Request], ...] = (Hello, Swapfile, SwapOut, SwapIn, Discard, Flush, Stats)
-REPLIES: tuple[type[Reply], ...] = (Ok, Failed, Welcome, Pages, StatsReply)
+REQUESTS: tuple[type[Request], ...] = (
+    Hello, Swapfile, SwapOut, SwapIn, Discard, Flush, Stats, Inventory,
+)  # fmt: skip
+REPLIES: tuple[type[Reply], ...] = (Ok, Failed, Welcome, Pages, StatsReply, Held)
+BATCHES: tuple[type[Message], ...] = (SwapOut, SwapIn, Pages, Held)
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in REQUESTS + REPLIES}

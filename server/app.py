@@ -63,10 +63,10 @@ async def start_store(
     connections: set[StoreProtocol] = set()
     loop = asyncio.get_running_loop()
 
-    def plain() -> asyncio.Protocol:
+    def plain() -> asyncio.BaseProtocol:
         return StoreProtocol(service, connections)
 
-    factory: Callable[[], asyncio.Protocol] = plain
+    factory: Callable[[], asyncio.BaseProtocol] = plain
     if tls is not None:  # the handshake first, then the same protocol over TLS
         factory = lambda: TlsAcceptor(tls, plain)  # noqa: E731
     server = await loop.create_server(factory, host, port, reuse_address=True)

@@ -22,15 +22,17 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from netswap.protocol import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
+    SEAL_SIZE,
     Discard,
     Failed,
     Flush,
+    Held,
     Hello,
+    Inventory,
     Ok,
     Pages,
     Reply,
@@ -199,17 +201,25 @@ class Session:
             began = time.perf_counter()
             area = backend.area(self.area_name)
             data = memoryview(request.data)
-            backend.write(area, request.slots, data, request.tags, request.generations)
+            backend.write(area, request.slots, data, request.tags, request.generations,
+                          request.seals)  # fmt: skip
             self._observe("swap_out", len(request.slots), began)
             return Ok(rid)
         if isinstance(request, SwapIn):
             began = time.perf_counter()
             area = backend.area(self.area_name)
-            out = bytearray(len(request.slots) * PAGE_SIZE)
-            crcs = backend.read(area, request.slots, memoryview(out))
-            self._observe("swap_in", len(request.slots), began)
+            n = len(request.slots)
+            out = bytearray(n * PAGE_SIZE)
+            seals = bytearray(n * SEAL_SIZE) if request.sealed else None
+            tags, gens = backend.read(area, request.slots, memoryview(out),
+                                      memoryview(seals) if seals is not None else None)  # fmt: skip
+            self._observe("swap_in", n, began)
             # The bytearray goes out as is (codec.encode_parts), without a copy into bytes.
-            return Pages(rid, cast(bytes, out), tuple(crcs))
+            return Pages(rid, out, tags, gens, seals)
+        if isinstance(request, Inventory):
+            area = backend.area(self.area_name)
+            slots, gens = backend.inventory(area, request.first, request.count)
+            return Held(rid, slots, gens)
         if isinstance(request, Discard):
             area = backend.area(self.area_name)
             for start, count in request.ranges:  # all or nothing: check before any work
@@ -258,8 +268,8 @@ class Session:
         if request.page_size != PAGE_SIZE:
             raise StoreError(errno.EINVAL, f"page size {request.page_size}; store uses {PAGE_SIZE}")
         if request.activate:
-            if request.pages == 0:
+            if request.slots == 0:
                 raise StoreError(errno.EINVAL, "an area needs at least one page")
-            self.service.backend.activate(self.area_name, request.pages)
+            self.service.backend.activate(self.area_name, request.slots)
             return Ok(request.request_id)
         return Slices(self.service.backend.release_steps(self.area_name), Ok(request.request_id))

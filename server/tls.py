@@ -79,7 +79,7 @@ class TlsAcceptor(asyncio.Protocol):
     """Accepts TCP, does the server side of the handshake, then hands the TLS
     transport to the real protocol and forwards its events to it."""
 
-    def __init__(self, ctx: ssl.SSLContext, inner: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, ctx: ssl.SSLContext, inner: Callable[[], asyncio.BaseProtocol]) -> None:
         self._ctx, self._inner_factory = ctx, inner
         self._inner: asyncio.Protocol | None = None
         self._early = bytearray()
@@ -107,7 +107,7 @@ class TlsAcceptor(asyncio.Protocol):
             return
         if tls is None:
             return
-        self._inner = self._inner_factory()
+        self._inner = cast(asyncio.Protocol, self._inner_factory())  # data_received: both kinds
         self._inner.connection_made(tls)
         if self._early:  # what the peer sent between the handshake and this line
             early, self._early = bytes(self._early), bytearray()

@@ -1,4 +1,8 @@
-"""asyncio.Protocol shell over the sans-IO Connection, for the page store.
+"""asyncio.BufferedProtocol shell over the sans-IO Connection, for the page store.
+
+The transport reads straight into the connection's own buffer (get_buffer /
+buffer_updated), so a batch's pages arrive with one copy, the kernel's, and a
+SwapOut's pages go from that buffer into the arena.
 
 Requests are answered synchronously as they are parsed (backend calls do not
 await), so per-connection in-flight work is bounded by one read chunk. A
@@ -48,7 +52,7 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
 
 
-class StoreProtocol(asyncio.Protocol):
+class StoreProtocol(asyncio.BufferedProtocol):
     def __init__(self, service: StoreService, connections: set[StoreProtocol]) -> None:
         self._service = service
         self._connections = connections
@@ -64,6 +68,7 @@ class StoreProtocol(asyncio.Protocol):
         self._frames = self._frames_armed = 0  # requests parsed; and when the timer was set
         self._timer: asyncio.TimerHandle | None = None  # handshake, then frame deadline
         self._conn.max_frame = MAX_HELLO_FRAME  # until the peer has authenticated
+        self._room = memoryview(b"")
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,7 +100,19 @@ class StoreProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._room = self._conn.get_buffer()
+        return self._room
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._frames and not self._conn.buffered and bytes(self._room[:2]) == b"\x16\x03":
+            self._tls_hint = " (a TLS ClientHello: does this store need --tls-cert?)"
+        self._conn.buffer_updated(nbytes)
+        self._drain_events()
+
     def data_received(self, data: bytes) -> None:
+        """For transports that hand over bytes (TLS, through tls.TlsAcceptor): the
+        same as a read."""
         if not self._frames and not self._conn.buffered and data[:2] == b"\x16\x03":
             self._tls_hint = " (a TLS ClientHello: does this store need --tls-cert?)"
         self._conn.receive_data(data)

@@ -3,7 +3,7 @@
 In the manner of uvicorn's MockTransport: the agent runs unchanged (its loop,
 links, batching, replicas, repair) but `connect_store` hands it a FakeClient
 over a FakeStore's dict instead of a socket to a store process. Tags are the
-real ones (protocol.batch_tags), so the agent's end-to-end check still runs.
+real ones (protocol.tags_of), so the agent's end-to-end check still runs.
 Each fault a test needs is one knob on the store: refuse connections, drop
 every connection (kill -9), hold replies (a frozen store), refuse writes.
 """
@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from netswap.client.rpc import ConnectionLost, StoreClient, check_pages
-from netswap.protocol import PAGE_SIZE, Pages, StoreError, Welcome, area_seed, batch_tags
+from netswap.client.rpc import ConnectionLost, StoreClient
+from netswap.protocol import PAGE_SIZE, Pages, StoreError, Welcome, area_seed, page_tag
+from netswap.protocol.messages import Buffer
 
 ZERO = bytes(PAGE_SIZE)
 
@@ -67,7 +69,7 @@ class FakeClient:
         self.store = store
         self.area_seed = area_seed(area)
         pages = max(store.pages, default=-1) + 1 if store.pages else 0
-        self.welcome = Welcome(1, 2, pages, store.capacity_pages)
+        self.welcome = Welcome(1, 3, pages, store.capacity_pages)
         self.connected = True
         self._on_lost: Callable[[Exception], None] | None = None
 
@@ -96,14 +98,16 @@ class FakeClient:
     def start_swap_out(
         self,
         slots: Sequence[int],
-        pages: bytes | Sequence[bytes | memoryview],
+        pages: Sequence[Buffer],
         tags: Sequence[int],
-        generations: bytes,
+        generations: Sequence[int],
+        seals: Buffer | None,
         done: Callable[[Exception | None], None],
     ) -> None:
         store = self.store
         store.swap_outs += 1
-        data = pages if isinstance(pages, bytes) else b"".join(pages)  # copied now, as sent
+        data = b"".join(pages)  # copied now, as sent
+        slots, tags, generations = list(slots), list(tags), list(generations)
 
         def reply() -> None:
             if not self.connected:
@@ -117,35 +121,28 @@ class FakeClient:
 
         self._reply(reply)
 
-    def start_swap_in(self, slots: Sequence[int], generations: bytes,
-                      done: Callable[[bytes, Exception | None], None],
-                      current: Callable[[], bytes] | None = None) -> None:  # fmt: skip
+    def start_swap_in(self, slots: Sequence[int], sealed: bool,
+                      done: Callable[[Pages | None, Exception | None], None]) -> None:  # fmt: skip
         def reply() -> None:
             if not self.connected:
-                return done(b"", ConnectionLost("gone"))
-            data, failure = self._read(slots, generations, current)
-            done(data, failure)
+                return done(None, ConnectionLost("gone"))
+            done(self._pages(slots), None)
 
         self._reply(reply)
 
-    def _read(self, slots: Sequence[int], generations: bytes,
-              current: Callable[[], bytes] | None) -> tuple[bytes, Exception | None]:  # fmt: skip
-        """The pages as a store would answer, proven by the real client's check."""
-        data = b"".join(self.store.pages.get(s, (ZERO, 0, 0))[0] for s in slots)
-        tags = tuple(self.store.pages.get(s, (ZERO, 0, 0))[1] for s in slots)
-        failure = check_pages(self.area_seed, Pages(0, data, tags), tuple(slots), generations,
-                              current)  # fmt: skip
-        return (b"", failure) if failure is not None else (data, None)
+    def _pages(self, slots: Sequence[int]) -> Pages:
+        """The pages as a store answers: its bytes, tags and generations (a slot never
+        written: zeros at generation 0); the agent proves them itself."""
+        seed = self.area_seed
+        held = [self.store.pages.get(s) or (ZERO, page_tag(ZERO, seed, s, 0), 0) for s in slots]
+        return Pages(0, b"".join(h[0] for h in held), array("I", [h[1] for h in held]),
+                     array("Q", [h[2] for h in held]))  # fmt: skip
 
-    async def swap_in_unproven(self, slots: Sequence[int],
-                               generations: bytes) -> tuple[bytes, list[int]]:  # fmt: skip
-        data = b"".join(self.store.pages.get(s, (ZERO, 0, 0))[0] for s in slots)
-        computed = batch_tags(data, self.area_seed, list(slots), generations)
-        stored = [self.store.pages.get(s, (ZERO, 0, 0))[1] for s in slots]
-        return data, [i for i, tag in enumerate(stored) if computed[i] != tag]
+    async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
+        return self._pages(slots)
 
     # -- control --------------------------------------------------------------
-    async def swapfile(self, activate: bool, pages: int) -> None:
+    async def swapfile(self, activate: bool, slots: int) -> None:
         if not activate:
             self.store.pages.clear()
 

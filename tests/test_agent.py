@@ -14,8 +14,8 @@ from typing import Any
 
 import nbd
 import pytest
-from netswap.client.agent.device import RemoteDevice
 from netswap.client.agent.placement import IN_SYNC, STALE
+from netswap.client.agent.remote import RemoteDevice
 from netswap.client.statscmd import fetch
 
 from .conftest import free_port
@@ -285,7 +285,7 @@ def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds
             submit = agent.submit
 
             def held_submit(fn: Callable[..., None], *args: Any) -> None:
-                if fn == agent.submit_write and not routed.is_set():  # the thread stalls
+                if fn == agent.routing.submit_write and not routed.is_set():  # the thread stalls
                     threading.Timer(1.0, lambda: (submit(fn, *args), routed.set())).start()
                 else:
                     submit(fn, *args)
@@ -325,12 +325,12 @@ def test_a_resync_begun_while_a_direct_write_is_on_its_way_waits_for_it() -> Non
         )  # fmt: skip
         device.start()
         try:
-            agent, direct = device.agent, device.direct_writes
-            assert direct is not None
+            agent, direct = device.agent, device.direct
+            assert direct is not None and direct.writes
+            figures = direct.write_figures
             device.pwrite(memoryview(b"\1" * PAGE * 8), 0, False)  # places the slab: loop
             device.pwrite(memoryview(b"\1" * PAGE * 8), 0, False)  # direct
-            assert direct.counters == {"direct_writes": 1, "direct_write_fallbacks": 1,
-                                       "pages": 8}  # fmt: skip
+            assert (figures.requests, figures.fallbacks, figures.pages) == (1, 1, 8)
             sending, release = threading.Event(), threading.Event()
             send = direct._send
 
@@ -357,12 +357,12 @@ def test_a_resync_begun_while_a_direct_write_is_on_its_way_waits_for_it() -> Non
             repair.result(30)
             writer.join(10)
             assert table.state[0 * table.replicas + position] == IN_SYNC
-            assert direct.counters["direct_writes"] == 2
+            assert figures.requests == 2
             # A resync under way: a lone write of that slab goes through the loop.
             agent.repair.syncing[0] = set()
             device.pwrite(memoryview(b"\3" * PAGE), 6 * PAGE, False)
             assert agent.repair.syncing.pop(0) == {6}  # the loop noted it for the copy
-            assert direct.counters["direct_write_fallbacks"] == 2
+            assert figures.fallbacks == 2
             procs[0].kill()  # store 1 alone must hold every page, the resync's and the writes'
             out = bytearray(PAGE * 8)
             device.pread(memoryview(out), 0)

@@ -7,7 +7,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 from netswap.client.agent.placement import (
@@ -19,6 +18,7 @@ from netswap.client.agent.placement import (
 )
 from netswap.client.agent.policy import BatchPolicy
 from netswap.client.agent.reserve import Reserve, ReserveTimeout
+from netswap.client.agent.slots import LOST, MAX_COUNT, WRITTEN, SlotMap
 from netswap.server.ops.pressure import Pressure, parse_meminfo, parse_psi, parse_watermarks, sample
 
 CALM = Pressure.calm()
@@ -108,7 +108,7 @@ def test_power_of_two_choices_prefers_free_stores_and_spreads_load() -> None:
 
 
 def test_slab_table_places_distinct_replicas_and_tracks_states() -> None:
-    table = SlabTable(pages=10_000, slab_pages=1000, replicas=2)
+    table = SlabTable(slots=10_000, slab_slots=1000, replicas=2)
     assert table.slabs == 10
     table.place(3, [0, 1, 2], lambda s: 10, random.Random(1))
     stores = [s for _, s, _ in table.replicas_of(3)]
@@ -116,7 +116,7 @@ def test_slab_table_places_distinct_replicas_and_tracks_states() -> None:
     table.set_state(3, 0, DOWN)
     assert table.replicas_of(3)[0][2] == DOWN
     assert table.slabs_on(stores[1]) == [(3, 1)]
-    single = SlabTable(pages=100, slab_pages=10, replicas=3)
+    single = SlabTable(slots=100, slab_slots=10, replicas=3)
     single.place(0, [5], lambda s: 1, random.Random(1))  # fewer stores than replicas
     assert [s for _, s, _ in single.replicas_of(0)] == [5]
     assert single.store[1] == UNPLACED
@@ -124,41 +124,58 @@ def test_slab_table_places_distinct_replicas_and_tracks_states() -> None:
         single.place(1, [], lambda s: 1, random.Random(1))
 
 
-@pytest.mark.parametrize("slab_pages", [8, 10, 64, 1000])
-def test_written_in_counts_a_slab_like_a_loop_would(slab_pages: int) -> None:
-    table = SlabTable(pages=5000, slab_pages=slab_pages, replicas=1)
-    rng = random.Random(slab_pages)
-    for slot in rng.sample(range(5000), 1700):
-        table.mark_written_run(slot, 1)
-    for slab in range(table.slabs):
-        expect = sum(1 for s in table.slab_slots(slab) if table.is_written(s))
-        assert table.written_in(slab) == expect
+def test_written_in_counts_slots_like_a_loop_would() -> None:
+    slots = SlotMap(5000)
+    for slot in random.Random(7).sample(range(5000), 1700):
+        slots.write_run(slot, 1)
+    for first, stop in ((0, 5000), (8, 13), (999, 2001), (4990, 5000)):
+        expect = sum(1 for s in range(first, stop) if slots.is_written(s))
+        assert slots.written_in(first, stop) == expect
+        assert slots.written_slots(first, stop) == [s for s in range(first, stop)
+                                                    if slots.is_written(s)]  # fmt: skip
 
 
-def test_written_and_lost_bitmaps() -> None:
-    table = SlabTable(pages=20, slab_pages=8, replicas=1)
-    table.mark_written_run(0, 1)
-    table.mark_written_run(7, 2)  # a run across a byte of the bitmap
-    table.mark_written_run(19, 1)
-    assert [s for s in range(20) if table.is_written(s)] == [0, 7, 8, 19]
-    table.forget(7)
-    table.mark_lost(8)
-    assert not table.is_written(7) and not table.is_written(8)
-    assert table.is_lost(8) and not table.is_lost(0) and not table.is_lost(7)
-    table.forget(8)  # trimmed: reads as zeros again
-    assert not table.is_lost(8)
-    table.mark_lost(9)
-    table.mark_written_run(9, 3)  # written again: no longer lost
-    assert not table.is_lost(9) and table.is_written(11) and not table.is_written(12)
-    assert list(table.slab_slots(2)) == [16, 17, 18, 19]
+def test_slot_states_and_counts() -> None:
+    slots = SlotMap(20, epoch=3)
+    slots.write_run(0, 1)
+    counts, gens = slots.write_run(7, 2)
+    assert list(counts) == [1, 1] and list(gens) == [3 << 32 | 1] * 2
+    slots.write_run(19, 1)
+    assert [s for s in range(20) if slots.is_written(s)] == [0, 7, 8, 19]
+    slots.forget_run(7, 1)
+    slots.mark_lost(8)
+    assert not slots.is_written(7) and not slots.is_written(8)
+    assert slots.is_lost(8) and not slots.is_lost(0) and not slots.is_lost(7)
+    slots.forget_run(8, 1)  # trimmed: reads as zeros again
+    assert not slots.is_lost(8)
+    counts, _ = slots.write_run(7, 3)  # written again: counts go on, never repeat
+    assert list(counts) == [2, 2, 1] and not slots.is_lost(8) and slots.is_written(9)
+    assert list(slots.counts_of([7, 19, 0])) == [2, 1, 1]
+
+
+def test_a_count_that_would_wrap_raises_the_epoch_so_no_generation_repeats() -> None:
+    slots = SlotMap(4, epoch=1)
+    slots.counts[2] = MAX_COUNT
+    first = slots.generation(MAX_COUNT)
+    counts, gens = slots.write_run(2, 1)
+    assert list(counts) == [1] and gens[0] == 2 << 32 | 1 and gens[0] != first
+    assert slots.epoch == 2
+
+
+def test_a_rebuild_restores_counts_and_the_highest_epoch() -> None:
+    slots = SlotMap(8, epoch=1)
+    slots.restore(5, 4 << 32 | 17)
+    assert slots.is_written(5) and list(slots.counts_of([5])) == [17] and slots.epoch == 4
+    assert slots.state[5] == WRITTEN and LOST != WRITTEN
 
 
 def test_agent_metadata_is_under_16_bytes_per_slot_at_16_gib() -> None:
     slots = (16 << 30) // 4096
-    table = SlabTable(pages=slots, slab_pages=(64 << 20) // 4096, replicas=2)
-    assert table.metadata_bytes() / slots <= 16
-    # two bitmaps, a generation byte per slot, and a tiny slab table
-    assert table.metadata_bytes() / slots < 1.3
+    table = SlabTable(slots=slots, slab_slots=(64 << 20) // 4096, replicas=2)
+    per_slot = (table.metadata_bytes() + SlotMap(slots).metadata_bytes()) / slots
+    assert per_slot <= 16
+    # a state byte and a 4-byte write count per slot, and a tiny slab table
+    assert per_slot < 5.1
 
 
 def test_reserve_hands_out_and_takes_back_buffers() -> None:
@@ -180,52 +197,3 @@ def test_reserve_hands_out_and_takes_back_buffers() -> None:
     assert reserve.waits == 2 and reserve.high_water == 60
     with pytest.raises(ValueError):
         Reserve(4096)
-
-
-class YieldingBytes(bytearray):
-    """A bitmap that hands the GIL over between reading a byte and writing it back.
-
-    CPython 3.11 never switches threads inside `b[i] |= bit`, so the lost update
-    the lock prevents cannot show with a plain bytearray; this opens the window
-    that another interpreter (or a later change) may open.
-    """
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        time.sleep(0)
-        super().__setitem__(index, value)
-
-
-def test_bitmap_writers_on_two_threads_never_undo_each_other() -> None:
-    """nbdkit's threads mark writes while the loop marks pages lost, in one byte.
-
-    Slot 0 is only written by thread A, slot 7 only marked lost (then trimmed) by
-    thread B; both bits live in byte 0. Unless the writers share a lock, B's
-    read-modify-write straddles A's and undoes it: A then finds its own slot
-    unwritten right after writing it.
-    """
-    table = SlabTable(pages=8, slab_pages=8, replicas=1)
-    table.written = YieldingBytes(table.written)
-    table.lost = YieldingBytes(table.lost)
-    stop = threading.Event()
-    undone: list[int] = []
-
-    def writer() -> None:
-        for i in range(2_000):
-            table.forget(0)
-            table.mark_written_run(0, 1)
-            if not table.is_written(0):
-                undone.append(i)
-                break
-        stop.set()
-
-    def declare_lost() -> None:
-        while not stop.is_set():
-            table.mark_lost(7)
-            table.forget(7)
-
-    threads = [threading.Thread(target=writer), threading.Thread(target=declare_lost)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not undone, f"a write of slot 0 was undone at iteration {undone[0]}"

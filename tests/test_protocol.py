@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import random
 import struct
+from array import array
 
 import netswap.protocol as p
 import pytest
@@ -19,37 +20,42 @@ from netswap.protocol import (
     RemoteProtocolError,
     Role,
 )
-from netswap.protocol.codec import BULK_MIN, encode_parts
+from netswap.protocol.codec import encode_parts
 
 ids = st.integers(0, 2**32 - 1)
-slot_tuples = st.lists(st.integers(0, p.MAX_SLOTS - 1), min_size=1, max_size=8, unique=True).map(
-    tuple
-)
+slot_lists = st.one_of(
+    st.lists(st.integers(0, p.MAX_SLOTS - 1), min_size=1, max_size=8, unique=True),
+    st.builds(lambda first, n: range(first, first + n), st.integers(0, 2**40 - 9),
+              st.integers(1, 8)),
+)  # fmt: skip
 crc = st.integers(0, 2**32 - 1)
+gen = st.integers(1, 2**64 - 1)
 
 
 @st.composite
 def swap_outs(draw: st.DrawFn) -> p.SwapOut:
-    slots = draw(slot_tuples)
-    data = draw(st.binary(min_size=len(slots) * PAGE_SIZE, max_size=len(slots) * PAGE_SIZE))
-    tags = tuple(draw(crc) for _ in slots)
-    gens = bytes(draw(st.integers(1, 255)) for _ in slots)
-    return p.SwapOut(draw(ids), slots, data, tags, gens)
+    slots = draw(slot_lists)
+    n = len(slots)
+    data = draw(st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE))
+    seals = draw(st.one_of(st.none(), st.binary(min_size=16 * n, max_size=16 * n)))
+    tags = [draw(crc) for _ in range(n)]
+    return p.SwapOut(draw(ids), slots, data, tags, [draw(gen) for _ in range(n)], seals)
 
 
 @st.composite
 def pages_replies(draw: st.DrawFn) -> p.Pages:
     n = draw(st.integers(1, 4))
     data = draw(st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE))
-    return p.Pages(draw(ids), data, tuple(draw(crc) for _ in range(n)))
+    seals = draw(st.one_of(st.none(), st.binary(min_size=16 * n, max_size=16 * n)))
+    gens = [draw(st.integers(0, 2**64 - 1)) for _ in range(n)]
+    return p.Pages(draw(ids), data, [draw(crc) for _ in range(n)], gens, seals)
 
 
 area_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
 requests = st.one_of(
-    st.builds(p.Hello, ids, st.integers(0, 2**32 - 1), area_names, st.text(max_size=40)),
     st.builds(p.Swapfile, ids, st.booleans(), st.integers(0, p.MAX_SLOTS), st.just(PAGE_SIZE)),
     swap_outs(),
-    st.builds(p.SwapIn, ids, slot_tuples),
+    st.builds(p.SwapIn, ids, slot_lists, st.booleans()),
     st.builds(
         p.Discard,
         ids,
@@ -59,13 +65,13 @@ requests = st.one_of(
     ),
     st.builds(p.Flush, ids),
     st.builds(p.Stats, ids),
+    st.builds(p.Inventory, ids, st.integers(0, 2**39), st.integers(1, p.MAX_INVENTORY_SLOTS)),
 )
 replies = st.one_of(
     st.builds(p.Ok, ids),
     st.builds(
         p.Failed, ids, st.sampled_from([errno.ENOSPC, errno.EIO, errno.EPERM]), st.text(max_size=50)
     ),
-    st.builds(p.Welcome, ids, st.integers(0, 9), st.integers(0, 2**30), st.integers(0, 2**40)),
     pages_replies(),
     st.builds(
         p.StatsReply,
@@ -74,12 +80,35 @@ replies = st.one_of(
             st.tuples(st.text(min_size=1, max_size=10), st.integers(0, 2**64 - 1)), max_size=5
         ).map(tuple),
     ),
-)
+    st.builds(lambda rid, pairs: p.Held(rid, sorted({s for s, _ in pairs}),
+                                        [g for _, g in sorted(dict(pairs).items())]),
+              ids, st.lists(st.tuples(st.integers(0, 2**40 - 1), st.integers(0, 2**64 - 1)),
+                            max_size=6)),
+)  # fmt: skip
+
+
+def handshaken() -> tuple[Connection, Connection]:
+    """A client and a server past Hello and Welcome: batches' layout from now on."""
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    server.receive_data(client.send(p.Hello(0, p.PROTOCOL_VERSION, "a", "")))
+    assert isinstance(server.next_event(), p.Hello)
+    client.receive_data(server.send(p.Welcome(0, p.PROTOCOL_VERSION, 0, 1 << 20)))
+    assert isinstance(client.next_event(), p.Welcome)
+    assert client.handshaken and server.handshaken
+    return client, server
+
+
+def server_past_hello() -> Connection:
+    return handshaken()[1]
+
+
+def frame_of(message: p.Message) -> bytes:
+    return p.encode(message)
 
 
 @given(requests)
 def test_every_request_round_trips_through_both_sides(message: p.Request) -> None:
-    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    client, server = handshaken()
     server.receive_data(client.send(message))
     assert server.next_event() == message
     assert server.next_event() is NEED_DATA
@@ -88,14 +117,15 @@ def test_every_request_round_trips_through_both_sides(message: p.Request) -> Non
 
 @given(replies)
 def test_every_reply_round_trips(message: p.Reply) -> None:
-    assert p.decode(p.encode(message)[4:]) == message
+    frame = p.encode(message)
+    assert p.decode(memoryview(frame)[4:]) == message
 
 
 @given(st.one_of(requests, replies))
 def test_a_frame_in_parts_is_the_same_bytes_as_the_frame(message: p.Message) -> None:
     parts = encode_parts(message)
     assert b"".join(parts) == p.encode(message)
-    if isinstance(message, (p.SwapOut, p.Pages)) and len(message.data) >= BULK_MIN:
+    if isinstance(message, (p.SwapOut, p.Pages)):
         assert any(part is message.data for part in parts)  # the pages: their own buffer
 
 
@@ -103,28 +133,50 @@ def test_a_frame_in_parts_is_the_same_bytes_as_the_frame(message: p.Message) -> 
 def test_a_swap_out_from_page_buffers_is_the_same_frame(n: int, seed: int, cut: int) -> None:
     rng = random.Random(seed)
     data = rng.randbytes(n * PAGE_SIZE)
-    slots = tuple(rng.sample(range(p.MAX_SLOTS), n))
-    tags, gens = (
-        tuple(rng.getrandbits(32) for _ in slots),
-        bytes(rng.randint(1, 255) for _ in slots),
-    )
+    slots = rng.sample(range(p.MAX_SLOTS), n) if seed % 2 else range(seed, seed + n)
+    tags = array("I", [rng.getrandbits(32) for _ in slots])
+    gens = array("Q", [rng.randint(1, 2**64 - 1) for _ in slots])
     message = p.SwapOut(seed, slots, data, tags, gens)
     views = [memoryview(data)[i : i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
-    parts = Connection(Role.CLIENT).send_swap_out(seed, slots, views, tags, gens)
+    client, _ = handshaken()
+    parts = client.send_swap_out(seed, slots, gens, tags, None, views)
     assert b"".join(parts) == p.encode(message)
     with pytest.raises(p.LocalProtocolError):  # a page short: refused, nothing sent
-        Connection(Role.CLIENT).send_swap_out(seed, slots, [*views[:-1], views[-1][:-cut]], tags,
-                                              gens)  # fmt: skip
+        handshaken()[0].send_swap_out(seed, slots, gens, tags, None,
+                                      [*views[:-1], views[-1][:-cut]])  # fmt: skip
+
+
+def test_consecutive_slots_travel_as_a_run_and_others_as_a_list() -> None:
+    run = p.encode(p.SwapIn(1, [7, 8, 9, 10]))
+    listed = p.encode(p.SwapIn(1, [7, 9, 8, 10]))
+    assert len(run) == 4 + 8 + 8 and len(listed) == 4 + 8 + 8 + 4 * 8
+    assert p.decode(memoryview(run)[4:]).slots == range(7, 11)  # type: ignore[attr-defined]
 
 
 def test_a_server_sends_a_batch_in_parts_the_client_reads_as_one() -> None:
-    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    client, server = handshaken()
     server.receive_data(client.send(p.SwapIn(7, (1, 2, 3, 4))))
     server.next_event()
-    reply = p.Pages(7, bytes(range(256)) * 64, tuple(range(4)))
+    reply = p.Pages(7, bytes(range(256)) * 64, range(4), [5, 6, 7, 8])
     for part in server.send_parts(reply):
         client.receive_data(part)
     assert client.next_event() == reply and client.in_flight == 0
+
+
+def test_a_batch_is_read_straight_into_the_connections_buffer() -> None:
+    _, server = handshaken()
+    message = p.SwapOut(3, range(10, 14), bytes(range(256)) * 64, [1, 2, 3, 4], [9, 9, 9, 9])
+    frame = p.encode(message)
+    at = 0
+    while at < len(frame):  # what recv_into / BufferedProtocol do
+        room = server.get_buffer()
+        take = min(len(room), len(frame) - at, 1000)
+        room[:take] = frame[at : at + take]
+        server.buffer_updated(take)
+        at += take
+    event = server.next_event()
+    assert event == message
+    assert isinstance(event, p.SwapOut) and isinstance(event.data, memoryview)  # no copy
 
 
 @given(requests, st.integers(1, 97))
@@ -132,7 +184,7 @@ def test_byte_by_byte_and_chunked_feeding_give_the_same_message(
     message: p.Request, chunk: int
 ) -> None:
     frame = p.encode(message)
-    server = Connection(Role.SERVER)
+    server = server_past_hello()
     events = []
     for i in range(0, len(frame), chunk):
         server.receive_data(frame[i : i + chunk])
@@ -155,11 +207,14 @@ def _drain(conn: Connection) -> list[object]:
 
 
 @settings(max_examples=300)
-@given(st.binary(max_size=2000), st.booleans())
+@given(st.binary(max_size=2000), st.booleans(), st.booleans())
 def test_arbitrary_bytes_yield_only_messages_or_remote_protocol_error(
-    junk: bytes, byte_by_byte: bool
+    junk: bytes, byte_by_byte: bool, past_hello: bool
 ) -> None:
-    conn = Connection(Role.SERVER)
+    def fresh() -> Connection:
+        return server_past_hello() if past_hello else Connection(Role.SERVER)
+
+    conn = fresh()
     chunks = [junk[i : i + 1] for i in range(len(junk))] if byte_by_byte else [junk] * bool(junk)
     seen: list[object] = []
     for piece in chunks:
@@ -167,7 +222,7 @@ def test_arbitrary_bytes_yield_only_messages_or_remote_protocol_error(
         seen += _drain(conn)
         if RemoteProtocolError in seen:
             break
-    conn2 = Connection(Role.SERVER)
+    conn2 = fresh()
     conn2.receive_data(junk)
     conn2.receive_data(b"")
     seen += _drain(conn2)
@@ -178,7 +233,7 @@ def test_arbitrary_bytes_yield_only_messages_or_remote_protocol_error(
 def test_a_valid_frame_followed_by_junk_yields_the_message_then_at_most_an_error(
     message: p.Request, junk: bytes
 ) -> None:
-    conn = Connection(Role.SERVER)
+    conn = server_past_hello()
     conn.receive_data(p.encode(message) + junk)
     conn.receive_data(b"")
     events = _drain(conn)
@@ -197,13 +252,13 @@ def test_oversized_length_is_rejected_before_any_payload_arrives() -> None:
 
 def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
     frame = p.encode(p.Flush(1))
-    conn = Connection(Role.SERVER)
+    conn = server_past_hello()
     conn.receive_data(frame[:-1])
     assert conn.next_event() is NEED_DATA
     conn.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="inside a frame"):
         conn.next_event()
-    clean = Connection(Role.SERVER)
+    clean = server_past_hello()
     clean.receive_data(frame)
     clean.receive_data(b"")
     assert clean.next_event() == p.Flush(1)
@@ -213,13 +268,14 @@ def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: p.SwapOut(1, (1, 2), bytes(PAGE_SIZE), (0, 0), b"\1\1"),  # data too short
-        lambda: p.SwapOut(1, (1, 1), bytes(2 * PAGE_SIZE), (0, 0), b"\1\1"),  # duplicate slot
-        lambda: p.SwapOut(1, (), b"", (), b""),  # empty batch
-        lambda: p.SwapOut(1, (1, 2), bytes(2 * PAGE_SIZE), (0, 0), b"\1"),  # one generation
-        lambda: p.SwapOut(1, (1, 2), bytes(2 * PAGE_SIZE), (0, 0), b"\1\0"),  # 0: unwritten
+        lambda: p.SwapOut(1, (1, 2), bytes(PAGE_SIZE), (0, 0), (1, 1)),  # data too short
+        lambda: p.SwapOut(1, (1, 1), bytes(2 * PAGE_SIZE), (0, 0), (1, 1)),  # duplicate slot
+        lambda: p.SwapOut(1, (), b"", (), ()),  # empty batch
+        lambda: p.SwapOut(1, (1, 2), bytes(2 * PAGE_SIZE), (0, 0), (1,)),  # one generation
+        lambda: p.SwapOut(1, (1, 2), bytes(2 * PAGE_SIZE), (0, 0), (1, 0)),  # 0: unwritten
+        lambda: p.SwapOut(1, (1,), bytes(PAGE_SIZE), (0,), (1,), bytes(15)),  # a seal short
         lambda: p.SwapIn(1, tuple(range(p.MAX_BATCH_PAGES + 1))),  # batch too big
-        lambda: p.SwapIn(1, (-1,)),
+        lambda: p.SwapIn(1, (p.MAX_SLOTS,)),
         lambda: p.SwapIn(2**32, (1,)),  # request id overflows uint32
         lambda: p.Hello(1, 1, "../etc", ""),  # area names are identifiers
         lambda: p.Hello(1, 1, "a" * 65, ""),
@@ -227,15 +283,17 @@ def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
         lambda: p.Swapfile(1, True, 10, 4000),
         lambda: p.Discard(1, ((5, 0),)),
         lambda: p.Failed(1, 0, "no errno"),
+        lambda: p.Inventory(1, 0, p.MAX_INVENTORY_SLOTS + 1),
+        lambda: p.Held(1, [1, 2], [1]),
     ],
 )
 def test_invalid_messages_cannot_be_built(build: object) -> None:
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises((LocalProtocolError, OverflowError)):
         build()  # type: ignore[operator]
 
 
 def test_roles_and_request_ids_are_enforced() -> None:
-    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    client, server = handshaken()
     with pytest.raises(LocalProtocolError):
         client.send(p.Ok(1))  # clients do not send replies
     with pytest.raises(LocalProtocolError):
@@ -248,18 +306,43 @@ def test_roles_and_request_ids_are_enforced() -> None:
     with pytest.raises(LocalProtocolError):
         client.send(p.Flush(9)) and client.send(p.Flush(9))
     # a reply nobody asked for is the store's fault
-    rogue = Connection(Role.CLIENT)
+    rogue, _ = handshaken()
     rogue.receive_data(p.encode(p.Ok(42)))
     with pytest.raises(RemoteProtocolError, match="unknown request"):
         rogue.next_event()
 
 
 def test_a_duplicate_request_id_in_flight_is_a_remote_error() -> None:
-    server = Connection(Role.SERVER)
+    server = server_past_hello()
     server.receive_data(p.encode(p.Flush(3)) * 2)
     assert server.next_event() == p.Flush(3)
     with pytest.raises(RemoteProtocolError, match="already in flight"):
         server.next_event()
+
+
+def test_only_a_hello_may_open_a_connection_and_nothing_but_its_answer_before_welcome() -> None:
+    conn = Connection(Role.SERVER)
+    conn.receive_data(p.encode(p.Flush(3)))  # a batch-layout frame before any Hello
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError):
+        client.send(p.Flush(1))  # nothing but a Hello before the Welcome
+
+
+def test_a_version_2_peer_and_this_one_understand_each_others_hello() -> None:
+    """Protocol 2 framed [TYPE, request_id, fields...] in msgpack; the handshake still
+    does, so an old agent reads the new store's refusal, and the other way round."""
+    import msgpack
+
+    old_hello = msgpack.packb([1, 5, 2, "host", ""])
+    server = Connection(Role.SERVER)
+    server.receive_data(struct.pack(">I", len(old_hello)) + old_hello)
+    hello = server.next_event()
+    assert hello == p.Hello(5, 2, "host", "")
+    refusal = server.send(p.Failed(5, errno.EPROTONOSUPPORT, "protocol 2; store speaks 3"))
+    assert msgpack.unpackb(refusal[4:]) == [65, 5, errno.EPROTONOSUPPORT,
+                                            "protocol 2; store speaks 3"]  # fmt: skip
 
 
 def test_well_formed_msgpack_with_the_wrong_shape_is_a_remote_error() -> None:
@@ -273,22 +356,31 @@ def test_well_formed_msgpack_with_the_wrong_shape_is_a_remote_error() -> None:
             conn.next_event()
 
 
+def test_a_batch_whose_head_disagrees_with_its_length_is_a_remote_error() -> None:
+    frame = bytearray(p.encode(p.SwapOut(1, [3, 5], bytes(2 * PAGE_SIZE), [1, 2], [1, 1])))
+    frame[6:8] = struct.pack("<H", 3)  # says three pages, carries two
+    conn = server_past_hello()
+    conn.receive_data(bytes(frame))
+    with pytest.raises(RemoteProtocolError, match="head says"):
+        conn.next_event()
+
+
 def test_tags_are_crc32_bound_to_area_slot_and_generation() -> None:
     import zlib
 
     data = bytes(range(256)) * 32
     first, second = data[:PAGE_SIZE], data[PAGE_SIZE:]
     seed = p.area_seed("swap0")
-    tags = p.batch_tags(data, seed, (5, 9), b"\1\7")
-    assert tags == (p.page_tag(first, seed, 5, 1), p.page_tag(second, seed, 9, 7))
+    tags = p.tags_of(data, seed, (5, 9), (1, 7 << 32 | 3))
+    assert list(tags) == [p.page_tag(first, seed, 5, 1), p.page_tag(second, seed, 9, 7 << 32 | 3)]
     assert tags[0] == zlib.crc32(first, p.slot_seed(seed, 5, 1))
-    # The same bytes elsewhere, or written before, or in another area: another tag.
+    # The same bytes elsewhere, or written before, or in another area, or another epoch.
     others = {
         p.page_tag(first, seed, 6, 1),
         p.page_tag(first, seed, 5, 2),
         p.page_tag(first, p.area_seed("swap1"), 5, 1),
+        p.page_tag(first, seed, 5, 1 << 32 | 1),
         zlib.crc32(first),
     }
-    assert tags[0] not in others and len(others) == 4
+    assert tags[0] not in others and len(others) == 5
     assert zlib.crc32(bytes(4096)) == p.ZERO_PAGE_CRC
-    assert [p.next_generation(g) for g in (0, 1, 254, 255)] == [1, 2, 255, 1]

@@ -7,6 +7,7 @@ import errno
 import random
 import struct
 import time
+from array import array
 from collections.abc import Callable
 
 import pytest
@@ -20,9 +21,9 @@ from netswap.protocol import (
     Role,
     StoreError,
     area_seed,
-    batch_tags,
     encode,
     page_tag,
+    tags_of,
 )
 from netswap.protocol.messages import Flush, Hello, Pages, Request, SwapIn, Welcome
 from netswap.server.app import StoreServer
@@ -96,11 +97,13 @@ async def test_wrong_token_is_eperm_and_areas_are_isolated(token_store: StoreSer
     assert token_store.service.counters["auth_failures"] == 2
 
 
-async def test_requests_before_hello_or_before_swapfile_fail_cleanly(store: StoreServer) -> None:
+async def test_requests_before_hello_or_before_swapfile_fail_cleanly(
+    store: StoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", store.port)
     writer.write(encode(Flush(1)))
-    reply = await reader.read(4096)
-    assert b"Hello" in reply  # Failed(EPERM, "send Hello first")
+    assert await reader.read(4096) == b""  # closed: the first frame must be a Hello
+    assert "the first frame must be a Hello" in caplog.text
     writer.close()
     await writer.wait_closed()
     client = await connect(store, "fresh")
@@ -158,21 +161,26 @@ async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> Non
     loop = asyncio.get_running_loop()
     pages = [bytes([n]) * PAGE_SIZE for n in range(1, 9)]
     wrote: asyncio.Future[Exception | None] = loop.create_future()
-    data, gens = b"".join(pages), b"\1" * 8
-    client.start_swap_out(range(8), data, batch_tags(data, client.area_seed, range(8), gens), gens,
-                          wrote.set_result)  # fmt: skip
+    data, gens = b"".join(pages), array("Q", [1] * 8)
+    client.start_swap_out(range(8), [data], tags_of(data, client.area_seed, range(8), gens), gens,
+                          None, wrote.set_result)  # fmt: skip
     assert await asyncio.wait_for(wrote, 5) is None
     read: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
-    client.start_swap_in([7, 0], b"\1\1", lambda data, failure: read.set_result((data, failure)))
+
+    def got(reply: Pages | None, failure: Exception | None) -> None:
+        read.set_result((bytes(reply.data) if reply is not None else b"", failure))
+
+    client.start_swap_in([7, 0], False, got)
     assert await asyncio.wait_for(read, 5) == (pages[7] + pages[0], None)
     refused: asyncio.Future[Exception | None] = loop.create_future()
-    client.start_swap_out([64], pages[0], [0], b"\1", refused.set_result)
+    client.start_swap_out([64], [pages[0]], array("I", [0]), array("Q", [1]), None,
+                          refused.set_result)  # fmt: skip
     failure = await asyncio.wait_for(refused, 5)  # beyond the area: the store's errno
     assert isinstance(failure, StoreError) and failure.errno == errno.EINVAL
     await store.close()
-    lost: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
-    client.start_swap_in([0], b"\1", lambda data, failure: lost.set_result((data, failure)))
-    data, failure = await asyncio.wait_for(lost, 5)
+    read = loop.create_future()
+    client.start_swap_in([0], False, got)
+    data, failure = await asyncio.wait_for(read, 5)
     assert data == b"" and isinstance(failure, ConnectionLost)
 
 
@@ -220,7 +228,8 @@ async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> 
         done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         page = bytes(PAGE_SIZE)
         began = time.monotonic()
-        client.start_swap_out([0], page, [0], b"\1", done.set_result)
+        client.start_swap_out([0], [page], array("I", [0]), array("Q", [1]), None,
+                              done.set_result)  # fmt: skip
         failure = await asyncio.wait_for(done, 5)
         elapsed = time.monotonic() - began
         assert isinstance(failure, TimeoutError)
@@ -231,14 +240,14 @@ async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> 
 async def test_a_garbled_reply_fails_every_pending_call_and_drops_the_connection() -> None:
     async with ScriptedStore(lambda conn, request: struct.pack(">I", 5) + b"junk!") as port:
         client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
-        batch: asyncio.Future[tuple[bytes, Exception | None]] = (
+        batch: asyncio.Future[tuple[Pages | None, Exception | None]] = (
             asyncio.get_running_loop().create_future()
         )
-        client.start_swap_in([0], b"\1", lambda data, failure: batch.set_result((data, failure)))
+        client.start_swap_in([0], False, lambda reply, failure: batch.set_result((reply, failure)))
         with pytest.raises(ConnectionLost, match="garbage"):
             await client.flush()
-        data, failure = await asyncio.wait_for(batch, 5)
-        assert data == b"" and isinstance(failure, ConnectionLost)
+        reply, failure = await asyncio.wait_for(batch, 5)
+        assert reply is None and isinstance(failure, ConnectionLost)
         assert not client.connected
         await client.close()
 
@@ -261,20 +270,34 @@ async def test_a_page_that_is_not_the_slots_latest_is_eio_not_data(
     def pages(conn: Connection, request: Request) -> bytes:
         assert isinstance(request, SwapIn)
         tag = page_tag(page, area_seed("a"), slot, generation) ^ flip
-        return conn.send(Pages(request.request_id, page, (tag,)))
+        # The store claims the generation asked for; the tag says otherwise (or not).
+        return conn.send(Pages(request.request_id, page, (tag,), (1,)))
 
     async with ScriptedStore(pages) as port:
         client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
-        got: asyncio.Future[tuple[bytes, Exception | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        client.start_swap_in([3], b"\1", lambda data, failure: got.set_result((data, failure)))
-        data, failure = await asyncio.wait_for(got, 5)
-        assert data == b"" and isinstance(failure, StoreError) and failure.errno == errno.EIO, why
-        with pytest.raises(StoreError, match="not its own page"):
-            await client.swap_in([3], b"\1")
-        if (slot, flip) == (3, 0):  # the right page at a later generation: a raced write
-            assert await client.swap_in([3], b"\1", lambda: bytes([generation])) == page
+        with pytest.raises(StoreError, match="does not match its tag") as info:
+            await client.swap_in([3], [1])
+        assert info.value.errno == errno.EIO, why
+        await client.close()
+
+
+async def test_a_page_from_an_older_write_is_eio_unless_a_raced_write_explains_it() -> None:
+    """A page intact at its own generation, but not from the write the reader last
+    made (a replica behind): EIO -- unless a write raced the read and the reader's
+    count moved on to exactly that one."""
+    page = b"y" * PAGE_SIZE
+
+    def pages(conn: Connection, request: Request) -> bytes:
+        assert isinstance(request, SwapIn)
+        tag = page_tag(page, area_seed("a"), 3, 7 << 32 | 2)
+        return conn.send(Pages(request.request_id, page, (tag,), (7 << 32 | 2,)))
+
+    async with ScriptedStore(pages) as port:
+        client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
+        with pytest.raises(StoreError, match="holds write 2, not write 3"):
+            await client.swap_in([3], [3])
+        assert await client.swap_in([3], [1], lambda: array("I", [2])) == page
+        assert await client.swap_in([3], [2]) == page
         await client.close()
 
 

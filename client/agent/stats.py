@@ -16,8 +16,7 @@ from netswap.server.ops.snapshot import RecentDecision, ReserveFigures, Snapshot
 from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
-from .direct import DirectReads
-from .directwrite import DirectWrites
+from .direct import DirectPath
 from .placement import DOWN, STALE, SYNCING
 from .policy import REASONS
 
@@ -26,31 +25,25 @@ RECENT_SHOWN = 20
 
 
 def agent_source(
-    agent: Agent,
-    local_reads: Callable[[], int],
-    direct: DirectReads | None = None,
-    direct_writes: DirectWrites | None = None,
+    agent: Agent, local_reads: Callable[[], int], direct: DirectPath | None = None
 ) -> Source:
-    """local_reads: pages the device served itself (reserve copies, zeros); direct,
-    direct_writes: the swap-ins and lone swap-outs done on nbdkit's threads, merged
-    into the swap_in and swap_out figures."""
+    """local_reads: pages the device served itself (reserve copies, zeros); direct: the
+    swap-ins and lone swap-outs done on nbdkit's threads, merged into the swap_in and
+    swap_out figures."""
 
     def snapshot() -> Snapshot:
         c = agent.counters
         reserve = agent.reserve
         now = time.monotonic()
         latency, batches = dict(agent.rpc_latency), dict(agent.batch_sizes)
-        direct_pages = 0
+        in_direct = out_direct = 0
         if direct is not None:
-            latency["swap_in"] = Recorder.merged(latency["swap_in"], direct.latency)
-            batches["swap_in"] = Recorder.merged(batches["swap_in"], direct.batches)
-            direct_pages = direct.counters["pages"]
-        by_path = {"direct": direct_pages, "loop": c["swap_in_pages"], "local": local_reads()}
-        out_direct = 0
-        if direct_writes is not None:
-            latency["swap_out"] = Recorder.merged(latency["swap_out"], direct_writes.latency)
-            batches["swap_out"] = Recorder.merged(batches["swap_out"], direct_writes.batches)
-            out_direct = direct_writes.counters["pages"]
+            for op, figures in (("swap_in", direct.read_figures),
+                                ("swap_out", direct.write_figures)):  # fmt: skip
+                latency[op] = Recorder.merged(latency[op], figures.latency)
+                batches[op] = Recorder.merged(batches[op], figures.batches)
+            in_direct, out_direct = direct.read_figures.pages, direct.write_figures.pages
+        by_path = {"direct": in_direct, "loop": c["swap_in_pages"], "local": local_reads()}
         out_by_path = {"direct": out_direct, "loop": c["swap_out_pages"]}
         return replace(
             empty("agent"),
@@ -85,19 +78,19 @@ def store_rows(agent: Agent) -> list[StoreRow]:
     """One row per store for the dashboard: health, usage, slabs by state."""
     table = agent.table
     rows = []
-    for link in agent.links:
-        states = [table.state[i] for i, s in enumerate(table.store) if s == link.index]
+    for store in agent.stores:
+        states = [table.state[i] for i, s in enumerate(table.store) if s == store.index]
         rows.append(
             StoreRow(
-                name=link.name,
-                up=link.up,
-                used_bytes=link.used_pages * PAGE_SIZE,
-                capacity_bytes=link.capacity_pages * PAGE_SIZE,
+                name=store.name,
+                up=store.up,
+                used_bytes=store.used_pages * PAGE_SIZE,
+                capacity_bytes=store.capacity_pages * PAGE_SIZE,
                 slabs=len(states),
                 stale=sum(1 for st in states if st in (STALE, DOWN)),
                 syncing=sum(1 for st in states if st == SYNCING),
-                failures=link.counters["failures"],
-                reconnects=link.counters["reconnects"],
+                failures=store.counters["failures"],
+                reconnects=store.counters["reconnects"],
             )
         )
     return rows

@@ -212,7 +212,7 @@ class PluginConfig:
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":
-            from ..agent.device import RemoteDevice
+            from ..agent.remote import RemoteDevice
 
             return RemoteDevice.open(
                 stores=self.stores, area=self.area, size=self.size,

@@ -5,8 +5,10 @@ named swap area whose slot map (slotmap.py: sparse by cluster, bounded by the
 store's capacity, not by the area's declared size) says which arena page holds
 each slot. Per arena page the store keeps the page's tag (4 B: a CRC32 bound
 to area, slot and write generation -- protocol/checksum.py) and generation
-(1 B); the free stack adds 4 B: about 9 bytes per 4 KiB page, plus ~4.4 bytes
-per mapped slot in clusters.
+(8 B); the free stack adds 4 B: 16 bytes per 4 KiB page, plus ~4.4 bytes per
+mapped slot in clusters. A page written sealed (encrypted by its agent) has its
+16-byte seal kept too, in an array made on the first such write and backed by
+memory only where written.
 
 Reads verify the tag against the slot asked for, so a slot map pointing at the
 wrong page is EIO, never another slot's data. Work that a client can make large
@@ -20,6 +22,7 @@ loop, or nbdkit serialising all requests, is the single caller.
 from __future__ import annotations
 
 import errno
+import mmap
 from array import array
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -27,12 +30,15 @@ from concurrent.futures import Future
 from netswap.protocol import (
     NEVER_WRITTEN,
     PAGE_SIZE,
+    SEAL_SIZE,
     ZERO_PAGE,
     StoreError,
     page_tag,
 )
 
 from .slotmap import CLUSTER_SLOTS, MAX_AREAS, UNMAPPED, Area, ClusterBudget
+
+Buffer = bytes | bytearray | memoryview
 
 # One step of sliced work: units done (the unit: below), or a Future to wait for.
 Step = int | Future[None]
@@ -62,7 +68,8 @@ class BackendCore:
         self.areas: dict[str, Area] = {}
         self.budget = ClusterBudget(capacity_pages)
         self.tags = array("I", [0]) * capacity_pages
-        self.generations = bytearray(capacity_pages)
+        self.generations = array("Q", [0]) * capacity_pages
+        self._seals: mmap.mmap | None = None  # made on the first sealed write
         # A stack of free arena pages; popping from the end hands out 0, 1, 2, ...
         self.free = array("i", range(capacity_pages - 1, -1, -1))
         # Set when slot maps were lost (a corrupt index record): a slot with no page
@@ -158,12 +165,14 @@ class BackendCore:
         slots: Sequence[int],
         data: memoryview,
         tags: Sequence[int] | None,
-        generations: bytes | None = None,
+        generations: Sequence[int] | None = None,
+        seals: Buffer | None = None,
     ) -> None:
         """Store len(slots) pages from `data`; all of them or (on error) none.
 
         `tags` and `generations` come from the writer (the agent); without them
         (an in-process caller) the store tags each page for LOCAL_GENERATION.
+        `seals`, when given, are kept beside the pages (SEAL_SIZE bytes each).
         """
         self._check_slots(area, slots)
         cow = self.copy_on_write
@@ -197,8 +206,32 @@ class BackendCore:
             self._store(page, view)
             self.tags[page] = tag
             self.generations[page] = gen
+            self._keep_seal(page, seals, i)
         self.counters["pages_written"] += len(slots)
         area.written += len(slots)
+
+    def _keep_seal(self, page: int, seals: Buffer | None, index: int, count: int = 1) -> None:
+        """Keep seals[index:index+count] for pages page..page+count-1 (or forget theirs)."""
+        if seals is None and self._seals is None:
+            return
+        if self._seals is None:
+            # MAP_NORESERVE, zero-filled: memory follows the pages written sealed.
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self._seals = mmap.mmap(-1, self.capacity_pages * SEAL_SIZE, flags=flags)
+        at, size = page * SEAL_SIZE, count * SEAL_SIZE
+        if seals is None:
+            self._seals[at : at + size] = bytes(size)
+        else:
+            self._seals[at : at + size] = seals[index * SEAL_SIZE : index * SEAL_SIZE + size]
+
+    def seals_into(self, page: int, count: int, out: memoryview, index: int) -> None:
+        """The seals of pages page..page+count-1 into out[index:] (zeros if none kept)."""
+        size, at = count * SEAL_SIZE, index * SEAL_SIZE
+        kept = self._seals
+        if kept is None:
+            out[at : at + size] = bytes(size)
+        else:
+            out[at : at + size] = kept[page * SEAL_SIZE : page * SEAL_SIZE + size]
 
     # Memory overwrites a slot's page in place; the file backend writes a fresh page
     # so that the index persisted at the last flush never points at newer data.
@@ -224,10 +257,20 @@ class BackendCore:
             raise StoreError(errno.ENOSPC, f"area {area.name} is at its quota of {quota} pages "
                              f"(--area-quota): {area.used} held, {fresh} more asked")  # fmt: skip
 
-    def read(self, area: Area, slots: Sequence[int], out: memoryview) -> list[int]:
-        """Fill `out` with the pages of `slots`; returns their tags."""
+    def read(
+        self,
+        area: Area,
+        slots: Sequence[int],
+        out: memoryview,
+        seals_out: memoryview | None = None,
+    ) -> tuple[array[int], array[int]]:
+        """Fill `out` with the pages of `slots` (and `seals_out` with their seals);
+        returns their tags and generations (a slot never written: zeros at 0)."""
         self._check_slots(area, slots)
-        tags: list[int] = []
+        n = len(slots)
+        tags, gens = array("I", [0]) * n, array("Q", [0]) * n
+        if seals_out is not None:
+            seals_out[:] = bytes(len(seals_out))
         for i, slot in enumerate(slots):
             view = out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             page = area.page(slot)
@@ -235,13 +278,29 @@ class BackendCore:
                 if self.damaged:
                     raise StoreError(errno.EIO, f"{area.name} slot {slot}: its map was lost")
                 view[:] = ZERO_PAGE
-                tags.append(page_tag(ZERO_PAGE, area.seed, slot, NEVER_WRITTEN))
+                tags[i] = page_tag(ZERO_PAGE, area.seed, slot, NEVER_WRITTEN)
                 continue
             self._load(page, view)
-            tags.append(self._verified(area, slot, page, view))
-        self.counters["pages_read"] += len(slots)
-        area.read += len(slots)
-        return tags
+            tags[i] = self._verified(area, slot, page, view)
+            gens[i] = self.generations[page]
+            if seals_out is not None:
+                self.seals_into(page, 1, seals_out, i)
+        self.counters["pages_read"] += n
+        area.read += n
+        return tags, gens
+
+    def inventory(self, area: Area, first: int, count: int) -> tuple[array[int], array[int]]:
+        """The slots of first..first+count-1 that hold a page, and its generations."""
+        if first + count > area.pages:
+            raise StoreError(errno.EINVAL, f"inventory beyond area end ({area.pages} slots)")
+        slots, gens = array("Q"), array("Q")
+        run = area.run(first, count)
+        generations = self.generations
+        for i, page in enumerate(run):
+            if page != UNMAPPED:
+                slots.append(first + i)
+                gens.append(generations[page])
+        return slots, gens
 
     def _verified(self, area: Area, slot: int, page: int, view: memoryview) -> int:
         """The page's tag, once it is proven to be `slot`'s page of `area` (else EIO)."""
@@ -288,10 +347,11 @@ class BackendCore:
 
     def metadata_bytes(self) -> int:
         """Bytes of index kept per store: what 'overhead per page' measures."""
-        total = self.tags.itemsize * len(self.tags) + len(self.generations)
+        total = self.tags.itemsize * len(self.tags)
+        total += self.generations.itemsize * len(self.generations)
         total += self.free.itemsize * self.free.buffer_info()[1]
         total += sum(4 * len(c) for a in self.areas.values() for c in a.clusters.values())
-        return total
+        return total + (len(self._seals) if self._seals is not None else 0)
 
     def area_stats(self, area: Area) -> dict[str, int]:
         """What one area's client may see: its own figures, and the store's size and

@@ -1,10 +1,11 @@
-"""The file backend's index on disk: format 2, every record checksummed.
+"""The file backend's index on disk: format 3, every record checksummed.
 
 Layout: MAGIC, then a header record (u32 length, JSON, u32 CRC32 of the JSON:
 capacity, areas with their declared sizes, how many cluster records follow,
 and whether maps were lost before), then one fixed-size record per cluster:
 area number, cluster number, then per slot its arena page (i32, -1 unmapped),
-tag (u32) and generation (u8), and a CRC32 of all of it.
+tag (u32), generation (u64) and seal (16 B, zeros if none), and a CRC32 of
+all of it.
 
 A flipped bit can no longer move a page: a record whose CRC fails, or whose
 fields are impossible (a page outside the arena or claimed twice, a mapped
@@ -25,12 +26,16 @@ from dataclasses import dataclass, field
 
 from .slotmap import CLUSTER_SLOTS, UNMAPPED
 
-MAGIC = b"NSWPIDX2"
-OLD_MAGIC = b"NSWPIDX1"  # format 1: bare slot maps and checksums, no record checks
+MAGIC = b"NSWPIDX3"
+# Format 1: bare slot maps and checksums, no record checks (before protocol 2);
+# format 2: one-byte generations and no seals (protocol 2).
+OLD_MAGICS = {b"NSWPIDX1": "1, from a netswap before protocol 2",
+              b"NSWPIDX2": "2, from a netswap of protocol 2"}  # fmt: skip
+SEAL_SIZE = 16
 _LEN = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 _KEY = struct.Struct("<IQ")  # area number, cluster number
-RECORD_SIZE = _KEY.size + CLUSTER_SLOTS * (4 + 4 + 1) + _CRC.size
+RECORD_SIZE = _KEY.size + CLUSTER_SLOTS * (4 + 4 + 8 + SEAL_SIZE) + _CRC.size
 # The JSON header names every area (MAX_AREAS x ~100 bytes): 1 MiB bounds it.
 MAX_HEADER = 1 << 20
 
@@ -45,7 +50,8 @@ class Cluster:
     index: int
     pages: array[int]
     tags: array[int]
-    generations: bytes
+    generations: array[int]
+    seals: bytes
 
 
 @dataclass
@@ -65,15 +71,16 @@ def header(capacity_pages: int, areas: list[tuple[str, int]], damaged: bool, cou
 
 
 def record(c: Cluster) -> bytes:
-    body = _KEY.pack(c.area, c.index) + c.pages.tobytes() + c.tags.tobytes() + c.generations
+    body = _KEY.pack(c.area, c.index) + c.pages.tobytes() + c.tags.tobytes()
+    body += c.generations.tobytes() + c.seals
     return body + _CRC.pack(zlib.crc32(body))
 
 
 def read(raw: bytes, capacity_pages: int, where: str) -> Loaded:
-    if raw[:8] == OLD_MAGIC:
-        raise UnusableIndex(f"{where} is index format 1, from a netswap before protocol 2; "
-                          "this store reads format 2 -- move the directory aside or use a "
-                          "fresh --path")  # fmt: skip
+    if raw[:8] in OLD_MAGICS:
+        raise UnusableIndex(f"{where} is index format {OLD_MAGICS[raw[:8]]}; this store "
+                            "reads format 3 -- move the directory aside or use a fresh "
+                            "--path")  # fmt: skip
     if raw[:8] != MAGIC:
         raise UnusableIndex(f"{where} is not a netswap index")
     (length,) = _LEN.unpack_from(raw, 8) if len(raw) >= 12 else (MAX_HEADER + 1,)
@@ -110,9 +117,11 @@ def _parse(record: bytes, loaded: Loaded, claimed: set[int]) -> Cluster | None:
         return None
     area, index = _KEY.unpack_from(body)
     at = _KEY.size
-    pages = array("i", body[at : at + 4 * CLUSTER_SLOTS])
-    tags = array("I", body[at + 4 * CLUSTER_SLOTS : at + 8 * CLUSTER_SLOTS])
-    gens = body[at + 8 * CLUSTER_SLOTS :]
+    pages, tags, gens = array("i"), array("I"), array("Q")
+    pages.frombytes(body[at : at + 4 * CLUSTER_SLOTS])
+    tags.frombytes(body[at + 4 * CLUSTER_SLOTS : at + 8 * CLUSTER_SLOTS])
+    gens.frombytes(body[at + 8 * CLUSTER_SLOTS : at + 16 * CLUSTER_SLOTS])
+    seals = body[at + 16 * CLUSTER_SLOTS :]
     if area >= len(loaded.areas) or index * CLUSTER_SLOTS >= loaded.areas[area][1]:
         return None
     mapped = [(p, g) for p, g in zip(pages, gens, strict=True) if p != UNMAPPED]
@@ -122,4 +131,4 @@ def _parse(record: bytes, loaded: Loaded, claimed: set[int]) -> Cluster | None:
     if len(mine) != len(mapped) or mine & claimed:
         return None
     claimed |= mine
-    return Cluster(area, index, pages, tags, gens)
+    return Cluster(area, index, pages, tags, gens, bytes(seals))

@@ -1,7 +1,7 @@
 """Consecutive slots as one run of arena pages: one copy instead of a loop per page.
 
 A multi-page NBD request, a lone swap-out the agent sends on nbdkit's thread (one
-slab's consecutive slots: client/agent/directwrite.py), swap readahead and most
+slab's consecutive slots: client/agent/direct.py), swap readahead and most
 bench batches cover consecutive slots. When those map to consecutive arena pages
 the whole run is one copy (one pwrite for the file backend), one slice
 assignment of tags and generations and, on reads, one comparison of tags,
@@ -18,10 +18,18 @@ import errno
 from array import array
 from collections.abc import Sequence
 
-from netswap.protocol import StoreError, batch_tags
+from netswap.protocol import StoreError, tags_of
 
-from .base import LOCAL_GENERATION, BackendCore
+from .base import LOCAL_GENERATION, BackendCore, Buffer
 from .slotmap import UNMAPPED, Area
+
+
+def _u64s(values: Sequence[int]) -> array[int]:
+    return values if isinstance(values, array) and values.typecode == "Q" else array("Q", values)
+
+
+def _local(count: int) -> array[int]:
+    return array("Q", [LOCAL_GENERATION]) * count
 
 
 def first_of_run(slots: Sequence[int]) -> int | None:
@@ -52,23 +60,30 @@ class PageBackend(BackendCore):
         slots: Sequence[int],
         data: memoryview,
         tags: Sequence[int] | None,
-        generations: bytes | None = None,
+        generations: Sequence[int] | None = None,
+        seals: Buffer | None = None,
     ) -> None:
         first = first_of_run(slots)
         if first is not None:
             self._check_range(area, first, len(slots))  # a run's bounds: O(1), not per slot
-            if self._write_run(area, first, len(slots), data, tags, generations):
+            if self._write_run(area, first, len(slots), data, tags, generations, seals):
                 return
-        super().write(area, slots, data, tags, generations)
+        super().write(area, slots, data, tags, generations, seals)
 
-    def read(self, area: Area, slots: Sequence[int], out: memoryview) -> list[int]:
+    def read(
+        self,
+        area: Area,
+        slots: Sequence[int],
+        out: memoryview,
+        seals_out: memoryview | None = None,
+    ) -> tuple[array[int], array[int]]:
         first = first_of_run(slots)
         if first is not None:
             self._check_range(area, first, len(slots))
-            tags = self._read_run(area, first, len(slots), out)
-            if tags is not None:
-                return tags
-        return super().read(area, slots, out)
+            found = self._read_run(area, first, len(slots), out, seals_out)
+            if found is not None:
+                return found
+        return super().read(area, slots, out, seals_out)
 
     def write_range(self, area: Area, first: int, count: int, data: memoryview) -> None:
         """The in-process caller's write (the embedded device): tagged here."""
@@ -86,7 +101,8 @@ class PageBackend(BackendCore):
         count: int,
         data: memoryview,
         tags: Sequence[int] | None,
-        generations: bytes | None,
+        generations: Sequence[int] | None,
+        seals: Buffer | None,
     ) -> bool:
         """write() of slots first..first+count-1 as one copy; False (nothing done)
         when their pages are not, and cannot be made, one run."""
@@ -108,18 +124,21 @@ class PageBackend(BackendCore):
                 area.map(first + i, page + i)
                 if old != UNMAPPED:
                     self._retire(old)
-        gens = generations if generations is not None else bytes([LOCAL_GENERATION]) * count
+        gens = _u64s(generations) if generations is not None else _local(count)
         if tags is None:
             slots = range(first, first + count)
-            tags = batch_tags(data, area.seed, slots, gens) if self.verify else (0,) * count
+            tags = tags_of(data, area.seed, slots, gens) if self.verify else array("I", [0]) * count
         self._store_run(page, count, data)
         self.generations[page : page + count] = gens
-        self.tags[page : page + count] = array("I", tags)
+        self.tags[page : page + count] = tags if isinstance(tags, array) else array("I", tags)
+        self._keep_seal(page, seals, 0, count)
         self.counters["pages_written"] += count
         area.written += count
         return True
 
-    def _read_run(self, area: Area, first: int, count: int, out: memoryview) -> list[int] | None:
+    def _read_run(
+        self, area: Area, first: int, count: int, out: memoryview, seals_out: memoryview | None
+    ) -> tuple[array[int], array[int]] | None:
         """read() of slots first..first+count-1 held in one run of pages: one copy,
         and the run's tags checked at once (None: not one run, nothing done)."""
         current = area.run(first, count)
@@ -128,16 +147,18 @@ class PageBackend(BackendCore):
             return None
         self._load_run(page, count, out)
         tags = self.tags[page : page + count]
+        gens = self.generations[page : page + count]
         if self.verify:
-            gens = bytes(self.generations[page : page + count])
-            found = array("I", batch_tags(out, area.seed, range(first, first + count), gens))
+            found = tags_of(out, area.seed, range(first, first + count), gens)
             if found != tags:
                 bad = next(i for i in range(count) if found[i] != tags[i])
                 self.counters["checksum_errors"] += 1
                 raise StoreError(errno.EIO, f"tag mismatch in {area.name} slot {first + bad}")
+        if seals_out is not None:
+            self.seals_into(page, count, seals_out, 0)
         self.counters["pages_read"] += count
         area.read += count
-        return tags.tolist()
+        return tags, gens
 
     def _take_run(self, count: int) -> int | None:
         """Pop `count` consecutive free pages if the stack's top is such a run."""

@@ -1,15 +1,19 @@
 """make bench-store: swap_out/swap_in through the real client and server on loopback.
 
-Prints steady-state pages/s and MiB/s (medians of PASSES, after a pass that faults the arena in)
-for one page per RPC against batches of 32 (both with 32 requests in flight),
-and the memory backend's bytes of index per page. The server runs in its own
-process (uvloop) so client and server do not share a GIL.
+Pages/s: steady-state pages/s and MiB/s (medians of PASSES, after a pass that
+faults the arena in) for one page per RPC against batches of 32 (both with 32
+requests in flight), through StoreClient against a store process.
 
-Then one 4 KiB SwapIn at a time, p50/p99 of ROUND_TRIPS round trips: through
-StoreClient (the agent's loop path) and through the blocking connection that
-lone swap-ins use (client/agent/direct.py), each against the floor: a raw TCP
-round trip of the same sizes (16 bytes out, 4 KiB back) between two Python
-processes doing nothing else, measured in the same run.
+Round trips: one 4 KiB SwapIn at a time, p50/p99 of ROUND_TRIPS, through
+StoreClient (the agent's loop path) and through BlockingClient (the path of
+a lone swap-in on nbdkit's thread), each against the floor: the same bytes
+(a SwapIn frame out, a one-page Pages frame back) between a blocking Python
+client and a Python echo server on uvloop doing nothing else. Every row is
+measured under two placements, because a wake-up across CPUs costs ~40 µs a
+side in this VM (an IPI is a VM exit) and swamps everything else: both
+processes pinned to one CPU, and client and server pinned to two different
+CPUs. The ratio that matters is each row against the floor of its own
+placement. Then the memory backend's bytes of index per page.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
-from netswap.client.rpc import StoreClient
-from netswap.protocol import PAGE_SIZE
+from netswap.client.rpc import BlockingClient, StoreClient, check_pages
+from netswap.protocol import PAGE_SIZE, SwapIn, area_seed
 from netswap.server.backends import MemoryBackend
 from netswap.server.heap import tune_heap
 
@@ -35,17 +41,25 @@ PAGES = 32768  # 128 MiB moved per run
 IN_FLIGHT = 32
 PASSES = 5
 ROUND_TRIPS = 4000  # ~0.5 s each: enough for a steady p99 on loopback
-# The floor's server: answers every 16-byte request with a 4 KiB page.
-RAW_SERVER = """
-import socket, sys
-srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-page, request = bytes(4096), bytearray(16)
-while True:  # the first connection is wait_for_port's probe
-    conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    while conn.recv_into(request, 16, socket.MSG_WAITALL) == 16:
-        conn.sendall(page)
-    conn.close()
+REQUEST = 4 + 8 + 8  # a one-slot SwapIn frame: length, head, first slot (a run)
+REPLY = 4 + 8 + 8 + 4 + PAGE_SIZE  # a one-page Pages frame: length, head, gen, tag, page
+# The floor's server: a uvloop asyncio.Protocol that answers every REQUEST-byte
+# request with a REPLY-byte frame, nothing else.
+ECHO = f"""
+import asyncio, sys, uvloop
+REQUEST, reply = {REQUEST}, bytes({REPLY})
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.held = transport, 0
+    def data_received(self, data):
+        self.held += len(data)
+        while self.held >= REQUEST:
+            self.held -= REQUEST
+            self.t.write(reply)
+async def main():
+    server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+uvloop.run(main())
 """
 
 
@@ -57,7 +71,7 @@ async def run(port: int, batch: int) -> tuple[float, float]:
 
     async def one(op: str, first: int) -> None:
         async with sem:
-            slots = list(range(first, first + batch))
+            slots = range(first, first + batch)
             if op == "out":
                 await client.swap_out(slots, data)
             else:
@@ -80,29 +94,33 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[len(samples) * 99 // 100] * 1e6
 
 
-def raw_round_trips() -> tuple[float, float]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, str(port)])
-    try:
-        wait_for_port(port, proc)
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        page, samples = bytearray(PAGE_SIZE), []
-        for _ in range(ROUND_TRIPS):
-            began = time.perf_counter()
-            sock.sendall(b"r" * 16)
-            got = 0
-            while got < PAGE_SIZE:
-                got += sock.recv_into(memoryview(page)[got:])
-            samples.append(time.perf_counter() - began)
-        sock.close()
-    finally:
-        proc.kill()
-        proc.wait()
+def timed(call: Callable[[], object]) -> tuple[float, float]:
+    samples = []
+    for _ in range(ROUND_TRIPS):
+        began = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - began)
     return percentiles(samples)
 
 
-async def client_round_trips(port: int) -> tuple[float, float]:
+def echo_round_trips(port: int) -> tuple[float, float]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request, reply = bytes(REQUEST), memoryview(bytearray(REPLY))
+
+    def once() -> None:
+        sock.sendall(request)
+        got = 0
+        while got < REPLY:
+            got += sock.recv_into(reply[got:])
+
+    try:
+        return timed(once)
+    finally:
+        sock.close()
+
+
+async def store_client_round_trips(port: int) -> tuple[float, float]:
     client = await StoreClient.connect("127.0.0.1", port, "rtt")
     await client.swapfile(True, 1)
     await client.swap_out([0], os.urandom(PAGE_SIZE))
@@ -115,48 +133,72 @@ async def client_round_trips(port: int) -> tuple[float, float]:
     return percentiles(samples)
 
 
-def direct_round_trips(port: int) -> tuple[float, float]:
-    """The lone swap-in's own connection and proof (direct.py), without an agent."""
-    from netswap.client.agent.direct import _Conn
-    from netswap.client.rpc import check_pages
-    from netswap.protocol import SwapIn, area_seed
+def blocking_round_trips(port: int) -> tuple[float, float]:
+    """The lone swap-in's client and proof (direct.py), without an agent."""
+    client = BlockingClient.open("127.0.0.1", port, "rtt", "", 5.0)
+    seed, counts, slots = area_seed("rtt"), array("I", [1]), range(0, 1)
 
-    ctx = SimpleNamespace(io_timeout=5.0, tls=None, area="rtt", token="")
-    conn = _Conn.open(ctx, "127.0.0.1", port)  # type: ignore[arg-type]
-    seed, samples = area_seed("rtt"), []
-    for _ in range(ROUND_TRIPS):
-        began = time.perf_counter()
-        reply = conn.call(SwapIn(conn.next_id(), (0,)), 5.0)
-        assert check_pages(seed, reply, (0,), b"\x01", None) is None
-        samples.append(time.perf_counter() - began)
-    conn.close()
-    return percentiles(samples)
+    def once() -> None:
+        reply = client.call(SwapIn(client.next_id(), slots), 5.0)
+        assert check_pages(seed, reply, slots, counts) is None
+
+    try:
+        return timed(once)
+    finally:
+        client.close()
 
 
-def measure_round_trips(port: int) -> dict[str, tuple[float, float]]:
+@contextmanager
+def pinned(cmd: list[str], cpu: int, port: int) -> Iterator[None]:
+    proc = subprocess.Popen(["taskset", "-c", str(cpu), *cmd], stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def round_trips(netswap: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each row under both placements: {placement: {row: (p50, p99)}}."""
     import uvloop
 
-    return {
-        "raw TCP (floor)": raw_round_trips(),
-        "StoreClient + store": uvloop.run(client_round_trips(port)),
-        "direct path + store": direct_round_trips(port),
-    }
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = {"one CPU": (cpus[0], cpus[0])}
+    if len(cpus) > 1:
+        placements["two CPUs"] = (cpus[0], cpus[1])
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, (mine, theirs) in placements.items():
+        os.sched_setaffinity(0, {mine})
+        rows: dict[str, tuple[float, float]] = {}
+        port = free_port()
+        with pinned([sys.executable, "-c", ECHO, str(port)], theirs, port):
+            rows["uvloop echo (floor)"] = echo_round_trips(port)
+        port = free_port()
+        store = [netswap, "store", "--listen", f"127.0.0.1:{port}", "--capacity", "64M"]
+        with pinned(store, theirs, port):
+            rows["StoreClient + store"] = uvloop.run(store_client_round_trips(port))
+            rows["BlockingClient + store"] = blocking_round_trips(port)
+        out[name] = rows
+    os.sched_setaffinity(0, set(cpus))
+    return out
 
 
-def print_round_trips(rows: dict[str, tuple[float, float]]) -> None:
-    raw = rows["raw TCP (floor)"]
+def print_round_trips(placements: dict[str, dict[str, tuple[float, float]]]) -> None:
     print(f"\none 4 KiB SwapIn round trip, {ROUND_TRIPS} in turn:")
-    print(f"{'':>22} {'p50 µs':>8} {'p99 µs':>8} {'p50 / raw':>10}")
-    for name, (p50, p99) in rows.items():
-        print(f"{name:>22} {p50:>8.1f} {p99:>8.1f} {p50 / raw[0]:>9.2f}x")
+    print(f"{'placement':<10}{'':>24} {'p50 µs':>8} {'p99 µs':>8} {'p50 / floor':>12}")
+    for placement, rows in placements.items():
+        floor = rows["uvloop echo (floor)"][0]
+        for name, (p50, p99) in rows.items():
+            print(f"{placement:<10}{name:>24} {p50:>8.1f} {p99:>8.1f} {p50 / floor:>11.2f}x")
 
 
 def main() -> None:
     tune_heap()  # as the agent does in nbdkit (server/heap.py); the store does its own
     port = free_port()
-    netswap = Path(sys.executable).parent / "netswap"
+    netswap = str(Path(sys.executable).parent / "netswap")
     proc = subprocess.Popen(
-        [str(netswap), "store", "--listen", f"127.0.0.1:{port}", "--capacity", "1G"],
+        [netswap, "store", "--listen", f"127.0.0.1:{port}", "--capacity", "1G"],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -164,10 +206,10 @@ def main() -> None:
         import uvloop
 
         results = {b: uvloop.run(run(port, b)) for b in (1, 32)}
-        round_trips = measure_round_trips(port)
     finally:
         proc.terminate()
         proc.wait()
+    placements = round_trips(netswap)
     mib = PAGE_SIZE / 2**20
     print(
         f"{'batch':>6} {'swap_out pages/s':>17} {'MiB/s':>8} {'swap_in pages/s':>16} {'MiB/s':>8}"
@@ -177,7 +219,7 @@ def main() -> None:
     o1, i1 = results[1]
     o32, i32 = results[32]
     print(f"batch 32 / batch 1: swap_out {o32 / o1:.1f}x, swap_in {i32 / i1:.1f}x")
-    print_round_trips(round_trips)
+    print_round_trips(placements)
 
     n = 1 << 20
     backend = MemoryBackend(n)

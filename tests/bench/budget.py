@@ -151,7 +151,7 @@ def sample(pids: dict[str, int], out: Path) -> dict[str, Sampled]:
                 "raw",
                 "--output",
                 str(out / f"{name}.txt"),
-            ],  # fmt: skip
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -198,7 +198,7 @@ def measure(
                 "--area",
                 "budget",
                 *extra,
-            ],  # fmt: skip
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

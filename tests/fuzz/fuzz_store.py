@@ -3,7 +3,7 @@
 A store process on 127.0.0.1 (token file, --area-quota) takes frames from
 FUZZERS connections at once, built to be almost right: valid messages with
 edge-case fields (slots past the area, 2**40-slot areas, 1,024-range
-discards, wrong page sizes, generation 0), valid frames with a byte flipped,
+discards, wrong page sizes, inventories past the area), valid frames with a byte flipped,
 truncated, extended or given a wrong length prefix, msgpack of the wrong
 shape, and raw noise; now and then a Hello with a wrong token. Meanwhile one
 well-behaved client writes tagged pages and reads every one back, verified.
@@ -33,12 +33,14 @@ from netswap.client.rpc import StoreClient
 from netswap.protocol import (
     CLOSED,
     MAX_DISCARD_RANGES,
+    MAX_INVENTORY_SLOTS,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Connection,
     Discard,
     Flush,
     Hello,
+    Inventory,
     Message,
     RemoteProtocolError,
     Role,
@@ -94,7 +96,7 @@ def valid_message(rng: random.Random, rid: int) -> Message:
         return Flush(rid)
     if kind == 5:
         return Stats(rid)
-    return Hello(rid, PROTOCOL_VERSION, "fuzz", TOKEN)  # a second Hello: refused
+    return Inventory(rid, slot, rng.choice([1, 256, MAX_INVENTORY_SLOTS]))
 
 
 def malformed_frame(rng: random.Random, rid: int) -> bytes:

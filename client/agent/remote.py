@@ -1,16 +1,18 @@
 """RemoteDevice: the NBD plugin's `backend=remote`, run in nbdkit's threads.
 
 Thread side of the agent. pwrite copies nbdkit's buffer into reserve buffers
-(with each page's CRC) before anything else, registers the pages as in flight
-so that reads see them (read-your-writes), hands the op to the agent's loop,
-and -- write-through, the default -- waits for the replicas' acknowledgement.
-With cache=writeback it returns once the pages are in the reserve: the loop
-retires the op (releases its buffers) when the stores answer, flush/FUA wait
-for every earlier op, and a write-back that no replica took marks its pages
-lost (they read as EIO, never as older data) and fails the next flush.
-pread serves in-flight pages from the reserve, never-written pages as zeros,
-and fetches the rest through the loop into the op's own buffer, then copies
-them into nbdkit's buffer itself. No reference to nbdkit's buffer survives a
+(with each page's tag) before anything else, registers the pages as in flight
+so that reads see them (read-your-writes), and sends them: a write that is
+alone goes to its replicas from this thread (direct.py), any other is handed
+to the agent's loop as a job. Write-through, the default, waits for the
+replicas' acknowledgement. With cache=writeback it returns once the pages are
+in the reserve: the loop retires the job (releases its buffers) when the
+stores answer, flush/FUA wait for every earlier job, and a write-back that no
+replica took marks its pages lost (they read as EIO, never as older data) and
+fails the next flush. pread serves in-flight pages from the reserve,
+never-written pages as zeros, and fetches the rest -- a lone read from this
+thread, straight into nbdkit's buffer, others through the loop into the job's
+own buffer, copied from there. No reference to nbdkit's buffer survives a
 callback.
 """
 
@@ -22,26 +24,26 @@ import logging
 import ssl
 import threading
 
-from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError, page_tag
+from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError, tags_of
 from netswap.server.units import parse_hostport
 
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
 from ..rpc import read_token
 from .core import Agent
-from .direct import DirectReads
-from .directwrite import DirectWrites
-from .ops import CallOp, ReadOp, WriteOp
-from .placement import slab_pages_for
+from .direct import DirectPath
+from .jobs import ControlJob, ReadJob, WriteJob
+from .placement import slab_slots_for
 from .policy import BatchPolicy
 from .reserve import Reserve, ReserveTimeout
+from .slots import LOST, WRITTEN
 
 log = logging.getLogger("netswap.agent")
 
-# Pages per op: a kernel request is at most 32 pages; bigger NBD requests (nbdcopy,
-# qemu-img) are cut so one op never pins more than this much of the reserve.
+# Pages per job: a kernel request is at most 32 pages; bigger NBD requests (nbdcopy,
+# qemu-img) are cut so one job never pins more than this much of the reserve.
 CHUNK_PAGES = 64
-# The loop completes every op within its RPC deadlines; this is a last-resort
-# guard against a bug, after which the op's reserve buffers are leaked, not reused.
+# The loop completes every job within its RPC deadlines; this is a last-resort
+# guard against a bug, after which the job's reserve buffers are leaked, not reused.
 HARD_TIMEOUT_FACTOR = 6
 _NOT_IN_FLIGHT = (None, 0)
 
@@ -60,28 +62,23 @@ class RemoteDevice:
         direct_writes: bool = False,
     ) -> None:
         self.agent = agent
-        # Swap-in on the calling thread (direct.py); None: every read through the loop.
-        self.direct = DirectReads(agent) if direct_reads or direct_writes else None
-        self.direct_reads = direct_reads
-        # A lone write-through write on the calling thread (directwrite.py).
-        self.direct_writes = (
-            DirectWrites(agent, self.direct)
-            if direct_writes and not write_back and self.direct is not None
-            else None
-        )
+        self.slot_map = agent.slot_map
+        # Lone requests on the calling thread (direct.py); None: every one through the loop.
+        writes = direct_writes and not write_back
+        self.direct = DirectPath(agent, direct_reads, writes) if direct_reads or writes else None
         self.write_back = write_back
         self._write_back_error = 0  # errno of a failed write-back, for the next flush
         self.size = size
         self.reserve = agent.reserve
         self._reserve_wait = reserve_wait
         self._lock = threading.Lock()
-        self._inflight: dict[int, tuple[WriteOp, int]] = {}  # slot -> (op, reserve buffer)
-        self._ops: set[WriteOp] = set()
+        self._inflight: dict[int, tuple[WriteJob, int]] = {}  # slot -> (job, reserve buffer)
+        self._jobs: set[WriteJob] = set()
         self.local_reads = 0  # pages served from the reserve or as zeros, under _lock
         self._readers = 0  # preads under way, under _lock
         self._writers = 0  # pwrites under way, under _lock
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
-        agent.pending_writes = self._pending
+        agent.routing.pending_writes = self._pending
 
     def _pending(self, slots: list[int]) -> set[int]:
         """The slots among these with a write in flight (on the loop, for a resync)."""
@@ -114,7 +111,7 @@ class RemoteDevice:
             size // PAGE_SIZE,
             Reserve(reserve),
             replicas=replicas,
-            slab_pages=slab_pages_for(slab),
+            slab_slots=slab_slots_for(slab),
             token=read_token(token_file or None),
             quorum=quorum,
             policy=BatchPolicy(batch_pages, batch_linger_us / 1e6),
@@ -132,16 +129,13 @@ class RemoteDevice:
 
         from .stats import agent_source
 
-        source = agent_source(self.agent, lambda: self.local_reads, self.direct,
-                              self.direct_writes)  # fmt: skip
+        source = agent_source(self.agent, lambda: self.local_reads, self.direct)
         assert self.agent.loop is not None
         started = start_http(source, host, port, token)
         asyncio.run_coroutine_threadsafe(started, self.agent.loop).result(10)
 
     def close(self) -> None:
         self.agent.stop()
-        if self.direct is not None:
-            self.direct.close()
 
     # -- writes ---------------------------------------------------------------
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
@@ -165,82 +159,80 @@ class RemoteDevice:
             bufs = reserve.acquire(count, self._reserve_wait)
         except ReserveTimeout as exc:
             raise StoreError(errno.EIO, str(exc)) from None
-        views, seed = reserve.views, self.agent.area_seed
+        views = reserve.views
         for i, index in enumerate(bufs):
             views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         slots = range(first, first + count)
         inflight = self._inflight
-        with self._lock:  # generations bump in the order writes enter the in-flight map
-            gens = self.agent.table.mark_written_run(first, count)
-            tags = tuple(
-                page_tag(views[index], seed, first + i, gens[i]) for i, index in enumerate(bufs)
-            )
-            op = WriteOp(first, count, bufs, tags, gens)
+        with self._lock:  # counts bump in the order writes enter the in-flight map
+            counts, gens = self.slot_map.write_run(first, count)
+            tags = tags_of(view, self.agent.area_seed, slots, gens)
+            job = WriteJob(first, count, bufs, tags, gens, counts)
             # A write sent by its own thread is ordered with no other: a later write of
             # the same slots waits for it, or the stores could see the two swapped.
             before = {e[0] for s in slots if (e := inflight.get(s)) is not None and e[0].direct}
-            op.direct = self.direct_writes is not None and self._writers == 1 and not before
-            inflight.update({slot: (op, buf) for slot, buf in zip(slots, bufs, strict=True)})
-            self._ops.add(op)
+            direct = self.direct
+            job.direct = direct is not None and direct.writes and self._writers == 1 and not before
+            inflight.update({slot: (job, buf) for slot, buf in zip(slots, bufs, strict=True)})
+            self._jobs.add(job)
         for earlier in before:
             earlier.done.wait(self._hard_timeout)
-        if op.direct and self.direct_writes is not None and self.direct_writes.write(op):
-            self._finish_direct(op)
+        if job.direct and direct is not None and direct.write(job):
+            self._retire(job)
             return
         if self.write_back:
-            op.on_done = self._retire_write_back  # acknowledged now; the loop retires it
-        self.agent.submit(self.agent.submit_write, op)
+            job.on_done = self._retire_write_back  # acknowledged now; the loop retires it
+        self.agent.submit(self.agent.routing.submit_write, job)
         if self.write_back:
             return
-        if not op.done.wait(self._hard_timeout):
+        if not job.done.wait(self._hard_timeout):
             with self._lock:  # the loop may still hold the buffers: leak them, never reuse
-                self._forget_op(op)
+                self._forget_job(job)
             log.error("write of %d pages at slot %d never completed", count, first)
             raise StoreError(errno.EIO, "agent did not complete a write")
-        with self._lock:
-            self._forget_op(op)
-        reserve.release(bufs)
-        if op.error:
-            raise StoreError(op.error, f"write of slots {first}+{count} failed")
+        self._retire(job)
+        if job.error:
+            raise StoreError(job.error, f"write of slots {first}+{count} failed")
 
-    def _finish_direct(self, op: WriteOp) -> None:
-        """Every replica took a direct write: the op leaves the in-flight map."""
+    def _retire(self, job: WriteJob) -> None:
+        """A write-through job is answered: it leaves the in-flight map, its buffers
+        go back to the reserve."""
         with self._lock:
-            self._forget_op(op)
-        self.agent.reserve.release(op.bufs)
+            self._forget_job(job)
+        self.reserve.release(job.bufs)
 
-    def _forget_op(self, op: WriteOp) -> list[int]:
-        """Under _lock: drop the op's pages from the in-flight map where no newer write
+    def _forget_job(self, job: WriteJob) -> list[int]:
+        """Under _lock: drop the job's pages from the in-flight map where no newer write
         replaced them; returns those slots."""
         inflight = self._inflight
         owned = []
-        for slot in range(op.first, op.first + op.count):
-            if inflight.get(slot, _NOT_IN_FLIGHT)[0] is op:
+        for slot in range(job.first, job.first + job.count):
+            if inflight.get(slot, _NOT_IN_FLIGHT)[0] is job:
                 del inflight[slot]
                 owned.append(slot)
-        self._ops.discard(op)
+        self._jobs.discard(job)
         return owned
 
-    def _retire_write_back(self, op: WriteOp) -> None:
-        """On the agent's loop, when a write-back op is complete. Never raises."""
+    def _retire_write_back(self, job: WriteJob) -> None:
+        """On the agent's loop, when a write-back job is complete. Never raises."""
         try:
-            table = self.agent.table
+            slot_map = self.slot_map
             with self._lock:
-                owned = self._forget_op(op)
-                if op.error:
+                owned = self._forget_job(job)
+                if job.error:
                     for slot in owned:  # slots a newer write took over keep it
-                        table.mark_lost(slot)
-                    self._write_back_error = self._write_back_error or op.error
-            self.reserve.release(op.bufs)
-            if op.error:
+                        slot_map.mark_lost(slot)
+                    self._write_back_error = self._write_back_error or job.error
+            self.reserve.release(job.bufs)
+            if job.error:
                 self.agent.counters["write_back_failures"] += 1
                 self.agent.counters["pages_lost"] += len(owned)
                 log.error(
                     "write-back of %d pages at slot %d failed (%s): %d now read as EIO",
-                    op.count, op.first, errno.errorcode.get(op.error, op.error), len(owned),
+                    job.count, job.first, errno.errorcode.get(job.error, job.error), len(owned),
                 )  # fmt: skip
         except Exception:  # a bug here must not stop the loop's batch handling
-            log.exception("retiring a write-back op failed")
+            log.exception("retiring a write-back job failed")
 
     # -- reads ----------------------------------------------------------------
     def pread(self, buf: memoryview, offset: int) -> None:
@@ -255,54 +247,58 @@ class RemoteDevice:
 
     def _pread(self, buf: memoryview, offset: int) -> None:
         first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
-        table, reserve = self.agent.table, self.reserve
+        state, reserve = self.slot_map.state, self.reserve
         remote: list[int] = []
         with self._lock:
             for i in range(count):
                 slot = first + i
-                page = buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
                 pending = self._inflight.get(slot)
                 if pending is not None:
-                    page[:] = reserve.page(pending[1])
-                elif table.is_written(slot):
+                    buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = reserve.views[pending[1]]
+                elif state[slot] == WRITTEN:
                     remote.append(i)
-                elif table.is_lost(slot):
+                elif state[slot] == LOST:
                     raise StoreError(errno.EIO, f"slot {slot}: every copy was lost")
                 else:
-                    page[:] = ZERO_PAGE
+                    buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = ZERO_PAGE
             self.local_reads += count - len(remote)
         for at in range(0, len(remote), CHUNK_PAGES):
             self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
 
     def _read_chunk(self, buf: memoryview, first: int, indexes: list[int]) -> None:
-        table = self.agent.table
+        slot_map = self.slot_map
         slots = [first + i for i in indexes]
-        gens = table.generations_of(slots)
-        data: bytes | bytearray | None = None
+        counts = slot_map.counts_of(slots)
         # A read alone (what a faulting process waits on, at QD1) skips the hand-off;
         # reads that come together go through the loop, whose batches serve them
         # better (make bench-agent, 4K randread QD32: 7.1k IOPS through the loop,
         # 5.2k when two of them at a time went direct).
-        if self.direct is not None and self.direct_reads and self._readers == 1:
-            data = self.direct.read(slots, gens, lambda: table.generations_of(slots))
-        if data is None:
-            op = ReadOp(slots, gens, bytearray(len(indexes) * PAGE_SIZE))
-            self.agent.submit(self.agent.submit_read, op)
-            if not op.done.wait(self._hard_timeout):
-                raise StoreError(errno.EIO, "agent did not complete a read")
-            if op.error:
-                raise StoreError(op.error, f"read of {len(indexes)} pages from slot {first} failed")
-            data = op.out
-        out = memoryview(data)
+        direct = self.direct
+        lo, n = indexes[0], len(indexes)
+        if direct is not None and direct.reads and self._readers == 1 and indexes[-1] - lo == n - 1:
+            run = range(first + lo, first + lo + n)
+
+            def sink(pages: memoryview) -> None:
+                buf[lo * PAGE_SIZE : (lo + n) * PAGE_SIZE] = pages
+
+            if direct.read(run, counts, lambda: slot_map.counts_of(run), sink):
+                return
+        job = ReadJob(slots, counts, bytearray(n * PAGE_SIZE))
+        self.agent.submit(self.agent.routing.submit_read, job)
+        if not job.done.wait(self._hard_timeout):
+            raise StoreError(errno.EIO, "agent did not complete a read")
+        if job.error:
+            raise StoreError(job.error, f"read of {n} pages from slot {first + lo} failed")
+        out = memoryview(job.out)
         for j, i in enumerate(indexes):
             buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]
 
     # -- control --------------------------------------------------------------
     def flush(self) -> None:
         with self._lock:
-            earlier = list(self._ops)
-        for op in earlier:  # wait for every earlier write's acks
-            if not op.done.wait(self._hard_timeout):
+            earlier = list(self._jobs)
+        for job in earlier:  # wait for every earlier write's acks
+            if not job.done.wait(self._hard_timeout):
                 raise StoreError(errno.EIO, "an earlier write never completed")
         with self._lock:
             error, self._write_back_error = self._write_back_error, 0
@@ -321,31 +317,30 @@ class RemoteDevice:
         self._forget(offset // PAGE_SIZE, count // PAGE_SIZE)
 
     def _forget(self, first: int, count: int) -> None:
-        table = self.agent.table
         with self._lock:
+            self.slot_map.forget_run(first, count)
             for slot in range(first, first + count):
-                table.forget(slot)
                 self._inflight.pop(slot, None)  # a write-back still in flight reads as trimmed
         self._call("discard", lambda: self.agent.discard(first, count))
 
     def _call(self, what: str, coro_fn: object) -> None:
-        op = CallOp(what)
-        self.agent.run_call(op, coro_fn)  # type: ignore[arg-type]
-        if not op.done.wait(self._hard_timeout):
+        job = ControlJob(what)
+        self.agent.run_call(job, coro_fn)  # type: ignore[arg-type]
+        if not job.done.wait(self._hard_timeout):
             raise StoreError(errno.EIO, f"agent did not complete {what}")
-        if op.error:
-            raise StoreError(op.error, f"{what} failed")
+        if job.error:
+            raise StoreError(job.error, f"{what} failed")
 
     def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
         """Never-written slots are holes that read as zeros; the rest is data."""
-        table = self.agent.table
+        written = self.slot_map.is_written
         runs: list[tuple[int, int, int]] = []
         end = offset + count
         at = offset
         while at < end:
-            hole = not table.is_written(at // PAGE_SIZE)
+            hole = not written(at // PAGE_SIZE)
             stop = (at // PAGE_SIZE + 1) * PAGE_SIZE
-            while stop < end and (not table.is_written(stop // PAGE_SIZE)) == hole:
+            while stop < end and (not written(stop // PAGE_SIZE)) == hole:
                 stop += PAGE_SIZE
             stop = min(stop, end)
             runs.append((at, stop - at, EXTENT_HOLE | EXTENT_ZERO if hole else 0))

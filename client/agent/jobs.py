@@ -1,0 +1,142 @@
+"""Jobs: the work nbdkit's threads hand to the agent's event loop.
+
+A job is created by the nbdkit thread, completed by the loop thread (or, for
+a lone write, by the nbdkit thread itself: direct.py), and waited on with a
+Completion. The loop never touches nbdkit's `buf`: a write's pages sit in
+reserve buffers, a read's land in the job's own `out` buffer and the nbdkit
+thread copies them into `buf` itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from array import array
+from collections.abc import Callable
+
+
+class Completion:
+    """A one-shot event on a bare lock: set() and wait() are single C calls.
+
+    threading.Event is a Condition in Python code; on the swap path, with up to
+    16 nbdkit threads and the agent's loop sharing one GIL, that extra bytecode
+    per request shows in the latency.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()  # let any other waiter through too
+            return True
+        return self._set
+
+
+# acks[i] + 1 for a slice of a bytearray, in C (bytes.translate); 255 stays 255.
+_PLUS_ONE = bytes(range(1, 256)) + b"\xff"
+
+
+class WriteJob:
+    """`count` consecutive slots from `first`, pages in reserve buffers `bufs`, with
+    their tags and wire generations; `counts` are the slots' new write counts.
+
+    `on_done`, when set, runs on the agent's loop once the job is complete: a
+    write-back job has no nbdkit thread waiting for it, so that is where its
+    reserve buffers go back.
+    """
+
+    __slots__ = ("acks", "bufs", "count", "counts", "direct", "done", "error", "first",
+                 "generations", "on_done", "remaining", "tags")  # fmt: skip
+
+    def __init__(
+        self,
+        first: int,
+        count: int,
+        bufs: list[int],
+        tags: array[int],
+        generations: array[int],
+        counts: array[int],
+    ) -> None:
+        self.first = first
+        self.count = count
+        self.bufs = bufs
+        self.tags = tags  # each page's tag: CRC32 bound to (area, slot, generation)
+        self.generations = generations
+        self.counts = counts
+        self.acks = bytearray(count)  # replicas that took each page
+        self.direct = False  # sent by its own thread (direct.py), not the loop
+        self.remaining = 0
+        self.error = 0
+        self.done = Completion()
+        self.on_done: Callable[[WriteJob], None] | None = None
+
+    def acked(self, start: int, count: int) -> None:
+        """One more replica took pages start..start+count-1."""
+        acks = self.acks
+        acks[start : start + count] = acks[start : start + count].translate(_PLUS_ONE)
+
+    def finish(self, quorum: int) -> None:
+        """Every replica answered: the job succeeded if each page has `quorum` acks."""
+        if not self.error and min(self.acks) < quorum:
+            self.error = errno.EIO
+        self.complete()
+
+    def complete(self, error: int = 0) -> None:
+        self.error = self.error or error
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+class ReadJob:
+    """Pages for slots `slots`, gathered into `out` in that order; each must be its
+    slot's from write number counts[i] (the last write before the read was asked)."""
+
+    __slots__ = ("counts", "done", "error", "out", "remaining", "slots")
+
+    def __init__(self, slots: list[int], counts: array[int], out: bytearray) -> None:
+        self.slots = slots
+        self.counts = counts
+        self.out = out
+        self.remaining = len(slots)
+        self.error = 0
+        self.done = Completion()
+
+
+class ReadEntry:
+    """One page of a ReadJob on its way to one replica; `tried` is a store bitmask."""
+
+    __slots__ = ("count", "index", "job", "slot", "tried")
+
+    def __init__(self, job: ReadJob, index: int) -> None:
+        self.job = job
+        self.index = index
+        self.slot = job.slots[index]
+        self.count = job.counts[index]
+        self.tried = 0
+
+
+class ControlJob:
+    """A control request (discard, flush) run as one coroutine on the loop."""
+
+    __slots__ = ("done", "error", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.error = 0
+        self.done = Completion()
