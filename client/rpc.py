@@ -323,7 +323,7 @@ class StoreClient:
     # -- the batch path ------------------------------------------------------
     def start_swap_out(
         self,
-        slots: Sequence[int],
+        runs: Sequence[range],
         pages: Sequence[Buffer],
         tags: array[int],
         generations: array[int],
@@ -333,14 +333,14 @@ class StoreClient:
         """A SwapOut of `pages` (buffers that make up the batch in order, written as
         they are: they must not change until done(None | error) runs)."""
         conn, rid = self._protocol.conn, self._next_id()
-        self._start(rid, lambda: conn.send_swap_out(rid, slots, generations, tags, seals, pages),
+        self._start(rid, lambda: conn.send_swap_out(rid, runs, generations, tags, seals, pages),
                     lambda reply: done(_failure(reply)))  # fmt: skip
 
-    def start_swap_in(self, slots: Sequence[int], sealed: bool, done: PagesCallback) -> None:
+    def start_swap_in(self, runs: Sequence[range], sealed: bool, done: PagesCallback) -> None:
         """A SwapIn; done(Pages, None) with its pages as views valid during the call
         only (not yet proven: the caller checks them), or done(None, error)."""
         rid = self._next_id()
-        request = SwapIn(rid, slots, sealed)
+        request = SwapIn(rid, tuple(runs), sealed)
         conn = self._protocol.conn
 
         def on_reply(reply: Reply | Exception) -> None:

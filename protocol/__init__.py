@@ -44,6 +44,7 @@ from .messages import (
     SwapOut,
     Welcome,
 )
+from .runs import runs_of
 
 __all__ = [
     "CLOSED",
@@ -91,6 +92,7 @@ __all__ = [
     "encode_handshake",
     "page_crc",
     "page_tag",
+    "runs_of",
     "slot_seed",
     "tags_of",
 ]

@@ -8,10 +8,10 @@ clear EPROTONOSUPPORT line from a version-3 store, and the other way round.
 After the handshake every body starts with an 8-byte head -- type (u8), flags
 (u8), count (u16), request id (u32), little-endian -- and then:
 
-  SwapOut  first slot (u64); the slots (u64 x count) unless flags has RUN (then
-           they are first..first+count-1); generations (u64 x count); tags
-           (u32 x count); seals (16 B x count) if flags has SEALED; the pages.
-  SwapIn   first slot (u64); the slots unless RUN. SEALED asks for the seals.
+  SwapOut  the number of runs (u64); the runs (u64 each: first slot << 16 | count,
+           runs.py); generations (u64 x count); tags (u32 x count); seals
+           (16 B x count) if flags has SEALED; the pages.
+  SwapIn   the number of runs, the runs. SEALED asks for the seals.
   Pages    generations, tags, seals if SEALED, the pages.
   Held     slots (u64 x count), generations (u64 x count).
   Ok       nothing.
@@ -56,14 +56,13 @@ from .messages import (
     SwapIn,
     SwapOut,
     Welcome,
-    as_slots,
 )
+from .runs import check_runs, pack_runs, unpack_runs
 
 LENGTH = struct.Struct(">I")
 HEAD = struct.Struct("<BBHI")  # type, flags, count, request id
 FIRST = struct.Struct("<Q")
 HEAD_SIZE = HEAD.size
-RUN = 1  # flags: the slots are first..first+count-1, not listed
 SEALED = 2  # flags: a seal per page follows the tags (SwapIn: send them back)
 HANDSHAKE = (Hello.TYPE, Welcome.TYPE, Failed.TYPE)
 _CONTROL_FIELDS: dict[int, tuple[str, ...]] = {
@@ -84,17 +83,14 @@ def _frame(head: bytes, parts: Sequence[Buffer], size: int) -> list[Buffer]:
     return [LENGTH.pack(length) + head, *parts]
 
 
-def _slots_field(slots: Sequence[int]) -> tuple[int, bytes]:
-    """(flags, first slot and slot list) for a batch's slots: consecutive ones as a run."""
-    packed = as_slots(slots)
-    if isinstance(packed, range):
-        return RUN, FIRST.pack(packed.start)
-    return 0, FIRST.pack(packed[0]) + packed.tobytes()
+def _runs_field(runs: Sequence[range]) -> bytes:
+    """How many runs, then the runs."""
+    return FIRST.pack(len(runs)) + pack_runs(runs)
 
 
 def swap_out_parts(
     request_id: int,
-    slots: Sequence[int],
+    runs: Sequence[range],
     generations: array[int],
     tags: array[int],
     seals: Buffer | None,
@@ -103,16 +99,15 @@ def swap_out_parts(
     """The frame of a SwapOut as buffers to send in order, the pages as given (the
     agent's reserve views): no join, no per-page copy. Checks the shape a store
     checks; the caller vouches for the values, as it made them."""
-    n = len(slots)
+    n = sum(len(run) for run in runs)
     size = sum(len(page) for page in pages)
     if not 1 <= n <= MAX_BATCH_PAGES or size != n * PAGE_SIZE:
         raise LocalProtocolError(f"a SwapOut of {n} slots with {size} bytes of pages")
     sealed = seals is not None and len(seals) != n * SEAL_SIZE
     if len(tags) != n or len(generations) != n or sealed:
         raise LocalProtocolError("one tag, generation and seal per page")
-    flags, slot_bytes = _slots_field(slots)
-    head = HEAD.pack(SwapOut.TYPE, flags | (SEALED if seals is not None else 0), n, request_id)
-    head += slot_bytes + generations.tobytes() + tags.tobytes()
+    head = HEAD.pack(SwapOut.TYPE, SEALED if seals is not None else 0, n, request_id)
+    head += _runs_field(runs) + generations.tobytes() + tags.tobytes()
     body = [seals, *pages] if seals is not None else pages
     return _frame(head, body, size + (len(seals) if seals is not None else 0))
 
@@ -121,7 +116,7 @@ def encode_parts(message: Message) -> list[Buffer]:
     """The message's frame as buffers to write in order; a batch's pages are their
     own buffer (transport.writelines, socket.sendmsg)."""
     if isinstance(message, SwapOut):
-        return swap_out_parts(message.request_id, message.slots, message.generations,
+        return swap_out_parts(message.request_id, message.runs, message.generations,
                               message.tags, message.seals, [message.data])  # fmt: skip
     if isinstance(message, Pages):
         sealed = message.seals is not None
@@ -147,9 +142,9 @@ def encode(message: Message) -> bytes:
     if isinstance(message, Ok):
         body = HEAD.pack(Ok.TYPE, 0, 0, rid)
     elif isinstance(message, SwapIn):
-        flags, slot_bytes = _slots_field(message.slots)
         sealed = SEALED if message.sealed else 0
-        body = HEAD.pack(SwapIn.TYPE, flags | sealed, len(message.slots), rid) + slot_bytes
+        count = sum(len(run) for run in message.runs)
+        body = HEAD.pack(SwapIn.TYPE, sealed, count, rid) + _runs_field(message.runs)
     elif isinstance(message, Held):
         body = HEAD.pack(Held.TYPE, 0, len(message.slots), rid)
         body += message.slots.tobytes() + message.generations.tobytes()
@@ -222,34 +217,39 @@ def _sized(body: memoryview, expected: int, what: str) -> None:
         raise RemoteProtocolError(f"{what} of {len(body)} bytes, its head says {expected}")
 
 
+def _runs(body: memoryview, n: int) -> tuple[tuple[range, ...], int]:
+    """A batch's runs (checked: they hold n distinct slots) and where they end."""
+    if len(body) < HEAD_SIZE + 8:
+        raise RemoteProtocolError("a batch without its runs")
+    (count,) = FIRST.unpack_from(body, HEAD_SIZE)
+    end = HEAD_SIZE + 8 + 8 * count
+    if not 1 <= count <= n or len(body) < end:
+        raise RemoteProtocolError(f"{count} runs for {n} pages")
+    runs = unpack_runs(_array("Q", body[HEAD_SIZE + 8 : end]))
+    if check_runs(runs) != n:
+        raise RemoteProtocolError(f"runs of {sum(len(r) for r in runs)} slots, head says {n}")
+    return runs, end
+
+
 def _swap_out(body: memoryview, flags: int, n: int, rid: int) -> SwapOut:
-    if flags & ~(RUN | SEALED) or not 1 <= n <= MAX_BATCH_PAGES:
+    if flags & ~SEALED or not 1 <= n <= MAX_BATCH_PAGES:
         raise RemoteProtocolError(f"SwapOut: flags {flags}, {n} pages")
-    listed = 0 if flags & RUN else 8 * n
+    runs, at = _runs(body, n)
     seals = SEAL_SIZE * n if flags & SEALED else 0
-    _sized(body, HEAD_SIZE + 8 + listed + 12 * n + seals + n * PAGE_SIZE, "SwapOut")
-    at = HEAD_SIZE + 8
-    slots = _slot_list(body, flags, n)
-    at += listed
+    _sized(body, at + 12 * n + seals + n * PAGE_SIZE, "SwapOut")
     gens = _array("Q", body[at : at + 8 * n])
     tags = _array("I", body[at + 8 * n : at + 12 * n])
     at += 12 * n
     seal = body[at : at + seals] if seals else None
-    return SwapOut(rid, slots, body[at + seals :], tags, gens, seal)
-
-
-def _slot_list(body: memoryview, flags: int, n: int) -> range | array[int]:
-    (first,) = FIRST.unpack_from(body, HEAD_SIZE)
-    if flags & RUN:
-        return range(first, first + n)
-    return _array("Q", body[HEAD_SIZE + 8 : HEAD_SIZE + 8 + 8 * n])
+    return SwapOut(rid, runs, body[at + seals :], tags, gens, seal)
 
 
 def _swap_in(body: memoryview, flags: int, n: int, rid: int) -> SwapIn:
-    if flags & ~(RUN | SEALED) or not 1 <= n <= MAX_BATCH_PAGES:
+    if flags & ~SEALED or not 1 <= n <= MAX_BATCH_PAGES:
         raise RemoteProtocolError(f"SwapIn: flags {flags}, {n} pages")
-    _sized(body, HEAD_SIZE + 8 + (0 if flags & RUN else 8 * n), "SwapIn")
-    return SwapIn(rid, _slot_list(body, flags, n), bool(flags & SEALED))
+    runs, at = _runs(body, n)
+    _sized(body, at, "SwapIn")
+    return SwapIn(rid, runs, bool(flags & SEALED))
 
 
 def _pages(body: memoryview, flags: int, n: int, rid: int) -> Pages:

@@ -217,7 +217,7 @@ class Connection:
     def send_swap_out(
         self,
         request_id: int,
-        slots: Sequence[int],
+        runs: Sequence[range],
         generations: array[int],
         tags: array[int],
         seals: Buffer | None,
@@ -229,7 +229,7 @@ class Connection:
             raise LocalProtocolError("SwapOut is a client's, after the handshake")
         if request_id in self._in_flight:
             raise LocalProtocolError(f"request id {request_id} is already in flight")
-        parts = swap_out_parts(request_id, slots, generations, tags, seals, pages)
+        parts = swap_out_parts(request_id, runs, generations, tags, seals, pages)
         self._in_flight.add(request_id)
         return parts
 

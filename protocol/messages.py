@@ -7,10 +7,10 @@ message came off the wire.
 
 Control messages (Hello, Swapfile, Discard, ...) are frozen dataclasses. The
 batches -- SwapOut, SwapIn, Pages, Held -- are slotted classes whose fields are
-packed arrays, not lists of small objects: a batch's slots are a `range` when
-they are consecutive (the common case) or an array('Q'), its generations an
-array('Q'), its tags an array('I'), its pages one buffer of len(slots) *
-PAGE_SIZE bytes and, when the writer encrypts, one SEAL_SIZE seal per page.
+packed arrays, not lists of small objects: a batch's slots are runs of
+consecutive slots (runs.py), its generations an array('Q'), its tags an
+array('I'), its pages one buffer of PAGE_SIZE bytes per slot and, when the
+writer encrypts, one SEAL_SIZE seal per page.
 A page's tag is a CRC32 bound to the area, the slot and the generation
 (checksum.py). Off the wire, `data` and `seals` are views into the receiving
 connection's buffer (connection.py says how long they stay valid).
@@ -23,7 +23,7 @@ import re
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from .errors import LocalProtocolError
 from .limits import (
@@ -41,6 +41,7 @@ from .limits import (
     PAGE_SIZE,
     SEAL_SIZE,
 )
+from .runs import check_runs, flat, runs_of
 
 Buffer = bytes | bytearray | memoryview
 
@@ -68,17 +69,6 @@ def _check_request_id(request_id: object) -> None:
         raise LocalProtocolError(f"request_id must be a uint32, got {request_id!r}")
 
 
-def _check_slots(slots: Sequence[int]) -> None:
-    """1..MAX_BATCH_PAGES distinct slots below MAX_SLOTS (a range is distinct)."""
-    n = len(slots)
-    if not 1 <= n <= MAX_BATCH_PAGES:
-        raise LocalProtocolError(f"a batch holds 1..{MAX_BATCH_PAGES} slots, not {n}")
-    if not _ints_within(slots, 0, MAX_SLOTS - 1):
-        raise LocalProtocolError("slot out of range")
-    if not isinstance(slots, range) and len(set(slots)) != n:
-        raise LocalProtocolError("duplicate slot in one batch")
-
-
 def _check_pages(
     n: int, data: Buffer, tags: Sequence[int], gens: Sequence[int], seals: Buffer | None
 ) -> None:
@@ -90,19 +80,6 @@ def _check_pages(
         raise LocalProtocolError(f"seals must be {n} x {SEAL_SIZE} bytes")
     if not _ints_within(tags, 0, _MAX_U32) or not _ints_within(gens, 0, MAX_GENERATION):
         raise LocalProtocolError("tags are uint32 and generations uint64")
-
-
-def as_slots(slots: Sequence[int]) -> range | array[int]:
-    """A batch's slots as the wire keeps them: a range, or an array('Q')."""
-    if isinstance(slots, range) and slots.step == 1:
-        return slots
-    packed = _packed("Q", slots)
-    n = len(packed)
-    if n and packed[-1] - packed[0] == n - 1:
-        run = range(packed[0], packed[0] + n)
-        if packed == array("Q", run):
-            return run
-    return packed
 
 
 def _packed(typecode: str, values: Sequence[int]) -> array[int]:
@@ -202,32 +179,35 @@ class _Batch(Message):
 
 
 class SwapOut(Request, _Batch):
-    """Store a batch of pages: data's i-th page goes to slots[i], written for the
-    generations[i]-th time (nonzero), tagged tags[i]; seals[i] is kept beside it."""
+    """Store a batch of pages: the i-th page of `data` goes to the i-th slot of `runs`,
+    written for generations[i] (nonzero), tagged tags[i]; seals[i] is kept beside it."""
 
     TYPE: ClassVar[int] = 3
-    __slots__ = ("data", "generations", "request_id", "seals", "slots", "tags")
+    __slots__ = ("data", "generations", "request_id", "runs", "seals", "tags")
 
     def __init__(
         self,
         request_id: int,
-        slots: Sequence[int],
+        slots: Sequence[int] | tuple[range, ...],
         data: Buffer,
         tags: Sequence[int],
         generations: Sequence[int],
         seals: Buffer | None = None,
     ) -> None:
         _check_request_id(request_id)
-        _check_slots(slots)
-        _check_pages(len(slots), data, tags, generations, seals)
+        self.runs = _as_runs(slots)
+        _check_pages(check_runs(self.runs), data, tags, generations, seals)
         if 0 in generations:
             raise LocalProtocolError("generation 0 means never written")
         self.request_id = request_id
-        self.slots = as_slots(slots)
         self.data = data
         self.tags = _u32s(tags)
         self.generations = _u64s(generations)
         self.seals = seals
+
+    @property
+    def slots(self) -> range | array[int]:
+        return flat(self.runs)
 
     def _key(self) -> tuple[Any, ...]:
         return (self.TYPE, self.request_id, tuple(self.slots), bytes(self.data),
@@ -238,17 +218,30 @@ class SwapIn(Request, _Batch):
     """Fetch a batch of pages (with their seals when `sealed`); answered by Pages."""
 
     TYPE: ClassVar[int] = 4
-    __slots__ = ("request_id", "sealed", "slots")
+    __slots__ = ("request_id", "runs", "sealed")
 
-    def __init__(self, request_id: int, slots: Sequence[int], sealed: bool = False) -> None:
+    def __init__(
+        self, request_id: int, slots: Sequence[int] | tuple[range, ...], sealed: bool = False
+    ) -> None:
         _check_request_id(request_id)
-        _check_slots(slots)
+        self.runs = _as_runs(slots)
+        check_runs(self.runs)
         self.request_id = request_id
-        self.slots = as_slots(slots)
         self.sealed = sealed
+
+    @property
+    def slots(self) -> range | array[int]:
+        return flat(self.runs)
 
     def _key(self) -> tuple[Any, ...]:
         return (self.TYPE, self.request_id, tuple(self.slots), self.sealed)
+
+
+def _as_runs(slots: Sequence[int] | tuple[range, ...]) -> tuple[range, ...]:
+    """Runs as given (a tuple of ranges), or the runs of a sequence of slots."""
+    if isinstance(slots, tuple) and slots and isinstance(slots[0], range):
+        return cast("tuple[range, ...]", slots)
+    return runs_of(cast("Sequence[int]", slots))
 
 
 @dataclass(frozen=True, slots=True)

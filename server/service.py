@@ -201,18 +201,18 @@ class Session:
             began = time.perf_counter()
             area = backend.area(self.area_name)
             data = memoryview(request.data)
-            backend.write(area, request.slots, data, request.tags, request.generations,
-                          request.seals)  # fmt: skip
-            self._observe("swap_out", len(request.slots), began)
+            backend.write_runs(area, request.runs, data, request.tags, request.generations,
+                               request.seals)  # fmt: skip
+            self._observe("swap_out", len(request.tags), began)
             return Ok(rid)
         if isinstance(request, SwapIn):
             began = time.perf_counter()
             area = backend.area(self.area_name)
-            n = len(request.slots)
+            n = sum(len(run) for run in request.runs)
             out = bytearray(n * PAGE_SIZE)
             seals = bytearray(n * SEAL_SIZE) if request.sealed else None
-            tags, gens = backend.read(area, request.slots, memoryview(out),
-                                      memoryview(seals) if seals is not None else None)  # fmt: skip
+            views = memoryview(seals) if seals is not None else None
+            tags, gens = backend.read_runs(area, request.runs, memoryview(out), views)
             self._observe("swap_in", n, began)
             # The bytearray goes out as is (codec.encode_parts), without a copy into bytes.
             return Pages(rid, out, tags, gens, seals)

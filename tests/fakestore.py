@@ -97,7 +97,7 @@ class FakeClient:
     # -- the batch path -------------------------------------------------------
     def start_swap_out(
         self,
-        slots: Sequence[int],
+        runs: Sequence[range],
         pages: Sequence[Buffer],
         tags: Sequence[int],
         generations: Sequence[int],
@@ -107,7 +107,8 @@ class FakeClient:
         store = self.store
         store.swap_outs += 1
         data = b"".join(pages)  # copied now, as sent
-        slots, tags, generations = list(slots), list(tags), list(generations)
+        slots = [s for run in runs for s in run]
+        tags, generations = list(tags), list(generations)
 
         def reply() -> None:
             if not self.connected:
@@ -121,8 +122,10 @@ class FakeClient:
 
         self._reply(reply)
 
-    def start_swap_in(self, slots: Sequence[int], sealed: bool,
+    def start_swap_in(self, runs: Sequence[range], sealed: bool,
                       done: Callable[[Pages | None, Exception | None], None]) -> None:  # fmt: skip
+        slots = [s for run in runs for s in run]
+
         def reply() -> None:
             if not self.connected:
                 return done(None, ConnectionLost("gone"))

@@ -139,18 +139,21 @@ def test_a_swap_out_from_page_buffers_is_the_same_frame(n: int, seed: int, cut: 
     message = p.SwapOut(seed, slots, data, tags, gens)
     views = [memoryview(data)[i : i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
     client, _ = handshaken()
-    parts = client.send_swap_out(seed, slots, gens, tags, None, views)
+    parts = client.send_swap_out(seed, message.runs, gens, tags, None, views)
     assert b"".join(parts) == p.encode(message)
     with pytest.raises(p.LocalProtocolError):  # a page short: refused, nothing sent
-        handshaken()[0].send_swap_out(seed, slots, gens, tags, None,
+        handshaken()[0].send_swap_out(seed, message.runs, gens, tags, None,
                                       [*views[:-1], views[-1][:-cut]])  # fmt: skip
 
 
-def test_consecutive_slots_travel_as_a_run_and_others_as_a_list() -> None:
-    run = p.encode(p.SwapIn(1, [7, 8, 9, 10]))
-    listed = p.encode(p.SwapIn(1, [7, 9, 8, 10]))
-    assert len(run) == 4 + 8 + 8 and len(listed) == 4 + 8 + 8 + 4 * 8
-    assert p.decode(memoryview(run)[4:]).slots == range(7, 11)  # type: ignore[attr-defined]
+def test_slots_travel_as_runs_of_consecutive_slots() -> None:
+    one = p.encode(p.SwapIn(1, [7, 8, 9, 10]))
+    four = p.encode(p.SwapIn(1, [7, 9, 8, 10]))  # no two consecutive: four runs of one
+    assert len(one) == 4 + 8 + 8 + 8  # length, head, how many runs, one run
+    assert len(four) == 4 + 8 + 8 + 4 * 8
+    decoded = p.decode(memoryview(one)[4:])
+    assert isinstance(decoded, p.SwapIn) and decoded.runs == (range(7, 11),)
+    assert p.runs_of([1, 2, 3, 9, 10, 5]) == (range(1, 4), range(9, 11), range(5, 6))
 
 
 def test_a_server_sends_a_batch_in_parts_the_client_reads_as_one() -> None:

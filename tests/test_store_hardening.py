@@ -223,7 +223,7 @@ async def test_a_misdirected_write_is_eio_at_the_store_and_the_client(
     gens = array("Q", [1])
     tag_for_slot_1 = tags_of(page, client.area_seed, [1], gens)
     done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-    client.start_swap_out([2], [page], tag_for_slot_1, gens, None, done.set_result)  # slot 1's
+    client.start_swap_out((range(2, 3),), [page], tag_for_slot_1, gens, None, done.set_result)
     assert await done is None
     with pytest.raises(StoreError) as info:
         await client.swap_in([2])

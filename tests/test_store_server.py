@@ -162,24 +162,24 @@ async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> Non
     pages = [bytes([n]) * PAGE_SIZE for n in range(1, 9)]
     wrote: asyncio.Future[Exception | None] = loop.create_future()
     data, gens = b"".join(pages), array("Q", [1] * 8)
-    client.start_swap_out(range(8), [data], tags_of(data, client.area_seed, range(8), gens), gens,
-                          None, wrote.set_result)  # fmt: skip
+    client.start_swap_out((range(8),), [data], tags_of(data, client.area_seed, range(8), gens),
+                          gens, None, wrote.set_result)  # fmt: skip
     assert await asyncio.wait_for(wrote, 5) is None
     read: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()
 
     def got(reply: Pages | None, failure: Exception | None) -> None:
         read.set_result((bytes(reply.data) if reply is not None else b"", failure))
 
-    client.start_swap_in([7, 0], False, got)
+    client.start_swap_in((range(7, 8), range(0, 1)), False, got)
     assert await asyncio.wait_for(read, 5) == (pages[7] + pages[0], None)
     refused: asyncio.Future[Exception | None] = loop.create_future()
-    client.start_swap_out([64], [pages[0]], array("I", [0]), array("Q", [1]), None,
+    client.start_swap_out((range(64, 65),), [pages[0]], array("I", [0]), array("Q", [1]), None,
                           refused.set_result)  # fmt: skip
     failure = await asyncio.wait_for(refused, 5)  # beyond the area: the store's errno
     assert isinstance(failure, StoreError) and failure.errno == errno.EINVAL
     await store.close()
     read = loop.create_future()
-    client.start_swap_in([0], False, got)
+    client.start_swap_in((range(1),), False, got)
     data, failure = await asyncio.wait_for(read, 5)
     assert data == b"" and isinstance(failure, ConnectionLost)
 
@@ -228,7 +228,7 @@ async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> 
         done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         page = bytes(PAGE_SIZE)
         began = time.monotonic()
-        client.start_swap_out([0], [page], array("I", [0]), array("Q", [1]), None,
+        client.start_swap_out((range(1),), [page], array("I", [0]), array("Q", [1]), None,
                               done.set_result)  # fmt: skip
         failure = await asyncio.wait_for(done, 5)
         elapsed = time.monotonic() - began
@@ -243,7 +243,7 @@ async def test_a_garbled_reply_fails_every_pending_call_and_drops_the_connection
         batch: asyncio.Future[tuple[Pages | None, Exception | None]] = (
             asyncio.get_running_loop().create_future()
         )
-        client.start_swap_in([0], False, lambda reply, failure: batch.set_result((reply, failure)))
+        client.start_swap_in((range(1),), False, lambda r, failure: batch.set_result((r, failure)))
         with pytest.raises(ConnectionLost, match="garbage"):
             await client.flush()
         reply, failure = await asyncio.wait_for(batch, 5)

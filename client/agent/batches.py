@@ -17,7 +17,8 @@ import time
 from array import array
 from typing import Protocol
 
-from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, StoreError
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Pages, StoreError
+from netswap.protocol.runs import runs_of
 
 from ..rpc import check_pages
 from .jobs import ReadEntry, WriteJob
@@ -134,20 +135,26 @@ class Batches:
             listener.writes_done(self.store, batch, -1)
             return
         views = listener.reserve.views
-        if len(batch) == 1:  # one run: its slots a range, its arrays slices
+        if len(batch) == 1:  # one run: its arrays are slices
             job, start, count = batch[0]
             end = start + count
-            slots: range | array[int] = range(job.first + start, job.first + end)
+            runs: tuple[range, ...] = (range(job.first + start, job.first + end),)
             tags, gens = job.tags[start:end], job.generations[start:end]
             data = [views[b] for b in job.bufs[start:end]]
         else:
-            slots, tags, gens, data = array("Q"), array("I"), array("Q"), []
+            spans: list[range] = []
+            tags, gens, data = array("I"), array("Q"), []
             for job, start, count in batch:
                 end = start + count
-                slots.extend(range(job.first + start, job.first + end))
+                first = job.first + start
+                if spans and spans[-1].stop == first:  # the next job goes on where this ends
+                    spans[-1] = range(spans[-1].start, first + count)
+                else:
+                    spans.append(range(first, first + count))
                 tags.extend(job.tags[start:end])
                 gens.extend(job.generations[start:end])
                 data.extend([views[b] for b in job.bufs[start:end]])
+            runs = tuple(spans)
         began = time.perf_counter()
 
         def done(failure: Exception | None) -> None:
@@ -158,7 +165,7 @@ class Batches:
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_out(slots, data, tags, gens, None, done)  # the views, not a copy
+        client.start_swap_out(runs, data, tags, gens, None, done)  # the views, not a copy
 
     def _swap_in(self, batch: list[ReadEntry]) -> None:
         client, listener = self.store.client, self.listener
@@ -167,12 +174,11 @@ class Batches:
             return
         began = time.perf_counter()
         slots = array("Q", [e.slot for e in batch])
+        runs = runs_of(slots)
         counts = array("I", [e.count for e in batch])
         slot_map = listener.slot_map
 
-        def done(reply: object, failure: Exception | None) -> None:
-            from netswap.protocol import Pages
-
+        def done(reply: Pages | None, failure: Exception | None) -> None:
             if failure is None:
                 assert isinstance(reply, Pages)
                 failure = check_pages(listener.area_seed, reply, slots, counts,
@@ -191,7 +197,7 @@ class Batches:
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_in(slots, False, done)
+        client.start_swap_in(runs, False, done)
 
     def _outcome(self, client: object, failure: Exception | None) -> int:
         """0 ok, the store's errno, or -1 when the store is unreachable (now marked down)."""

@@ -96,7 +96,7 @@ class DirectPath:
             return figures.fell_back()
         began = time.perf_counter()
         try:
-            reply = client.call(SwapIn(client.next_id(), slots), agent.io_timeout)
+            reply = client.call(SwapIn(client.next_id(), (slots,)), agent.io_timeout)
         except DIRECT_ERRORS:
             store.lost(client)
             return figures.fell_back()
@@ -155,13 +155,13 @@ class DirectPath:
             return False
         views = self.agent.reserve.views
         pages = [views[b] for b in job.bufs]
-        slots = range(job.first, job.first + job.count)
+        runs = (range(job.first, job.first + job.count),)
         timeout = self.agent.io_timeout
         end = time.monotonic() + timeout
         sent: list[tuple[Store, BlockingClient]] = []
         for store, client in taken:
             try:
-                frame = client.conn.send_swap_out(client.next_id(), slots, job.generations,
+                frame = client.conn.send_swap_out(client.next_id(), runs, job.generations,
                                                   job.tags, None, pages)  # fmt: skip
                 client.send(frame, timeout)
             except DIRECT_ERRORS:

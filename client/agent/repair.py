@@ -20,6 +20,7 @@ from array import array
 from collections import Counter, deque
 
 from netswap.protocol import PAGE_SIZE, SEAL_SIZE, Pages, StoreError, tags_of
+from netswap.protocol.runs import runs_of
 
 from ..rpc import StoreClient, counts_of
 from .jobs import WriteJob
@@ -273,6 +274,6 @@ def start_copy(
     if reply.seals is not None:
         kept = memoryview(reply.seals)
         seals = b"".join(kept[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] for i in keep)
-    client.start_swap_out(array("Q", [chunk[i] for i in keep]), pages, tags, gens, seals,
+    client.start_swap_out(runs_of([chunk[i] for i in keep]), pages, tags, gens, seals,
                           finished)  # fmt: skip
     return done

@@ -11,7 +11,8 @@ mapped slot in clusters. A page written sealed (encrypted by its agent) has its
 memory only where written.
 
 Reads verify the tag against the slot asked for, so a slot map pointing at the
-wrong page is EIO, never another slot's data. Work that a client can make large
+wrong page is EIO, never another slot's data (runs.py reads and writes pages,
+a run of consecutive slots at a time). Work that a client can make large
 (discarding ranges, releasing an area) comes as generators of work units, so
 the store's loop can run it in slices (service.py); the plain methods run them
 to the end for in-process callers. Backends supply only how an arena page is
@@ -24,14 +25,12 @@ from __future__ import annotations
 import errno
 import mmap
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 
 from netswap.protocol import (
-    NEVER_WRITTEN,
     PAGE_SIZE,
     SEAL_SIZE,
-    ZERO_PAGE,
     StoreError,
     page_tag,
 )
@@ -158,58 +157,7 @@ class BackendCore:
             raise StoreError(errno.ENXIO, f"area {name} is not active (send Swapfile first)")
         return area
 
-    # -- pages --------------------------------------------------------------
-    def write(
-        self,
-        area: Area,
-        slots: Sequence[int],
-        data: memoryview,
-        tags: Sequence[int] | None,
-        generations: Sequence[int] | None = None,
-        seals: Buffer | None = None,
-    ) -> None:
-        """Store len(slots) pages from `data`; all of them or (on error) none.
-
-        `tags` and `generations` come from the writer (the agent); without them
-        (an in-process caller) the store tags each page for LOCAL_GENERATION.
-        `seals`, when given, are kept beside the pages (SEAL_SIZE bytes each).
-        """
-        self._check_slots(area, slots)
-        cow = self.copy_on_write
-        fresh = sum(1 for s in slots if area.page(s) == UNMAPPED)
-        self._check_quota(area, fresh)
-        needed = len(slots) if cow else fresh
-        if needed > len(self.free):
-            self._make_room(needed)
-        # A copy-on-write store with no page to spare rewrites mapped slots in place:
-        # the generation bump makes such a page disagree with the tag the last flushed
-        # index holds, so after a crash that slot is EIO, never its older copy.
-        in_place = needed > len(self.free)
-        if fresh > len(self.free):
-            self.counters["enospc"] += 1
-            raise StoreError(errno.ENOSPC, f"store full: {fresh} pages needed, "
-                             f"{len(self.free)} free")  # fmt: skip
-        self._take_clusters(area, slots)
-        for i, slot in enumerate(slots):
-            view = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            gen = generations[i] if generations is not None else LOCAL_GENERATION
-            if tags is not None:
-                tag = tags[i]
-            else:
-                tag = page_tag(view, area.seed, slot, gen) if self.verify else 0
-            page = area.page(slot)
-            if page == UNMAPPED or (cow and not in_place):
-                if page != UNMAPPED:
-                    self._retire(page)
-                page = self.free.pop()
-                area.map(slot, page)
-            self._store(page, view)
-            self.tags[page] = tag
-            self.generations[page] = gen
-            self._keep_seal(page, seals, i)
-        self.counters["pages_written"] += len(slots)
-        area.written += len(slots)
-
+    # -- pages (runs.py reads and writes them) ----------------------------------
     def _keep_seal(self, page: int, seals: Buffer | None, index: int, count: int = 1) -> None:
         """Keep seals[index:index+count] for pages page..page+count-1 (or forget theirs)."""
         if seals is None and self._seals is None:
@@ -237,7 +185,7 @@ class BackendCore:
     # so that the index persisted at the last flush never points at newer data.
     copy_on_write = False
 
-    def _take_clusters(self, area: Area, slots: Sequence[int]) -> None:
+    def _take_clusters(self, area: Area, slots: Iterable[int]) -> None:
         new = area.new_clusters(slots)
         if new:
             try:
@@ -256,38 +204,6 @@ class BackendCore:
             self.counters["quota_refusals"] += 1
             raise StoreError(errno.ENOSPC, f"area {area.name} is at its quota of {quota} pages "
                              f"(--area-quota): {area.used} held, {fresh} more asked")  # fmt: skip
-
-    def read(
-        self,
-        area: Area,
-        slots: Sequence[int],
-        out: memoryview,
-        seals_out: memoryview | None = None,
-    ) -> tuple[array[int], array[int]]:
-        """Fill `out` with the pages of `slots` (and `seals_out` with their seals);
-        returns their tags and generations (a slot never written: zeros at 0)."""
-        self._check_slots(area, slots)
-        n = len(slots)
-        tags, gens = array("I", [0]) * n, array("Q", [0]) * n
-        if seals_out is not None:
-            seals_out[:] = bytes(len(seals_out))
-        for i, slot in enumerate(slots):
-            view = out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            page = area.page(slot)
-            if page == UNMAPPED:
-                if self.damaged:
-                    raise StoreError(errno.EIO, f"{area.name} slot {slot}: its map was lost")
-                view[:] = ZERO_PAGE
-                tags[i] = page_tag(ZERO_PAGE, area.seed, slot, NEVER_WRITTEN)
-                continue
-            self._load(page, view)
-            tags[i] = self._verified(area, slot, page, view)
-            gens[i] = self.generations[page]
-            if seals_out is not None:
-                self.seals_into(page, 1, seals_out, i)
-        self.counters["pages_read"] += n
-        area.read += n
-        return tags, gens
 
     def inventory(self, area: Area, first: int, count: int) -> tuple[array[int], array[int]]:
         """The slots of first..first+count-1 that hold a page, and its generations."""
@@ -332,13 +248,6 @@ class BackendCore:
         for page in pages:
             self._retire(page)
         self.counters["pages_discarded"] += len(pages)
-
-    def _check_slots(self, area: Area, slots: Sequence[int]) -> None:
-        # min/max run in C; the protocol already checked each slot is an int.
-        limit = area.pages
-        if slots and (min(slots) < 0 or max(slots) >= limit):
-            slot = next(s for s in slots if not 0 <= s < limit)
-            raise StoreError(errno.EINVAL, f"slot {slot} outside area {area.name} ({limit})")
 
     # -- accounting ---------------------------------------------------------
     @property

@@ -73,7 +73,7 @@ STAGES: tuple[tuple[str, str], ...] = (
         r"^(first_of_run|is_run)$",
     ),
     ("session", r"^(Session|StoreProtocol|StoreService|Slices)\.|^_observe$"),
-    ("routing", r"^(Agent|StoreLink|Routing|Repair|SlabTable|SlotTable|Stores|Link\w*)\."),
+    ("routing", r"^(Agent|StoreLink|Routing|Repair|SlabTable|SlotMap|Store|Batches|Link\w*)\."),
     ("device", r"^(RemoteDevice|DirectReads|DirectWrites|Direct\w*|_Conn|_Pool|Pool)\."),
     ("callback", r"^(pread|pwrite|wrapper|_dev|flush)$"),
 )
