@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent bench-budget fuzz soak lab-compose clean
+.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent bench-budget bench-compiled fuzz soak lab-compose clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -14,8 +14,8 @@ run: setup
 test: setup lint typecheck pytest
 
 lint:
-	$(VENV)/bin/ruff check protocol server client tests
-	$(VENV)/bin/ruff format --check protocol server client tests
+	$(VENV)/bin/ruff check protocol server client tests deploy/compile.py
+	$(VENV)/bin/ruff format --check protocol server client tests deploy/compile.py
 
 # mypy resolves `netswap.*` through a tree of symlinks that mirrors the installed
 # layout (setuptools' editable finder is an import hook mypy cannot follow).
@@ -69,5 +69,11 @@ COMPOSE_ARGS ?=
 lab-compose: setup
 	$(VENV)/bin/netswap lab compose $(COMPOSE_ARGS)
 
+# Each compiled module against its pure Python, in one run (deploy/compile.py keeps
+# the ones that pay).
+bench-compiled: setup
+	$(PY) -m tests.bench.bench_compiled
+
 clean:
+	-$(PY) deploy/compile.py --clean
 	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache

@@ -60,6 +60,7 @@ from netswap.protocol import (
     area_seed,
     tags_of,
 )
+from netswap.protocol.errors import ConnectionLost
 from netswap.protocol.messages import Buffer
 from netswap.server.tls import handshake_failure
 from netswap.server.units import read_secret
@@ -76,10 +77,6 @@ COUNT_MASK = 0xFFFFFFFF
 
 ReplyCallback = Callable[["Reply | Exception"], None]
 PagesCallback = Callable[[Pages | None, Exception | None], None]
-
-
-class ConnectionLost(ConnectionError):
-    """The store connection closed with this request still pending."""
 
 
 def counts_of(generations: array[int]) -> array[int]:

@@ -36,3 +36,6 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
   touch "$stamp"
 fi
+# The hot modules, compiled with mypyc beside their source (deploy/compile.py says which
+# and why); rebuilt only when a source changed. Without them the same code runs pure.
+"$VENV/bin/python" deploy/compile.py

@@ -22,6 +22,10 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes or a message that breaks the protocol."""
 
 
+class ConnectionLost(ConnectionError):
+    """The connection to a store closed (or was cut) with a request still pending."""
+
+
 class StoreError(Exception):
     """A request refused with an errno: ENOSPC, EIO, EINVAL, EPERM, ENXIO ...
 

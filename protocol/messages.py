@@ -157,28 +157,35 @@ class Swapfile(Request):
         _check(_is_int(ps, 512, 1 << 16) and ps & (ps - 1) == 0, "page_size: power of 2")
 
 
-class _Batch(Message):
-    """Equality and repr by fields, for tests and logs (batches are not dataclasses:
-    their fields are arrays and views, and mypyc lays out slotted classes plainly)."""
-
-    __slots__ = ()
-
-    def _key(self) -> tuple[Any, ...]:
-        raise NotImplementedError
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _Batch) and type(other) is type(self) and self._key() == other._key()
-        )
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}{self._key()[1:]!r}"[:200]
+def _batch_key(message: Message) -> tuple[Any, ...]:
+    """A batch's fields as plain values, for equality and repr (batches are not
+    dataclasses: their fields are arrays and views, and mypyc compiles slotted
+    classes of single inheritance)."""
+    if isinstance(message, SwapOut):
+        return (message.request_id, tuple(message.slots), bytes(message.data),
+                tuple(message.tags), tuple(message.generations), _bytes(message.seals))  # fmt: skip
+    if isinstance(message, SwapIn):
+        return (message.request_id, tuple(message.slots), message.sealed)
+    if isinstance(message, Pages):
+        return (message.request_id, bytes(message.data), tuple(message.tags),
+                tuple(message.generations), _bytes(message.seals))  # fmt: skip
+    assert isinstance(message, Held)
+    return (message.request_id, tuple(message.slots), tuple(message.generations))
 
 
-class SwapOut(Request, _Batch):
+def _same(message: Message, other: object) -> bool:
+    return (
+        isinstance(other, Message)
+        and type(other) is type(message)
+        and (_batch_key(message) == _batch_key(other))
+    )
+
+
+def _shown(message: Message) -> str:
+    return f"{type(message).__name__}{_batch_key(message)!r}"[:200]
+
+
+class SwapOut(Request):
     """Store a batch of pages: the i-th page of `data` goes to the i-th slot of `runs`,
     written for generations[i] (nonzero), tagged tags[i]; seals[i] is kept beside it."""
 
@@ -209,12 +216,17 @@ class SwapOut(Request, _Batch):
     def slots(self) -> range | array[int]:
         return flat(self.runs)
 
-    def _key(self) -> tuple[Any, ...]:
-        return (self.TYPE, self.request_id, tuple(self.slots), bytes(self.data),
-                tuple(self.tags), tuple(self.generations), _bytes(self.seals))  # fmt: skip
+    def __eq__(self, other: object) -> bool:
+        return _same(self, other)
+
+    def __hash__(self) -> int:
+        return hash(_batch_key(self))
+
+    def __repr__(self) -> str:
+        return _shown(self)
 
 
-class SwapIn(Request, _Batch):
+class SwapIn(Request):
     """Fetch a batch of pages (with their seals when `sealed`); answered by Pages."""
 
     TYPE: ClassVar[int] = 4
@@ -233,8 +245,14 @@ class SwapIn(Request, _Batch):
     def slots(self) -> range | array[int]:
         return flat(self.runs)
 
-    def _key(self) -> tuple[Any, ...]:
-        return (self.TYPE, self.request_id, tuple(self.slots), self.sealed)
+    def __eq__(self, other: object) -> bool:
+        return _same(self, other)
+
+    def __hash__(self) -> int:
+        return hash(_batch_key(self))
+
+    def __repr__(self) -> str:
+        return _shown(self)
 
 
 def _as_runs(slots: Sequence[int] | tuple[range, ...]) -> tuple[range, ...]:
@@ -349,7 +367,7 @@ class Welcome(Reply):
         _check(_is_int(self.capacity_pages, 0, _MAX_U64), "capacity_pages out of range")
 
 
-class Pages(Reply, _Batch):
+class Pages(Reply):
     """Answer to SwapIn: the pages in request order with their stored generations and
     tags (a slot never written reads as zeros at generation 0), and their seals when
     the SwapIn asked for them (zeros for a page stored without one)."""
@@ -376,12 +394,17 @@ class Pages(Reply, _Batch):
         self.generations = _u64s(generations)
         self.seals = seals
 
-    def _key(self) -> tuple[Any, ...]:
-        return (self.TYPE, self.request_id, bytes(self.data), tuple(self.tags),
-                tuple(self.generations), _bytes(self.seals))  # fmt: skip
+    def __eq__(self, other: object) -> bool:
+        return _same(self, other)
+
+    def __hash__(self) -> int:
+        return hash(_batch_key(self))
+
+    def __repr__(self) -> str:
+        return _shown(self)
 
 
-class Held(Reply, _Batch):
+class Held(Reply):
     """Answer to Inventory: the slots held, ascending, each with its generation."""
 
     TYPE: ClassVar[int] = 69
@@ -399,8 +422,14 @@ class Held(Reply, _Batch):
         self.slots = _u64s(slots)
         self.generations = _u64s(generations)
 
-    def _key(self) -> tuple[Any, ...]:
-        return (self.TYPE, self.request_id, tuple(self.slots), tuple(self.generations))
+    def __eq__(self, other: object) -> bool:
+        return _same(self, other)
+
+    def __hash__(self) -> int:
+        return hash(_batch_key(self))
+
+    def __repr__(self) -> str:
+        return _shown(self)
 
 
 @dataclass(frozen=True, slots=True)

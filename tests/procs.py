@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +16,13 @@ from .nbdserver import NETSWAP
 class StoreProc:
     """A page store on a fixed port that tests can kill -9 and start again."""
 
-    def __init__(self, capacity: str = "256M", extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, capacity: str = "256M", extra: tuple[str, ...] = (), netswap: str = NETSWAP
+    ) -> None:
         self.port = free_port()
         self.capacity = capacity
         self.extra = extra
+        self.netswap = netswap  # another checkout's, for a benchmark's before-and-after
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -26,7 +30,7 @@ class StoreProc:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> StoreProc:
-        cmd = [NETSWAP, "store", "--listen", self.address, "--capacity", self.capacity]
+        cmd = [self.netswap, "store", "--listen", self.address, "--capacity", self.capacity]
         self.proc = subprocess.Popen([*cmd, *self.extra], stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.proc)
         if "--http" in self.extra:  # the ops endpoint starts just after the store
@@ -53,7 +57,7 @@ def stores(count: int, capacity: str = "256M") -> Iterator[list[StoreProc]]:
 
 @contextmanager
 def agent_serve(
-    store_procs: list[StoreProc], size: str = "64M", *extra: str
+    store_procs: list[StoreProc], size: str = "64M", *extra: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`netswap serve --backend remote` over the given stores; yields (uri, nbdkit)."""
     port = free_port()
@@ -63,7 +67,8 @@ def agent_serve(
         cmd += ["--store", s.address]
     with ExitStack() as stack:
         log = stack.enter_context(open(Path("/tmp") / f"netswap-agent-{port}.log", "w+b"))
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, **(env or {})})  # fmt: skip
         try:
             wait_for_port(port, proc, timeout=30)
             wait_for_http(extra, proc)

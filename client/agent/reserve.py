@@ -28,7 +28,7 @@ from netswap.protocol import PAGE_SIZE
 from ..hardening import mlock_buffer
 
 
-class ReserveTimeout(TimeoutError):
+class ReserveTimeout(Exception):
     """No reserve buffers came free before the deadline."""
 
 

@@ -23,8 +23,9 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from netswap.protocol import StoreError
+from netswap.protocol.errors import ConnectionLost
 
-from ..rpc import BlockingClient, ConnectionLost, StoreClient
+from ..rpc import BlockingClient, StoreClient
 
 log = logging.getLogger("netswap.agent")
 

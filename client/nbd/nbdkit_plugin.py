@@ -94,6 +94,11 @@ def after_fork() -> None:
     # Build the device here, not at load: threads and sockets must not cross
     # nbdkit's fork into the background.
     global _device
+    frames = os.environ.get("NETSWAP_TRACEMALLOC", "")
+    if frames.isdigit():  # the soak's leak hunt: /debug/allocations on the ops endpoint
+        import tracemalloc
+
+        tracemalloc.start(int(frames))
     tune_heap()  # before the first batch buffer: reused from the heap, never unmapped
     if _config.mlock == "onfault":
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)

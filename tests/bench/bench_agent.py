@@ -1,30 +1,35 @@
 """make bench-agent: fio through plugin -> agent -> page store(s) on loopback.
 
 Same run, same client (fio ioengine=nbd), alternating between:
-  agent-batched    netswap serve --backend remote, default batching (64 pages)
-  agent-loop       the same with --reads loop --writes loop: every swap-in and
-                   lone swap-out through the agent's loop thread instead of
-                   straight from nbdkit's thread
-  agent-unbatched  the same with --batch-pages 1: one page per RPC
-  agent-2x         two stores, --replicas 2, default batching
-  agent-writeback  agent-batched with --cache writeback (acknowledged from the reserve)
-  agent-tls        agent-batched against a TLS store (--store-tls-ca)
+  agent            netswap serve --backend remote, every default (one store)
+  agent-spread     the same with --cpus all: threads where the kernel puts them,
+                   not gathered on one CPU
+  agent-loop       --reads loop --writes loop: every swap-in and lone swap-out
+                   through the agent's loop thread
+  agent-unbatched  --batch-pages 1: one page per RPC
+  agent-2x         two stores, --replicas 2
+  agent-writeback  --cache writeback (acknowledged from the reserve)
+  agent-tls        against a TLS store (--store-tls-ca)
+  agent-before     with --baseline VENV: that venv's netswap (another checkout,
+                   e.g. the last release) against its own store, so a change is
+                   measured against what it replaces in the same run
   nbdkit-memory    the peer
   py-parallel      floor: a PARALLEL Python plugin doing one copy per request
   py-handoff       floor: the same plus the agent's hand-off to an event-loop
                    thread that completes each request at once (no agent work,
-                   no network) -- the ceiling of this architecture
+                   no network): the loop design's ceiling
   py-combine       floor: no loop thread; requests combine into batches, the
                    first thread in making one raw 4 KiB round trip to an echo
                    process per batch (#12's combining design, no agent work)
   py-rpc           floor: one raw round trip per request on its thread's own
                    connection (the direct path's shape, no agent work)
-Prints IOPS, pages/s, p50/p99, and the ratios batched/unbatched,
-batched/nbdkit-memory, batched/py-handoff and each floor's ceiling against
-py-parallel. With --cpus LIST every Python
-server (the agents and the floors) runs pinned there (serve --cpus, taskset
-for the floors); nbdkit-memory, a C server without a GIL, runs as it likes.
---sched batch applies to the agents only: the floors measured faster without it.
+Prints IOPS, pages/s, p50/p99, and the ratios the issues track: the agent
+against the best floor of the same run (by IOPS; by p50 at QD1), 2 replicas
+and unbatched against the agent, against nbdkit-memory and against
+agent-before. With --chart PNG it draws the agent, the floors and
+nbdkit-memory per workload (matplotlib). --cpus LIST pins every Python
+server there (serve --cpus, taskset for the floors); nbdkit-memory, a C
+server without a GIL, runs as it likes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -52,6 +58,9 @@ WORKLOADS = (
     Workload("64K randwrite QD32", "randwrite", "64k", 32),
     Workload("128K randwrite QD8", "randwrite", "128k", 8),
 )
+FLOORS = ("py-handoff", "py-combine", "py-rpc")
+COLORS = {"agent": "tab:red", "agent-before": "tab:orange", "nbdkit-memory": "tab:gray"}
+Medians = dict[str, dict[str, tuple[float, float, float]]]  # server -> workload -> figures
 
 
 def main() -> None:
@@ -61,47 +70,16 @@ def main() -> None:
     parser.add_argument("--cpus", help="pin the Python servers to these CPUs")
     parser.add_argument("--sched", default="normal", help="the agents' scheduling policy")
     parser.add_argument("--only", default="", help="workloads whose name contains this")
+    parser.add_argument("--servers", default="", help="only these servers (comma list)")
+    parser.add_argument("--baseline", help="a venv whose netswap is agent-before")
+    parser.add_argument("--chart", help="draw the agent against the floors into this PNG")
     args = parser.parse_args()
     workloads = [w for w in WORKLOADS if args.only in w.name]
-    pin = [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
-    taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     with ExitStack() as stack:
-        pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        tls = ("--tls-cert", str(pki.store_cert), "--tls-key", str(pki.store_key))
-        s1, s2, s3 = (StoreProc("1G").start() for _ in range(3))
-        s4 = StoreProc("1G", tls).start()
-        for s in (s1, s2, s3, s4):
-            stack.callback(s.kill)
-        one = ["--backend", "remote", "--store", s1.address, "--area", "bench1", *pin]
-        tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
-                   "--area", "bench1t", *pin]  # fmt: skip
-        two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
-               "--replicas", "2", "--area", "bench2", *pin]  # fmt: skip
-        commands = {
-            "agent-batched": lambda port: netswap_cmd(port, one),
-            "agent-loop": lambda port: netswap_cmd(
-                port, [*one, "--reads", "loop", "--writes", "loop", "--area", "bench1l"]
-            ),
-            "agent-unbatched": lambda port: netswap_cmd(
-                port, [*one, "--batch-pages", "1", "--area", "bench1u"]
-            ),
-            "agent-2x": lambda port: netswap_cmd(port, two),
-            "agent-writeback": lambda port: netswap_cmd(
-                port, [*one, "--cache", "writeback", "--area", "bench1w"]
-            ),
-            "agent-tls": lambda port: netswap_cmd(port, tls_one),
-            "nbdkit-memory": peer_cmd,
-            "py-parallel": lambda port: [*taskset, *floor_cmd(port, "model=parallel")],
-            "py-handoff": lambda port: [
-                *taskset,
-                *floor_cmd(port, "model=parallel", "handoff=1"),
-            ],
-            "py-combine": lambda port: [
-                *taskset,
-                *floor_cmd(port, "model=parallel", "handoff=combine"),
-            ],
-            "py-rpc": lambda port: [*taskset, *floor_cmd(port, "model=parallel", "handoff=rpc")],
-        }
+        commands = server_commands(stack, args)
+        if args.servers:
+            wanted = set(args.servers.split(","))
+            commands = {k: v for k, v in commands.items() if k in wanted}
         uris = {}
         for name, command in commands.items():
             port = free_port()
@@ -115,8 +93,61 @@ def main() -> None:
                     results[name].setdefault(work.name, []).append(
                         fio(uri, work, SIZE, args.runtime)
                     )
-    placement = f"Python servers on CPU {args.cpus}" if args.cpus else "no CPU pinning"
-    report(results, workloads, args.rounds, f"{placement}, agents --sched {args.sched}")
+    placement = f"Python servers on CPU {args.cpus}" if args.cpus else "default placement"
+    medians = report(results, workloads, args.rounds, f"{placement}, agents --sched {args.sched}")
+    if args.chart:
+        chart(medians, workloads, Path(args.chart))
+        print(f"chart: {args.chart}")
+
+
+def server_commands(
+    stack: ExitStack, args: argparse.Namespace
+) -> dict[str, Callable[[int], list[str]]]:
+    pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+    tls = ("--tls-cert", str(pki.store_cert), "--tls-key", str(pki.store_key))
+    s1 = StoreProc("2G").start()  # five agents of 256 MiB each share it
+    s2, s3 = (StoreProc("1G").start() for _ in range(2))
+    s4 = StoreProc("1G", tls).start()
+    for s in (s1, s2, s3, s4):
+        stack.callback(s.kill)
+    pin = [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
+    taskset = ["taskset", "-c", args.cpus] if args.cpus else []
+    one = ["--backend", "remote", "--store", s1.address, *pin]
+    two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
+           "--replicas", "2", "--area", "bench2", *pin]  # fmt: skip
+
+    def agent(area: str, *extra: str) -> Callable[[int], list[str]]:
+        return lambda port: netswap_cmd(port, [*one, "--area", area, *extra])
+
+    commands: dict[str, Callable[[int], list[str]]] = {
+        "agent": agent("bench1"),
+        "agent-spread": agent("bench1s", "--cpus", "all"),
+        "agent-loop": agent("bench1l", "--reads", "loop", "--writes", "loop"),
+        "agent-unbatched": agent("bench1u", "--batch-pages", "1"),
+        "agent-2x": lambda port: netswap_cmd(port, two),
+        "agent-writeback": agent("bench1w", "--cache", "writeback"),
+    }
+    tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
+               "--area", "bench1t", *pin]  # fmt: skip
+    commands["agent-tls"] = lambda port: netswap_cmd(port, tls_one)
+    if args.baseline:
+        venv = Path(args.baseline)
+        old = StoreProc("1G", netswap=str(venv / "bin" / "netswap")).start()
+        stack.callback(old.kill)
+        commands["agent-before"] = lambda port: netswap_cmd(
+            port,
+            ["--backend", "remote", "--store", old.address, "--area", "bench0", *pin],
+            netswap=str(venv / "bin" / "netswap"),
+        )
+    commands.update({
+        "nbdkit-memory": peer_cmd,
+        "py-parallel": lambda port: [*taskset, *floor_cmd(port, "model=parallel")],
+        "py-handoff": lambda port: [*taskset, *floor_cmd(port, "model=parallel", "handoff=1")],
+        "py-combine": lambda port: [*taskset,
+                                    *floor_cmd(port, "model=parallel", "handoff=combine")],
+        "py-rpc": lambda port: [*taskset, *floor_cmd(port, "model=parallel", "handoff=rpc")],
+    })  # fmt: skip
+    return commands
 
 
 def report(
@@ -124,11 +155,12 @@ def report(
     workloads: list[Workload],
     rounds: int,
     placement: str,
-) -> None:
+) -> Medians:
     print(
         f"fio ioengine=nbd, {SIZE} prefilled, medians of {rounds} alternating rounds, {placement}"
     )
     print(f"{'workload':<20}{'server':<17}{'IOPS':>10}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
+    medians: Medians = {}
     for work in workloads:
         pages = int(work.bs.rstrip("k")) // 4
         med = {
@@ -139,28 +171,64 @@ def report(
             for name, runs in results.items()
         }
         for name, (iops, p50, p99) in med.items():
-            print(
-                f"{work.name:<20}{name:<17}{iops:>10,.0f}{iops * pages:>10,.0f}"
-                f"{p50:>9.1f}{p99:>9.1f}"
-            )
-        batched = med["agent-batched"][0]
-        ratios = {
-            "p50 batched/nbdkit-memory": med["agent-batched"][1] / med["nbdkit-memory"][1],
-            "batched/py-parallel": batched / med["py-parallel"][0],
-            "direct/loop": batched / med["agent-loop"][0],
-            "batched/unbatched": batched / med["agent-unbatched"][0],
-            "batched/nbdkit-memory": batched / med["nbdkit-memory"][0],
-            "batched/py-handoff": batched / med["py-handoff"][0],
-            "py-handoff/nbdkit-memory": med["py-handoff"][0] / med["nbdkit-memory"][0],
-            "2 replicas/batched": med["agent-2x"][0] / batched,
-            "writeback/nbdkit-memory": med["agent-writeback"][0] / med["nbdkit-memory"][0],
-            "tls/batched": med["agent-tls"][0] / batched,
-        }
-        parallel = med["py-parallel"][0]
-        # The ceilings of the three shapes a networked plugin can take, no agent work.
-        ratios.update({f"{f}/py-parallel": med[f][0] / parallel
-                       for f in ("py-handoff", "py-combine", "py-rpc")})  # fmt: skip
-        print(f"{'':<20}" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+            medians.setdefault(name, {})[work.name] = (iops, p50, p99)
+            print(f"{work.name:<20}{name:<17}{iops:>10,.0f}{iops * pages:>10,.0f}"
+                  f"{p50:>9.1f}{p99:>9.1f}")  # fmt: skip
+        print(f"{'':<20}" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios(med, work).items()))
+    return medians
+
+
+def ratios(med: dict[str, tuple[float, ...]], work: Workload) -> dict[str, float]:
+    """What the issues track, for the servers this run has."""
+    out: dict[str, float] = {}
+    agent = med.get("agent")
+    floors = [f for f in FLOORS if f in med]
+    if agent is None:
+        return out
+    if floors:
+        best = max(floors, key=lambda f: med[f][0])
+        out[f"agent/best floor ({best})"] = agent[0] / med[best][0]
+        if work.iodepth == 1:
+            fastest = min(floors, key=lambda f: med[f][1])
+            out[f"p50 agent/best floor ({fastest})"] = agent[1] / med[fastest][1]
+    for name, label in (("agent-2x", "2 replicas/agent"), ("agent-unbatched", "agent/unbatched"),
+                        ("agent-before", "agent/before"), ("agent-spread", "agent/spread"),
+                        ("agent-loop", "agent/loop"), ("nbdkit-memory", "agent/nbdkit-memory"),
+                        ("py-parallel", "agent/py-parallel")):  # fmt: skip
+        if name in med:
+            other = med[name][0]
+            out[label] = (other / agent[0]) if name == "agent-2x" else agent[0] / other
+    if "agent-before" in med and work.iodepth == 1:
+        out["p50 agent/before"] = agent[1] / med["agent-before"][1]
+    return out
+
+
+def chart(medians: Medians, workloads: list[Workload], path: Path) -> None:
+    """Pages/s per workload, one bar per server, and the agent's ratio to the best floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in ("agent", "agent-before", *FLOORS, "py-parallel", "nbdkit-memory")
+             if s in medians]  # fmt: skip
+    fig, axes = plt.subplots(1, len(workloads), figsize=(3.2 * len(workloads), 4.6))
+    for ax, work in zip([axes] if len(workloads) == 1 else axes, workloads, strict=True):
+        pages = int(work.bs.rstrip("k")) // 4
+        values = [medians[s][work.name][0] * pages / 1000 for s in shown]
+        colors = [COLORS.get(s, "tab:blue") for s in shown]
+        ax.bar(range(len(shown)), values, color=colors)
+        ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=8)
+        ax.set_title(work.name, fontsize=9)
+        ax.set_ylabel("thousand pages/s" if ax is axes[0] or len(workloads) == 1 else "")
+        floors = [medians[f][work.name][0] for f in FLOORS if f in medians]
+        if floors and "agent" in medians:
+            ratio = medians["agent"][work.name][0] / max(floors)
+            ax.text(0.02, 0.97, f"agent / best floor {ratio:.2f}x", transform=ax.transAxes,
+                    va="top", fontsize=8)  # fmt: skip
+    fig.suptitle("make bench-agent: the agent against its floors (fio ioengine=nbd, loopback)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

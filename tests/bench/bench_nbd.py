@@ -37,8 +37,8 @@ def server(cmd: list[str], port: int) -> Iterator[str]:
         proc.wait()
 
 
-def netswap_cmd(port: int, extra: list[str]) -> list[str]:
-    netswap = str(Path(sys.executable).parent / "netswap")
+def netswap_cmd(port: int, extra: list[str], netswap: str = "") -> list[str]:
+    netswap = netswap or str(Path(sys.executable).parent / "netswap")
     return [netswap, "serve", "--listen", f"127.0.0.1:{port}", "--size", SIZE, "--no-mlock",
             *extra]  # fmt: skip
 
