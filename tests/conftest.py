@@ -72,6 +72,16 @@ def store_process(netswap_cmd: list[str]) -> Iterator[tuple[int, subprocess.Pope
             proc.stderr.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Compiled modules built from older sources would shadow the .py files under test:
+    rebuild them first (a no-op when up to date; deploy/compile.py), once, on the
+    controller -- xdist's workers start after it."""
+    if hasattr(config, "workerinput") or not list((REPO / "protocol").glob("*.so")):
+        return
+    subprocess.run([sys.executable, str(REPO / "deploy" / "compile.py")], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
 # The longest groups first, so that make test's two workers start on them at once:
 # the swapping guests (~15 min in all) on one; the compose lab (~4 min) and then
 # the short guests (~4 min) on the other, which then takes the rest.

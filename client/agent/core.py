@@ -13,6 +13,10 @@ owner:
   routing   routing.Routing    which replicas a job goes to; the writes in flight per slab
   repair    repair.Repair      replicas going down, coming back, being copied (the loop)
 
+An agent starts either on a fresh area (whatever the stores held for it is
+released) or, restarted under a swapping kernel, by rebuilding what the dead
+agent knew from the stores (rebuild.py) before it serves.
+
 Everything else here is the loop's lifecycle, the policy's inputs, the figures
 the stats read, and the two control requests, discard and flush.
 """
@@ -38,6 +42,7 @@ from .batches import Batches, WriteRun
 from .jobs import ControlJob, ReadEntry
 from .placement import SlabTable
 from .policy import BatchPolicy, Decision
+from .rebuild import Rebuild, Rebuilt, rebuild_log
 from .repair import Repair
 from .reserve import Reserve
 from .routing import Routing
@@ -48,6 +53,10 @@ log = logging.getLogger("netswap.agent")
 
 PRESSURE_PERIOD_S = 0.25
 USAGE_PERIOD_S = 2.0
+# A rebuilding agent waits this long for every store before it rebuilds from those it
+# has (the kernel holds the swap device's IO meanwhile, for up to its dead-connection
+# timeout: attach's default is 120 s); a store that comes later is heard then.
+REBUILD_WAIT_S = 10.0
 
 
 class Agent:
@@ -67,15 +76,20 @@ class Agent:
         tls: ssl.SSLContext | None = None,
         connect_store: ConnectStore = StoreClient.connect,
         open_blocking: OpenBlocking = BlockingClient.open,
+        rebuild: bool = False,
+        epoch: int = 0,
     ) -> None:
         self.area, self.token, self.slots = area, token, slots
+        self.rebuild = rebuild  # a restart: rebuild the area from the stores, never release it
+        self.min_epoch = epoch  # the supervisor's: this agent's epoch goes above it
+        self.rebuilt: Rebuilt | None = None
         self.area_seed = area_seed(area)  # the area identity in every page's tag
         self.reserve = reserve
         self.io_timeout = io_timeout
         self.tls = tls  # verifies the stores (server/tls.py), None: plaintext
         self.policy = policy or BatchPolicy()
         self.counters: Counter[str] = Counter()
-        self.slot_map = SlotMap(slots)
+        self.slot_map = SlotMap(slots, epoch=max(1, epoch))
         self.table = SlabTable(slots, slab_slots, replicas)
         self.stores = [Store(i, host, port, self, self, connect_store, open_blocking)
                        for i, (host, port) in enumerate(stores)]  # fmt: skip
@@ -102,7 +116,8 @@ class Agent:
     def start(self, connect_timeout: float = 10.0) -> None:
         self._thread = threading.Thread(target=self._run, name="netswap-agent", daemon=True)
         self._thread.start()
-        if not self._started.wait(connect_timeout + 5):
+        rebuilding = REBUILD_WAIT_S + 60 if self.rebuild else 0  # inventory: ~1 s per GiB
+        if not self._started.wait(connect_timeout + 5 + rebuilding):
             raise TimeoutError("agent loop did not start")
 
     def _run(self) -> None:
@@ -119,7 +134,10 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.repair.start()
-        await asyncio.gather(*(self._first_connect(store) for store in self.stores))
+        if self.rebuild:
+            await self._rebuild()
+        else:
+            await asyncio.gather(*(self._first_connect(store) for store in self.stores))
         for coro in (self._sample_pressure(), self._refresh_usage(), self.repair.run()):
             self._background(coro)
         for store in self.stores:
@@ -130,6 +148,34 @@ class Agent:
             task.cancel()
         for store in self.stores:
             await store.close()
+
+    async def _rebuild(self) -> None:
+        """Connect to every store that answers within REBUILD_WAIT_S, keeping the area,
+        and rebuild the dead agent's knowledge from them (rebuild.py)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REBUILD_WAIT_S
+        lost: set[int] = set()
+
+        async def reach(store: Store) -> None:
+            while True:
+                try:
+                    if await store.connect(fresh=False):
+                        lost.add(store.index)
+                    return
+                except (*TRANSPORT_ERRORS, StoreError) as exc:
+                    if loop.time() > deadline:
+                        log.warning("store %s unreachable for the rebuild: %s", store.name, exc)
+                        return
+                    await asyncio.sleep(0.2)
+
+        await asyncio.gather(*(reach(store) for store in self.stores))
+        reachable = [store for store in self.stores if store.up]
+        rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
+                          self.counters)  # fmt: skip
+        self.rebuilt = await rebuild.run(reachable, lost, self.min_epoch)
+        self.counters["rebuilds"] += 1
+        log.warning("%s", rebuild_log(self.rebuilt))
+        self.repair.wake()
 
     async def _first_connect(self, store: Store) -> None:
         try:
@@ -186,6 +232,13 @@ class Agent:
     # -- store events (stores.StoreEvents) ------------------------------------------
     def store_up(self, store: Store, lost: bool) -> None:
         self.repair.store_up(store, lost)
+        rebuilt = self.rebuilt
+        if rebuilt is not None and store.name in rebuilt.unreachable and not lost:
+            rebuilt.unreachable.remove(store.name)  # what it holds may prove slots now
+            rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
+                              self.counters)  # fmt: skip
+            everyone = not rebuilt.unreachable and not rebuilt.lost
+            self._background(rebuild.late(everyone, self.routing.lock))
 
     def store_down(self, store: Store) -> None:
         self.repair.store_down(store)

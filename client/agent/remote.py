@@ -35,7 +35,7 @@ from .jobs import ControlJob, ReadJob, WriteJob
 from .placement import slab_slots_for
 from .policy import BatchPolicy
 from .reserve import Reserve, ReserveTimeout
-from .slots import LOST, WRITTEN
+from .slots import LOST, UNPROVEN, WRITTEN
 
 log = logging.getLogger("netswap.agent")
 
@@ -103,6 +103,8 @@ class RemoteDevice:
         tls: ssl.SSLContext | None = None,
         direct_reads: bool = True,
         direct_writes: bool = True,
+        rebuild: bool = False,
+        epoch: int = 0,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         agent = Agent(
@@ -116,6 +118,8 @@ class RemoteDevice:
             quorum=quorum,
             policy=BatchPolicy(batch_pages, batch_linger_us / 1e6),
             tls=tls,
+            rebuild=rebuild,
+            epoch=epoch,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
                    direct_reads=direct_reads, direct_writes=direct_writes)  # fmt: skip
@@ -259,6 +263,9 @@ class RemoteDevice:
                     remote.append(i)
                 elif state[slot] == LOST:
                     raise StoreError(errno.EIO, f"slot {slot}: every copy was lost")
+                elif state[slot] == UNPROVEN:
+                    raise StoreError(errno.EIO, f"slot {slot}: not proven since the agent "
+                                     "restarted (a store that may hold it is away)")  # fmt: skip
                 else:
                     buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = ZERO_PAGE
             self.local_reads += count - len(remote)

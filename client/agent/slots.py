@@ -2,7 +2,9 @@
 
 The kernel's swap never reads a slot it has not written, and the agent answers
 a slot never written (or trimmed) with zeros without asking a store; a slot
-whose every copy was lost answers EIO until written again. For every written
+whose every copy was lost answers EIO until written again, and so does a slot
+a restarted agent could not prove (rebuild.py: its newest copy may be on a
+store that is away) until that store is back or the slot is written again. For every written
 slot it keeps the number of times it was written, the *count*: a write's
 generation on the wire is `epoch << 32 | count` (protocol/limits.py), which
 every page's tag carries, so a store answering with a copy from before the
@@ -23,7 +25,7 @@ import threading
 from array import array
 from collections.abc import Sequence
 
-NEVER, WRITTEN, LOST = 0, 1, 2  # a slot's state
+NEVER, WRITTEN, LOST, UNPROVEN = 0, 1, 2, 3  # a slot's state
 # Counts run 1..MAX_COUNT; past it a slot's count starts again at 1 and the epoch is
 # raised, so its generation is still new (4 billion writes of one slot).
 MAX_COUNT = (1 << 32) - 1
@@ -71,12 +73,27 @@ class SlotMap:
             if self.state[slot] == WRITTEN:
                 self.state[slot] = LOST
 
-    def restore(self, slot: int, generation: int) -> None:
-        """A rebuild found this slot's newest copy at `generation`."""
+    def restore(self, slot: int, generation: int, proven: bool = True) -> None:
+        """A rebuild found this slot's newest copy at `generation` (or a copy it cannot
+        prove newest: the slot reads EIO until it can)."""
         with self.lock:
-            self.state[slot] = WRITTEN
-            self.counts[slot] = generation & MAX_COUNT
+            self.state[slot] = WRITTEN if proven else UNPROVEN
+            self.counts[slot] = max(self.counts[slot], generation & MAX_COUNT)
             self.epoch = max(self.epoch, generation >> COUNT_BITS)
+
+    def mark_unproven_run(self, first: int, count: int) -> None:
+        """A rebuild cannot tell whether these slots were written: EIO until proven."""
+        with self.lock:
+            self.state[first : first + count] = bytes([UNPROVEN]) * count
+
+    def prove(self, slot: int) -> None:
+        """An unproven slot's newest copy is known now."""
+        with self.lock:
+            if self.state[slot] == UNPROVEN:
+                self.state[slot] = WRITTEN
+
+    def is_unproven(self, slot: int) -> bool:
+        return self.state[slot] == UNPROVEN
 
     # -- reads -----------------------------------------------------------------
     def is_written(self, slot: int) -> bool:

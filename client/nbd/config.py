@@ -29,6 +29,7 @@ from .affinity import Gatherer, parse_cpus_option, pin_process
 
 BACKENDS = ("memory", "file", "remote")
 CACHE_MODES = ("writethrough", "writeback")
+START_MODES = ("fresh", "rebuild")
 MLOCK_MODES = ("onfault", "off")
 READ_PATHS = ("direct", "loop")
 # Kinds of value: how `set` parses one, and what `serve` shows as its metavar.
@@ -98,6 +99,12 @@ class PluginConfig:
     http: str = setting("", "address", "ops endpoint: /metrics, /api/stats, / (default off)")
     http_token_file: str = setting("", "text", "bearer token the ops endpoint requires "
                                    "(needed off loopback)", metavar="FILE")  # fmt: skip
+    start: str = setting("fresh", "choice", "remote: a new area (what the stores held for it "
+                         "is released), or rebuild the area from the stores (a restart under "
+                         "a swapping kernel: netswap attach's supervisor)",
+                         choices=START_MODES)  # fmt: skip
+    epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
+                         "carry (the supervisor's, raised at every restart)")  # fmt: skip
     cpus: str = setting("auto", "text", "CPUs for nbdkit and the agent: auto (remote: every "
                         "thread gathered on the idlest CPU), all (the kernel's choice), or a "
                         "list such as 3 or 0,2 (pinned)", metavar="auto|all|LIST")  # fmt: skip
@@ -220,7 +227,8 @@ class PluginConfig:
                 slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
-                direct_writes=self.writes == "direct",
+                direct_writes=self.writes == "direct", rebuild=self.start == "rebuild",
+                epoch=self.epoch,
             )  # fmt: skip
         from netswap.server.backends import open_backend
 
