@@ -14,16 +14,16 @@ run: setup
 test: setup lint typecheck pytest
 
 lint:
-	$(VENV)/bin/ruff check protocol server client tests deploy/compile.py
-	$(VENV)/bin/ruff format --check protocol server client tests deploy/compile.py
+	$(VENV)/bin/ruff check protocol server client lab tests deploy/compile.py
+	$(VENV)/bin/ruff format --check protocol server client lab tests deploy/compile.py
 
 # mypy resolves `netswap.*` through a tree of symlinks that mirrors the installed
 # layout (setuptools' editable finder is an import hook mypy cannot follow).
 typecheck:
 	@mkdir -p .cache/typecheck/netswap
-	@for p in protocol server client; do ln -sfn "$(CURDIR)/$$p" .cache/typecheck/netswap/$$p; done
+	@for p in protocol server client lab; do ln -sfn "$(CURDIR)/$$p" .cache/typecheck/netswap/$$p; done
 	cd .cache/typecheck && MYPYPATH=. $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
-		-p netswap.protocol -p netswap.server -p netswap.client
+		-p netswap.protocol -p netswap.server -p netswap.client -p netswap.lab
 
 # Two workers: the QEMU labs (two groups, each on one worker in turn) are CPU-bound
 # in one process while most other tests wait on sockets; --dist loadgroup keeps a

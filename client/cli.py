@@ -10,16 +10,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from netswap.server import storecmd
 from netswap.server.units import UsageError
 
 from . import statscmd
-from .lab import compose as labcompose
-from .lab import procs as labprocs
-from .lab import vm as labvm
-from .lab.qemu import LabError
 from .nbd import attach
 from .nbd import serve as servecmd
 
@@ -37,20 +34,10 @@ COMMANDS: list[tuple[str, str, Register, Run]] = [
     ("stats", "live figures from a store or `serve --http` endpoint", statscmd.add_arguments,
      statscmd.run),
 ]  # fmt: skip
-LABS: list[tuple[str, str, Register, Run]] = [
-    ("vm", "a QEMU guest attaches netswap as swap and verifies it", labvm.add_arguments,
-     labvm.run),
-    ("up", "the compose topology as local processes, with a workload",
-     labprocs.add_up_arguments, labprocs.run_up),
-    ("load", "verified random-page load on an export", labprocs.add_load_arguments,
-     labprocs.run_load),
-    ("down", "stop exactly what `lab up` started", None, labprocs.run_down),
-    ("compose", "the compose lab on podman, offline: up, proofs, down", labcompose.add_arguments,
-     labcompose.run),
-]  # fmt: skip
 # Expected failures: one line on stderr and exit status 2, never a traceback.
-USER_ERRORS = (UsageError, attach.AttachError, LabError, statscmd.StatsError,
-               labprocs.LabStateError, ValueError)  # fmt: skip
+USER_ERRORS = (UsageError, attach.AttachError, statscmd.StatsError, ValueError)
+# Subcommands installed by packages above this one (the labs: netswap.lab.cli).
+SUBCOMMANDS = "netswap.subcommands"
 
 
 def _register(sub: Any, rows: list[tuple[str, str, Register, Run]]) -> None:
@@ -66,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register(sub, COMMANDS)
-    lab = sub.add_parser("lab", help="labs: `lab vm` swaps a real kernel through netswap")
-    _register(lab.add_subparsers(dest="lab", required=True, metavar="LAB"), LABS)
+    for entry in entry_points(group=SUBCOMMANDS):
+        entry.load()(sub)
     return parser
 
 

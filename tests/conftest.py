@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from netswap.client.lab.ports import free_port, wait_port
+from netswap.lab.ports import free_port, wait_port
 from netswap.server.app import StoreServer, start_store
 from netswap.server.backends import MemoryBackend
 from netswap.server.service import Tokens

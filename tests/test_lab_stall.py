@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from netswap.client.lab.qemu import run_guest
+from netswap.lab.qemu import run_guest
 
 # A qemu that writes its serial log as a guest would: `lines` progress lines, one per
 # 0.2 s, then only non-progress chatter (the vitals loop) until killed or done.

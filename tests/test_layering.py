@@ -11,17 +11,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # netswap.X -> its folder in the checkout (pyproject's package-dir).
-ROOTS = {"protocol": REPO / "protocol", "server": REPO / "server", "client": REPO / "client"}
+ROOTS = {"protocol": REPO / "protocol", "server": REPO / "server", "client": REPO / "client",
+         "lab": REPO / "lab"}  # fmt: skip
 # Lower number = lower layer. Longest matching prefix wins.
 LAYERS = {
     "netswap.protocol": 0,
     "netswap.server": 1,
-    # The host side, bottom up: shared pieces, the agent, the NBD face, labs, the CLI.
+    # The host side, bottom up: shared pieces, the agent, the NBD face, the CLI.
     "netswap.client": 2,
     "netswap.client.agent": 3,
     "netswap.client.nbd": 4,
-    "netswap.client.lab": 5,
-    "netswap.client.cli": 6,
+    "netswap.client.cli": 5,
+    # Test and demo tooling, above the host (the CLI finds `lab` by its entry point).
+    "netswap.lab": 6,
 }
 
 

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netswap.client.lab.ports import free_port
 from netswap.client.rpc import StoreClient
+from netswap.lab.ports import free_port
 from netswap.protocol import (
     MAX_FRAME_SIZE,
     MAX_HELLO_FRAME,

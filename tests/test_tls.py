@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from netswap.client.lab.ports import free_port
 from netswap.client.rpc import ConnectionLost, StoreClient
+from netswap.lab.ports import free_port
 from netswap.protocol import PAGE_SIZE
 from netswap.server.tls import client_context
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from netswap.client.lab.ports import free_port, wait_port
 from netswap.client.rpc import StoreClient
+from netswap.lab.ports import free_port, wait_port
 from netswap.protocol import (
     CLOSED,
     MAX_DISCARD_RANGES,

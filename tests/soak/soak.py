@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbd
-from netswap.client.lab.ports import free_port
 from netswap.client.statscmd import StatsError, fetch
+from netswap.lab.ports import free_port
 
 from ..procs import StoreProc, agent_serve
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..nbd.attach import serve_log, state_path
+from netswap.client.nbd.attach import serve_log, state_path
 
 PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from netswap.client.statscmd import fetch
 from netswap.server.ops.snapshot import Quantiles
 from netswap.server.units import read_secret
 
-from ..statscmd import fetch
 from .ports import ExitedEarly, free_port, wait_port
 
 STATE = Path(os.environ.get("NETSWAP_LAB_STATE", "/tmp/netswap-lab.json"))

@@ -5,7 +5,7 @@ run where they matter, in the guest whose memory the kernel is swapping out.
 The guest's root is this machine's root, read-only over virtio-9p under a
 tmpfs overlay (deploy/lab/vm/init-host): no disk image to build, and the guest
 runs exactly the python3, nbdkit, nbd-client and venv the tests use, paid for
-by the guest's own RAM. Inside, `netswap.client.lab.guest` runs attach with
+by the guest's own RAM. Inside, `netswap.lab.guest` runs attach with
 the stores on this host (10.0.2.2), checks the protections on every nbdkit
 thread, swaps, detaches and checks that attach was undone. The agent's ops
 endpoint is forwarded to 127.0.0.1 here, so `netswap stats` and the dashboard
@@ -102,7 +102,7 @@ class Run:
 def guest_script(args: argparse.Namespace, stores: list[int], attach: list[str],
                  serve: list[str], mib: int, seed: int) -> bytes:  # fmt: skip
     """/guest.sh: what init-host runs as root inside the shared root."""
-    cmd = [sys.executable, "-m", "netswap.client.lab.guest", "--mib", str(mib),
+    cmd = [sys.executable, "-m", "netswap.lab.guest", "--mib", str(mib),
            f"--export-mib={mib + 256}", "--seed", str(seed),
            "--http", f"0.0.0.0:{GUEST_HTTP}", f"--http-token={OPS_TOKEN}"]  # fmt: skip
     cmd += [f"--store=10.0.2.2:{port}" for port in stores]

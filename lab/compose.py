@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from netswap.client.statscmd import StatsError, fetch
 from netswap.server.units import read_secret
 
-from ..statscmd import StatsError, fetch
 from .engine import Engine, require_tools
 from .qemu import LabError
 

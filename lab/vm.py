@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..nbd.config import CACHE_MODES
+from netswap.client.nbd.config import CACHE_MODES
+
 from .hostguest import CONFIGS, run_campaign
 from .kernel import print_summary, run_lab
 from .qemu import build_guest

@@ -22,7 +22,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..nbd.attach import MIN_FREE_KBYTES_FLOOR, plan
+from netswap.client.nbd.attach import MIN_FREE_KBYTES_FLOOR, plan
+
 from .cpio import newc_archive
 from .ports import ExitedEarly, free_port, wait_port
 from .qemu import CACHE, LabError, build_guest, run_guest

@@ -1,0 +1,97 @@
+"""The NBD handshake, client side: a TCP connection to an export, made ready for the kernel.
+
+Fixed newstyle negotiation (the NBD protocol, doc/proto.md), as nbd-client does
+before it hands a socket to the kernel: the server's greeting, our flags, one
+NBD_OPT_GO for the export, its NBD_REP_INFO (size and transmission flags) and
+NBD_REP_ACK. After that the socket is in the transmission phase, which the
+kernel's driver speaks itself; netlink.py hands it over. Every read is bounded
+(an option reply's data at MAX_REPLY, the whole exchange at `deadline`), and a
+server that says anything unexpected is one line, never a hang.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = b"IHAVEOPT"
+REPLY_MAGIC = 0x3E889045565A9
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_GO = 7
+REP_ACK, REP_INFO = 1, 3
+REP_ERROR_BIT = 1 << 31
+INFO_EXPORT = 0
+# The longest option reply we accept: an NBD_REP_INFO is a few bytes, an error's
+# message is human text; the protocol bounds strings at 4 KiB.
+MAX_REPLY = 4096
+
+
+class HandshakeError(ConnectionError):
+    """The server is not an NBD server, or refused the export."""
+
+
+@dataclass(frozen=True)
+class Export:
+    size: int
+    flags: int  # transmission flags, what the kernel calls the server flags
+
+
+def _read(sock: socket.socket, count: int, end: float) -> bytes:
+    out = bytearray()
+    while len(out) < count:
+        sock.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            chunk = sock.recv(count - len(out))
+        except TimeoutError:
+            raise HandshakeError("the NBD server did not finish its handshake in time") from None
+        if not chunk:
+            raise HandshakeError("the NBD server closed the connection during the handshake")
+        out += chunk
+    return bytes(out)
+
+
+def negotiate(sock: socket.socket, export: str, deadline: float) -> Export:
+    """NBD_OPT_GO for `export` on a connected socket; returns its size and flags."""
+    end = time.monotonic() + deadline
+    greeting = _read(sock, 18, end)
+    if greeting[:8] != NBDMAGIC or greeting[8:16] != IHAVEOPT:
+        raise HandshakeError("not a newstyle NBD server (no NBDMAGIC/IHAVEOPT greeting)")
+    (server_flags,) = struct.unpack(">H", greeting[16:])
+    if not server_flags & FLAG_FIXED_NEWSTYLE:
+        raise HandshakeError("the NBD server does not speak fixed newstyle")
+    zeroes = server_flags & FLAG_NO_ZEROES
+    sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | zeroes))
+    name = export.encode()
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)  # no extra info asked
+    sock.sendall(IHAVEOPT + struct.pack(">II", OPT_GO, len(data)) + data)
+    found: Export | None = None
+    while True:
+        magic, option, kind, length = struct.unpack(">QIII", _read(sock, 20, end))
+        if magic != REPLY_MAGIC or option != OPT_GO or length > MAX_REPLY:
+            raise HandshakeError("the NBD server's option reply is malformed")
+        body = _read(sock, length, end)
+        if kind & REP_ERROR_BIT:
+            why = body.decode(errors="replace") or f"error {kind & ~REP_ERROR_BIT}"
+            raise HandshakeError(f"the NBD server refused export {export!r}: {why}")
+        if kind == REP_INFO and len(body) >= 12 and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:
+            size, flags = struct.unpack(">QH", body[2:12])
+            found = Export(size, flags)
+        elif kind == REP_ACK:
+            if found is None:
+                raise HandshakeError("the NBD server sent no export information")
+            sock.settimeout(None)
+            return found
+
+
+def connect(host: str, port: int, export: str, deadline: float) -> tuple[socket.socket, Export]:
+    """A TCP connection to the export, negotiated and ready for the kernel."""
+    sock = socket.create_connection((host, port), timeout=deadline)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, negotiate(sock, export, deadline)
+    except BaseException:
+        sock.close()
+        raise
