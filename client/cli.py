@@ -31,6 +31,8 @@ COMMANDS: list[tuple[str, str, Register, Run]] = [
     ("attach", "swap on a netswap export (nbd-client + swapon)", attach.add_attach_arguments,
      attach.run_attach),
     ("detach", "undo `netswap attach`", attach.add_detach_arguments, attach.run_detach),
+    ("restart", "replace nbdkit and the agent under the swapping kernel (an upgrade)",
+     attach.add_restart_arguments, attach.run_restart),
     ("stats", "live figures from a store or `serve --http` endpoint", statscmd.add_arguments,
      statscmd.run),
 ]  # fmt: skip

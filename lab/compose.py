@@ -36,7 +36,7 @@ from netswap.server.units import read_secret
 from .engine import Engine, require_tools
 from .qemu import LabError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "deploy" / "compose"
 PROJECT = "netswap-lab"
 NETWORK = "netswap-swapnet"  # compose.yaml names it, so it is the same for every project

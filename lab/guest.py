@@ -5,11 +5,18 @@ machine's root shared read-only over 9p: it is what an operator does on a
 swapping host. It runs `netswap attach -- --backend remote ...` against stores
 on the host (10.0.2.2), then checks on every thread of nbdkit the three
 protections serve applies -- locked memory, oom_score_adj -1000, and IO_FLUSHER
-(PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE in the task flags) -- runs the seeded
-verifier over several times the guest's RAM, checks the protections again
-(threads started meanwhile too), runs `netswap detach` and checks that
-everything attach changed is back. It prints only NETSWAP- and SWAPTEST lines,
-which the host runner (`lab/vm.py`) parses, and powers the guest off.
+(PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE in the task flags) -- and the same on
+attach's supervisor, which must also stay small -- runs the seeded verifier
+over several times the guest's RAM, checks the protections again (threads
+started meanwhile too), runs `netswap detach` and checks that everything
+attach changed is back. It prints only NETSWAP- and SWAPTEST lines, which the
+host runner (`lab/vm.py`) parses, and powers the guest off.
+
+The drill (--kills, --restarts): inside the storm, nbdkit is killed -9 while
+swap-out dominates (the verifier writing its pattern) and again while swap-in
+does (it reading it back), and `netswap restart` replaces it once: each time
+the supervisor must bring a new agent back, the storm must verify every page,
+and a NETSWAP-KILL line says how long swap stalled.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from netswap.client.nbd.attach import serve_log, state_path
+from netswap.client.nbd.attach import serve_log, state_path, supervisor_log, supervisor_state
 
 PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000
@@ -37,6 +45,12 @@ LOCKED_SHARE = 0.95
 # most 1 MiB, two stores here. (Measured: 41.9 MiB attached, 46.7 after a storm.)
 FOOTPRINT_KIB = 48 * 1024
 STORM_FOOTPRINT_KIB = FOOTPRINT_KIB + 4 * 1024 * 2
+# The supervisor's own bound (#23): Python and the few modules it runs, locked.
+SUPERVISOR_KIB = 16 * 1024
+# Where in the storm the drill acts: (kind, the verifier's phase, at what percent).
+DRILL = (("kill", "write", 40), ("kill", "verify", 30), ("restart", "verify", 70))
+# How long the drill waits for swap to move again after an event before it says so.
+RECOVERY_S = 300
 MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
 DEVICE = "/dev/nbd0"
 # attach or detach taking longer than this is a hang of its own (attach waits at most
@@ -103,8 +117,20 @@ def task_flags(pid: int) -> dict[int, int]:
     return flags
 
 
+def supervised() -> dict[str, object]:
+    try:
+        state: dict[str, object] = json.loads(supervisor_state(DEVICE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state
+
+
 def nbdkit_pid() -> int:
-    """The nbdkit serving the attach: the child of the serve process attach recorded."""
+    """The nbdkit serving the attach: the supervisor's, or the child of the serve process
+    attach recorded (--no-supervisor)."""
+    pid = supervised().get("serve_pid")
+    if isinstance(pid, int):
+        return pid
     state = json.loads(state_path(DEVICE).read_text())
     serve = int(state["serve_pid"])
     for proc in Path("/proc").iterdir():
@@ -148,6 +174,97 @@ def check_protections(pid: int, when: str) -> bool:
     for name, ok, detail in results:
         say(f"NETSWAP-CHECK {when} {name} {'ok' if ok else 'FAIL'} {detail}")
     return all(ok for _, ok, _ in results)
+
+
+def check_supervisor(when: str) -> bool:
+    """The supervisor: all it holds locked, at most SUPERVISOR_KIB, OOM-exempt, IO_FLUSHER."""
+    pid = supervised().get("supervisor_pid")
+    if not isinstance(pid, int):
+        say(f"NETSWAP-CHECK {when} supervisor FAIL no supervisor state")
+        return False
+    rollup = Path(f"/proc/{pid}/smaps_rollup")
+    locked, pss, rss = kib(rollup, "Locked"), kib(rollup, "Pss"), kib(rollup, "Rss")
+    oom = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    flags = task_flags(pid)
+    results = [
+        ("supervisor-mlock", locked >= pss * LOCKED_SHARE, f"Locked={locked}kB Pss={pss}kB"),
+        ("supervisor-resident", rss <= SUPERVISOR_KIB, f"Rss={rss}kB limit={SUPERVISOR_KIB}kB"),
+        ("supervisor-oom", oom == -1000, f"oom_score_adj={oom}"),
+        ("supervisor-io_flusher", all(f & IO_FLUSHER_FLAGS == IO_FLUSHER_FLAGS
+                                      for f in flags.values()), f"threads={len(flags)}"),
+    ]  # fmt: skip
+    for name, ok, detail in results:
+        say(f"NETSWAP-CHECK {when} {name} {'ok' if ok else 'FAIL'} {detail}")
+    return all(ok for _, ok, _ in results)
+
+
+def swap_io() -> int:
+    counts = vmstat()
+    return counts["pswpin"] + counts["pswpout"]
+
+
+def drill_event(kind: str, phase: str, number: int) -> None:
+    """Kill nbdkit -9 (or `netswap restart`), wait for the supervisor to serve again and
+    for swap to move: NETSWAP-KILL kind=... outage (death to serving, the supervisor's)
+    and stall (death to the first swap IO the kernel completes after it)."""
+    before = supervised()
+    restarts = int(before.get("restarts", 0))  # type: ignore[call-overload]
+    began = time.monotonic()
+    if kind == "kill":
+        os.kill(nbdkit_pid(), 9)
+    else:
+        netswap("restart")
+    served = 0.0
+    moved = -1.0
+    last_io = swap_io()
+    while time.monotonic() - began < RECOVERY_S:
+        time.sleep(0.05)
+        now = supervised()
+        if not served and int(now.get("restarts", 0)) > restarts:  # type: ignore[call-overload]
+            served = time.monotonic() - began
+            last_io = swap_io()
+        elif served and swap_io() > last_io:
+            moved = time.monotonic() - began
+            break
+    outage = supervised().get("last_outage_s", -1)
+    say(f"NETSWAP-KILL n={number} kind={kind} phase={phase} outage={outage}s "
+        f"served={served:.2f}s stall={moved:.2f}s pid={nbdkit_pid()}")  # fmt: skip
+
+
+def storm(args: argparse.Namespace) -> int:
+    """The verifier, with the drill's events at their points in its progress."""
+    events = [e for e in DRILL if e[0] == "kill"][: args.kills]
+    events += [e for e in DRILL if e[0] == "restart"][: args.restarts]
+    proc = subprocess.Popen([args.swaptest, str(args.mib), str(args.seed)],
+                            stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
+    assert proc.stdout is not None
+    drills: list[threading.Thread] = []
+    for line in proc.stdout:
+        say(line.rstrip())
+        parts = line.split()
+        if len(parts) == 4 and parts[1] == "progress":
+            phase, percent = parts[2], int(parts[3].rstrip("%"))
+            due = [e for e in events if e[1] == phase and percent >= e[2]]
+            for event in due[:1]:  # one at a time: the next waits for its own point
+                events.remove(event)
+                if drills:
+                    drills[-1].join()
+                drill = threading.Thread(target=drill_event, args=(event[0], phase,
+                                                                    len(drills) + 1))  # fmt: skip
+                drill.start()
+                drills.append(drill)
+    for drill in drills:
+        drill.join()
+    return proc.wait()
+
+
+def kernel_log() -> None:
+    """What the kernel said of the device and of memory: NETSWAP-DMESG lines."""
+    text = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    lines = [ln for ln in text.splitlines() if "nbd0" in ln or "Killed process" in ln]
+    for line in lines[-40:]:
+        say(f"NETSWAP-DMESG {line}")
+    say(f"NETSWAP-OOM kills={sum('Killed process' in ln for ln in text.splitlines())}")
 
 
 def netswap(*args: str) -> subprocess.CompletedProcess[str]:
@@ -198,10 +315,10 @@ def run(args: argparse.Namespace) -> str:
     serve += args.serve_arg
     # The server attach starts logs to a file; here that file is the serial console,
     # so the host keeps the agent's log even when the guest hangs.
-    log = serve_log(DEVICE)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.unlink(missing_ok=True)
-    log.symlink_to("/dev/console")
+    for log in (serve_log(DEVICE), supervisor_log(DEVICE)):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        log.symlink_to("/dev/console")
     attach = netswap("attach", *args.attach_arg, "--", *serve)
     if attach.returncode != 0:
         say(f"NETSWAP-ATTACH rc={attach.returncode} {attach.stderr.strip()[-300:]!r}")
@@ -212,20 +329,26 @@ def run(args: argparse.Namespace) -> str:
     say(f"NETSWAP-MINFREE before={before_min_free} attached={MIN_FREE.read_text().strip()}")
     pid = nbdkit_pid()
     protected = check_protections(pid, "attached")
+    if supervised():
+        protected = check_supervisor("attached") and protected
     swapped = ""
     if args.mib:
         stage("storm")
         base, ticks, children = vmstat(), cpu_ticks(pid), _children_cpu()
         began = time.monotonic()
-        test = subprocess.run([args.swaptest, str(args.mib), str(args.seed)], check=False)
+        rc = storm(args)
         seconds = time.monotonic() - began
         now = vmstat()
-        say(f"NETSWAP-SWAP rc={test.returncode} seconds={seconds:.1f} "
+        say(f"NETSWAP-SWAP rc={rc} seconds={seconds:.1f} "
             f"pswpin={now['pswpin'] - base['pswpin']} "
             f"pswpout={now['pswpout'] - base['pswpout']}")  # fmt: skip
-        say(cpu_line(ticks, cpu_ticks(pid), _children_cpu() - children))
-        swapped = "" if test.returncode == 0 else f"swaptest-rc-{test.returncode}"
-        protected = check_protections(pid, "stormed") and protected
+        if nbdkit_pid() == pid:  # a drill replaced nbdkit: its CPU died with it
+            say(cpu_line(ticks, cpu_ticks(pid), _children_cpu() - children))
+        swapped = "" if rc == 0 else f"swaptest-rc-{rc}"
+        protected = check_protections(nbdkit_pid(), "stormed") and protected
+        if supervised():
+            protected = check_supervisor("stormed") and protected
+        kernel_log()
     detach = netswap("detach")
     stage("detached")
     left = attached_state()
@@ -249,6 +372,8 @@ def main() -> None:
     parser.add_argument("--export-mib", type=int, default=1024, help="the swap device's size")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--swaptest", default="/run/swaptest")
+    parser.add_argument("--kills", type=int, default=0, help="kill -9 nbdkit mid-storm (0-2)")
+    parser.add_argument("--restarts", type=int, default=0, help="netswap restart mid-storm (0-1)")
     parser.add_argument("--attach-arg", action="append", default=[])
     parser.add_argument("--serve-arg", action="append", default=[])
     args = parser.parse_args()

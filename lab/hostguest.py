@@ -66,7 +66,7 @@ GUEST_HTTP = 9178  # the agent's ops endpoint inside the guest, forwarded to the
 SCREENSHOT_AFTER_S = 20
 # Serial lines that show the guest moving: its stages, its checks and the verifier's
 # progress (every 10 % of the pattern). Anything else (the vitals loop) does not count.
-PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ")
+PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ", "NETSWAP-KILL ")
 # The guest's ops endpoint listens on its NIC (QEMU forwards it to this host's
 # loopback only), so it needs a bearer token like any endpoint off loopback.
 OPS_TOKEN = secrets.token_hex(16)
@@ -86,6 +86,9 @@ class Run:
     cpu: str = ""  # the storm's NETSWAP-CPU line: where the guest's time went
     log: Path = Path()
     screenshot: str = ""
+    kills: list[dict[str, str]] = field(default_factory=list)  # the drill's NETSWAP-KILL lines
+    dmesg: list[str] = field(default_factory=list)
+    oom_kills: int = -1
 
     def mib_s(self, mib: int) -> float:
         return 2 * mib / self.swap_seconds if self.swap_seconds else 0.0
@@ -104,7 +107,8 @@ def guest_script(args: argparse.Namespace, stores: list[int], attach: list[str],
     """/guest.sh: what init-host runs as root inside the shared root."""
     cmd = [sys.executable, "-m", "netswap.lab.guest", "--mib", str(mib),
            f"--export-mib={mib + 256}", "--seed", str(seed),
-           "--http", f"0.0.0.0:{GUEST_HTTP}", f"--http-token={OPS_TOKEN}"]  # fmt: skip
+           "--http", f"0.0.0.0:{GUEST_HTTP}", f"--http-token={OPS_TOKEN}",
+           f"--kills={args.kills}", f"--restarts={args.restarts}"]  # fmt: skip
     cmd += [f"--store=10.0.2.2:{port}" for port in stores]
     cmd += [f"--attach-arg={a}" for a in [*attach, *args.attach_arg]]
     cmd += [f"--serve-arg={a}" for a in [*serve, *args.serve_arg]]
@@ -131,6 +135,14 @@ def parse(line: str, run: Run, start: float) -> None:
         kv = dict(_KV.findall(line))
         run.swap_seconds = float(kv.get("seconds", 0))
         run.pswpin, run.pswpout = int(kv.get("pswpin", 0)), int(kv.get("pswpout", 0))
+    elif line.startswith("NETSWAP-KILL "):
+        run.kills.append(dict(_KV.findall(line)))
+        print(f"    drill: {line.partition(' ')[2]}", flush=True)
+    elif line.startswith("NETSWAP-DMESG "):
+        run.dmesg.append(line.partition(" ")[2])
+    elif line.startswith("NETSWAP-OOM "):
+        run.oom_kills = int(dict(_KV.findall(line)).get("kills", -1))
+        print(f"    OOM kills in the guest: {run.oom_kills}", flush=True)
     elif line.startswith("NETSWAP-CPU "):
         run.cpu = line.partition(" ")[2]
         print(f"    guest CPU in the storm: {run.cpu}", flush=True)
@@ -227,9 +239,26 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
         run.verdict, run.reason = "HANG", boot.hang_reason(args.timeout, run.log)
     elif run.verdict == "PASS" and mib and run.pswpout < (mib - ram) * 256:
         run.verdict, run.reason = "FAIL", f"pswpout {run.pswpout} < {(mib - ram) * 256}"
+    elif run.verdict == "PASS" and drill_failure(args, run, mib):
+        run.verdict, run.reason = "FAIL", drill_failure(args, run, mib)
     elif not run.reason and run.verdict != "PASS":
         run.reason = boot.qemu_error or "guest stopped without a result"
     return run
+
+
+def drill_failure(args: argparse.Namespace, run: Run, mib: int) -> str:
+    """Why the drill failed ('' if it did not): every event, each followed by swap
+    moving again, and no process killed for memory."""
+    if not mib or not (args.kills or args.restarts):
+        return ""
+    if len(run.kills) != args.kills + args.restarts:
+        return f"drill: {len(run.kills)} of {args.kills + args.restarts} events reported"
+    stuck = [k for k in run.kills if float(k.get("stall", "-1").rstrip("s")) < 0]
+    if stuck:
+        return f"drill: swap never moved again after event {stuck[0].get('n')}"
+    if run.oom_kills:
+        return f"drill: {run.oom_kills} processes killed for memory"
+    return ""
 
 
 def baseline(args: argparse.Namespace, ram: int, mib: int) -> float:
@@ -294,5 +323,11 @@ def print_table(rows: list[tuple[str, int, int, float, list[Run]]]) -> None:
             print(f"  {r.config} run {i + 1}: {r.verdict}{why} (serial log {r.log})")
             if r.cpu:
                 print(f"    storm {r.swap_seconds:.0f} s; guest CPU {r.cpu}")
+            for kill in r.kills:
+                print(f"    {kill.get('kind')} #{kill.get('n')} while {kill.get('phase')} "
+                      f"dominates: agent serving again after {kill.get('outage')}, swap moving "
+                      f"after {kill.get('stall')}")  # fmt: skip
+            if r.dmesg:
+                print("    kernel: " + "\n    kernel: ".join(r.dmesg[-8:]))
             if r.screenshot:
                 print(f"  dashboard mid-storm: {r.screenshot}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .ports import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 LAB = REPO / "deploy" / "lab" / "vm"
 CACHE = REPO / ".cache" / "lab"
 # Seconds the guest gets to print the blocked tasks after sysrq-w, before it is killed.

@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--screenshot", type=Path, help="dashboard PNG taken mid-storm")
     host.add_argument("--http-port", type=int, default=0,
                       help="forward the guest's ops endpoint here (default: free)")  # fmt: skip
+    host.add_argument("--kills", type=int, default=0,
+                      help="kill -9 nbdkit mid-storm: once while swap-out dominates, once "
+                      "while swap-in does (0-2); the supervisor must bring it back")  # fmt: skip
+    host.add_argument("--restarts", type=int, default=0,
+                      help="`netswap restart` mid-storm, an upgrade (0-1)")  # fmt: skip
     host.add_argument("--attach-arg", action="append", default=[],
                       help="extra attach option in the guest: --attach-arg=--discard")  # fmt: skip
     host.add_argument("--serve-arg", action="append", default=[],

@@ -1,17 +1,24 @@
-"""`netswap attach` / `netswap detach`: put swap on a netswap export, and take it off.
+"""`netswap attach` / `detach` / `restart`: put swap on a netswap export, and take it off.
 
 attach: check root and kernel support (modprobe nbd), refuse a busy device,
-start `netswap serve` unless one already answers, raise vm.min_free_kbytes to
-a floor, connect with nbd-client, mkswap, swapon. detach undoes exactly what
-attach recorded in its state file, in reverse.
+raise vm.min_free_kbytes to a floor, and start the supervisor (supervisor.py),
+which starts nbdkit with the agent (unless a server already answers: then it
+only watches the link), connects the device through netlink with a
+dead-connection timeout, and stays to restart nbdkit when it dies; then
+mkswap, swapon. detach undoes exactly what attach recorded in its state file,
+in reverse; restart asks the supervisor to replace nbdkit under the swapping
+kernel (an upgrade). `--no-supervisor` is the plain way instead: nbd-client,
+whose netlink mode has no dead-connection timeout, so a dying server fails
+every request at once -- what `--print-plan` prints, and what a user who runs
+nbd-client by hand gets.
 
-nbd-client mode: netlink (nbd-client's default). The kernel then owns the
-socket -- nbd.ko marks it SOCK_MEMALLOC and sends with __GFP_MEMALLOC in either
-mode -- and no nbd-client process stays in the I/O path; in the older ioctl
-mode a resident nbd-client (which `-swap` merely mlocks) must survive every
-memory crunch. The remaining userspace hop is nbdkit, which `netswap serve`
-mlocks (--swap), exempts from reclaim recursion (PR_SET_IO_FLUSHER) and from
-the OOM killer.
+Netlink, either way: the kernel owns the socket -- nbd.ko marks it
+SOCK_MEMALLOC and sends with __GFP_MEMALLOC -- and no client process stays in
+the I/O path; in the older ioctl mode a resident nbd-client (which `-swap`
+merely mlocks) must survive every memory crunch. The remaining userspace hops
+are nbdkit, which `netswap serve` mlocks, exempts from reclaim recursion
+(PR_SET_IO_FLUSHER) and from the OOM killer, and the supervisor, which holds
+itself to the same rules.
 
 vm.min_free_kbytes floor: swapping over nbd needs atomic reserves for the
 network send path; a stock 6.1 kernel in a 128 MiB guest deadlocked in 4 of 12
@@ -22,9 +29,11 @@ least 16384 (never lowers it) and detach restores the old value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +44,10 @@ from pathlib import Path
 from netswap.server.units import parse_hostport
 
 MIN_FREE_KBYTES_FLOOR = 16384
+# The kernel holds a dead connection's IO this long for a new one (NBD_ATTR_DEAD_CONN_
+# TIMEOUT): long enough for a restart that rebuilds the area (seconds), an upgrade, or a
+# store that takes a while to answer; the value userspace block servers commonly use.
+DEAD_CONN_TIMEOUT_S = 120
 # How long serve may take to answer: nbdkit, the plugin and the agent's first connection
 # to each store. About 3 s on this machine; a starved host or a TCG guest is slower.
 SERVE_START_S = 60
@@ -51,6 +64,7 @@ class AttachError(Exception):
 class AttachState:
     device: str
     serve_pid: int = 0
+    supervisor_pid: int = 0
     old_min_free_kbytes: int = 0
     new_min_free_kbytes: int = 0
     old_watermark_scale: int = 0
@@ -85,6 +99,26 @@ def add_attach_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-serve", action="store_true", help="do not start `netswap serve` when nothing answers"
     )
     parser.add_argument(
+        "--dead-conn-timeout",
+        type=int,
+        default=DEAD_CONN_TIMEOUT_S,
+        metavar="S",
+        help=f"the kernel holds IO this long for a restarted agent (default {DEAD_CONN_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--io-timeout",
+        type=int,
+        default=0,
+        metavar="S",
+        help="the kernel's per-request timeout (default 0: never abort; the supervisor's "
+        "reconnect decides); if set, keep it below --dead-conn-timeout",
+    )
+    parser.add_argument(
+        "--no-supervisor",
+        action="store_true",
+        help="plain nbd-client instead: no restart, a dead server fails swap's IO at once",
+    )
+    parser.add_argument(
         "--print-plan",
         action="store_true",
         help="print the shell commands attach would run, change nothing",
@@ -98,6 +132,12 @@ def add_attach_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_detach_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="/dev/nbd0")
+
+
+def add_restart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="/dev/nbd0")
+    parser.add_argument("--timeout", type=float, default=180, metavar="S",
+                        help="how long to wait for the new agent to serve")  # fmt: skip
 
 
 def nbd_client_command(host: str, port: int, device: str, export: str) -> list[str]:
@@ -136,20 +176,26 @@ def run_attach(args: argparse.Namespace) -> int:
         return 0
     require_root()
     require_nbd(args.device)
+    if not args.no_supervisor:
+        check_supervisable(args)
     state = AttachState(args.device)
     try:
-        if not answers(host, port):
-            if args.no_serve:
-                raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
-            state.serve_pid = start_serve(host, port, args.serve_args, serve_log(args.device))
         state.old_min_free_kbytes, state.new_min_free_kbytes = raise_floor(
             SYSCTL, args.min_free_kbytes
         )
         state.old_watermark_scale, state.new_watermark_scale = raise_floor(
             WATERMARK_SCALE, args.watermark_scale_factor
         )
-        run(nbd_client_command(host, port, args.device, args.export))
-        state.steps.append("nbd-client")
+        if args.no_supervisor:
+            if not answers(host, port):
+                if args.no_serve:
+                    raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
+                state.serve_pid = start_serve(host, port, args.serve_args, serve_log(args.device))
+            run(nbd_client_command(host, port, args.device, args.export))
+            state.steps.append("nbd-client")
+        else:
+            state.supervisor_pid = start_supervisor(args, host, port)
+            state.steps.append("supervisor")
         run(["mkswap", args.device])
         run(swapon_command(args.device, args.priority, args.discard))
         state.steps.append("swapon")
@@ -160,6 +206,67 @@ def run_attach(args: argparse.Namespace) -> int:
     state_path(args.device).write_text(json.dumps(asdict(state)))
     print(f"netswap: {args.device} is swap on nbd://{host}:{port}/{args.export}")
     return 0
+
+
+def check_supervisable(args: argparse.Namespace) -> None:
+    """Write-back acknowledges pages still only in the agent's reserve: they would die
+    with it, so an agent that may die and come back serves write-through."""
+    serve = args.serve_args
+    if "writeback" in serve and any(a.startswith("--cache") for a in serve):
+        raise AttachError("--cache writeback under the supervisor would lose the pages an "
+                          "agent that dies had acknowledged from its reserve: use "
+                          "write-through (the default), or --no-supervisor")  # fmt: skip
+
+
+def supervisor_state(device: str) -> Path:
+    return STATE_DIR / f"supervise-{Path(device).name}.json"
+
+
+def supervisor_log(device: str) -> Path:
+    return STATE_DIR / f"supervise-{Path(device).name}.log"
+
+
+def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
+    """Start the supervisor, detached; return once the device is connected (its pid)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    device = args.device
+    cmd = [sys.executable, "-m", "netswap.client.nbd.supervisor", "--device", device,
+           "--server", f"{host}:{port}", "--export", args.export,
+           "--dead-conn-timeout", str(args.dead_conn_timeout),
+           "--io-timeout", str(args.io_timeout), "--state", str(supervisor_state(device)),
+           "--serve-log", str(serve_log(device))]  # fmt: skip
+    if not answers(host, port):
+        if args.no_serve:
+            raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
+        command = STATE_DIR / f"serve-{Path(device).name}.json"
+        command.write_text(serve_command(host, port, args.serve_args))
+        cmd += ["--command", str(command)]
+    log = supervisor_log(device)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)  # fmt: skip
+    connected = Path("/sys/block") / Path(device).name / "pid"
+    deadline = time.monotonic() + SERVE_START_S
+    while not connected.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc.pid)
+            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+            why = f": {lines[-1]}" if lines else ""
+            raise AttachError(f"the supervisor did not connect {device}{why} (log {log})")
+        time.sleep(0.2)
+    return proc.pid
+
+
+def serve_command(host: str, port: int, serve_args: list[str]) -> str:
+    """nbdkit's argv and environment, from `netswap serve --print-command` (JSON)."""
+    extra = serve_args[1:] if serve_args[:1] == ["--"] else serve_args
+    cmd = [sys.executable, "-m", "netswap.client.cli", "serve", "--listen", f"{host}:{port}",
+           "--no-exit-with-parent", *extra, "--print-command"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise AttachError(lines[-1].removeprefix("netswap serve: error: "))
+    return done.stdout
 
 
 def run_detach(args: argparse.Namespace) -> int:
@@ -174,12 +281,37 @@ def run_detach(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_restart(args: argparse.Namespace) -> int:
+    """Replace nbdkit and the agent under the swapping kernel (the installed version)."""
+    require_root()
+    path = supervisor_state(args.device)
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise AttachError(f"no supervisor watches {args.device} ({path}: netswap attach "
+                          "without --no-supervisor starts one)") from None  # fmt: skip
+    os.kill(int(before["supervisor_pid"]), signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(OSError, ValueError):
+            now = json.loads(path.read_text())
+            if now.get("restarts", 0) > before.get("restarts", 0):
+                print(f"netswap: {args.device} served again after {now['last_outage_s']:.2f}s "
+                      f"(restart {now['restarts']}, epoch {now['epoch']})")  # fmt: skip
+                return 0
+    raise AttachError(f"the agent did not serve again within {args.timeout:.0f}s "
+                      f"(log {supervisor_log(args.device)})")  # fmt: skip
+
+
 def undo(state: AttachState) -> None:
     """Reverse what attach did, newest first; keep going past failures."""
     if "swapon" in state.steps and is_active_swap(state.device):
         run(["swapoff", state.device], check=False)
     if "nbd-client" in state.steps:
         run(["nbd-client", "-d", state.device], check=False)
+    if state.supervisor_pid:  # it disconnects the device and stops its nbdkit
+        stop_process(state.supervisor_pid, grace_s=30)
     if state.serve_pid:
         stop_process(state.serve_pid)
     restore(SYSCTL, state.old_min_free_kbytes, state.new_min_free_kbytes)
@@ -270,12 +402,12 @@ def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
     return proc.pid
 
 
-def stop_process(pid: int) -> None:
+def stop_process(pid: int, grace_s: float = 5.0) -> None:
     try:
         os.kill(pid, 15)
     except ProcessLookupError:
         return
-    for _ in range(50):
+    for _ in range(int(grace_s * 10)):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -95,9 +95,13 @@ class Netlink:
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-        self.sock.bind((0, 0))
         self._seq = 0
-        self.family = self._family(NBD_FAMILY)
+        try:
+            self.sock.bind((0, 0))
+            self.family = self._family(NBD_FAMILY)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def close(self) -> None:
         self.sock.close()

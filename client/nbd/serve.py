@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import shutil
 import signal
@@ -61,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dry-run",
         action="store_true",
         help="validate and print the nbdkit command line, do not run it",
+    )
+    parser.add_argument(
+        "--print-command",
+        action="store_true",
+        help="validate and print nbdkit's argv and environment as JSON (for the supervisor)",
     )
 
 
@@ -148,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     cmd = nbdkit_command(nbdkit, args, host, port)
     if args.dry_run:
         print(" ".join(cmd))
+        return 0
+    if args.print_command:
+        site = plugin_env()["NETSWAP_SITE"]
+        print(json.dumps({"argv": cmd, "env": {"NETSWAP_SITE": site}}))
         return 0
     check_port_free(host, port)
     for outcome in harden_for_swap(io_flusher=not args.no_io_flusher):

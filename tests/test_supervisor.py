@@ -1,0 +1,106 @@
+"""The supervisor's parts that run here (this kernel has no nbd driver: the kernel side
+runs in QEMU, tests/test_lab_vm.py): the NBD handshake against real nbdkit, the netlink
+messages, a missing nbd driver as one line, nbdkit started detached and watched."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from netswap.client.nbd import netlink
+from netswap.client.nbd.handshake import HandshakeError
+from netswap.client.nbd.handshake import connect as nbd_connect
+from netswap.client.nbd.supervisor import Child
+
+from .conftest import free_port
+from .nbdserver import netswap_serve
+
+NBD_REQUEST_MAGIC, NBD_REPLY_MAGIC = 0x25609513, 0x67446698
+
+
+def test_the_handshake_leaves_a_socket_the_kernel_could_use(tmp_path: Path) -> None:
+    with netswap_serve("--size", "16M") as uri:
+        port = int(uri.split(":")[2].split("/")[0])
+        sock, export = nbd_connect("127.0.0.1", port, "swap", 10)
+        with sock:
+            assert export.size == 16 << 20
+            assert export.flags & 1  # NBD_FLAG_HAS_FLAGS, and the rest the plugin declares
+            # Transmission phase, as nbd.ko speaks it: one 4 KiB read at offset 0.
+            sock.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 0, 7, 0, 4096))
+            head = b""
+            while len(head) < 16:
+                head += sock.recv(16 - len(head))
+            magic, error, handle = struct.unpack(">IIQ", head)
+            assert (magic, error, handle) == (NBD_REPLY_MAGIC, 0, 7)
+
+
+def test_a_server_that_is_not_nbd_is_one_clear_error() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def talk() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    import threading
+
+    threading.Thread(target=talk, daemon=True).start()
+    with pytest.raises(HandshakeError, match="not a newstyle NBD server"):
+        nbd_connect("127.0.0.1", port, "swap", 5)
+    listener.close()
+
+
+def test_netlink_attributes_are_laid_out_as_the_kernel_reads_them() -> None:
+    sockets = netlink._sockets([5])
+    # NBD_ATTR_SOCKETS (nested) > NBD_SOCK_ITEM (nested) > NBD_SOCK_FD u32 5
+    fd = struct.pack("=HHI", 8, netlink.NBD_SOCK_FD, 5)
+    nested = netlink.NLA_F_NESTED
+    item = struct.pack("=HH", 4 + len(fd), netlink.NBD_SOCK_ITEM | nested) + fd
+    assert sockets == struct.pack("=HH", 4 + len(item), netlink.NBD_ATTR_SOCKETS | nested) + item
+    parsed = netlink.parse_attrs(netlink._u64(netlink.NBD_ATTR_SIZE_BYTES, 1 << 30) + sockets)
+    assert struct.unpack("=Q", parsed[netlink.NBD_ATTR_SIZE_BYTES])[0] == 1 << 30
+    assert netlink.parse_attrs(parsed[netlink.NBD_ATTR_SOCKETS])[netlink.NBD_SOCK_ITEM] == fd
+    odd = netlink._attr(1, b"abc")  # padded to 4
+    assert len(odd) == 8 and odd[4:7] == b"abc"
+    assert netlink.device_index("/dev/nbd12") == 12
+    with pytest.raises(ValueError, match="not an nbd device"):
+        netlink.device_index("/dev/sda")
+
+
+@pytest.mark.skipif(Path("/sys/module/nbd").exists(), reason="this kernel has the nbd driver")
+def test_a_kernel_without_the_nbd_driver_is_one_line() -> None:
+    with pytest.raises(netlink.NetlinkError) as info:
+        netlink.Netlink()
+    assert info.value.errno == errno.ENOENT and "modprobe nbd" in str(info.value)
+
+
+def test_nbdkit_is_started_detached_and_outlives_its_watcher(tmp_path: Path) -> None:
+    """nbdkit exits when the process that started it dies: so its parent is init from
+    the start, and the supervisor watches it through a pidfd."""
+    port = free_port()
+    argv = ["/usr/bin/nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "1M"]
+    child = Child.spawn(argv, dict(os.environ), tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        ppid = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert ppid != os.getpid()  # not ours: our death would take it along
+        assert child.alive()
+        child.stop()
+        assert not child.alive()
+    finally:
+        child.close()
+        subprocess.run(["pkill", "-f", f"-p {port} memory"], check=False)
