@@ -22,51 +22,24 @@ Each is reported, never fatal: a test run as an ordinary user still works.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import mmap
-import os
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-PR_SET_IO_FLUSHER = 57
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4  # <sys/mman.h>
+from .supervise.protect import (
+    MCL_CURRENT,
+    MCL_FUTURE,
+    MCL_ONFAULT,
+    Outcome,
+    libc,
+    lock_all,
+    protect_from_oom,
+    set_io_flusher,
+)
 
+if TYPE_CHECKING:
+    import mmap
 
-@dataclass(frozen=True)
-class Outcome:
-    what: str
-    ok: bool
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.what}: {'ok' if self.ok else 'NOT applied'} ({self.detail})"
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def set_io_flusher() -> Outcome:
-    what = "prctl(PR_SET_IO_FLUSHER)"
-    if _libc().prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
-        return Outcome(what, True, "reclaim will not recurse into I/O")
-    err = ctypes.get_errno()
-    if err == 22:
-        detail = "kernel older than 5.6 has no PR_SET_IO_FLUSHER"
-    elif err == 1:
-        detail = "needs CAP_SYS_RESOURCE (run as root)"
-    else:
-        detail = os.strerror(err)
-    return Outcome(what, False, detail)
-
-
-def protect_from_oom(score: int = -1000) -> Outcome:
-    what = f"oom_score_adj={score}"
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(score))
-    except OSError as exc:
-        return Outcome(what, False, exc.strerror or str(exc))
-    return Outcome(what, True, "the OOM killer will not pick this process")
+__all__ = ["Outcome", "harden_for_swap", "lock_memory", "mlock_buffer", "protect_from_oom",
+           "set_io_flusher"]  # fmt: skip
 
 
 def mlock_buffer(buffer: mmap.mmap, size: int) -> bool:
@@ -74,7 +47,7 @@ def mlock_buffer(buffer: mmap.mmap, size: int) -> bool:
     anchor = ctypes.c_char.from_buffer(buffer)
     try:
         return bool(
-            _libc().mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size)) == 0
+            libc().mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size)) == 0
         )
     finally:
         del anchor  # drop the buffer export so the mapping can be closed later
@@ -82,11 +55,7 @@ def mlock_buffer(buffer: mmap.mmap, size: int) -> bool:
 
 def lock_memory() -> Outcome:
     """mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): resident once touched, for good."""
-    what = "mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)"
-    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
-        return Outcome(what, True, "pages this process touches are never swapped")
-    err = ctypes.get_errno()
-    return Outcome(what, False, f"{os.strerror(err)} (needs CAP_IPC_LOCK or RLIMIT_MEMLOCK)")
+    return lock_all(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
 
 
 def harden_for_swap(io_flusher: bool = True) -> list[Outcome]:

@@ -77,6 +77,14 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
     figures.add_row("memory PSI some / full", f"{p.some_avg10:.1f} % / {p.full_avg10:.1f} %")
     figures.add_row("replication lag (pages)", str(now.replication_lag_pages))
     figures.add_row("checksum errors", str(now.checksum_errors_total))
+    if (life := now.lifecycle) is not None:
+        started = f"rebuilt {life.rebuild_pages:,} pages" if life.started == "rebuild" else "fresh"
+        figures.add_row("agent epoch", f"{life.epoch} ({started})")
+        figures.add_row(
+            "restarts (last outage)", f"{life.restarts} ({life.last_outage_seconds:.2f} s)"
+        )
+        unproven = f"[bold red]{life.unproven_slots:,}[/bold red]" if life.unproven_slots else "0"
+        figures.add_row("unproven slots (EIO)", unproven)
     stores = Table(title="page stores")
     for col in ("store", "state", "used MiB", "capacity MiB", "slabs", "stale", "syncing"):
         stores.add_column(col)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from netswap.client.nbd.attach import serve_log, state_path, supervisor_log, supervisor_state
+from netswap.client.supervise.protect import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, lock_all
 
 PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000
@@ -177,7 +178,11 @@ def check_protections(pid: int, when: str) -> bool:
 
 
 def check_supervisor(when: str) -> bool:
-    """The supervisor: all it holds locked, at most SUPERVISOR_KIB, OOM-exempt, IO_FLUSHER."""
+    """The supervisor: all it holds locked, at most SUPERVISOR_KIB, OOM-exempt, IO_FLUSHER.
+    Measured once it watches (it locks itself after connecting the device)."""
+    deadline = time.monotonic() + 60
+    while not supervised().get("watching") and time.monotonic() < deadline:
+        time.sleep(0.2)
     pid = supervised().get("supervisor_pid")
     if not isinstance(pid, int):
         say(f"NETSWAP-CHECK {when} supervisor FAIL no supervisor state")
@@ -362,6 +367,13 @@ def run(args: argparse.Namespace) -> str:
     return ",".join(reasons)
 
 
+def pin_self() -> None:
+    """This orchestrator, locked: under the storm its drill and timings must not wait for
+    its own pages to come back from the swap it is timing."""
+    outcome = lock_all(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
+    say(f"NETSWAP-NOTE orchestrator {outcome}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="netswap-lab-guest")
     parser.add_argument("--store", action="append", default=[])
@@ -378,6 +390,7 @@ def main() -> None:
     parser.add_argument("--serve-arg", action="append", default=[])
     args = parser.parse_args()
     stage("guest")
+    pin_self()
     try:
         reason = run(args)
     except Exception as exc:  # report, never leave the guest running

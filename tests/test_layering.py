@@ -97,3 +97,22 @@ def test_the_check_catches_upward_imports_eager_lazy_and_relative() -> None:
     assert not violations("from ..device import BlockDevice\n", "netswap.client.agent.device")
     assert not violations("from .links import StoreLink\n", "netswap.client.agent.core")
     assert not violations("from netswap.protocol import PAGE_SIZE\n", "netswap.server.service")
+
+
+def test_the_supervisor_package_imports_only_the_stdlib_and_itself() -> None:
+    """attach runs netswap.client.supervise as a top-level package without site
+    (supervise/__init__.py): one netswap import, or a relative one out of it, breaks it."""
+    root = ROOTS["client"] / "supervise"
+    problems = []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                problems.append(f"{path.name}:{node.lineno} imports out of the package")
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            problems += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                         if n.split(".")[0] in {"netswap", "client", "server", "protocol"}]  # fmt: skip
+    assert not problems, problems
+    assert len(list(root.glob("*.py"))) >= 6

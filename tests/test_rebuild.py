@@ -66,7 +66,11 @@ def test_a_restarted_agent_rebuilds_every_page_from_the_stores() -> None:
                 truth[slot] = bytes([slot % 251]) * PAGE
                 h.pwrite(truth[slot], slot * PAGE)
             h.shutdown()
-        with agent(procs, "--start", "rebuild", "--epoch", "7") as (uri, log):
+        http = f"127.0.0.1:{free_port()}"
+        with agent(procs, "--start", "rebuild", "--epoch", "7", "--http", http) as (uri, log):
+            life = fetch(f"http://{http}/").lifecycle
+            assert life is not None and life.started == "rebuild"
+            assert life.epoch > 7 and life.rebuild_pages == 300 and life.unproven_slots == 0
             h = connect(uri)
             for slot, data in truth.items():
                 assert h.pread(PAGE, slot * PAGE) == data, slot
@@ -121,7 +125,10 @@ def test_a_store_away_at_the_rebuild_leaves_its_slabs_unproven_then_proves_them(
         assert b.proc is not None
         os.kill(b.proc.pid, signal.SIGSTOP)  # away for the rebuild
         try:
-            with agent([a, b], "--start", "rebuild") as (uri, log):
+            http = f"127.0.0.1:{free_port()}"
+            with agent([a, b], "--start", "rebuild", "--http", http) as (uri, log):
+                life = fetch(f"http://{http}/").lifecycle
+                assert life is not None and life.unproven_slots > 0  # the dashboard's red
                 h = connect(uri)
                 slot = next(iter(truth))
                 with pytest.raises(nbd.Error) as info:
@@ -140,6 +147,8 @@ def test_a_store_away_at_the_rebuild_leaves_its_slabs_unproven_then_proves_them(
                 assert got == truth[slot]
                 for s, data in truth.items():
                     assert h.pread(PAGE, s * PAGE) == data, s
+                life = fetch(f"http://{http}/").lifecycle
+                assert life is not None and life.unproven_slots == 0
                 h.shutdown()
         finally:
             if b.proc is not None:

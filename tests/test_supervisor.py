@@ -5,6 +5,7 @@ messages, a missing nbd driver as one line, nbdkit started detached and watched.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from netswap.client.nbd import netlink
-from netswap.client.nbd.handshake import HandshakeError
-from netswap.client.nbd.handshake import connect as nbd_connect
-from netswap.client.nbd.supervisor import Child
+from netswap.client.supervise import netlink
+from netswap.client.supervise.child import Child
+from netswap.client.supervise.handshake import HandshakeError
+from netswap.client.supervise.handshake import connect as nbd_connect
 
 from .conftest import free_port
 from .nbdserver import netswap_serve
@@ -104,3 +105,22 @@ def test_nbdkit_is_started_detached_and_outlives_its_watcher(tmp_path: Path) -> 
     finally:
         child.close()
         subprocess.run(["pkill", "-f", f"-p {port} memory"], check=False)
+
+
+def test_the_supervisor_runs_lean_within_its_16_mib() -> None:
+    """Started as attach starts it (no site, libc malloc), locked, it holds at most
+    RESIDENT_BOUND_KIB and has imported nothing but the stdlib and its own package."""
+    from netswap.client.nbd.attach import supervisor_argv, supervisor_env
+    from netswap.client.supervise.supervisor import RESIDENT_BOUND_KIB
+
+    argv = [*supervisor_argv(), "--device", "/dev/nbd0", "--server", "x", "--state", "x",
+            "--serve-log", "x", "--footprint"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=supervisor_env(), cwd="/",
+                          check=True, timeout=30)  # fmt: skip
+    report = json.loads(done.stdout)
+    modules = set(report["modules"])
+    assert "site" not in modules and not any(m.startswith("netswap") for m in modules)
+    assert "supervise.supervisor" in modules  # found by path, as a top-level package
+    heavy = modules & {"dataclasses", "inspect", "logging", "asyncio", "subprocess", "pathlib"}
+    assert not heavy, heavy
+    assert report["resident_kib"] <= RESIDENT_BOUND_KIB, report["resident_kib"]

@@ -6,22 +6,36 @@ swap path writes into preallocated arrays; nothing here runs per request.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from netswap.protocol import PAGE_SIZE
 from netswap.server.ops.recorder import Recorder
-from netswap.server.ops.snapshot import RecentDecision, ReserveFigures, Snapshot, StoreRow
+from netswap.server.ops.snapshot import (
+    Lifecycle,
+    RecentDecision,
+    ReserveFigures,
+    Snapshot,
+    StoreRow,
+)
 from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
 from .direct import DirectPath
 from .placement import DOWN, STALE, SYNCING
 from .policy import REASONS
+from .slots import UNPROVEN
 
 # Recent decisions the dashboard lists; the agent keeps a ring of 50.
 RECENT_SHOWN = 20
+
+# Where the supervisor that started this nbdkit keeps its state (restarts, outages).
+SUPERVISOR_STATE_ENV = "NETSWAP_SUPERVISOR_STATE"
 
 
 def agent_source(
@@ -69,6 +83,7 @@ def agent_source(
                 RecentDecision(round(now - t, 2), r, n)
                 for t, r, n in list(agent.recent_decisions)[-RECENT_SHOWN:]
             ],
+            lifecycle=lifecycle(agent),
         )
 
     return snapshot
@@ -94,3 +109,26 @@ def store_rows(agent: Agent) -> list[StoreRow]:
             )
         )
     return rows
+
+
+def lifecycle(agent: Agent) -> Lifecycle:
+    """The agent's start and the supervisor's restarts (its state file, when one started
+    this nbdkit). Counting UNPROVEN slots walks the state bytes once: at a scrape only."""
+    supervised: dict[str, object] = {}
+    path = os.environ.get(SUPERVISOR_STATE_ENV)
+    if path:
+        # The supervisor replaces the file whole; unreadable (stopped): shown as none.
+        with contextlib.suppress(OSError, ValueError):
+            supervised = json.loads(Path(path).read_text())
+    rebuilt = agent.rebuilt
+    restarts, outage = supervised.get("restarts", 0), supervised.get("last_outage_s", 0.0)
+    return Lifecycle(
+        epoch=agent.slot_map.epoch,
+        started="rebuild" if agent.rebuild else "fresh",
+        restarts=restarts if isinstance(restarts, int) else 0,
+        last_outage_seconds=float(outage) if isinstance(outage, (int, float)) else 0.0,
+        last_reason=str(supervised.get("last_reason", "")),
+        rebuild_pages=rebuilt.pages if rebuilt else 0,
+        rebuild_seconds=round(rebuilt.seconds, 3) if rebuilt else 0.0,
+        unproven_slots=agent.slot_map.state.count(UNPROVEN),
+    )

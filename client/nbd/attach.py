@@ -1,7 +1,7 @@
 """`netswap attach` / `detach` / `restart`: put swap on a netswap export, and take it off.
 
 attach: check root and kernel support (modprobe nbd), refuse a busy device,
-raise vm.min_free_kbytes to a floor, and start the supervisor (supervisor.py),
+raise vm.min_free_kbytes to a floor, and start the supervisor (netswap.client.supervise),
 which starts nbdkit with the agent (unless a server already answers: then it
 only watches the link), connects the device through netlink with a
 dead-connection timeout, and stays to restart nbdkit when it dies; then
@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from netswap.server.units import parse_hostport
+
+from .. import supervise
 
 MIN_FREE_KBYTES_FLOOR = 16384
 # The kernel holds a dead connection's IO this long for a new one (NBD_ATTR_DEAD_CONN_
@@ -226,12 +228,28 @@ def supervisor_log(device: str) -> Path:
     return STATE_DIR / f"supervise-{Path(device).name}.log"
 
 
+def supervisor_argv() -> list[str]:
+    """The lean way to run the supervisor (supervise/__init__.py): no site, the package
+    found as a top-level one beside its siblings, after the stdlib."""
+    parent = str(Path(supervise.__file__).resolve().parent.parent)
+    boot = (f"import sys; sys.path.append({parent!r}); "
+            "from supervise.supervisor import main; sys.exit(main())")  # fmt: skip
+    return [sys.executable, "-S", "-c", boot]
+
+
+def supervisor_env() -> dict[str, str]:
+    """libc's malloc for its small footprint (nbdkit does not inherit it); nothing from
+    the operator's environment that would change what it imports."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONMALLOC")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONMALLOC": "malloc"}
+
+
 def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
     """Start the supervisor, detached; return once the device is connected (its pid)."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     device = args.device
-    cmd = [sys.executable, "-m", "netswap.client.nbd.supervisor", "--device", device,
-           "--server", f"{host}:{port}", "--export", args.export,
+    cmd = [*supervisor_argv(), "--device", device, "--server", f"{host}:{port}",
+           "--export", args.export,
            "--dead-conn-timeout", str(args.dead_conn_timeout),
            "--io-timeout", str(args.io_timeout), "--state", str(supervisor_state(device)),
            "--serve-log", str(serve_log(device))]  # fmt: skip
@@ -244,7 +262,7 @@ def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
     log = supervisor_log(device)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out)  # fmt: skip
+                                stdout=out, stderr=out, cwd="/", env=supervisor_env())  # fmt: skip
     connected = Path("/sys/block") / Path(device).name / "pid"
     deadline = time.monotonic() + SERVE_START_S
     while not connected.exists():

@@ -27,6 +27,7 @@ for _site in filter(None, os.environ.get("NETSWAP_SITE", "").split(os.pathsep)):
 
 import errno  # noqa: E402
 import functools  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
@@ -102,8 +103,11 @@ def after_fork() -> None:
     tune_heap()  # before the first batch buffer: reused from the heap, never unmapped
     if _config.mlock == "onfault":
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
+    began = time.monotonic()
     _device = _config.build_device()
-    _device.start()
+    _device.start()  # a restarted agent rebuilds here: the supervisor's outage includes it
+    print(f"netswap plugin: serving after {time.monotonic() - began:.2f}s", file=sys.stderr,
+          flush=True)  # fmt: skip
     print(f"netswap plugin: {_config.place_threads(_device)}", file=sys.stderr, flush=True)
     _config.start_ops(_device)
 

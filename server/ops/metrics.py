@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
-from .snapshot import ReserveFigures, Snapshot
+from .snapshot import Lifecycle, ReserveFigures, Snapshot
 
 
 def _value(v: float) -> str:
@@ -147,6 +147,8 @@ class _SnapshotCollector:
             "Written pages whose slab has a replica not in sync",
             s.replication_lag_pages,
         )
+        if s.lifecycle is not None:
+            yield from _lifecycle(s.lifecycle)
         decisions = CounterMetricFamily(
             "netswap_batch_decisions", "Batching decisions by reason", labels=["reason"]
         )
@@ -175,6 +177,26 @@ class _SnapshotCollector:
         host = s.host
         yield CounterMetricFamily("netswap_host_swap_in_pages", "Host pswpin", value=host.pswpin)
         yield CounterMetricFamily("netswap_host_swap_out_pages", "Host pswpout", value=host.pswpout)
+
+
+def _lifecycle(life: Lifecycle) -> Iterator[Metric]:
+    yield GaugeMetricFamily("netswap_agent_epoch", "The agent's generation epoch", life.epoch)
+    yield CounterMetricFamily(
+        "netswap_agent_restarts", "Agents the supervisor started after the first", life.restarts
+    )
+    yield GaugeMetricFamily(
+        "netswap_agent_last_outage_seconds",
+        "How long the device's IO was held at the last agent restart",
+        life.last_outage_seconds,
+    )
+    yield GaugeMetricFamily(
+        "netswap_agent_rebuild_pages", "Pages this agent's rebuild proved", life.rebuild_pages
+    )
+    yield GaugeMetricFamily(
+        "netswap_agent_unproven_slots",
+        "Slots that read EIO until a store away at the rebuild returns",
+        life.unproven_slots,
+    )
 
 
 def render(snapshot: Snapshot) -> bytes:

@@ -80,6 +80,20 @@ class RecentDecision:
 
 
 @dataclass(frozen=True)
+class Lifecycle:
+    """Agents: how this agent started and what the supervisor has seen (restarts)."""
+
+    epoch: int = 0  # generations this agent writes are above every earlier agent's
+    started: str = "fresh"  # or "rebuild": from the stores, after an agent died
+    restarts: int = 0  # agents the supervisor has started after the first
+    last_outage_seconds: float = 0.0  # the device's IO held at the last restart
+    last_reason: str = ""
+    rebuild_pages: int = 0  # pages this agent's rebuild found and proved
+    rebuild_seconds: float = 0.0
+    unproven_slots: int = 0  # now: slots that read EIO until a missing store returns
+
+
+@dataclass(frozen=True)
 class Snapshot:
     role: str  # "store", "agent" or "embedded"
     time: float
@@ -103,11 +117,14 @@ class Snapshot:
     decisions: dict[str, int] = field(default_factory=dict)
     recent_decisions: list[RecentDecision] = field(default_factory=list)
     connections: int | None = None  # stores only: connections accepted
+    lifecycle: Lifecycle | None = None  # agents only
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if self.connections is None:
             del out["connections"]
+        if self.lifecycle is None:
+            del out["lifecycle"]
         return out
 
     @classmethod
@@ -139,4 +156,5 @@ class Snapshot:
             decisions=dict(raw["decisions"]),
             recent_decisions=[RecentDecision(**d) for d in raw["recent_decisions"]],
             connections=raw.get("connections"),
+            lifecycle=Lifecycle(**raw["lifecycle"]) if raw.get("lifecycle") else None,
         )

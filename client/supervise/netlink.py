@@ -12,7 +12,7 @@ reference, so the caller may close its descriptor afterwards.
 Messages are built by hand from linux/nbd-netlink.h and linux/genetlink.h: a
 netlink header, a generic netlink header, then attributes (each padded to 4
 bytes). Everything here is stdlib and small: the supervisor that calls it runs
-inside a host that may be out of memory (supervisor.py).
+inside a host that may be out of memory (supervisor.py), without site.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import errno
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 NETLINK_GENERIC = 16
 GENL_ID_CTRL = 0x10
@@ -84,10 +83,13 @@ def parse_attrs(data: bytes) -> dict[int, bytes]:
     return out
 
 
-@dataclass(frozen=True)
 class Family:
-    id: int
-    groups: dict[str, int]
+    """The nbd family's id and its multicast groups (a plain class: see handshake.Export)."""
+
+    __slots__ = ("groups", "id")
+
+    def __init__(self, id: int, groups: dict[str, int]) -> None:
+        self.id, self.groups = id, groups
 
 
 class Netlink:

@@ -8,32 +8,32 @@ an OOM kill -- or the kernel reports the link dead, it starts a new one that
 rebuilds the area from the stores (start=rebuild, a higher epoch), does the
 NBD handshake itself and hands the kernel the new socket (NBD_CMD_RECONFIGURE).
 Requests the kernel had sent to the dead connection go again once their
-timer finds the socket replaced (the queue's io_timeout, set to REQUEUE_MS);
-requests issued meanwhile waited for the reconnect. SIGHUP (`netswap restart`)
-replaces a live nbdkit the same way: an upgrade without draining swap.
+timer finds the socket replaced (knobs.REQUEUE_MS); requests issued meanwhile
+waited for the reconnect. SIGHUP (`netswap restart`) replaces a live nbdkit
+the same way: an upgrade without draining swap.
 
 It lives inside a host that may be out of memory, so it keeps the swap path's
-discipline: everything it will run is imported and touched at start, then
-mlockall(MCL_CURRENT | MCL_FUTURE) pins it (about 10 MiB; RESIDENT_BOUND_MIB
-is checked at start), it runs under PR_SET_IO_FLUSHER, SCHED_FIFO and
-oom_score_adj -1000, and after start it allocates only small Python objects
-from its locked heap. nbdkit is started detached from it (a double fork:
-nbdkit exits when the process that started it dies, so its parent must be
-init from the start), watched through a pidfd, and outlives a supervisor that
-dies; a restarted supervisor adopts it from the state file.
+discipline in RESIDENT_BOUND_KIB: it runs without site (`python3 -S`, attach's
+command(): the venv's .pth files alone cost 2 MiB), imports only the stdlib and
+this package, allocates with libc's malloc (PYTHONMALLOC=malloc: pymalloc's
+1 MiB arenas round up what mlockall pins), touches what it will run at start
+(the handshake and the netlink calls are made once before the watch), then
+mlockall(MCL_CURRENT | MCL_FUTURE) pins everything, and it runs under
+PR_SET_IO_FLUSHER, SCHED_FIFO and oom_score_adj -1000.
 
-Where a new nbdkit's memory comes from while swap is held: the dead one's.
-Its locked pages (~45 MiB) are freed at its death; for the length of a
-restart the supervisor raises vm.min_free_kbytes by RESTART_RESERVE_KIB, so
-that what the dying process freed stays free for ordinary allocations, and the
-new nbdkit, real-time like the supervisor, may dip into it. The state file
-(JSON, /run/netswap/supervise-nbdN.json) says what happened: restarts, the
-last outage (death to serving), the epoch.
+Where a new nbdkit's memory comes from while swap is held: the dead one's
+locked pages (~45 MiB, freed at its death) and, below the min watermark, the
+quarter of attach's vm.min_free_kbytes reserve that a real-time task may take
+(nbdkit inherits SCHED_FIFO and IO_FLUSHER from the supervisor). Raising the
+reserve at the restart does not help: everyone else would stop at the new
+watermark, but the new nbdkit too would only get a quarter of it, and kswapd
+would evict the page cache it starts from. The state file (JSON,
+/run/netswap/supervise-nbdN.json) says what happened: restarts, the last
+outage (death to serving), the epoch.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -43,105 +43,62 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from netswap.server.units import parse_hostport
-
-from ..hardening import MCL_CURRENT, MCL_FUTURE, _libc, protect_from_oom, set_io_flusher
-from .affinity import set_policy
+from .child import Child
 from .handshake import HandshakeError
 from .handshake import connect as nbd_connect
+from .knobs import log, overcommit_for_nbdkit, set_requeue_period
 from .netlink import NBD_CMD_LINK_DEAD, Netlink, NetlinkError, device_index
+from .protect import (
+    MCL_CURRENT,
+    MCL_FUTURE,
+    lock_all,
+    protect_from_oom,
+    real_time,
+    resident_kib,
+    set_io_flusher,
+)
 
-# How long a new nbdkit may take to answer: Python, the plugin, the agent's rebuild
-# (REBUILD_WAIT_S for stores, then ~1 s of inventory per GiB). Beyond it, and beyond the
-# kernel's dead-connection timeout, the device's held IO fails: the log says why.
+# How long a new nbdkit may take to answer at all (Python and the plugin loading).
+# Its handshake may then take as long as the agent's rebuild, within the kernel's
+# dead-connection timeout: while nbdkit lives, the supervisor waits on it.
 START_S = 90.0
 POLL_S = 0.1
-# The queue's request timer while the kernel's own IO timeout is 0 (never abort): how
-# often a request sent to a connection that died looks whether the socket was replaced
-# and goes again. 2 s keeps a restart's stall short without a "possible stuck request"
-# log line per second for requests that are merely slow.
-REQUEUE_MS = 2000
-# What the supervisor holds locked: Python and the modules it runs, a few MiB of heap.
-RESIDENT_BOUND_MIB = 16
-# vm.min_free_kbytes is raised by this much while a new nbdkit starts under held swap:
-# about what the dead one held locked, kept free for the new one.
-RESTART_RESERVE_KIB = 48 * 1024
-MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
-OVERCOMMIT = Path("/proc/sys/vm/overcommit_memory")
-# nbdkit 1.32's own .bss is 192 MiB: under the heuristic overcommit check a host whose
-# RAM + swap is below this cannot start it, untouched as those pages stay.
-NBDKIT_BSS_KIB = 192 * 1024 + 32 * 1024
+# The issue's bound on what the supervisor holds: python3 -S with the stdlib modules it
+# runs pins 14.5-15 MiB (6.5 MiB of it the python3.11 binary, which MCL_CURRENT locks
+# whole); checked once locked, and by the guest lab's drill.
+RESIDENT_BOUND_KIB = 16 * 1024
+# The environment nbdkit must not inherit from the supervisor: the allocator the
+# supervisor chose for its own small footprint would slow the agent.
+NOT_INHERITED = ("PYTHONMALLOC",)
 
 
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} netswap supervise: {message}", file=sys.stderr, flush=True)
-
-
-class Child:
-    """nbdkit, started detached (its parent is init), watched through a pidfd."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
-
-    @classmethod
-    def spawn(cls, argv: list[str], env: dict[str, str], log_path: Path) -> Child:
-        read, write = os.pipe()
-        middle = os.fork()
-        if middle == 0:  # the middle process: a session of its own, then nbdkit, then gone
-            try:
-                os.close(read)
-                os.setsid()
-                pid = os.fork()
-                if pid == 0:
-                    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-                    null = os.open(os.devnull, os.O_RDONLY)
-                    os.dup2(null, 0)
-                    os.dup2(out, 1)
-                    os.dup2(out, 2)
-                    os.execve(argv[0], argv, env)
-                os.write(write, str(pid).encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-        got = os.read(read, 32)
-        os.close(read)
-        os.waitpid(middle, 0)
-        return cls(int(got))
-
-    def alive(self) -> bool:
-        ready, _, _ = select.select([self.pidfd], [], [], 0)
-        return not ready
-
-    def stop(self, grace: float = 10.0) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        if select.select([self.pidfd], [], [], grace)[0]:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        select.select([self.pidfd], [], [], grace)
-
-    def close(self) -> None:
-        os.close(self.pidfd)
+def host_port(server: str) -> tuple[str, int]:
+    """HOST:PORT (PORT 10809 when absent; [v6]:PORT), without netswap's own parser."""
+    host, sep, port = server.rpartition(":")
+    if not sep or "]" in port:
+        host, port = server, "10809"
+    return host.strip("[]"), int(port)
 
 
 class Supervisor:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: Options) -> None:
         self.device = args.device
         self.index = device_index(args.device)
-        self.host, self.port = parse_hostport(args.server, 10809)
+        self.host, self.port = host_port(args.server)
         self.export = args.export
         self.dead_conn_timeout = args.dead_conn_timeout
         self.io_timeout = args.io_timeout
-        self.state_path = Path(args.state)
-        self.log_path = Path(args.serve_log)
-        command = json.loads(Path(args.command).read_text()) if args.command else None
-        self.argv: list[str] = command["argv"] if command else []
-        self.env: dict[str, str] = {**os.environ, **(command["env"] if command else {})}
+        self.state_path: str = args.state
+        self.log_path: str = args.serve_log
+        self.argv: list[str] = []
+        given: dict[str, str] = {}
+        if args.command:  # serve --print-command's JSON: nbdkit's argv and environment
+            with open(args.command) as f:
+                command = json.load(f)
+            self.argv, given = command["argv"], command["env"]
+        inherited = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        self.env: dict[str, str] = {**inherited, **given}
         self.state: dict[str, object] = {"supervisor_pid": os.getpid(), "device": self.device}
         self.state.update({"restarts": 0, "last_outage_s": 0.0, "epoch": 1})
         self.state.update(self._saved())
@@ -154,16 +111,18 @@ class Supervisor:
     # -- state -------------------------------------------------------------------
     def _saved(self) -> dict[str, object]:
         try:
-            saved = json.loads(self.state_path.read_text())
+            with open(self.state_path) as f:
+                saved = json.load(f)
         except (OSError, ValueError):
             return {}
         return {k: saved[k] for k in ("restarts", "last_outage_s", "epoch", "serve_pid")
                 if k in saved}  # fmt: skip
 
     def save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        tmp.replace(self.state_path)
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+        os.replace(tmp, self.state_path)  # readers see one whole state or the last
 
     # -- nbdkit ------------------------------------------------------------------
     def _argv(self, start: str) -> list[str]:
@@ -172,7 +131,7 @@ class Supervisor:
         return [*keep, f"start={start}", f"epoch={epoch}"]
 
     def start_child(self, start: str) -> None:
-        env = {**self.env, "NETSWAP_SUPERVISOR_STATE": str(self.state_path)}
+        env = {**self.env, "NETSWAP_SUPERVISOR_STATE": self.state_path}
         with overcommit_for_nbdkit():
             self.child = Child.spawn(self._argv(start), env, self.log_path)
             self.state["serve_pid"] = self.child.pid
@@ -207,13 +166,13 @@ class Supervisor:
         with sock:
             self.netlink.connect(self.index, sock, export.size, 4096, export.flags,
                                  self.io_timeout, self.dead_conn_timeout)  # fmt: skip
-        set_requeue_period(self.device, REQUEUE_MS)
+        set_requeue_period(self.device)
         log(f"{self.device} connected to nbd://{self.host}:{self.port}/{self.export} "
             f"(dead-connection timeout {self.dead_conn_timeout}s, io timeout "
             f"{self.io_timeout or 'none'})")  # fmt: skip
 
-    def reconnect_device(self) -> None:
-        sock, _ = nbd_connect(self.host, self.port, self.export, START_S)
+    def reconnect_device(self, patience: float = START_S) -> None:
+        sock, _ = nbd_connect(self.host, self.port, self.export, patience)
         with sock:
             self.netlink.reconfigure(self.index, sock)
 
@@ -230,6 +189,7 @@ class Supervisor:
         self.netlink.subscribe()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        self.state["watching"] = True
         self.save()
         while True:
             events = self.netlink.fileno()
@@ -291,23 +251,25 @@ class Supervisor:
         old.close()
         self.state["epoch"] = int(self.state["epoch"]) + 1  # type: ignore[call-overload]
         self.save()  # the epoch first: a supervisor dying now must not reuse it
-        with reserve_raised(RESTART_RESERVE_KIB):
-            while True:
-                try:
-                    self.start_child("rebuild")
-                    self.reconnect_device()
-                    break
-                except (RuntimeError, OSError, HandshakeError, NetlinkError) as exc:
-                    held = time.monotonic() - began
-                    if held > self.dead_conn_timeout:
-                        log(f"the agent has not come back for {held:.0f}s, past the "
-                            f"{self.dead_conn_timeout}s dead-connection timeout: the kernel "
-                            f"now fails {self.device}'s IO ({exc}); still trying")  # fmt: skip
-                    else:
-                        log(f"the new nbdkit is not serving yet ({exc}); trying again")
-                    if self.child is not None and self.child.alive():
-                        self.child.stop()
-                    time.sleep(1.0)
+        while True:
+            try:
+                self.start_child("rebuild")
+                # The handshake waits for the agent's rebuild: as long as the kernel
+                # holds the IO, and at least START_S.
+                held = time.monotonic() - began
+                self.reconnect_device(max(START_S, self.dead_conn_timeout - held))
+                break
+            except (RuntimeError, OSError, HandshakeError, NetlinkError) as exc:
+                held = time.monotonic() - began
+                if held > self.dead_conn_timeout:
+                    log(f"the agent has not come back for {held:.0f}s, past the "
+                        f"{self.dead_conn_timeout}s dead-connection timeout: the kernel "
+                        f"now fails {self.device}'s IO ({exc}); still trying")  # fmt: skip
+                else:
+                    log(f"the new nbdkit did not serve ({exc}); starting another")
+                if self.child is not None and self.child.alive():
+                    self.child.stop()
+                time.sleep(1.0)
         outage = time.monotonic() - began
         self.state["restarts"] = int(self.state["restarts"]) + 1  # type: ignore[call-overload]
         self.state["last_outage_s"] = round(outage, 3)
@@ -322,101 +284,85 @@ class Supervisor:
             self.netlink.disconnect(self.index)
         if self.child is not None:
             self.child.stop()
-        self.state_path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state_path)
         return 0
-
-
-def set_requeue_period(device: str, ms: int) -> None:
-    path = Path("/sys/block") / Path(device).name / "queue" / "io_timeout"
-    try:
-        path.write_text(f"{ms}\n")
-    except OSError as exc:
-        log(f"cannot set {path} ({exc.strerror}): requests sent to a dead connection go "
-            "again only after the kernel's default 30 s")  # fmt: skip
-
-
-@contextlib.contextmanager
-def reserve_raised(extra_kib: int) -> Iterator[None]:
-    """vm.min_free_kbytes raised by `extra_kib` for the block, then put back."""
-    try:
-        before = int(MIN_FREE.read_text())
-        MIN_FREE.write_text(f"{before + extra_kib}\n")
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            MIN_FREE.write_text(f"{before}\n")
-
-
-@contextlib.contextmanager
-def overcommit_for_nbdkit() -> Iterator[None]:
-    """nbdkit's 192 MiB .bss fails the heuristic overcommit check on a host whose RAM
-    and swap are smaller; for its start only, overcommit is allowed (it never touches
-    those pages)."""
-    total = sum(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith(("MemTotal:", "SwapTotal:")))  # fmt: skip
-    try:
-        mode = OVERCOMMIT.read_text().strip()
-    except OSError:
-        mode = ""
-    if mode != "0" or total > NBDKIT_BSS_KIB:
-        yield
-        return
-    OVERCOMMIT.write_text("1\n")
-    log(f"RAM + swap ({total // 1024} MiB) is below nbdkit's .bss: overcommit allowed for "
-        "its start")  # fmt: skip
-    try:
-        yield
-    finally:
-        OVERCOMMIT.write_text("0\n")
 
 
 def protect() -> None:
     """IO_FLUSHER, OOM-exempt, SCHED_FIFO: for this process and every nbdkit it starts."""
-    for outcome in (set_io_flusher(), protect_from_oom()):
+    for outcome in (set_io_flusher(), protect_from_oom(), real_time()):
         if not outcome.ok:
             log(str(outcome))
-    try:
-        set_policy("fifo")
-    except PermissionError:
-        log("SCHED_FIFO: NOT applied (needs CAP_SYS_NICE)")
 
 
 def lock() -> None:
     """Everything this process holds, resident for good (not inherited by nbdkit)."""
-    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-        log("mlockall: NOT applied (needs CAP_IPC_LOCK or RLIMIT_MEMLOCK)")
-    rss = resident_mib()
-    if rss > RESIDENT_BOUND_MIB:
-        log(f"resident {rss:.1f} MiB, above the {RESIDENT_BOUND_MIB} MiB it should hold")
+    outcome = lock_all(MCL_CURRENT | MCL_FUTURE)
+    if not outcome.ok:
+        log(str(outcome))
+    rss = resident_kib()
+    if rss > RESIDENT_BOUND_KIB:
+        log(f"resident {rss / 1024:.1f} MiB, above the {RESIDENT_BOUND_KIB // 1024} MiB it "
+            "should hold")  # fmt: skip
 
 
-def resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+class Options:
+    """What attach passes (attach.start_supervisor). Parsed by hand: argparse checks
+    each option through its help formatter, which imports shutil, bz2 and lzma (2 MiB)."""
+
+    __slots__ = ("adopt", "command", "dead_conn_timeout", "device", "export", "footprint",
+                 "io_timeout", "serve_log", "server", "state")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.device = self.server = self.state = self.serve_log = self.command = ""
+        self.export = "swap"
+        self.dead_conn_timeout, self.io_timeout = 120, 0
+        self.adopt = self.footprint = False  # --adopt: watch the nbdkit already running
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="netswap supervise")
-    parser.add_argument("--device", required=True)
-    parser.add_argument("--server", required=True, metavar="HOST:PORT")
-    parser.add_argument("--export", default="swap")
-    parser.add_argument("--dead-conn-timeout", type=int, default=120)
-    parser.add_argument("--io-timeout", type=int, default=0)
-    parser.add_argument("--state", required=True, help="JSON state file")
-    parser.add_argument("--serve-log", required=True)
-    parser.add_argument("--command", help="JSON of nbdkit's argv and env (serve --print-command)")
-    parser.add_argument("--adopt", action="store_true", help="watch the nbdkit already running")
-    return parser.parse_args(argv)
+FLAGS = ("adopt", "footprint")
+REQUIRED = ("device", "server", "state", "serve_log")
+
+
+def parse_args(argv: list[str]) -> Options:
+    """--name value pairs and the two flags; anything else is a UsageError."""
+    opts = Options()
+    given = iter(argv)
+    for arg in given:
+        name = arg[2:].replace("-", "_")
+        if not arg.startswith("--") or name not in Options.__slots__:
+            raise UsageError(f"unknown option {arg!r}")
+        if name in FLAGS:
+            setattr(opts, name, True)
+            continue
+        value = next(given, None)
+        if value is None:
+            raise UsageError(f"{arg} needs a value")
+        try:
+            setattr(opts, name, int(value) if name.endswith("timeout") else value)
+        except ValueError:
+            raise UsageError(f"{arg} takes seconds, not {value!r}") from None
+    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if not getattr(opts, n)]
+    if missing and not opts.footprint:
+        raise UsageError(f"missing {', '.join(missing)}")
+    return opts
+
+
+class UsageError(ValueError):
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        log(f"usage: {exc}")
+        return 2
+    if args.footprint:
+        lock()
+        print(json.dumps({"resident_kib": resident_kib(), "modules": sorted(sys.modules)}))
+        return 0
     try:
         protect()
         supervisor = Supervisor(args)
@@ -429,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             supervisor.connect_device()
         lock()
         what = f"nbdkit {supervisor.state['serve_pid']}" if supervisor.argv else "the link"
-        log(f"watching {what} for {args.device}; resident {resident_mib():.1f} MiB")
+        log(f"watching {what} for {args.device}; resident {resident_kib() / 1024:.1f} MiB")
         return supervisor.run()
     except (OSError, RuntimeError, HandshakeError, NetlinkError, ValueError) as exc:
         code = getattr(exc, "errno", None)

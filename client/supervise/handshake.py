@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
@@ -33,10 +32,14 @@ class HandshakeError(ConnectionError):
     """The server is not an NBD server, or refused the export."""
 
 
-@dataclass(frozen=True)
 class Export:
-    size: int
-    flags: int  # transmission flags, what the kernel calls the server flags
+    """An export's size and transmission flags (what the kernel calls the server flags).
+    A plain class: dataclasses would cost the supervisor ~1.5 MiB of its 16 (inspect)."""
+
+    __slots__ = ("flags", "size")
+
+    def __init__(self, size: int, flags: int) -> None:
+        self.size, self.flags = size, flags
 
 
 def _read(sock: socket.socket, count: int, end: float) -> bytes:

@@ -1,0 +1,64 @@
+"""nbdkit as the supervisor's child: started detached, watched through a pidfd.
+
+nbdkit must outlive a supervisor that dies (a new supervisor adopts it, and the
+device keeps its connection meanwhile): it is started with serve's
+--no-exit-with-parent, in a session of its own, by a double fork that makes init
+its parent from the start. A pidfd (Linux 5.3) lets the supervisor -- or the one
+that adopts it -- wait on it all the same. The pid comes back through a pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+
+
+class Child:
+    """nbdkit, started detached (its parent is init), watched through a pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+
+    @classmethod
+    def spawn(cls, argv: list[str], env: dict[str, str], log_path: str) -> Child:
+        read, write = os.pipe()
+        middle = os.fork()
+        if middle == 0:  # the middle process: a session of its own, then nbdkit, then gone
+            try:
+                os.close(read)
+                os.setsid()
+                pid = os.fork()
+                if pid == 0:
+                    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(out, 1)
+                    os.dup2(out, 2)
+                    os.execve(argv[0], argv, env)
+                os.write(write, str(pid).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        got = os.read(read, 32)
+        os.close(read)
+        os.waitpid(middle, 0)
+        return cls(int(got))
+
+    def alive(self) -> bool:
+        ready, _, _ = select.select([self.pidfd], [], [], 0)
+        return not ready
+
+    def stop(self, grace: float = 10.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        if select.select([self.pidfd], [], [], grace)[0]:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        select.select([self.pidfd], [], [], grace)
+
+    def close(self) -> None:
+        os.close(self.pidfd)
