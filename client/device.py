@@ -29,6 +29,8 @@ class BlockDevice(Protocol):
     parallel: bool
 
     def start(self) -> None: ...
+    # A standby's turn to serve (nbd/standby.py): rebuild, under the supervisor's epoch.
+    def take_over(self, epoch: int) -> None: ...
     def start_ops(self, host: str, port: int, token: str = "") -> None: ...
     def pread(self, buf: memoryview, offset: int) -> None: ...
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None: ...
@@ -59,6 +61,9 @@ class PageDevice:
 
     def start(self) -> None:
         """Nothing to start: local backends need no threads."""
+
+    def take_over(self, epoch: int) -> None:
+        raise StoreError(errno.EINVAL, "standby= is only for backend=remote")
 
     def start_ops(self, host: str, port: int, token: str = "") -> None:
         from netswap.server.ops.http import HttpThread

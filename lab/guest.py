@@ -50,6 +50,8 @@ STORM_FOOTPRINT_KIB = FOOTPRINT_KIB + 4 * 1024 * 2
 SUPERVISOR_KIB = 16 * 1024
 # Where in the storm the drill acts: (kind, the verifier's phase, at what percent).
 DRILL = (("kill", "write", 40), ("kill", "verify", 30), ("restart", "verify", 70))
+# How often the orchestrator says what the processes that serve swap are doing.
+PULSE_S = 5.0
 # How long the drill waits for swap to move again after an event before it says so.
 RECOVERY_S = 300
 MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
@@ -243,6 +245,9 @@ def storm(args: argparse.Namespace) -> int:
     proc = subprocess.Popen([args.swaptest, str(args.mib), str(args.seed)],
                             stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
     assert proc.stdout is not None
+    stop = threading.Event()
+    if events:
+        threading.Thread(target=pulse, args=(stop,), daemon=True).start()
     drills: list[threading.Thread] = []
     for line in proc.stdout:
         say(line.rstrip())
@@ -260,6 +265,7 @@ def storm(args: argparse.Namespace) -> int:
                 drills.append(drill)
     for drill in drills:
         drill.join()
+    stop.set()
     return proc.wait()
 
 
@@ -365,6 +371,36 @@ def run(args: argparse.Namespace) -> str:
     if detach.returncode != 0 or left:
         reasons.append("detach")
     return ",".join(reasons)
+
+
+def pulse(stop: threading.Event) -> None:
+    """Every PULSE_S from this locked process (init-host's shell vitals stall when its
+    forks need memory): free memory, pressure, and each nbdkit's and the supervisor's
+    state, wait channel and resident size -- what a restart under the storm waits on."""
+    while not stop.wait(PULSE_S):
+        mem = {k: v for k, v in (line.split(":") for line in
+                                 Path("/proc/meminfo").read_text().splitlines()[:8])}  # fmt: skip
+        full = Path("/proc/pressure/memory").read_text().splitlines()[1].split()[1]
+        procs = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                stat = (proc / "stat").read_text()
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+                if comm not in ("nbdkit", "python3") or proc.name == str(os.getpid()):
+                    continue
+                state = stat[stat.rindex(")") + 2]
+                wchan = (proc / "wchan").read_text() or "-"
+                rss = kib(proc / "status", "VmRSS")
+            except (OSError, ValueError):
+                continue
+            procs.append(f"{comm}:{proc.name}:{state}:{wchan}:{rss}k")
+        say(
+            f"NETSWAP-PULSE up={Path('/proc/uptime').read_text().split()[0]} "
+            f"free={mem['MemFree'].split()[0]}k avail={mem['MemAvailable'].split()[0]}k "
+            f"min_free={MIN_FREE.read_text().strip()}k psi_full={full} {' '.join(procs)}"
+        )
 
 
 def pin_self() -> None:

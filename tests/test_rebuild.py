@@ -26,7 +26,9 @@ SIZE = "16M"
 
 
 @contextmanager
-def agent(store_procs: list[StoreProc], *extra: str) -> Iterator[tuple[str, Path]]:
+def agent(
+    store_procs: list[StoreProc], *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, Path]]:
     """`netswap serve` on the stores, area "host"; yields (uri, its log) and kills it -9."""
     port = free_port()
     log = Path("/tmp") / f"netswap-rebuild-{port}.log"
@@ -35,7 +37,7 @@ def agent(store_procs: list[StoreProc], *extra: str) -> Iterator[tuple[str, Path
     for s in store_procs:
         cmd += ["--store", s.address]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out, env=env)
     try:
         wait_for_port(port, proc, timeout=60)
         wait_for_http(extra, proc)
@@ -163,3 +165,20 @@ def test_a_fresh_start_releases_what_the_stores_held_for_the_area() -> None:
             h = connect(uri)
             assert h.pread(PAGE * 64, 0) == bytes(PAGE * 64)
             h.shutdown()
+
+
+def test_start_auto_is_fresh_at_boot_and_a_rebuild_after(tmp_path: Path) -> None:
+    """systemd's Restart= path: the first agent since boot (no mark in the run directory)
+    starts fresh and leaves the mark; the next one rebuilds and reads every page."""
+    env = {**os.environ, "NETSWAP_STATE_DIR": str(tmp_path)}
+    with stores(2) as procs:
+        with agent(procs, "--start", "auto", env=env) as (uri, log):
+            wait_until(lambda: (tmp_path / "agent-host.started").exists(), 10, "the mark")
+            truth = write_random(uri, 100, 3)
+            assert "rebuilt" not in log.read_text()
+        with agent(procs, "--start", "auto", env=env) as (uri, log):
+            h = connect(uri)
+            for slot, data in truth.items():
+                assert h.pread(PAGE, slot * PAGE) == data, slot
+            h.shutdown()
+            assert "100 pages proven" in log.read_text()

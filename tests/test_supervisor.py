@@ -124,3 +124,64 @@ def test_the_supervisor_runs_lean_within_its_16_mib() -> None:
     heavy = modules & {"dataclasses", "inspect", "logging", "asyncio", "subprocess", "pathlib"}
     assert not heavy, heavy
     assert report["resident_kib"] <= RESIDENT_BOUND_KIB, report["resident_kib"]
+
+
+def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
+    tmp_path: Path,
+) -> None:
+    """The standby path, kernel aside: a real nbdkit with standby=FD builds its device and
+    says ready but answers no handshake; after `go EPOCH` it rebuilds the area from real
+    stores and serves every page the killed agent had written."""
+    import select
+
+    from netswap.client.supervise.spare import Spare
+
+    from .nbdserver import NETSWAP, connect
+    from .procs import stores
+    from .test_rebuild import PAGE, agent, write_random
+
+    with stores(2) as procs:
+        with agent(procs) as (uri, _):
+            truth = write_random(uri, 50, 9)
+        port = free_port()
+        cmd = [
+            NETSWAP,
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-exit-with-parent",
+            "--size",
+            "16M",
+            "--backend",
+            "remote",
+            "--no-mlock",
+            "--area",
+            "host",
+            "--replicas",
+            "2",
+            *[f"--store={p.address}" for p in procs],
+            "--print-command",
+        ]
+        command = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                            check=True).stdout)  # fmt: skip
+        log = tmp_path / "spare.log"
+        spare = Spare.spawn(command["argv"], {**os.environ, **command["env"]}, str(log), port)
+        try:
+            deadline = time.monotonic() + 60
+            while not spare.ready:
+                assert time.monotonic() < deadline, log.read_text()
+                if select.select([spare], [], [], 1)[0]:
+                    assert spare.heard(), log.read_text()
+            with pytest.raises(HandshakeError, match="in time"):
+                nbd_connect("127.0.0.1", port, "swap", 1.0)  # listening, not serving
+            spare.go(7)
+            sock, export = nbd_connect("127.0.0.1", port, "swap", 60)
+            sock.close()
+            assert export.size == 16 << 20
+            h = connect(f"nbd://127.0.0.1:{port}/swap")
+            for slot, data in truth.items():
+                assert h.pread(PAGE, slot * PAGE) == data, slot
+            h.shutdown()
+            assert "50 pages proven" in log.read_text()
+        finally:
+            spare.discard()

@@ -127,6 +127,11 @@ class RemoteDevice:
     def start(self) -> None:
         self.agent.start()
 
+    def take_over(self, epoch: int) -> None:
+        """A standby told to serve: what the dead agent knew is rebuilt from the stores,
+        and this agent's generations go above `epoch`."""
+        self.agent.rebuild, self.agent.min_epoch = True, epoch
+
     def start_ops(self, host: str, port: int, token: str = "") -> None:
         """The ops endpoint runs on the agent's own loop."""
         from netswap.server.ops.http import start_http

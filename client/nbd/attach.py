@@ -113,7 +113,14 @@ def add_attach_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="S",
         help="the kernel's per-request timeout (default 0: never abort; the supervisor's "
-        "reconnect decides); if set, keep it below --dead-conn-timeout",
+        "reconnect decides); if set, at least --dead-conn-timeout, or it fails the IO the "
+        "kernel holds for a restart (ceph-csi #2394)",
+    )
+    parser.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="no spare nbdkit locked in advance (saves ~45 MiB; a restart is then a cold "
+        "start, which a host that swaps hard may not have the memory for)",
     )
     parser.add_argument(
         "--no-supervisor",
@@ -180,6 +187,10 @@ def run_attach(args: argparse.Namespace) -> int:
     require_nbd(args.device)
     if not args.no_supervisor:
         check_supervisable(args)
+        if args.io_timeout and args.io_timeout < args.dead_conn_timeout:
+            raise AttachError(f"--io-timeout {args.io_timeout} would fail the IO the kernel "
+                              f"holds for a restart before --dead-conn-timeout "
+                              f"{args.dead_conn_timeout} ends: 0, or at least that")  # fmt: skip
     state = AttachState(args.device)
     try:
         state.old_min_free_kbytes, state.new_min_free_kbytes = raise_floor(
@@ -259,6 +270,8 @@ def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
         command = STATE_DIR / f"serve-{Path(device).name}.json"
         command.write_text(serve_command(host, port, args.serve_args))
         cmd += ["--command", str(command)]
+        if not args.no_standby:  # the spare listens on the next port; the two alternate
+            cmd += ["--standby-port", str(port + 1)]
     log = supervisor_log(device)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,

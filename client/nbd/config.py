@@ -15,6 +15,8 @@ load it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import ssl
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -29,7 +31,11 @@ from .affinity import Gatherer, parse_cpus_option, pin_process
 
 BACKENDS = ("memory", "file", "remote")
 CACHE_MODES = ("writethrough", "writeback")
-START_MODES = ("fresh", "rebuild")
+START_MODES = ("fresh", "rebuild", "auto")
+# Where an agent marks, once serving, that it has run since boot (tmpfs: gone at reboot,
+# as the swap it served is): start=auto rebuilds when the mark is there (systemd's
+# Restart= of netswap-agent.service), starts fresh when not (the boot).
+RUN_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 MLOCK_MODES = ("onfault", "off")
 READ_PATHS = ("direct", "loop")
 # Kinds of value: how `set` parses one, and what `serve` shows as its metavar.
@@ -100,11 +106,15 @@ class PluginConfig:
     http_token_file: str = setting("", "text", "bearer token the ops endpoint requires "
                                    "(needed off loopback)", metavar="FILE")  # fmt: skip
     start: str = setting("fresh", "choice", "remote: a new area (what the stores held for it "
-                         "is released), or rebuild the area from the stores (a restart under "
-                         "a swapping kernel: netswap attach's supervisor)",
+                         "is released), rebuild the area from the stores (a restart under "
+                         "a swapping kernel: netswap attach's supervisor), or auto: rebuild "
+                         "when an agent has served this area since boot (systemd's Restart=)",
                          choices=START_MODES)  # fmt: skip
     epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
                          "carry (the supervisor's, raised at every restart)")  # fmt: skip
+    standby: int = setting(0, "count", "remote: a standby for the supervisor, on this "
+                           "inherited socket: build and lock the device, say ready, and "
+                           "only on 'go EPOCH' rebuild the area and serve")  # fmt: skip
     cpus: str = setting("auto", "text", "CPUs for nbdkit and the agent: auto (remote: every "
                         "thread gathered on the idlest CPU), all (the kernel's choice), or a "
                         "list such as 3 or 0,2 (pinned)", metavar="auto|all|LIST")  # fmt: skip
@@ -154,6 +164,8 @@ class PluginConfig:
                 raise ConfigError(f"quorum={self.quorum} must be 1..{self.effective_replicas}")
         if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
             raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
+        if self.standby and self.backend != "remote":
+            raise ConfigError("standby= is only for backend=remote")
         if self.backend != "remote" and self.stores:
             raise ConfigError(f"store= is only for backend=remote, not {self.backend}")
         if self.backend != "remote" and self.cache != "writethrough":
@@ -217,6 +229,19 @@ class PluginConfig:
             token = read_secret(self.http_token_file) if self.http_token_file else ""
             device.start_ops(*parse_hostport(self.http, 0), token)
 
+    def started_mark(self) -> Path:
+        return RUN_DIR / f"agent-{self.area}.started"
+
+    def rebuilds(self) -> bool:
+        return self.start == "rebuild" or (self.start == "auto" and self.started_mark().exists())
+
+    def mark_started(self) -> None:
+        """start=auto's mark, once serving; where /run is not ours, auto stays fresh."""
+        if self.backend == "remote" and self.start == "auto":
+            with contextlib.suppress(OSError):
+                RUN_DIR.mkdir(parents=True, exist_ok=True)
+                self.started_mark().touch()
+
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":
             from ..agent.remote import RemoteDevice
@@ -227,7 +252,7 @@ class PluginConfig:
                 slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
-                direct_writes=self.writes == "direct", rebuild=self.start == "rebuild",
+                direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
                 epoch=self.epoch,
             )  # fmt: skip
         from netswap.server.backends import open_backend

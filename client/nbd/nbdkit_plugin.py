@@ -36,6 +36,7 @@ import nbdkit  # noqa: E402
 from netswap.client.device import BlockDevice  # noqa: E402
 from netswap.client.hardening import lock_memory  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
+from netswap.client.nbd.standby import StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
 from netswap.server.heap import tune_heap  # noqa: E402
 
@@ -53,7 +54,7 @@ _format_exception = traceback.format_exception
 
 
 def _format_expected(exc: Any, value: Any = None, tb: Any = None, **kwargs: Any) -> list[str]:
-    if isinstance(value, StoreError | ConfigError):
+    if isinstance(value, StoreError | ConfigError | StandbyError):
         return [f"{value}\n"]
     return _format_exception(exc, value, tb, **kwargs)
 
@@ -103,11 +104,15 @@ def after_fork() -> None:
     tune_heap()  # before the first batch buffer: reused from the heap, never unmapped
     if _config.mlock == "onfault":
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
-    began = time.monotonic()
     _device = _config.build_device()
+    if _config.standby:  # the supervisor's spare: built and locked, serving only when told
+        print("netswap plugin: standby, ready", file=sys.stderr, flush=True)
+        _device.take_over(wait_for_go(_config.standby))
+    began = time.monotonic()
     _device.start()  # a restarted agent rebuilds here: the supervisor's outage includes it
     print(f"netswap plugin: serving after {time.monotonic() - began:.2f}s", file=sys.stderr,
           flush=True)  # fmt: skip
+    _config.mark_started()
     print(f"netswap plugin: {_config.place_threads(_device)}", file=sys.stderr, flush=True)
     _config.start_ops(_device)
 

@@ -58,6 +58,7 @@ from .protect import (
     resident_kib,
     set_io_flusher,
 )
+from .spare import Spare
 
 # How long a new nbdkit may take to answer at all (Python and the plugin loading).
 # Its handshake may then take as long as the agent's rebuild, within the kernel's
@@ -68,6 +69,11 @@ POLL_S = 0.1
 # runs pins 14.5-15 MiB (6.5 MiB of it the python3.11 binary, which MCL_CURRENT locks
 # whole); checked once locked, and by the guest lab's drill.
 RESIDENT_BOUND_KIB = 16 * 1024
+# After a takeover the next spare starts this much later: the held IO drains first,
+# then the spare's ~45 MiB is taken by ordinary reclaim, not from the storm's margin.
+SPARE_DELAY_S = 5.0
+# A spare that died or never said ready is tried again this much later.
+SPARE_RETRY_S = 30.0
 # The environment nbdkit must not inherit from the supervisor: the allocator the
 # supervisor chose for its own small footprint would slow the agent.
 NOT_INHERITED = ("PYTHONMALLOC",)
@@ -103,6 +109,10 @@ class Supervisor:
         self.state.update({"restarts": 0, "last_outage_s": 0.0, "epoch": 1})
         self.state.update(self._saved())
         self.child: Child | None = None
+        # The spare's port and the one serving swap alternate (0: no spare, a cold start).
+        self.ports = (self.port, args.standby_port) if args.standby_port else (self.port,)
+        self.spare: Spare | None = None
+        self.spare_due = 0.0  # monotonic time the next spare starts (0: none planned)
         self.netlink = Netlink()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
@@ -125,18 +135,71 @@ class Supervisor:
         os.replace(tmp, self.state_path)  # readers see one whole state or the last
 
     # -- nbdkit ------------------------------------------------------------------
-    def _argv(self, start: str) -> list[str]:
+    def _argv(self, start: str, port: int) -> list[str]:
         epoch = int(self.state["epoch"])  # type: ignore[call-overload]
         keep = [a for a in self.argv if not a.startswith(("start=", "epoch="))]
+        if "-p" in keep:  # serve's argv: nbdkit ... -p PORT ...
+            keep[keep.index("-p") + 1] = str(port)
         return [*keep, f"start={start}", f"epoch={epoch}"]
 
+    def _env(self) -> dict[str, str]:
+        return {**self.env, "NETSWAP_SUPERVISOR_STATE": self.state_path}
+
     def start_child(self, start: str) -> None:
-        env = {**self.env, "NETSWAP_SUPERVISOR_STATE": self.state_path}
         with overcommit_for_nbdkit():
-            self.child = Child.spawn(self._argv(start), env, self.log_path)
+            self.child = Child.spawn(self._argv(start, self.port), self._env(), self.log_path)
             self.state["serve_pid"] = self.child.pid
+            self.state["port"] = self.port
             self.save()  # before the device connects: attach returns once it has
             self.wait_answering()
+
+    # -- the spare -----------------------------------------------------------------
+    def start_spare(self) -> None:
+        self.spare_due = 0.0
+        if len(self.ports) < 2 or not self.argv or self.spare is not None:
+            return
+        port = self.ports[1] if self.port == self.ports[0] else self.ports[0]
+        try:
+            with overcommit_for_nbdkit():
+                self.spare = Spare.spawn(self._argv("rebuild", port), self._env(),
+                                         self.log_path, port)  # fmt: skip
+        except OSError as exc:
+            log(f"no spare nbdkit ({exc}); trying again in {SPARE_RETRY_S:.0f}s")
+            self.spare_due = time.monotonic() + SPARE_RETRY_S
+            return
+        self.state["standby_pid"], self.state["standby"] = self.spare.child.pid, "starting"
+        self.save()
+
+    def spare_heard(self) -> None:
+        spare = self.spare
+        assert spare is not None
+        if spare.heard() and spare.child.alive():
+            if spare.ready and self.state.get("standby") != "ready":
+                self.state["standby"] = "ready"
+                self.save()
+                log(f"spare nbdkit {spare.child.pid} ready on port {spare.port}")
+            return
+        log(f"the spare nbdkit died before serving (its log: {self.log_path}); another in "
+            f"{SPARE_RETRY_S:.0f}s")  # fmt: skip
+        self.drop_spare()
+        self.spare_due = time.monotonic() + SPARE_RETRY_S
+
+    def drop_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.discard()
+            self.spare = None
+        self.state.pop("standby_pid", None)
+        self.state["standby"] = "none"
+
+    def spare_in_time(self, deadline: float) -> Spare | None:
+        """The spare, once ready (waiting for it up to `deadline`), or None."""
+        spare = self.spare
+        while spare is not None and not spare.ready and time.monotonic() < deadline:
+            ready, _, _ = select.select([spare], [], [], max(0.0, deadline - time.monotonic()))
+            if ready:
+                self.spare_heard()
+                spare = self.spare
+        return spare if spare is not None and spare.ready else None
 
     def adopt(self) -> bool:
         """A supervisor restarted while nbdkit lives on: watch the one already running."""
@@ -196,7 +259,13 @@ class Supervisor:
             watched = [events, self._wake_read]
             if self.child is not None:
                 watched.append(self.child.pidfd)
-            ready, _, _ = select.select(watched, [], [])
+            spare = self.spare
+            if spare is not None:
+                watched += [spare.fileno(), spare.child.pidfd]
+            wait = max(0.0, self.spare_due - time.monotonic()) if self.spare_due else None
+            ready, _, _ = select.select(watched, [], [], wait)
+            if self.spare_due and time.monotonic() >= self.spare_due:
+                self.start_spare()
             if self._wake_read in ready:
                 os.read(self._wake_read, 64)
             for signum in self._drain_signals():
@@ -204,6 +273,12 @@ class Supervisor:
                     return self.stop()
                 if self.child is not None:
                     self.restart("a restart was asked for (netswap restart)", graceful=True)
+            if (
+                spare is not None
+                and spare is self.spare
+                and (spare.fileno() in ready or spare.child.pidfd in ready)
+            ):
+                self.spare_heard()
             if events in ready:
                 dead = [i for cmd, i in self.netlink.events()
                         if cmd == NBD_CMD_LINK_DEAD and i == self.index]  # fmt: skip
@@ -242,15 +317,53 @@ class Supervisor:
         log(f"the connection to nbd://{self.host}:{self.port} died; a new one in {outage:.2f}s")
 
     def restart(self, why: str, graceful: bool) -> None:
-        began = time.monotonic()
+        """A new nbdkit serves: the spare if there is one (for an upgrade, a spare of the
+        installed version, ready before the old one stops), else a cold start."""
         old = self.child
         assert old is not None
-        log(f"{why}: starting a new nbdkit that rebuilds the area from the stores")
         if graceful:
+            self.drop_spare()
+            self.start_spare()
+            self.spare_in_time(time.monotonic() + START_S)
             old.stop()
+        began = time.monotonic()
         old.close()
+        self.child = None
         self.state["epoch"] = int(self.state["epoch"]) + 1  # type: ignore[call-overload]
         self.save()  # the epoch first: a supervisor dying now must not reuse it
+        spare = self.spare_in_time(time.monotonic() + START_S)
+        if not (spare is not None and self.take_over(spare, why, began)):
+            self.cold_start(why, began)
+        outage = time.monotonic() - began
+        self.state["restarts"] = int(self.state["restarts"]) + 1  # type: ignore[call-overload]
+        self.state["last_outage_s"] = round(outage, 3)
+        self.state["last_reason"] = why
+        self.save()
+        log(f"serving again after {outage:.2f}s (restart {self.state['restarts']}, epoch "
+            f"{self.state['epoch']}, port {self.port})")  # fmt: skip
+        self.spare_due = time.monotonic() + SPARE_DELAY_S
+
+    def take_over(self, spare: Spare, why: str, began: float) -> bool:
+        log(f"{why}: spare nbdkit {spare.child.pid} takes over on port {spare.port}")
+        self.spare = None
+        self.child, self.port = spare.child, spare.port
+        self.state.update(serve_pid=spare.child.pid, port=spare.port, standby="none")
+        self.state.pop("standby_pid", None)
+        self.save()
+        try:
+            spare.go(int(self.state["epoch"]))  # type: ignore[call-overload]
+            held = time.monotonic() - began
+            self.reconnect_device(max(START_S, self.dead_conn_timeout - held))
+        except (OSError, HandshakeError, NetlinkError) as exc:
+            log(f"the spare did not serve ({exc}): a cold start instead")
+            spare.child.stop()
+            self.child = None
+            return False
+        return True
+
+    def cold_start(self, why: str, began: float) -> None:
+        log(f"{why}: starting a new nbdkit that rebuilds the area from the stores")
+        self.drop_spare()  # one not ready holds memory and the other port
         while True:
             try:
                 self.start_child("rebuild")
@@ -258,7 +371,7 @@ class Supervisor:
                 # holds the IO, and at least START_S.
                 held = time.monotonic() - began
                 self.reconnect_device(max(START_S, self.dead_conn_timeout - held))
-                break
+                return
             except (RuntimeError, OSError, HandshakeError, NetlinkError) as exc:
                 held = time.monotonic() - began
                 if held > self.dead_conn_timeout:
@@ -270,13 +383,6 @@ class Supervisor:
                 if self.child is not None and self.child.alive():
                     self.child.stop()
                 time.sleep(1.0)
-        outage = time.monotonic() - began
-        self.state["restarts"] = int(self.state["restarts"]) + 1  # type: ignore[call-overload]
-        self.state["last_outage_s"] = round(outage, 3)
-        self.state["last_reason"] = why
-        self.save()
-        log(f"serving again after {outage:.2f}s (restart {self.state['restarts']}, epoch "
-            f"{self.state['epoch']})")  # fmt: skip
 
     def stop(self) -> int:
         log("stopping: disconnecting the device and nbdkit")
@@ -284,6 +390,7 @@ class Supervisor:
             self.netlink.disconnect(self.index)
         if self.child is not None:
             self.child.stop()
+        self.drop_spare()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.state_path)
         return 0
@@ -312,12 +419,13 @@ class Options:
     each option through its help formatter, which imports shutil, bz2 and lzma (2 MiB)."""
 
     __slots__ = ("adopt", "command", "dead_conn_timeout", "device", "export", "footprint",
-                 "io_timeout", "serve_log", "server", "state")  # fmt: skip
+                 "io_timeout", "serve_log", "server", "standby_port", "state")  # fmt: skip
 
     def __init__(self) -> None:
         self.device = self.server = self.state = self.serve_log = self.command = ""
         self.export = "swap"
         self.dead_conn_timeout, self.io_timeout = 120, 0
+        self.standby_port = 0  # the spare's port; 0: no spare
         self.adopt = self.footprint = False  # --adopt: watch the nbdkit already running
 
 
@@ -340,9 +448,10 @@ def parse_args(argv: list[str]) -> Options:
         if value is None:
             raise UsageError(f"{arg} needs a value")
         try:
-            setattr(opts, name, int(value) if name.endswith("timeout") else value)
+            number = name.endswith(("timeout", "port"))
+            setattr(opts, name, int(value) if number else value)
         except ValueError:
-            raise UsageError(f"{arg} takes seconds, not {value!r}") from None
+            raise UsageError(f"{arg} takes a number, not {value!r}") from None
     missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if not getattr(opts, n)]
     if missing and not opts.footprint:
         raise UsageError(f"missing {', '.join(missing)}")
@@ -373,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 supervisor.start_child("fresh")
             supervisor.save()  # whoever sees the device connected finds the state
             supervisor.connect_device()
+        supervisor.start_spare()
         lock()
         what = f"nbdkit {supervisor.state['serve_pid']}" if supervisor.argv else "the link"
         log(f"watching {what} for {args.device}; resident {resident_kib() / 1024:.1f} MiB")
