@@ -185,3 +185,22 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
             assert "50 pages proven" in log.read_text()
         finally:
             spare.discard()
+
+
+def test_the_supervisor_reads_the_command_line_attach_writes() -> None:
+    from netswap.client.cli import build_parser
+    from netswap.client.nbd.attach import supervisor_options
+    from netswap.client.supervise.options import UsageError, parse_args
+
+    args = build_parser().parse_args(["attach", "--device", "/dev/nbd3"])
+    opts = parse_args(supervisor_options(args, "127.0.0.1", 10809, Path("/run/cmd.json")))
+    assert (opts.device, opts.export, opts.command) == ("/dev/nbd3", "swap", "/run/cmd.json")
+    assert (opts.dead_conn_timeout, opts.io_timeout, opts.standby_port) == (120, 0, 10810)
+    args = build_parser().parse_args(["attach", "--no-standby", "--no-serve"])
+    opts = parse_args(supervisor_options(args, "127.0.0.1", 10809, None))
+    assert (opts.command, opts.standby_port) == ("", 0)
+    bad_lines = (["--device"], "needs a value"), (["--bogus", "1"], "unknown option")
+    bad_lines += (["--io-timeout", "x"], "takes a number"), ([], "missing --device")
+    for bad, why in bad_lines:
+        with pytest.raises(UsageError, match=why):
+            parse_args(bad)

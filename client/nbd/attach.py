@@ -255,23 +255,33 @@ def supervisor_env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONMALLOC": "malloc"}
 
 
+def supervisor_options(args: argparse.Namespace, host: str, port: int,
+                       command: Path | None) -> list[str]:  # fmt: skip
+    """The supervisor's command line (supervise/options.py reads it); with `command` (serve's
+    nbdkit argv) it starts and restarts nbdkit itself, without it it only watches the link."""
+    device = args.device
+    opts = ["--device", device, "--server", f"{host}:{port}", "--export", args.export,
+            "--dead-conn-timeout", str(args.dead_conn_timeout),
+            "--io-timeout", str(args.io_timeout), "--state", str(supervisor_state(device)),
+            "--serve-log", str(serve_log(device))]  # fmt: skip
+    if command is not None:
+        opts += ["--command", str(command)]
+        if not args.no_standby:  # the spare listens on the next port; the two alternate
+            opts += ["--standby-port", str(port + 1)]
+    return opts
+
+
 def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
     """Start the supervisor, detached; return once the device is connected (its pid)."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     device = args.device
-    cmd = [*supervisor_argv(), "--device", device, "--server", f"{host}:{port}",
-           "--export", args.export,
-           "--dead-conn-timeout", str(args.dead_conn_timeout),
-           "--io-timeout", str(args.io_timeout), "--state", str(supervisor_state(device)),
-           "--serve-log", str(serve_log(device))]  # fmt: skip
+    command: Path | None = None
     if not answers(host, port):
         if args.no_serve:
             raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
         command = STATE_DIR / f"serve-{Path(device).name}.json"
         command.write_text(serve_command(host, port, args.serve_args))
-        cmd += ["--command", str(command)]
-        if not args.no_standby:  # the spare listens on the next port; the two alternate
-            cmd += ["--standby-port", str(port + 1)]
+    cmd = [*supervisor_argv(), *supervisor_options(args, host, port, command)]
     log = supervisor_log(device)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,

@@ -46,9 +46,10 @@ import time
 
 from .child import Child
 from .handshake import HandshakeError
-from .handshake import connect as nbd_connect
-from .knobs import log, overcommit_for_nbdkit, set_requeue_period
-from .netlink import NBD_CMD_LINK_DEAD, Netlink, NetlinkError, device_index
+from .knobs import log, overcommit_for_nbdkit
+from .link import Link
+from .netlink import NetlinkError
+from .options import Options, UsageError, host_port, parse_args
 from .protect import (
     MCL_CURRENT,
     MCL_FUTURE,
@@ -79,22 +80,11 @@ SPARE_RETRY_S = 30.0
 NOT_INHERITED = ("PYTHONMALLOC",)
 
 
-def host_port(server: str) -> tuple[str, int]:
-    """HOST:PORT (PORT 10809 when absent; [v6]:PORT), without netswap's own parser."""
-    host, sep, port = server.rpartition(":")
-    if not sep or "]" in port:
-        host, port = server, "10809"
-    return host.strip("[]"), int(port)
-
-
 class Supervisor:
     def __init__(self, args: Options) -> None:
         self.device = args.device
-        self.index = device_index(args.device)
         self.host, self.port = host_port(args.server)
-        self.export = args.export
         self.dead_conn_timeout = args.dead_conn_timeout
-        self.io_timeout = args.io_timeout
         self.state_path: str = args.state
         self.log_path: str = args.serve_log
         self.argv: list[str] = []
@@ -113,7 +103,8 @@ class Supervisor:
         self.ports = (self.port, args.standby_port) if args.standby_port else (self.port,)
         self.spare: Spare | None = None
         self.spare_due = 0.0  # monotonic time the next spare starts (0: none planned)
-        self.netlink = Netlink()
+        self.link = Link(args.device, self.host, args.export, args.dead_conn_timeout,
+                         args.io_timeout)  # fmt: skip
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self._signals: list[int] = []
@@ -225,19 +216,10 @@ class Supervisor:
 
     # -- the kernel ----------------------------------------------------------------
     def connect_device(self) -> None:
-        sock, export = nbd_connect(self.host, self.port, self.export, START_S)
-        with sock:
-            self.netlink.connect(self.index, sock, export.size, 4096, export.flags,
-                                 self.io_timeout, self.dead_conn_timeout)  # fmt: skip
-        set_requeue_period(self.device)
-        log(f"{self.device} connected to nbd://{self.host}:{self.port}/{self.export} "
-            f"(dead-connection timeout {self.dead_conn_timeout}s, io timeout "
-            f"{self.io_timeout or 'none'})")  # fmt: skip
+        self.link.connect(self.port, START_S)
 
     def reconnect_device(self, patience: float = START_S) -> None:
-        sock, _ = nbd_connect(self.host, self.port, self.export, patience)
-        with sock:
-            self.netlink.reconfigure(self.index, sock)
+        self.link.reconfigure(self.port, patience)
 
     # -- the watch -----------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -249,13 +231,13 @@ class Supervisor:
         """Watch until told to stop. Without a child (attach --no-serve: the server is
         someone else's, e.g. systemd's netswap-agent.service with Restart=), a dead
         link is only reconnected, as soon as the server answers again."""
-        self.netlink.subscribe()
+        self.link.subscribe()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         self.state["watching"] = True
         self.save()
         while True:
-            events = self.netlink.fileno()
+            events = self.link.fileno()
             watched = [events, self._wake_read]
             if self.child is not None:
                 watched.append(self.child.pidfd)
@@ -279,11 +261,9 @@ class Supervisor:
                 and (spare.fileno() in ready or spare.child.pidfd in ready)
             ):
                 self.spare_heard()
-            if events in ready:
-                dead = [i for cmd, i in self.netlink.events()
-                        if cmd == NBD_CMD_LINK_DEAD and i == self.index]  # fmt: skip
-                if dead and (self.child is None or self.child.alive()):
-                    self.relink()
+            alive = self.child is None or self.child.alive()
+            if events in ready and self.link.died() and alive:
+                self.relink()
             if self.child is not None and not self.child.alive():
                 self.restart("nbdkit died", graceful=False)
 
@@ -386,8 +366,7 @@ class Supervisor:
 
     def stop(self) -> int:
         log("stopping: disconnecting the device and nbdkit")
-        with contextlib.suppress(NetlinkError):
-            self.netlink.disconnect(self.index)
+        self.link.disconnect()
         if self.child is not None:
             self.child.stop()
         self.drop_spare()
@@ -412,54 +391,6 @@ def lock() -> None:
     if rss > RESIDENT_BOUND_KIB:
         log(f"resident {rss / 1024:.1f} MiB, above the {RESIDENT_BOUND_KIB // 1024} MiB it "
             "should hold")  # fmt: skip
-
-
-class Options:
-    """What attach passes (attach.start_supervisor). Parsed by hand: argparse checks
-    each option through its help formatter, which imports shutil, bz2 and lzma (2 MiB)."""
-
-    __slots__ = ("adopt", "command", "dead_conn_timeout", "device", "export", "footprint",
-                 "io_timeout", "serve_log", "server", "standby_port", "state")  # fmt: skip
-
-    def __init__(self) -> None:
-        self.device = self.server = self.state = self.serve_log = self.command = ""
-        self.export = "swap"
-        self.dead_conn_timeout, self.io_timeout = 120, 0
-        self.standby_port = 0  # the spare's port; 0: no spare
-        self.adopt = self.footprint = False  # --adopt: watch the nbdkit already running
-
-
-FLAGS = ("adopt", "footprint")
-REQUIRED = ("device", "server", "state", "serve_log")
-
-
-def parse_args(argv: list[str]) -> Options:
-    """--name value pairs and the two flags; anything else is a UsageError."""
-    opts = Options()
-    given = iter(argv)
-    for arg in given:
-        name = arg[2:].replace("-", "_")
-        if not arg.startswith("--") or name not in Options.__slots__:
-            raise UsageError(f"unknown option {arg!r}")
-        if name in FLAGS:
-            setattr(opts, name, True)
-            continue
-        value = next(given, None)
-        if value is None:
-            raise UsageError(f"{arg} needs a value")
-        try:
-            number = name.endswith(("timeout", "port"))
-            setattr(opts, name, int(value) if number else value)
-        except ValueError:
-            raise UsageError(f"{arg} takes a number, not {value!r}") from None
-    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if not getattr(opts, n)]
-    if missing and not opts.footprint:
-        raise UsageError(f"missing {', '.join(missing)}")
-    return opts
-
-
-class UsageError(ValueError):
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:
