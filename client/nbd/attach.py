@@ -51,8 +51,9 @@ MIN_FREE_KBYTES_FLOOR = 16384
 # store that takes a while to answer; the value userspace block servers commonly use.
 DEAD_CONN_TIMEOUT_S = 120
 # How long serve may take to answer: nbdkit, the plugin and the agent's first connection
-# to each store. About 3 s on this machine; a starved host or a TCG guest is slower.
-SERVE_START_S = 60
+# to each store, then the spare's start. About 3 s each on this machine; a starved host or
+# a TCG guest is slower.
+SERVE_START_S = 120
 STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
 WATERMARK_SCALE = Path("/proc/sys/vm/watermark_scale_factor")

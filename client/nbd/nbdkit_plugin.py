@@ -40,6 +40,14 @@ from netswap.client.nbd.standby import StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
 from netswap.server.heap import tune_heap  # noqa: E402
 
+# A supervisor's spare loads while the host may be swapping hard: what it touches from
+# here on is locked at once, or a page of it swapped out before after_fork could need
+# the very device whose server it is to replace (seen: a spare stuck in swap_readpage
+# when the one serving died). serve's --print-command asks for it; after_fork locks
+# again (locks do not cross a fork into the background).
+if os.environ.get("NETSWAP_LOCK_AT_LOAD") == "1":
+    print(f"netswap plugin: at load: {lock_memory()}", file=sys.stderr, flush=True)
+
 API_VERSION = 2
 T = TypeVar("T")
 

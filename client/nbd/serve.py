@@ -124,6 +124,10 @@ def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) 
     return [*cmd, "python", str(PLUGIN), *serve_params(args)]
 
 
+# The plugin locks its memory as it loads, not only in after_fork (nbdkit_plugin.py).
+LOCK_AT_LOAD = "NETSWAP_LOCK_AT_LOAD"
+
+
 def plugin_env() -> dict[str, str]:
     """nbdkit embeds /usr/bin/python3: point it at this venv's site-packages."""
     site = sysconfig.get_paths()["purelib"]
@@ -156,8 +160,10 @@ def run(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     if args.print_command:
-        site = plugin_env()["NETSWAP_SITE"]
-        print(json.dumps({"argv": cmd, "env": {"NETSWAP_SITE": site}}))
+        env = {"NETSWAP_SITE": plugin_env()["NETSWAP_SITE"]}
+        if config.mlock != "off":  # a supervisor's spare loads while the host may swap
+            env[LOCK_AT_LOAD] = "1"
+        print(json.dumps({"argv": cmd, "env": env}))
         return 0
     check_port_free(host, port)
     for outcome in harden_for_swap(io_flusher=not args.no_io_flusher):

@@ -45,21 +45,43 @@ def _read(path: str) -> str:
         return ""
 
 
-@contextlib.contextmanager
-def overcommit_for_nbdkit() -> Iterator[None]:
+class Overcommit:
     """nbdkit's .bss fails the heuristic overcommit check on a host whose RAM and swap
-    are smaller; for its start only, overcommit is allowed (it never touches them)."""
-    total = sum(int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
-                if line.startswith(("MemTotal:", "SwapTotal:")))  # fmt: skip
-    if _read(OVERCOMMIT).strip() != "0" or total > NBDKIT_BSS_KIB:
-        yield
-        return
-    with open(OVERCOMMIT, "w") as f:
-        f.write("1\n")
-    log(f"RAM + swap ({total // 1024} MiB) is below nbdkit's .bss: overcommit allowed for "
-        "its start")  # fmt: skip
-    try:
-        yield
-    finally:
+    are smaller; while an nbdkit starts, overcommit is allowed (it never touches those
+    pages). Held by count: the one serving and a spare may start together."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self.changed = False
+
+    def allow(self) -> None:
+        self.holders += 1
+        if self.holders > 1:
+            return
+        total = sum(int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
+                    if line.startswith(("MemTotal:", "SwapTotal:")))  # fmt: skip
+        if _read(OVERCOMMIT).strip() != "0" or total > NBDKIT_BSS_KIB:
+            return
         with open(OVERCOMMIT, "w") as f:
-            f.write("0\n")
+            f.write("1\n")
+        self.changed = True
+        log(f"RAM + swap ({total // 1024} MiB) is below nbdkit's .bss: overcommit allowed "
+            "while nbdkit starts")  # fmt: skip
+
+    def restore(self) -> None:
+        self.holders = max(0, self.holders - 1)
+        if self.holders == 0 and self.changed:
+            with open(OVERCOMMIT, "w") as f:
+                f.write("0\n")
+            self.changed = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.allow()
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+OVERCOMMIT_FOR_NBDKIT = Overcommit()

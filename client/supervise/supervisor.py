@@ -46,7 +46,7 @@ import time
 
 from .child import Child
 from .handshake import HandshakeError
-from .knobs import log, overcommit_for_nbdkit
+from .knobs import OVERCOMMIT_FOR_NBDKIT, log
 from .link import Link
 from .netlink import NetlinkError
 from .options import Options, UsageError, host_port, parse_args
@@ -137,7 +137,7 @@ class Supervisor:
         return {**self.env, "NETSWAP_SUPERVISOR_STATE": self.state_path}
 
     def start_child(self, start: str) -> None:
-        with overcommit_for_nbdkit():
+        with OVERCOMMIT_FOR_NBDKIT.held():
             self.child = Child.spawn(self._argv(start, self.port), self._env(), self.log_path)
             self.state["serve_pid"] = self.child.pid
             self.state["port"] = self.port
@@ -150,11 +150,12 @@ class Supervisor:
         if len(self.ports) < 2 or not self.argv or self.spare is not None:
             return
         port = self.ports[1] if self.port == self.ports[0] else self.ports[0]
+        OVERCOMMIT_FOR_NBDKIT.allow()  # until it is ready or gone (drop_spare)
         try:
-            with overcommit_for_nbdkit():
-                self.spare = Spare.spawn(self._argv("rebuild", port), self._env(),
-                                         self.log_path, port)  # fmt: skip
+            self.spare = Spare.spawn(self._argv("rebuild", port), self._env(), self.log_path,
+                                     port)  # fmt: skip
         except OSError as exc:
+            OVERCOMMIT_FOR_NBDKIT.restore()
             log(f"no spare nbdkit ({exc}); trying again in {SPARE_RETRY_S:.0f}s")
             self.spare_due = time.monotonic() + SPARE_RETRY_S
             return
@@ -166,6 +167,7 @@ class Supervisor:
         assert spare is not None
         if spare.heard() and spare.child.alive():
             if spare.ready and self.state.get("standby") != "ready":
+                OVERCOMMIT_FOR_NBDKIT.restore()
                 self.state["standby"] = "ready"
                 self.save()
                 log(f"spare nbdkit {spare.child.pid} ready on port {spare.port}")
@@ -177,6 +179,8 @@ class Supervisor:
 
     def drop_spare(self) -> None:
         if self.spare is not None:
+            if not self.spare.ready:
+                OVERCOMMIT_FOR_NBDKIT.restore()
             self.spare.discard()
             self.spare = None
         self.state.pop("standby_pid", None)
@@ -311,7 +315,8 @@ class Supervisor:
         self.child = None
         self.state["epoch"] = int(self.state["epoch"]) + 1  # type: ignore[call-overload]
         self.save()  # the epoch first: a supervisor dying now must not reuse it
-        spare = self.spare_in_time(time.monotonic() + START_S)
+        # A spare not ready now may be stuck on the very IO the kernel holds: not waited for.
+        spare = self.spare_in_time(time.monotonic())
         if not (spare is not None and self.take_over(spare, why, began)):
             self.cold_start(why, began)
         outage = time.monotonic() - began
@@ -412,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             if supervisor.argv:
                 supervisor.start_child("fresh")
             supervisor.save()  # whoever sees the device connected finds the state
+            supervisor.start_spare()  # loads and locks before any swap: none yet
+            supervisor.spare_in_time(time.monotonic() + START_S)
             supervisor.connect_device()
-        supervisor.start_spare()
+        if supervisor.spare is None:
+            supervisor.start_spare()
         lock()
         what = f"nbdkit {supervisor.state['serve_pid']}" if supervisor.argv else "the link"
         log(f"watching {what} for {args.device}; resident {resident_kib() / 1024:.1f} MiB")
