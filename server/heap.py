@@ -25,7 +25,7 @@ import ctypes.util
 
 from netswap.protocol import MAX_FRAME_SIZE
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # <malloc.h>
 # Every frame (at most MAX_FRAME_SIZE, 1.06 MiB) comes from the heap: twice it.
 MMAP_THRESHOLD = 2 * MAX_FRAME_SIZE
 # Free memory at the heap's top kept for reuse: a store's or an agent's frames in
@@ -44,3 +44,27 @@ def tune_heap() -> bool:
     return bool(
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+# A cushion is grown in blocks below the mmap threshold, so that they come from the heap.
+CUSHION_BLOCK = 1024 * 1024
+
+
+def grow_cushion(size: int) -> bool:
+    """Make the heap `size` bytes larger, touch it and free it again, kept: a process
+    whose memory is locked as it is touched (mlockall MCL_ONFAULT) then serves its next
+    `size` bytes of malloc from pages it already holds. For a standby nbdkit, which takes
+    over while the host has no memory to give (client/nbd/standby.py). One arena for
+    every thread (a thread's own arena would not see the cushion), and a trim threshold
+    above it (glibc would hand it back). With PYTHONMALLOC=malloc, Python's small objects
+    come from it too."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    if not (mallopt(M_ARENA_MAX, 1) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD + size)):
+        return False
+    blocks = [bytearray(CUSHION_BLOCK) for _ in range(size // CUSHION_BLOCK)]  # zeroed: touched
+    del blocks
+    return True

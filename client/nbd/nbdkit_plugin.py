@@ -36,9 +36,9 @@ import nbdkit  # noqa: E402
 from netswap.client.device import BlockDevice  # noqa: E402
 from netswap.client.hardening import lock_memory  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
-from netswap.client.nbd.standby import StandbyError, wait_for_go  # noqa: E402
+from netswap.client.nbd.standby import CUSHION, StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
-from netswap.server.heap import tune_heap  # noqa: E402
+from netswap.server.heap import grow_cushion, tune_heap  # noqa: E402
 
 # A supervisor's spare loads while the host may be swapping hard: what it touches from
 # here on is locked at once, or a page of it swapped out before after_fork could need
@@ -114,7 +114,9 @@ def after_fork() -> None:
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
     _device = _config.build_device()
     if _config.standby:  # the supervisor's spare: built and locked, serving only when told
-        print("netswap plugin: standby, ready", file=sys.stderr, flush=True)
+        cushion = grow_cushion(CUSHION)
+        print(f"netswap plugin: standby, ready (a {CUSHION >> 20} MiB heap cushion: "
+              f"{'grown' if cushion else 'NOT grown'})", file=sys.stderr, flush=True)  # fmt: skip
         _device.take_over(wait_for_go(_config.standby))
     began = time.monotonic()
     _device.start()  # a restarted agent rebuilds here: the supervisor's outage includes it

@@ -8,13 +8,21 @@ real-time task only a quarter of the reserve). The standby builds the device
 (reserve populated and locked, slot map, tables), says `ready` on the socket
 the supervisor handed it, and blocks in after_fork -- nbdkit listens but does
 not answer -- until `go EPOCH`: then the agent rebuilds the area from the
-stores under that epoch and nbdkit serves.
+stores under that epoch and nbdkit serves. What the takeover allocates comes from
+a cushion the spare grew and locked in advance (CUSHION): the supervisor starts it
+with PYTHONMALLOC=malloc, so that Python's objects come from that heap too.
 """
 
 from __future__ import annotations
 
 import socket
 
+# The memory a takeover needs, grown into the heap and locked while the host is calm
+# (server/heap.grow_cushion): measured on this machine, a spare grew by 12 MiB from
+# ready to serving a 768 MiB area (the rebuild, the loop, the store connections) and by
+# 19 MiB more over its first IO in 1 MiB requests; the guest's, in swap's 128 KiB
+# requests, by about 8 MiB in all.
+CUSHION = 24 * 1024 * 1024
 # "go " and an epoch (at most 2^32, ten digits), a newline: a longer line is not ours.
 MAX_LINE = 32
 

@@ -152,8 +152,8 @@ class Supervisor:
         port = self.ports[1] if self.port == self.ports[0] else self.ports[0]
         OVERCOMMIT_FOR_NBDKIT.allow()  # until it is ready or gone (drop_spare)
         try:
-            self.spare = Spare.spawn(self._argv("rebuild", port), self._env(), self.log_path,
-                                     port)  # fmt: skip
+            env = {**self._env(), "PYTHONMALLOC": "malloc"}  # its cushion serves every object
+            self.spare = Spare.spawn(self._argv("rebuild", port), env, self.log_path, port)
         except OSError as exc:
             OVERCOMMIT_FOR_NBDKIT.restore()
             log(f"no spare nbdkit ({exc}); trying again in {SPARE_RETRY_S:.0f}s")
