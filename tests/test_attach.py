@@ -36,7 +36,11 @@ def as_nobody(*args: str) -> tuple[int, str]:
 
 def netswap(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [NETSWAP, *args]
-    env = {**os.environ, "NETSWAP_STATE_DIR": "/tmp/netswap-test-state"}
+    env = {
+        **os.environ,
+        "NETSWAP_STATE_DIR": "/tmp/netswap-test-state",
+        "NETSWAP_LOG_DIR": "/tmp/netswap-test-state",
+    }
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
 
 

@@ -13,17 +13,19 @@ it is copied into the job that asked for it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from array import array
 from typing import Protocol
 
-from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Pages, StoreError
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, SEAL_SIZE, Pages, StoreError
 from netswap.protocol.runs import runs_of
 
 from ..rpc import check_pages
 from .jobs import ReadEntry, WriteJob
 from .policy import Decision
 from .reserve import Reserve
+from .seal import Sealer
 from .slots import SlotMap
 from .stores import Store
 
@@ -40,6 +42,7 @@ class BatchListener(Protocol):
     area_seed: int
     reserve: Reserve
     slot_map: SlotMap
+    sealer: Sealer | None  # the area's pages are encrypted (seal.py)
 
     def decide(self) -> Decision: ...
     def count_decision(self, reason: str, queued: int) -> None: ...
@@ -47,6 +50,7 @@ class BatchListener(Protocol):
     def writes_done(self, store: Store, batch: list[WriteRun], error: int) -> None: ...
     def reads_failed(self, store: Store, batch: list[ReadEntry], error: int) -> None: ...
     def read_page_done(self, entry: ReadEntry, error: int) -> None: ...
+    def count_unopened(self, slot: int) -> None: ...
 
 
 class Batches:
@@ -141,9 +145,11 @@ class Batches:
             runs: tuple[range, ...] = (range(job.first + start, job.first + end),)
             tags, gens = job.tags[start:end], job.generations[start:end]
             data = [views[b] for b in job.bufs[start:end]]
+            seals = job.seals[start * SEAL_SIZE : end * SEAL_SIZE] if job.seals else None
         else:
             spans: list[range] = []
             tags, gens, data = array("I"), array("Q"), []
+            seals = bytearray() if listener.sealer is not None else None
             for job, start, count in batch:
                 end = start + count
                 first = job.first + start
@@ -154,6 +160,8 @@ class Batches:
                 tags.extend(job.tags[start:end])
                 gens.extend(job.generations[start:end])
                 data.extend([views[b] for b in job.bufs[start:end]])
+                if seals is not None and job.seals is not None:
+                    seals += job.seals[start * SEAL_SIZE : end * SEAL_SIZE]
             runs = tuple(spans)
         began = time.perf_counter()
 
@@ -165,7 +173,7 @@ class Batches:
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_out(runs, data, tags, gens, None, done)  # the views, not a copy
+        client.start_swap_out(runs, data, tags, gens, seals, done)  # the views, not a copy
 
     def _swap_in(self, batch: list[ReadEntry]) -> None:
         client, listener = self.store.client, self.listener
@@ -189,15 +197,30 @@ class Batches:
             else:
                 assert isinstance(reply, Pages)
                 listener.observe_batch("in", len(batch), time.perf_counter() - began)
-                view = reply.data
-                for i, entry in enumerate(batch):
-                    at = entry.index * PAGE_SIZE
-                    entry.job.out[at : at + PAGE_SIZE] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                    listener.read_page_done(entry, 0)
+                self._deliver(reply, batch, slots)
             self._batch_done()
 
         self.inflight += 1
-        client.start_swap_in(runs, False, done)
+        client.start_swap_in(runs, listener.sealer is not None, done)
+
+    def _deliver(self, reply: Pages, batch: list[ReadEntry], slots: array[int]) -> None:
+        """Each page to its job's buffer, opened where the area is sealed: one that does
+        not open (tampered, or the key gone) is that slot's EIO alone."""
+        listener, view, sealer = self.listener, memoryview(reply.data), self.listener.sealer
+        seals = memoryview(reply.seals) if reply.seals is not None else None
+        for i, entry in enumerate(batch):
+            at = entry.index * PAGE_SIZE
+            page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            out = memoryview(entry.job.out)[at : at + PAGE_SIZE]
+            if sealer is None:
+                out[:] = page
+            elif seals is None or not sealer.open(out, page,
+                                                  seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE],
+                                                  slots[i], reply.generations[i]):  # fmt: skip
+                listener.count_unopened(slots[i])
+                listener.read_page_done(entry, errno.EIO)
+                continue
+            listener.read_page_done(entry, 0)
 
     def _outcome(self, client: object, failure: Exception | None) -> int:
         """0 ok, the store's errno, or -1 when the store is unreachable (now marked down)."""

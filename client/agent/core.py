@@ -40,12 +40,14 @@ from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 from ..rpc import BlockingClient, StoreClient
 from .batches import Batches, WriteRun
 from .jobs import ControlJob, ReadEntry
+from .keys import AreaKey
 from .placement import SlabTable
 from .policy import BatchPolicy, Decision
 from .rebuild import Rebuild, Rebuilt, rebuild_log
 from .repair import Repair
 from .reserve import Reserve
 from .routing import Routing
+from .seal import Sealer
 from .slots import SlotMap
 from .stores import TRANSPORT_ERRORS, ConnectStore, OpenBlocking, Store
 
@@ -57,6 +59,8 @@ USAGE_PERIOD_S = 2.0
 # has (the kernel holds the swap device's IO meanwhile, for up to its dead-connection
 # timeout: attach's default is 120 s); a store that comes later is heard then.
 REBUILD_WAIT_S = 10.0
+# How often the agent looks whether its key is still in the keyring (one syscall).
+KEY_CHECK_S = 1.0
 
 
 class Agent:
@@ -78,10 +82,15 @@ class Agent:
         open_blocking: OpenBlocking = BlockingClient.open,
         rebuild: bool = False,
         epoch: int = 0,
+        key: AreaKey | None = None,
     ) -> None:
         self.area, self.token, self.slots = area, token, slots
         self.rebuild = rebuild  # a restart: rebuild the area from the stores, never release it
-        self.min_epoch = epoch  # the supervisor's: this agent's epoch goes above it
+        # The area's key (keys.py) and its cipher (seal.py); None: pages go in plaintext.
+        self.key = key
+        self.sealer = Sealer(key.material, area) if key is not None else None
+        # Above the supervisor's and every epoch an agent wrote under this key (the nonces)
+        self.min_epoch = max(epoch, key.last_epoch() if key is not None and rebuild else 0)
         self.rebuilt: Rebuilt | None = None
         self.area_seed = area_seed(area)  # the area identity in every page's tag
         self.reserve = reserve
@@ -97,7 +106,8 @@ class Agent:
         self.routing = Routing(self.table, self.slot_map, self.stores, self.batches, quorum,
                                self.counters)  # fmt: skip
         self.repair = Repair(self.table, self.slot_map, self.stores, self.routing,
-                             self.counters, io_timeout, self.area_seed)  # fmt: skip
+                             self.counters, io_timeout, self.area_seed,
+                             self.sealer is not None)  # fmt: skip
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Future[Any]] = set()
         self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
@@ -138,6 +148,9 @@ class Agent:
             await self._rebuild()
         else:
             await asyncio.gather(*(self._first_connect(store) for store in self.stores))
+        if self.key is not None:  # before any write: the next agent's epoch goes above it
+            self.key.record_epoch(self.slot_map.epoch)
+            self._background(self._watch_key(self.key))
         for coro in (self._sample_pressure(), self._refresh_usage(), self.repair.run()):
             self._background(coro)
         for store in self.stores:
@@ -171,7 +184,7 @@ class Agent:
         await asyncio.gather(*(reach(store) for store in self.stores))
         reachable = [store for store in self.stores if store.up]
         rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
-                          self.counters)  # fmt: skip
+                          self.counters, self.sealer is not None)  # fmt: skip
         self.rebuilt = await rebuild.run(reachable, lost, self.min_epoch)
         self.counters["rebuilds"] += 1
         log.warning("%s", rebuild_log(self.rebuilt))
@@ -236,7 +249,7 @@ class Agent:
         if rebuilt is not None and store.name in rebuilt.unreachable and not lost:
             rebuilt.unreachable.remove(store.name)  # what it holds may prove slots now
             rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
-                              self.counters)  # fmt: skip
+                              self.counters, self.sealer is not None)  # fmt: skip
             everyone = not rebuilt.unreachable and not rebuilt.lost
             self._background(rebuild.late(everyone, self.routing.lock))
 
@@ -271,6 +284,22 @@ class Agent:
 
     def read_page_done(self, entry: ReadEntry, error: int) -> None:
         self.routing.read_page_done(entry, error)
+
+    def count_unopened(self, slot: int) -> None:
+        """A page that proved its tag but does not open: tampered with, or the key gone."""
+        self.counters["seal_failures"] += 1
+        if self.sealer is not None and self.sealer.usable:
+            log.error("slot %d: its page does not open under the area's key: EIO", slot)
+
+    async def _watch_key(self, key: AreaKey) -> None:
+        """Detach, or an operator, may drop the key: from then on every page is EIO."""
+        while key.present():
+            await asyncio.sleep(KEY_CHECK_S)
+        log.error("the area's key is gone from the keyring: every page of %s now reads "
+                  "and writes EIO", self.area)  # fmt: skip
+        if self.sealer is not None:
+            self.sealer.drop()
+        key.forget()
 
     async def _sample_pressure(self) -> None:
         while True:

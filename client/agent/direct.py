@@ -95,8 +95,10 @@ class DirectPath:
         if client is None:
             return figures.fell_back()
         began = time.perf_counter()
+        sealer = agent.sealer
         try:
-            reply = client.call(SwapIn(client.next_id(), (slots,)), agent.io_timeout)
+            request = SwapIn(client.next_id(), (slots,), sealer is not None)
+            reply = client.call(request, agent.io_timeout)
         except DIRECT_ERRORS:
             store.lost(client)
             return figures.fell_back()
@@ -104,8 +106,15 @@ class DirectPath:
             store.give(client)
             return figures.fell_back()  # a refusal or an unproven page: the loop decides
         assert isinstance(reply, Pages)  # check_pages proved it
-        sink(memoryview(reply.data))
         store.give(client)
+        if sealer is None:
+            sink(memoryview(reply.data))
+        else:
+            seals = memoryview(reply.seals) if reply.seals is not None else None
+            plain = sealer.open_pages(memoryview(reply.data), seals, slots, reply.generations)
+            if isinstance(plain, int):
+                return figures.fell_back()  # the loop's read says EIO, for that slot
+            sink(memoryview(plain))
         figures.served(len(slots), time.perf_counter() - began)
         return True
 

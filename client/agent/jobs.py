@@ -61,7 +61,7 @@ class WriteJob:
     """
 
     __slots__ = ("acks", "bufs", "count", "counts", "direct", "done", "error", "first",
-                 "generations", "on_done", "remaining", "tags")  # fmt: skip
+                 "generations", "on_done", "remaining", "seals", "tags")  # fmt: skip
 
     def __init__(
         self,
@@ -71,10 +71,12 @@ class WriteJob:
         tags: array[int],
         generations: array[int],
         counts: array[int],
+        seals: bytearray | None = None,
     ) -> None:
         self.first = first
         self.count = count
-        self.bufs = bufs
+        self.bufs = bufs  # encrypted in place when the area is (seal.py)
+        self.seals = seals  # then each page's GCM tag, SEAL_SIZE bytes apiece
         self.tags = tags  # each page's tag: CRC32 bound to (area, slot, generation)
         self.generations = generations
         self.counts = counts

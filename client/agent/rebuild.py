@@ -76,9 +76,11 @@ class Rebuild:
         stores: list[Store],
         quorum: int,
         counters: Counter[str],
+        sealed: bool = False,
     ) -> None:
         self.table, self.slot_map, self.stores = table, slot_map, stores
         self.quorum, self.counters = quorum, counters
+        self.sealed = sealed  # merged copies carry their seals
 
     async def run(self, reachable: list[Store], lost: set[int], min_epoch: int) -> Rebuilt:
         """Rebuild from the stores in `reachable` (connected), those in `lost` having
@@ -220,7 +222,7 @@ class Rebuild:
                 continue
             for at in range(0, len(wanted), MERGE_CHUNK):
                 chunk = wanted[at : at + MERGE_CHUNK]
-                reply = await client.read_pages(chunk)
+                reply = await client.read_pages(chunk, self.sealed)
                 intact = tags_of(reply.data, client.area_seed, chunk, reply.generations)
                 gens = reply.generations
                 keep = [i for i, slot in enumerate(chunk)

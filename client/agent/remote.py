@@ -24,7 +24,7 @@ import logging
 import ssl
 import threading
 
-from netswap.protocol import PAGE_SIZE, ZERO_PAGE, StoreError, tags_of
+from netswap.protocol import PAGE_SIZE, SEAL_SIZE, ZERO_PAGE, StoreError, tags_of
 from netswap.server.units import parse_hostport
 
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
@@ -168,15 +168,23 @@ class RemoteDevice:
             bufs = reserve.acquire(count, self._reserve_wait)
         except ReserveTimeout as exc:
             raise StoreError(errno.EIO, str(exc)) from None
-        views = reserve.views
-        for i, index in enumerate(bufs):
-            views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        views, sealer = reserve.views, self.agent.sealer
+        if sealer is None:
+            for i, index in enumerate(bufs):
+                views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        elif not sealer.usable:
+            reserve.release(bufs)
+            raise StoreError(errno.EIO, "the area's key is gone from the keyring")
         slots = range(first, first + count)
         inflight = self._inflight
         with self._lock:  # counts bump in the order writes enter the in-flight map
             counts, gens = self.slot_map.write_run(first, count)
-            tags = tags_of(view, self.agent.area_seed, slots, gens)
-            job = WriteJob(first, count, bufs, tags, gens, counts)
+            seed, seals = self.agent.area_seed, None
+            if sealer is None:
+                tags = tags_of(view, seed, slots, gens)
+            else:  # sealed under the lock: a page's nonce is its slot and generation
+                tags, seals = sealer.seal_pages(view, views, bufs, first, gens, seed)
+            job = WriteJob(first, count, bufs, tags, gens, counts, seals)
             # A write sent by its own thread is ordered with no other: a later write of
             # the same slots waits for it, or the stores could see the two swapped.
             before = {e[0] for s in slots if (e := inflight.get(s)) is not None and e[0].direct}
@@ -256,14 +264,14 @@ class RemoteDevice:
 
     def _pread(self, buf: memoryview, offset: int) -> None:
         first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
-        state, reserve = self.slot_map.state, self.reserve
+        state = self.slot_map.state
         remote: list[int] = []
         with self._lock:
             for i in range(count):
                 slot = first + i
                 pending = self._inflight.get(slot)
                 if pending is not None:
-                    buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = reserve.views[pending[1]]
+                    self._from_reserve(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], slot, *pending)
                 elif state[slot] == WRITTEN:
                     remote.append(i)
                 elif state[slot] == LOST:
@@ -276,6 +284,18 @@ class RemoteDevice:
             self.local_reads += count - len(remote)
         for at in range(0, len(remote), CHUNK_PAGES):
             self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
+
+    def _from_reserve(self, out: memoryview, slot: int, job: WriteJob, buf: int) -> None:
+        """An in-flight page, from its reserve buffer (decrypted, where the area is)."""
+        page, sealer = self.reserve.views[buf], self.agent.sealer
+        if sealer is None or job.seals is None:
+            out[:] = page
+            return
+        i = slot - job.first
+        seal = memoryview(job.seals)[i * SEAL_SIZE : (i + 1) * SEAL_SIZE]
+        if not sealer.open(out, page, seal, slot, job.generations[i]):
+            raise StoreError(errno.EIO, f"slot {slot}: its page in flight does not open "
+                             "(the area's key is gone)")  # fmt: skip
 
     def _read_chunk(self, buf: memoryview, first: int, indexes: list[int]) -> None:
         slot_map = self.slot_map

@@ -55,6 +55,9 @@ DEAD_CONN_TIMEOUT_S = 120
 # a TCG guest is slower.
 SERVE_START_S = 120
 STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
+# Logs on disk, not in /run: /run is tmpfs, whose pages swap out, and appending to a
+# log page swapped out to the device a dead agent served would wait on that device.
+LOG_DIR = Path(os.environ.get("NETSWAP_LOG_DIR", "/var/log/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
 WATERMARK_SCALE = Path("/proc/sys/vm/watermark_scale_factor")
 
@@ -217,6 +220,7 @@ def run_attach(args: argparse.Namespace) -> int:
         undo(state)
         raise
     STATE_DIR.mkdir(parents=True, exist_ok=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
     state_path(args.device).write_text(json.dumps(asdict(state)))
     print(f"netswap: {args.device} is swap on nbd://{host}:{port}/{args.export}")
     return 0
@@ -237,7 +241,7 @@ def supervisor_state(device: str) -> Path:
 
 
 def supervisor_log(device: str) -> Path:
-    return STATE_DIR / f"supervise-{Path(device).name}.log"
+    return LOG_DIR / f"supervise-{Path(device).name}.log"
 
 
 def supervisor_argv() -> list[str]:
@@ -275,6 +279,7 @@ def supervisor_options(args: argparse.Namespace, host: str, port: int,
 def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
     """Start the supervisor, detached; return once the device is connected (its pid)."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
     device = args.device
     command: Path | None = None
     if not answers(host, port):
@@ -400,12 +405,13 @@ def answers(host: str, port: int) -> bool:
 
 
 def serve_log(device: str) -> Path:
-    return STATE_DIR / f"serve-{Path(device).name}.log"
+    return LOG_DIR / f"serve-{Path(device).name}.log"
 
 
 def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
     """Start `netswap serve` for good; its output goes to `log`, never to our pipes
     (a caller capturing attach's output would otherwise wait on it forever)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     extra = serve_args[1:] if serve_args[:1] == ["--"] else serve_args
     cmd = [
         sys.executable,

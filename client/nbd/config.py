@@ -150,6 +150,9 @@ class PluginConfig:
         else:
             setattr(self, name, parsed)
 
+    # Read from http_token_file by read_files (not a setting).
+    http_token: str = field(default="", repr=False)
+
     def complete(self) -> None:
         if not self.size:
             raise ConfigError("size=SIZE is required (e.g. size=4G)")
@@ -223,11 +226,20 @@ class PluginConfig:
         assert isinstance(cpus, frozenset)
         return pin_process(cpus)
 
+    def read_files(self) -> None:
+        """What the plugin reads from files, read at load: a spare taking over must not
+        read anything then, from a tmpfs page (/run) that swap may hold on the device it
+        replaces the server of (seen: a spare stuck reading /run/netswap/ops-token)."""
+        if self.http_token_file:
+            try:
+                self.http_token = read_secret(self.http_token_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"http-token-file={self.http_token_file}: {exc}") from None
+
     def start_ops(self, device: BlockDevice) -> None:
         """Serve /metrics, /api/stats and the dashboard for this export, if asked."""
         if self.http:
-            token = read_secret(self.http_token_file) if self.http_token_file else ""
-            device.start_ops(*parse_hostport(self.http, 0), token)
+            device.start_ops(*parse_hostport(self.http, 0), self.http_token)
 
     def started_mark(self) -> Path:
         return RUN_DIR / f"agent-{self.area}.started"
@@ -268,6 +280,8 @@ class PluginConfig:
 def _settings() -> list[tuple[Any, Setting]]:
     out = []
     for f in fields(PluginConfig):
+        if not f.metadata:  # state, not a setting
+            continue
         meta = dict(f.metadata)
         key = meta.pop("key", f.name.replace("_", "-"))
         out.append((f, Setting(key=key, **meta)))

@@ -22,8 +22,13 @@ import os
 import site
 import sys
 
+# The venv's packages first, as in the venv's own python (built --system-site-packages):
+# the plugin then imports the versions the CLI and the tests do (cryptography >= 46,
+# where Debian's dist-packages has 38).
+_before = list(sys.path)
 for _site in filter(None, os.environ.get("NETSWAP_SITE", "").split(os.pathsep)):
     site.addsitedir(_site)
+sys.path[:] = [p for p in sys.path if p not in _before] + _before
 
 import errno  # noqa: E402
 import functools  # noqa: E402
@@ -98,6 +103,7 @@ def config(key: str, value: str) -> None:
 
 def config_complete() -> None:
     _config.complete()
+    _config.read_files()
 
 
 def after_fork() -> None:

@@ -60,6 +60,7 @@ from .protect import (
     set_io_flusher,
 )
 from .spare import Spare
+from .state import StatePage, read_state
 
 # How long a new nbdkit may take to answer at all (Python and the plugin loading).
 # Its handshake may then take as long as the agent's rebuild, within the kernel's
@@ -98,6 +99,7 @@ class Supervisor:
         self.state: dict[str, object] = {"supervisor_pid": os.getpid(), "device": self.device}
         self.state.update({"restarts": 0, "last_outage_s": 0.0, "epoch": 1})
         self.state.update(self._saved())
+        self.page = StatePage(self.state_path)
         self.child: Child | None = None
         # The spare's port and the one serving swap alternate (0: no spare, a cold start).
         self.ports = (self.port, args.standby_port) if args.standby_port else (self.port,)
@@ -111,19 +113,12 @@ class Supervisor:
 
     # -- state -------------------------------------------------------------------
     def _saved(self) -> dict[str, object]:
-        try:
-            with open(self.state_path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            return {}
+        saved = read_state(self.state_path)  # a supervisor before this one (--adopt)
         return {k: saved[k] for k in ("restarts", "last_outage_s", "epoch", "serve_pid")
                 if k in saved}  # fmt: skip
 
     def save(self) -> None:
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f)
-        os.replace(tmp, self.state_path)  # readers see one whole state or the last
+        self.page.write(self.state)
 
     # -- nbdkit ------------------------------------------------------------------
     def _argv(self, start: str, port: int) -> list[str]:
@@ -375,8 +370,7 @@ class Supervisor:
         if self.child is not None:
             self.child.stop()
         self.drop_spare()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.state_path)
+        self.page.remove()
         return 0
 
 

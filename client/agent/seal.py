@@ -1,0 +1,115 @@
+"""Pages sealed on the host: AES-256-GCM, one nonce per (slot, write), never repeated.
+
+Why AES-GCM through `cryptography` (OpenSSL): the page is encrypted in one
+call with AES-NI and PCLMULQDQ where the CPU has them (OpenSSL picks its
+aesni_gcm code at run time); a 12-byte nonce is all a deterministic scheme
+needs, so XChaCha20's random 24-byte nonces buy nothing here, and Debian ships
+`cryptography` for the Python nbdkit embeds.
+
+The nonce is the slot (4 bytes) and the write's generation (8 bytes: epoch << 32
+| count, slots.py), so under one key it never repeats: a slot's count only grows
+(a trim keeps it), the epoch rises at every agent start above every epoch an agent
+ever wrote under this key (the keyring records it, keys.py), and a fresh start
+makes a new key. The associated data is the area's name: with the nonce, it binds
+each ciphertext to (area, slot, generation), so a store that swaps two pages,
+moves one to another area, or replays an older copy of a slot makes the read fail
+its tag: EIO. The 16-byte GCM tag travels and is stored as the page's seal; the
+store's own CRC tag (protocol/checksum.py) covers the ciphertext, so a misdirected
+slot still fails at the store first.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from array import array
+from collections.abc import Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from netswap.protocol import PAGE_SIZE, SEAL_SIZE, page_tag
+
+# Slots go into 4 bytes of the nonce: an encrypted area has at most 2^32 of them (16 TiB).
+MAX_SEALED_SLOTS = 1 << 32
+NONCE = struct.Struct(">IQ")
+
+
+class KeyGone(Exception):
+    """The area's key was dropped: nothing can be sealed or opened any more."""
+
+
+class Sealer:
+    """Seal and open pages; each thread works in its own preallocated scratch (ciphertext
+    and tag are contiguous for the library, apart on the wire and in the reserve)."""
+
+    def __init__(self, key: bytes, area: str) -> None:
+        self._aead: AESGCM | None = AESGCM(key)
+        self._aad = b"netswap page of " + area.encode()
+        self._local = threading.local()
+
+    def drop(self) -> None:
+        """The key left the keyring: forget the cipher (its context holds the key)."""
+        self._aead = None
+
+    @property
+    def usable(self) -> bool:
+        return self._aead is not None
+
+    def _scratch(self) -> memoryview:
+        scratch: memoryview | None = getattr(self._local, "scratch", None)
+        if scratch is None:  # once per thread: nbdkit's, and the agent's loop
+            scratch = self._local.scratch = memoryview(bytearray(PAGE_SIZE + SEAL_SIZE))
+        return scratch
+
+    def seal_pages(
+        self, source: memoryview, views: Sequence[memoryview], bufs: Sequence[int],
+        first: int, generations: Sequence[int], seed: int,
+    ) -> tuple[array[int], bytearray]:  # fmt: skip
+        """Encrypt the plaintext pages of `source` into reserve buffers `bufs` (slots
+        from `first`); their tags (over the ciphertext, for the store's check), seals."""
+        aead = self._aead
+        if aead is None:
+            raise KeyGone
+        seals = bytearray(len(bufs) * SEAL_SIZE)
+        out, scratch, aad = memoryview(seals), self._scratch(), self._aad
+        tags = array("I")
+        for i, buf in enumerate(bufs):
+            slot, generation, page = first + i, generations[i], views[buf]
+            plain = source[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            aead.encrypt_into(NONCE.pack(slot, generation), plain, aad, scratch)
+            page[:] = scratch[:PAGE_SIZE]
+            out[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] = scratch[PAGE_SIZE:]
+            tags.append(page_tag(page, seed, slot, generation))
+        return tags, seals
+
+    def open(self, out: memoryview, page: memoryview, seal: memoryview, slot: int,
+             generation: int) -> bool:  # fmt: skip
+        """Decrypt `page` (with its `seal`) into `out`; False when it is not the slot's
+        page of that generation (or the key is gone)."""
+        aead = self._aead
+        if aead is None:
+            return False
+        scratch = self._scratch()
+        scratch[:PAGE_SIZE] = page
+        scratch[PAGE_SIZE:] = seal
+        try:
+            aead.decrypt_into(NONCE.pack(slot, generation), scratch, self._aad, out)
+        except InvalidTag:
+            return False
+        return True
+
+    def open_pages(self, data: memoryview, seals: memoryview | None, slots: Sequence[int],
+                   generations: Sequence[int]) -> bytearray | int:  # fmt: skip
+        """The plaintext of a SwapIn's pages (already proven by their tags), or the
+        index of the first page that does not open."""
+        if seals is None:
+            return 0
+        out = bytearray(len(slots) * PAGE_SIZE)
+        view = memoryview(out)
+        for i, slot in enumerate(slots):
+            at = i * PAGE_SIZE
+            if not self.open(view[at : at + PAGE_SIZE], data[at : at + PAGE_SIZE],
+                             seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE], slot,
+                             generations[i]):  # fmt: skip
+                return i
+        return out
