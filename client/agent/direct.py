@@ -171,7 +171,7 @@ class DirectPath:
         for store, client in taken:
             try:
                 frame = client.conn.send_swap_out(client.next_id(), runs, job.generations,
-                                                  job.tags, None, pages)  # fmt: skip
+                                                  job.tags, job.seals, pages)  # fmt: skip
                 client.send(frame, timeout)
             except DIRECT_ERRORS:
                 store.lost(client)

@@ -32,6 +32,7 @@ from ..rpc import read_token
 from .core import Agent
 from .direct import DirectPath
 from .jobs import ControlJob, ReadJob, WriteJob
+from .keys import AreaKey
 from .placement import slab_slots_for
 from .policy import BatchPolicy
 from .reserve import Reserve, ReserveTimeout
@@ -105,6 +106,7 @@ class RemoteDevice:
         direct_writes: bool = True,
         rebuild: bool = False,
         epoch: int = 0,
+        key: AreaKey | None = None,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         agent = Agent(
@@ -120,6 +122,7 @@ class RemoteDevice:
             tls=tls,
             rebuild=rebuild,
             epoch=epoch,
+            key=key,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
                    direct_reads=direct_reads, direct_writes=direct_writes)  # fmt: skip

@@ -44,6 +44,7 @@ from pathlib import Path
 from netswap.server.units import parse_hostport
 
 from .. import supervise
+from ..agent.keys import KeyringError, drop_key
 
 MIN_FREE_KBYTES_FLOOR = 16384
 # The kernel holds a dead connection's IO this long for a new one (NBD_ATTR_DEAD_CONN_
@@ -75,6 +76,7 @@ class AttachState:
     new_min_free_kbytes: int = 0
     old_watermark_scale: int = 0
     new_watermark_scale: int = 0
+    area: str = ""  # the area of the server attach started: detach drops its key
     steps: list[str] = field(default_factory=list)
 
 
@@ -207,11 +209,12 @@ def run_attach(args: argparse.Namespace) -> int:
             if not answers(host, port):
                 if args.no_serve:
                     raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
+                state.area = area_of(serve_command(host, port, args.serve_args))
                 state.serve_pid = start_serve(host, port, args.serve_args, serve_log(args.device))
             run(nbd_client_command(host, port, args.device, args.export))
             state.steps.append("nbd-client")
         else:
-            state.supervisor_pid = start_supervisor(args, host, port)
+            state.supervisor_pid, state.area = start_supervisor(args, host, port)
             state.steps.append("supervisor")
         run(["mkswap", args.device])
         run(swapon_command(args.device, args.priority, args.discard))
@@ -276,17 +279,20 @@ def supervisor_options(args: argparse.Namespace, host: str, port: int,
     return opts
 
 
-def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
-    """Start the supervisor, detached; return once the device is connected (its pid)."""
+def start_supervisor(args: argparse.Namespace, host: str, port: int) -> tuple[int, str]:
+    """Start the supervisor, detached; return once the device is connected (its pid, and
+    the area of the server it started, if it did)."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     device = args.device
     command: Path | None = None
+    area = ""
     if not answers(host, port):
         if args.no_serve:
             raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
         command = STATE_DIR / f"serve-{Path(device).name}.json"
         command.write_text(serve_command(host, port, args.serve_args))
+        area = area_of(command.read_text())
     cmd = [*supervisor_argv(), *supervisor_options(args, host, port, command)]
     log = supervisor_log(device)
     with open(log, "ab") as out:
@@ -301,7 +307,13 @@ def start_supervisor(args: argparse.Namespace, host: str, port: int) -> int:
             why = f": {lines[-1]}" if lines else ""
             raise AttachError(f"the supervisor did not connect {device}{why} (log {log})")
         time.sleep(0.2)
-    return proc.pid
+    return proc.pid, area
+
+
+def area_of(command: str) -> str:
+    """The area= of serve's nbdkit command line (serve --print-command's JSON)."""
+    argv = json.loads(command)["argv"]
+    return next((a.partition("=")[2] for a in argv if a.startswith("area=")), "")
 
 
 def serve_command(host: str, port: int, serve_args: list[str]) -> str:
@@ -361,6 +373,12 @@ def undo(state: AttachState) -> None:
         stop_process(state.supervisor_pid, grace_s=30)
     if state.serve_pid:
         stop_process(state.serve_pid)
+    if state.area:  # nothing serves the area any more: its key goes (keys.py)
+        try:
+            drop_key(state.area)
+        except KeyringError as exc:
+            print(f"netswap: the key of area {state.area} stays in the keyring: {exc}",
+                  file=sys.stderr)  # fmt: skip
     restore(SYSCTL, state.old_min_free_kbytes, state.new_min_free_kbytes)
     restore(WATERMARK_SCALE, state.old_watermark_scale, state.new_watermark_scale)
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import ssl
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
 from netswap.server.tls import client_context
@@ -28,6 +29,12 @@ from netswap.server.units import format_size, is_loopback, parse_hostport, parse
 
 from ..device import BlockDevice, PageDevice
 from .affinity import Gatherer, parse_cpus_option, pin_process
+
+if TYPE_CHECKING:
+    from ..agent.keys import AreaKey
+
+# An encrypted area's slots fit a nonce's 4 bytes (agent/seal.py).
+MAX_SEALED_SLOTS = 1 << 32
 
 BACKENDS = ("memory", "file", "remote")
 CACHE_MODES = ("writethrough", "writeback")
@@ -37,6 +44,7 @@ START_MODES = ("fresh", "rebuild", "auto")
 # Restart= of netswap-agent.service), starts fresh when not (the boot).
 RUN_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 MLOCK_MODES = ("onfault", "off")
+ENCRYPT_MODES = ("on", "off")
 READ_PATHS = ("direct", "loop")
 # Kinds of value: how `set` parses one, and what `serve` shows as its metavar.
 KINDS = {"size": "SIZE", "count": "N", "text": "", "address": "HOST:PORT", "choice": ""}
@@ -112,6 +120,10 @@ class PluginConfig:
                          choices=START_MODES)  # fmt: skip
     epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
                          "carry (the supervisor's, raised at every restart)")  # fmt: skip
+    encrypt: str = setting("on", "choice", "remote: seal every page with AES-256-GCM under "
+                           "a key kept in the kernel's keyring, before it leaves this host; "
+                           "off stores pages in plaintext", choices=ENCRYPT_MODES,
+                           serve_flag="--no-encrypt")  # fmt: skip
     standby: int = setting(0, "count", "remote: a standby for the supervisor, on this "
                            "inherited socket: build and lock the device, say ready, and "
                            "only on 'go EPOCH' rebuild the area and serve")  # fmt: skip
@@ -167,6 +179,9 @@ class PluginConfig:
                 raise ConfigError(f"quorum={self.quorum} must be 1..{self.effective_replicas}")
         if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
             raise ConfigError(f"batch-pages={self.batch_pages}: must be 1..{MAX_BATCH_PAGES}")
+        if self.sealed and self.size // PAGE_SIZE > MAX_SEALED_SLOTS:
+            raise ConfigError(f"size={format_size(self.size)}: an encrypted area holds at "
+                              "most 16T (a nonce has 4 bytes for the slot)")  # fmt: skip
         if self.standby and self.backend != "remote":
             raise ConfigError("standby= is only for backend=remote")
         if self.backend != "remote" and self.stores:
@@ -245,7 +260,10 @@ class PluginConfig:
         return RUN_DIR / f"agent-{self.area}.started"
 
     def rebuilds(self) -> bool:
-        return self.start == "rebuild" or (self.start == "auto" and self.started_mark().exists())
+        """A standby always takes over an area that exists: its key, its pages."""
+        if self.standby or self.start == "rebuild":
+            return True
+        return self.start == "auto" and self.started_mark().exists()
 
     def mark_started(self) -> None:
         """start=auto's mark, once serving; where /run is not ours, auto stays fresh."""
@@ -253,6 +271,34 @@ class PluginConfig:
             with contextlib.suppress(OSError):
                 RUN_DIR.mkdir(parents=True, exist_ok=True)
                 self.started_mark().touch()
+
+    @property
+    def sealed(self) -> bool:
+        return self.backend == "remote" and self.encrypt == "on"
+
+    def sealing_note(self) -> str:
+        if self.sealed:
+            return (f"pages sealed with AES-256-GCM before they leave this host (the key: "
+                    f"netswap:{self.area} in root's kernel keyring)")  # fmt: skip
+        return (
+            "encrypt=off: pages go to the stores in PLAINTEXT; whoever reads a store "
+            "(its operator, its disk, its process) reads this host's swapped memory"
+        )
+
+    def area_key(self) -> AreaKey | None:
+        """A fresh area's new key, or the one a restarted agent's area was sealed with."""
+        if not self.sealed:
+            return None
+        from ..agent.keys import AreaKey, KeyringError
+
+        try:
+            return AreaKey.existing(self.area) if self.rebuilds() else AreaKey.fresh(self.area)
+        except KeyringError as exc:
+            if exc.errno == errno.ENOKEY:
+                raise ConfigError(f"the key of area {self.area} is not in the kernel keyring "
+                                  "(a reboot or detach dropped it): its pages cannot be read; "
+                                  "start=fresh begins the area again") from None  # fmt: skip
+            raise ConfigError(f"encryption needs the kernel keyring: {exc}") from None
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":
@@ -265,7 +311,7 @@ class PluginConfig:
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
                 direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
-                epoch=self.epoch,
+                epoch=self.epoch, key=self.area_key(),
             )  # fmt: skip
         from netswap.server.backends import open_backend
 

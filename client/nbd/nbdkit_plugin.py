@@ -119,6 +119,8 @@ def after_fork() -> None:
     if _config.mlock == "onfault":
         print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
     _device = _config.build_device()
+    if _config.backend == "remote":
+        print(f"netswap plugin: {_config.sealing_note()}", file=sys.stderr, flush=True)
     if _config.standby:  # the supervisor's spare: built and locked, serving only when told
         cushion = grow_cushion(CUSHION)
         print(f"netswap plugin: standby, ready (a {CUSHION >> 20} MiB heap cushion: "

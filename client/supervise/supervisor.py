@@ -110,6 +110,10 @@ class Supervisor:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self._signals: list[int] = []
+        # From the start: a SIGTERM while nbdkit starts (attach undoing a failed swapon)
+        # is handled at the watch's first turn, by a stop that disconnects the device.
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
 
     # -- state -------------------------------------------------------------------
     def _saved(self) -> dict[str, object]:
@@ -231,8 +235,6 @@ class Supervisor:
         someone else's, e.g. systemd's netswap-agent.service with Restart=), a dead
         link is only reconnected, as soon as the server answers again."""
         self.link.subscribe()
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.on_signal)
         self.state["watching"] = True
         self.save()
         while True:
