@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from netswap.client.agent.keys import drop_key
 from netswap.client.statscmd import fetch
 
 from .conftest import free_port, wait_for_port
@@ -23,19 +24,29 @@ from .procs import StoreProc, stores, wait_for_http, wait_until
 
 PAGE = 4096
 SIZE = "16M"
+# The area, one per test worker: its key lives in root's keyring (client/agent/keys.py),
+# which every worker shares, and a fresh start elsewhere must not replace it.
+AREA = f"rebuild{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def _drop_the_key() -> Iterator[None]:
+    yield
+    drop_key(AREA)
 
 
 @contextmanager
 def agent(
-    store_procs: list[StoreProc], *extra: str, env: dict[str, str] | None = None
+    store_procs: list[StoreProc] | list[str], *extra: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, Path]]:
-    """`netswap serve` on the stores, area "host"; yields (uri, its log) and kills it -9."""
+    """`netswap serve` on the stores (or addresses), area AREA; yields (uri, its log) and
+    kills it -9."""
     port = free_port()
     log = Path("/tmp") / f"netswap-rebuild-{port}.log"
     cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--size", SIZE, "--backend",
-           "remote", "--no-mlock", "--area", "host", "--replicas", "2", *extra]  # fmt: skip
+           "remote", "--no-mlock", "--area", AREA, "--replicas", "2", *extra]  # fmt: skip
     for s in store_procs:
-        cmd += ["--store", s.address]
+        cmd += ["--store", s if isinstance(s, str) else s.address]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out, env=env)
     try:
@@ -173,7 +184,7 @@ def test_start_auto_is_fresh_at_boot_and_a_rebuild_after(tmp_path: Path) -> None
     env = {**os.environ, "NETSWAP_STATE_DIR": str(tmp_path)}
     with stores(2) as procs:
         with agent(procs, "--start", "auto", env=env) as (uri, log):
-            wait_until(lambda: (tmp_path / "agent-host.started").exists(), 10, "the mark")
+            wait_until(lambda: (tmp_path / f"agent-{AREA}.started").exists(), 10, "the mark")
             truth = write_random(uri, 100, 3)
             assert "rebuilt" not in log.read_text()
         with agent(procs, "--start", "auto", env=env) as (uri, log):

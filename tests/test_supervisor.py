@@ -134,11 +134,12 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
     stores and serves every page the killed agent had written."""
     import select
 
+    from netswap.client.agent.keys import drop_key
     from netswap.client.supervise.spare import Spare
 
     from .nbdserver import NETSWAP, connect
     from .procs import stores
-    from .test_rebuild import PAGE, agent, write_random
+    from .test_rebuild import AREA, PAGE, agent, write_random
 
     with stores(2) as procs:
         with agent(procs) as (uri, _):
@@ -156,7 +157,7 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
             "remote",
             "--no-mlock",
             "--area",
-            "host",
+            AREA,
             "--replicas",
             "2",
             *[f"--store={p.address}" for p in procs],
@@ -185,6 +186,7 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
             assert "50 pages proven" in log.read_text()
         finally:
             spare.discard()
+            drop_key(AREA)
 
 
 def test_the_supervisor_reads_the_command_line_attach_writes() -> None:

@@ -219,6 +219,8 @@ def run_attach(args: argparse.Namespace) -> int:
         run(["mkswap", args.device])
         run(swapon_command(args.device, args.priority, args.discard))
         state.steps.append("swapon")
+        if state.supervisor_pid and state.area and not args.no_standby:
+            wait_for_spare(args.device)
     except BaseException:
         undo(state)
         raise
@@ -308,6 +310,21 @@ def start_supervisor(args: argparse.Namespace, host: str, port: int) -> tuple[in
             raise AttachError(f"the supervisor did not connect {device}{why} (log {log})")
         time.sleep(0.2)
     return proc.pid, area
+
+
+def wait_for_spare(device: str) -> None:
+    """Return once the supervisor's spare is ready: until then a death of nbdkit under a
+    storm would be a cold start (supervise/spare.py)."""
+    path = supervisor_state(device)
+    deadline = time.monotonic() + SERVE_START_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("standby") == "ready":
+                return
+        time.sleep(0.2)
+    print(f"netswap: warning: the supervisor's spare nbdkit is not ready after "
+          f"{SERVE_START_S}s (log {supervisor_log(device)}): until it is, a restart is a "
+          "cold start", file=sys.stderr)  # fmt: skip
 
 
 def area_of(command: str) -> str:

@@ -19,10 +19,11 @@ import socket
 
 # The memory a takeover needs, grown into the heap and locked while the host is calm
 # (server/heap.grow_cushion): measured on this machine, a spare grew by 12 MiB from
-# ready to serving a 768 MiB area (the rebuild, the loop, the store connections) and by
-# 19 MiB more over its first IO in 1 MiB requests; the guest's, in swap's 128 KiB
-# requests, by about 8 MiB in all.
-CUSHION = 24 * 1024 * 1024
+# ready to serving a 768 MiB area (the rebuild, the loop, the store connections), and
+# by 19 MiB more over its first IO in 1 MiB requests; in the 256 MiB guest, in swap's
+# 128 KiB requests, by 6.4 MiB in all. Beyond the cushion, a real-time task may take a
+# quarter of attach's min_free_kbytes (4 MiB).
+CUSHION = 12 * 1024 * 1024
 # "go " and an epoch (at most 2^32, ten digits), a newline: a longer line is not ours.
 MAX_LINE = 32
 

@@ -413,11 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             if supervisor.argv:
                 supervisor.start_child("fresh")
             supervisor.save()  # whoever sees the device connected finds the state
-            supervisor.start_spare()  # loads and locks before any swap: none yet
-            supervisor.spare_in_time(time.monotonic() + START_S)
             supervisor.connect_device()
-        if supervisor.spare is None:
-            supervisor.start_spare()
+        # The spare loads while attach runs swapon (it locks as it loads: swap may take
+        # others' pages, never its own); attach waits for it to be ready.
+        supervisor.start_spare()
         lock()
         what = f"nbdkit {supervisor.state['serve_pid']}" if supervisor.argv else "the link"
         log(f"watching {what} for {args.device}; resident {resident_kib() / 1024:.1f} MiB")
