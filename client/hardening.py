@@ -22,7 +22,8 @@ Each is reported, never fatal: a test run as an ordinary user still works.
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
+import mmap
+from array import array
 
 from .supervise.protect import (
     MCL_CURRENT,
@@ -34,9 +35,6 @@ from .supervise.protect import (
     protect_from_oom,
     set_io_flusher,
 )
-
-if TYPE_CHECKING:
-    import mmap
 
 __all__ = ["Outcome", "harden_for_swap", "lock_memory", "mlock_buffer", "protect_from_oom",
            "set_io_flusher"]  # fmt: skip
@@ -61,3 +59,34 @@ def lock_memory() -> Outcome:
 def harden_for_swap(io_flusher: bool = True) -> list[Outcome]:
     """IO_FLUSHER and OOM protection, before exec; the plugin locks memory itself."""
     return [set_io_flusher(), protect_from_oom()] if io_flusher else [protect_from_oom()]
+
+
+# /proc/self/pagemap: one u64 per page; bit 62 says the page is in swap.
+PAGEMAP_SWAPPED = 1 << 62
+
+
+def fault_in_swapped() -> int:
+    """Bring back every page of this process that is in swap; returns how many.
+
+    A standby nbdkit that loaded while the host swapped may have had pages swapped out
+    before it locked itself as the plugin loaded (nbdkit's and Python's start). At its
+    takeover, touching one of them would wait on the very device whose server it is
+    replacing. Under mlockall(MCL_ONFAULT) each page faulted back in here is locked for
+    good. /proc/self/pagemap finds them (a page's swap bit), so nothing else is touched:
+    nbdkit's 192 MiB .bss stays unallocated."""
+    page = mmap.PAGESIZE
+    touched = 0
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5].startswith("[v")):
+                continue  # unreadable, or the kernel's [vvar]/[vdso]/[vsyscall]
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            pagemap.seek(lo // page * 8)
+            entries = array("Q")
+            entries.frombytes(pagemap.read((hi - lo) // page * 8))
+            for i, entry in enumerate(entries):
+                if entry & PAGEMAP_SWAPPED:
+                    ctypes.string_at(lo + i * page, 1)
+                    touched += 1
+    return touched

@@ -39,7 +39,7 @@ from typing import Any, TypeVar  # noqa: E402
 
 import nbdkit  # noqa: E402
 from netswap.client.device import BlockDevice  # noqa: E402
-from netswap.client.hardening import lock_memory  # noqa: E402
+from netswap.client.hardening import fault_in_swapped, lock_memory  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
 from netswap.client.nbd.standby import CUSHION, StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
@@ -123,8 +123,10 @@ def after_fork() -> None:
         print(f"netswap plugin: {_config.sealing_note()}", file=sys.stderr, flush=True)
     if _config.standby:  # the supervisor's spare: built and locked, serving only when told
         cushion = grow_cushion(CUSHION)
+        back = fault_in_swapped()  # what swap took before the lock at load, back and locked
         print(f"netswap plugin: standby, ready (a {CUSHION >> 20} MiB heap cushion: "
-              f"{'grown' if cushion else 'NOT grown'})", file=sys.stderr, flush=True)  # fmt: skip
+              f"{'grown' if cushion else 'NOT grown'}; {back} pages back from swap)",
+              file=sys.stderr, flush=True)  # fmt: skip
         _device.take_over(wait_for_go(_config.standby))
     began = time.monotonic()
     _device.start()  # a restarted agent rebuilds here: the supervisor's outage includes it

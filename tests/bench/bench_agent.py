@@ -2,6 +2,8 @@
 
 Same run, same client (fio ioengine=nbd), alternating between:
   agent            netswap serve --backend remote, every default (one store)
+  agent-plain      the same with --no-encrypt: pages in plaintext (the cost of
+                   sealing every page, #24)
   agent-spread     the same with --cpus all: threads where the kernel puts them,
                    not gathered on one CPU
   agent-loop       --reads loop --writes loop: every swap-in and lone swap-out
@@ -121,6 +123,7 @@ def server_commands(
 
     commands: dict[str, Callable[[int], list[str]]] = {
         "agent": agent("bench1"),
+        "agent-plain": agent("bench1p", "--no-encrypt"),
         "agent-spread": agent("bench1s", "--cpus", "all"),
         "agent-loop": agent("bench1l", "--reads", "loop", "--writes", "loop"),
         "agent-unbatched": agent("bench1u", "--batch-pages", "1"),
@@ -192,6 +195,7 @@ def ratios(med: dict[str, tuple[float, ...]], work: Workload) -> dict[str, float
             fastest = min(floors, key=lambda f: med[f][1])
             out[f"p50 agent/best floor ({fastest})"] = agent[1] / med[fastest][1]
     for name, label in (("agent-2x", "2 replicas/agent"), ("agent-unbatched", "agent/unbatched"),
+                        ("agent-plain", "agent/plain"),
                         ("agent-before", "agent/before"), ("agent-spread", "agent/spread"),
                         ("agent-loop", "agent/loop"), ("nbdkit-memory", "agent/nbdkit-memory"),
                         ("py-parallel", "agent/py-parallel")):  # fmt: skip
@@ -200,6 +204,8 @@ def ratios(med: dict[str, tuple[float, ...]], work: Workload) -> dict[str, float
             out[label] = (other / agent[0]) if name == "agent-2x" else agent[0] / other
     if "agent-before" in med and work.iodepth == 1:
         out["p50 agent/before"] = agent[1] / med["agent-before"][1]
+    if "agent-plain" in med and work.iodepth == 1:  # #24: at most 10 us added at 4K QD1
+        out["p50 us sealed-plain"] = agent[1] - med["agent-plain"][1]
     return out
 
 
