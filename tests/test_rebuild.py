@@ -193,3 +193,54 @@ def test_start_auto_is_fresh_at_boot_and_a_rebuild_after(tmp_path: Path) -> None
                 assert h.pread(PAGE, slot * PAGE) == data, slot
             h.shutdown()
             assert "100 pages proven" in log.read_text()
+
+
+def test_with_no_store_answering_the_rebuild_waits_for_one_instead_of_serving_eio() -> None:
+    """Every store away when the agent restarts: it does not serve (the kernel holds the
+    IO meanwhile) until one answers, then every page reads."""
+    with stores(2) as procs:
+        with agent(procs) as (uri, _):
+            truth = write_random(uri, 30, 4)
+        for p in procs:
+            assert p.proc is not None
+            os.kill(p.proc.pid, signal.SIGSTOP)
+        try:
+            with agent(procs, "--start", "rebuild") as (uri, log):
+                wait_until(lambda: "no store answers" in log.read_text(), 30, "the wait")
+                for p in procs:
+                    assert p.proc is not None
+                    os.kill(p.proc.pid, signal.SIGCONT)
+                h = connect(uri)
+                for slot, data in truth.items():
+                    assert h.pread(PAGE, slot * PAGE) == data, slot
+                h.shutdown()
+        finally:
+            for p in procs:
+                if p.proc is not None:
+                    os.kill(p.proc.pid, signal.SIGCONT)
+
+
+def test_a_second_kill_during_the_rebuild_loses_nothing() -> None:
+    """The agent restarted after a kill -9 is killed in turn while it rebuilds (a store
+    it waits for is stopped); the third one reads every page."""
+    with stores(2) as (a, b):
+        with agent([a, b]) as (uri, _):
+            truth = write_random(uri, 60, 5)
+        assert b.proc is not None
+        os.kill(b.proc.pid, signal.SIGSTOP)  # the rebuild waits for it (REBUILD_WAIT_S)
+        port = free_port()
+        cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--size", SIZE, "--backend",
+               "remote", "--no-mlock", "--area", AREA, "--replicas", "2", "--start",
+               "rebuild", "--store", a.address, "--store", b.address]  # fmt: skip
+        second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        assert second.poll() is None  # still rebuilding
+        second.kill()
+        second.wait()
+        os.kill(b.proc.pid, signal.SIGCONT)
+        with agent([a, b], "--start", "rebuild") as (uri, log):
+            h = connect(uri)
+            for slot, data in truth.items():
+                assert h.pread(PAGE, slot * PAGE) == data, slot
+            h.shutdown()
+            assert "60 pages proven" in log.read_text()

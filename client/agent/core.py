@@ -59,6 +59,11 @@ USAGE_PERIOD_S = 2.0
 # has (the kernel holds the swap device's IO meanwhile, for up to its dead-connection
 # timeout: attach's default is 120 s); a store that comes later is heard then.
 REBUILD_WAIT_S = 10.0
+# With no store answering at all, a rebuild waits this long more: everything would be
+# unproven and read EIO, while the kernel holds the device's IO (attach's default
+# dead-connection timeout is 120 s) and a store may be back in time. Past it the agent
+# gives up, and the supervisor's log says the kernel will fail the IO.
+REBUILD_NONE_S = 100.0
 # How often the agent looks whether its key is still in the keyring (one syscall).
 KEY_CHECK_S = 1.0
 
@@ -115,6 +120,7 @@ class Agent:
         self._decision: tuple[int, Pressure, Decision] | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._failure: StoreError | None = None
         self._stop: asyncio.Event | None = None
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
@@ -126,9 +132,12 @@ class Agent:
     def start(self, connect_timeout: float = 10.0) -> None:
         self._thread = threading.Thread(target=self._run, name="netswap-agent", daemon=True)
         self._thread.start()
-        rebuilding = REBUILD_WAIT_S + 60 if self.rebuild else 0  # inventory: ~1 s per GiB
+        # The wait for stores, then inventory: ~1 s per GiB.
+        rebuilding = REBUILD_WAIT_S + REBUILD_NONE_S + 60 if self.rebuild else 0
         if not self._started.wait(connect_timeout + 5 + rebuilding):
             raise TimeoutError("agent loop did not start")
+        if self._failure is not None:
+            raise self._failure
 
     def _run(self) -> None:
         try:
@@ -137,8 +146,12 @@ class Agent:
             runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
         except ImportError:
             runner = asyncio.Runner()
-        with runner:
-            runner.run(self._main())
+        try:
+            with runner:
+                runner.run(self._main())
+        except StoreError as exc:  # the start could not be made (no store to rebuild from)
+            self._failure = exc
+            self._started.set()
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -182,6 +195,16 @@ class Agent:
                     await asyncio.sleep(0.2)
 
         await asyncio.gather(*(reach(store) for store in self.stores))
+        if not any(store.up for store in self.stores):
+            log.error("no store answers: the rebuild waits up to %.0f s more (the kernel holds "
+                      "the device's IO meanwhile)", REBUILD_NONE_S)  # fmt: skip
+            deadline = loop.time() + REBUILD_NONE_S
+            await asyncio.gather(*(reach(store) for store in self.stores))
+            if not any(store.up for store in self.stores):
+                raise ConnectionError(
+                    f"no store answered within {REBUILD_WAIT_S + REBUILD_NONE_S:.0f}s"
+                    ": this agent cannot rebuild the area"
+                )
         reachable = [store for store in self.stores if store.up]
         rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
                           self.counters, self.sealer is not None)  # fmt: skip
