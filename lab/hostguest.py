@@ -258,6 +258,12 @@ def drill_failure(args: argparse.Namespace, run: Run, mib: int) -> str:
         return f"drill: swap never moved again after event {stuck[0].get('n')}"
     if run.oom_kills:
         return f"drill: {run.oom_kills} processes killed for memory"
+    errors = [line for line in run.dmesg if "I/O error, dev nbd0" in line]
+    if errors:
+        return f"drill: the kernel saw EIO on swap: {errors[0]}"
+    reconnected = sum("reconnected socket" in line for line in run.dmesg)
+    if reconnected < len(run.kills):
+        return f"drill: the kernel logged {reconnected} reconnects for {len(run.kills)} events"
     return ""
 
 

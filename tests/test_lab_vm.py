@@ -110,7 +110,7 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     shot = ARTIFACTS / "dashboard-host-in-guest.png"
     shot.unlink(missing_ok=True)
     result = host_lab("--ram", str(HOST_RAM_MIB), "--timeout", HOST_DEADLINE_S,
-                      "--screenshot", str(shot))  # fmt: skip
+                      "--screenshot", str(shot), "--kills", "2", "--restarts", "1")  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
     row = re.search(r"^defaults\s+(\d+)\s+1\s+1\s+0\s+0\s+([\d.]+)", out, re.M)
@@ -125,6 +125,22 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     assert cpu and float(cpu.group(3)) > 0, out[-2000:]
     assert "detach: rc=0 restored=yes" in out
     assert shot.exists() and shot.stat().st_size > 10_000, out[-1500:]
+    # The drill (#23): nbdkit killed -9 while swap-out and while swap-in dominate, and
+    # `netswap restart` once; each time the agent serves again and swap moves on (the
+    # lab's verdict also needs the kernel's reconnects, no EIO and no OOM kill).
+    drill = re.compile(
+        r"^    (kill|restart) #\d while (write|verify) dominates: agent "
+        r"serving again after ([\d.]+)s, swap moving after ([\d.]+)s",
+        re.M,
+    )
+    drills = drill.findall(out)
+    assert [(k, p) for k, p, *_ in drills] == [
+        ("kill", "write"),
+        ("kill", "verify"),
+        ("restart", "verify"),
+    ], out[-3000:]
+    for when in ("attached", "stormed"):
+        assert f"check {when} supervisor-resident: ok" in out, out[-3000:]
 
 
 @SHORT_GUEST

@@ -28,7 +28,7 @@ from netswap.server.tls import client_context
 from netswap.server.units import format_size, is_loopback, parse_hostport, parse_size, read_secret
 
 from ..device import BlockDevice, PageDevice
-from .affinity import Gatherer, parse_cpus_option, pin_process
+from .affinity import Gatherer, parse_cpus_option, pin_process, set_policy
 
 if TYPE_CHECKING:
     from ..agent.keys import AreaKey
@@ -275,6 +275,14 @@ class PluginConfig:
     @property
     def sealed(self) -> bool:
         return self.backend == "remote" and self.encrypt == "on"
+
+    def real_time(self) -> str:
+        """A spare loads as an ordinary task (the supervisor's choice); ready, it runs
+        real-time like the nbdkit it will replace."""
+        try:
+            return set_policy("fifo")
+        except PermissionError:
+            return "SCHED_FIFO: NOT applied (needs CAP_SYS_NICE)"
 
     def sealing_note(self) -> str:
         if self.sealed:

@@ -123,7 +123,8 @@ def after_fork() -> None:
         print(f"netswap plugin: {_config.sealing_note()}", file=sys.stderr, flush=True)
     if _config.standby:  # the supervisor's spare: built and locked, serving only when told
         cushion = grow_cushion(CUSHION)
-        back = fault_in_swapped()  # what swap took before the lock at load, back and locked
+        back = fault_in_swapped()  # what swap took while it loaded, back and locked
+        print(f"netswap plugin: {_config.real_time()}", file=sys.stderr, flush=True)
         print(f"netswap plugin: standby, ready (a {CUSHION >> 20} MiB heap cushion: "
               f"{'grown' if cushion else 'NOT grown'}; {back} pages back from swap)",
               file=sys.stderr, flush=True)  # fmt: skip

@@ -23,7 +23,10 @@ class Child:
         self.pidfd = os.pidfd_open(pid)
 
     @classmethod
-    def spawn(cls, argv: list[str], env: dict[str, str], log_path: str) -> Child:
+    def spawn(cls, argv: list[str], env: dict[str, str], log_path: str,
+              ordinary: bool = False) -> Child:  # fmt: skip
+        """`ordinary`: not the supervisor's SCHED_FIFO (a spare loading while the host
+        swaps must not take memory and CPU ahead of the nbdkit serving)."""
         read, write = os.pipe()
         middle = os.fork()
         if middle == 0:  # the middle process: a session of its own, then nbdkit, then gone
@@ -37,6 +40,8 @@ class Child:
                     os.dup2(null, 0)
                     os.dup2(out, 1)
                     os.dup2(out, 2)
+                    if ordinary:
+                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                     os.execve(argv[0], argv, env)
                 os.write(write, str(pid).encode())
             finally:

@@ -31,7 +31,8 @@ class Spare:
         ours, theirs = socket.socketpair()
         try:
             os.set_inheritable(theirs.fileno(), True)
-            child = Child.spawn([*argv, f"standby={theirs.fileno()}"], env, log_path)
+            child = Child.spawn([*argv, f"standby={theirs.fileno()}"], env, log_path,
+                                ordinary=True)  # fmt: skip
         except BaseException:
             ours.close()
             raise

@@ -151,7 +151,9 @@ class Supervisor:
         port = self.ports[1] if self.port == self.ports[0] else self.ports[0]
         OVERCOMMIT_FOR_NBDKIT.allow()  # until it is ready or gone (drop_spare)
         try:
-            env = {**self._env(), "PYTHONMALLOC": "malloc"}  # its cushion serves every object
+            # Its cushion serves every object; it loads unlocked (it locks at ready).
+            env = {**self._env(), "PYTHONMALLOC": "malloc"}
+            env.pop("NETSWAP_LOCK_AT_LOAD", None)
             self.spare = Spare.spawn(self._argv("rebuild", port), env, self.log_path, port)
         except OSError as exc:
             OVERCOMMIT_FOR_NBDKIT.restore()
