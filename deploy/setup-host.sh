@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 EXTRA_APT=${EXTRA_APT:-}
 APT_PACKAGES="nbdkit nbdkit-plugin-python nbd-client python3-libnbd libnbd-bin python3-venv
   python3-dev fio qemu-utils procps iproute2 qemu-system-x86 busybox-static cpio gcc libc6-dev
-  chromium fonts-dejavu-core docker-compose kmod
+  chromium fonts-dejavu-core docker-compose kmod redis-server redis-tools
   podman runc debootstrap golang-github-containernetworking-plugin-dnsname dnsmasq-base
   $EXTRA_APT"
 

@@ -88,6 +88,7 @@ class Agent:
         rebuild: bool = False,
         epoch: int = 0,
         key: AreaKey | None = None,
+        must_connect: bool = False,
     ) -> None:
         self.area, self.token, self.slots = area, token, slots
         self.rebuild = rebuild  # a restart: rebuild the area from the stores, never release it
@@ -121,6 +122,10 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._failure: StoreError | None = None
+        # A store tier of one (a cluster): unreachable or refusing at start is an error, not
+        # a store to wait for.
+        self.must_connect = must_connect
+        self.first_failure = ""
         self._stop: asyncio.Event | None = None
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
@@ -161,6 +166,10 @@ class Agent:
             await self._rebuild()
         else:
             await asyncio.gather(*(self._first_connect(store) for store in self.stores))
+            if self.must_connect and not any(store.up for store in self.stores):
+                raise StoreError(
+                    errno.EHOSTUNREACH, f"no store tier at start: {self.first_failure}"
+                )
         if self.key is not None:  # before any write: the next agent's epoch goes above it
             self.key.record_epoch(self.slot_map.epoch)
             self._background(self._watch_key(self.key))
@@ -218,6 +227,7 @@ class Agent:
             await store.connect(fresh=True)
         except (*TRANSPORT_ERRORS, StoreError) as exc:
             log.warning("store %s unavailable at start: %s", store.name, exc)
+            self.first_failure = self.first_failure or str(exc)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -23,10 +23,14 @@ import errno
 import logging
 import ssl
 import threading
+from collections.abc import Awaitable
+from typing import Any
 
 from netswap.protocol import PAGE_SIZE, SEAL_SIZE, ZERO_PAGE, StoreError, tags_of
 from netswap.server.units import parse_hostport
 
+from ..cluster.client import ClusterClient
+from ..cluster.layout import parse_url
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
 from ..rpc import read_token
 from .core import Agent
@@ -91,6 +95,8 @@ class RemoteDevice:
         cls,
         *,
         stores: list[str],
+        cluster: str = "",
+        cluster_wait: int = 1,
         area: str,
         size: int,
         replicas: int,
@@ -109,6 +115,18 @@ class RemoteDevice:
         key: AreaKey | None = None,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
+        token = read_token(token_file or None)
+        extra: dict[str, Any] = {}
+        if cluster:  # one store, the cluster; its client, not netswap's (cluster/client.py)
+            user, seeds = parse_url(cluster)
+
+            def connect(host: str, port: int, area: str, token: str, deadline: float,
+                        tls: ssl.SSLContext | None) -> Awaitable[ClusterClient]:  # fmt: skip
+                return ClusterClient.connect(seeds, area, user, token, deadline, cluster_wait)
+
+            stores, extra["connect_store"] = [f"{seeds[0][0]}:{seeds[0][1]}"], connect
+            extra["must_connect"] = True
+            direct_reads = direct_writes = False  # nbdkit's threads speak netswap's protocol
         agent = Agent(
             [parse_hostport(s, 7177) for s in stores],
             area,
@@ -116,13 +134,14 @@ class RemoteDevice:
             Reserve(reserve),
             replicas=replicas,
             slab_slots=slab_slots_for(slab),
-            token=read_token(token_file or None),
+            token=token,
             quorum=quorum,
             policy=BatchPolicy(batch_pages, batch_linger_us / 1e6),
             tls=tls,
             rebuild=rebuild,
             epoch=epoch,
             key=key,
+            **extra,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
                    direct_reads=direct_reads, direct_writes=direct_writes)  # fmt: skip

@@ -88,6 +88,11 @@ class PluginConfig:
                         metavar="NAME")  # fmt: skip
     stores: list[str] = setting([], "address", "a page store for backend=remote (repeatable)",
                                 key="store", repeat=True)  # fmt: skip
+    cluster: str = setting("", "text", "remote: a Redis-protocol cluster as the store tier, "
+                           "in place of store=: redis://[USER@]HOST:PORT[,HOST:PORT...] "
+                           "(token-file holds the password)", metavar="URL")  # fmt: skip
+    cluster_wait: int = setting(1, "count", "cluster: replicas a write waits for (WAIT) "
+                                "before it is acknowledged; 0: the master's copy only")  # fmt: skip
     replicas: int = setting(0, "count", "copies of every page (remote; 2 with 2+ stores, else 1)")
     quorum: int = setting(1, "count", "copies a write needs before it is acknowledged (remote)")
     reserve: int = setting(16 << 20, "size", "swap-out reserve (remote)")
@@ -170,8 +175,11 @@ class PluginConfig:
             raise ConfigError("size=SIZE is required (e.g. size=4G)")
         if self.backend == "file" and not self.path:
             raise ConfigError("backend=file needs path=DIR")
-        if self.backend == "remote" and not self.stores:
-            raise ConfigError("backend=remote needs at least one store=HOST:PORT")
+        if self.cluster:
+            self._check_cluster()
+        elif self.backend == "remote" and not self.stores:
+            raise ConfigError("backend=remote needs at least one store=HOST:PORT "
+                              "(or cluster=redis://HOST:PORT)")  # fmt: skip
         if self.backend == "remote":
             if self.replicas > len(self.stores):
                 raise ConfigError(f"replicas={self.replicas} needs {self.replicas} store= entries")
@@ -223,8 +231,27 @@ class PluginConfig:
 
     @property
     def effective_replicas(self) -> int:
-        """replicas=, or 2 when there are two or more stores, else 1."""
+        """replicas=, or 2 when there are two or more stores, else 1 (and 1 on a cluster:
+        it replicates itself)."""
+        if self.cluster:
+            return 1
         return self.replicas or (2 if len(self.stores) >= 2 else 1)
+
+    def _check_cluster(self) -> None:
+        from ..cluster.layout import check_area_name, parse_url
+
+        if self.backend != "remote":
+            raise ConfigError(f"cluster= is only for backend=remote, not {self.backend}")
+        if self.stores:
+            raise ConfigError("cluster= is the store tier: give it or store=, not both")
+        if self.replicas > 1 or self.store_tls_ca:
+            raise ConfigError("cluster=: the cluster replicates (replicas=), and TLS to it is "
+                              "not supported yet (store-tls-ca=)")  # fmt: skip
+        try:
+            parse_url(self.cluster)
+            check_area_name(self.area or "")
+        except ValueError as exc:
+            raise ConfigError(f"cluster={self.cluster}: {exc}") from None
 
     @property
     def parallel(self) -> bool:
@@ -313,7 +340,8 @@ class PluginConfig:
             from ..agent.remote import RemoteDevice
 
             return RemoteDevice.open(
-                stores=self.stores, area=self.area, size=self.size,
+                stores=self.stores, cluster=self.cluster, cluster_wait=self.cluster_wait,
+                area=self.area, size=self.size,
                 replicas=self.effective_replicas, quorum=self.quorum, reserve=self.reserve,
                 slab=self.slab, token_file=self.token_file, batch_pages=self.batch_pages,
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",

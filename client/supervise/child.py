@@ -56,6 +56,12 @@ class Child:
         ready, _, _ = select.select([self.pidfd], [], [], 0)
         return not ready
 
+    def kill(self, grace: float = 10.0) -> None:
+        """SIGKILL, and wait for the exit."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        select.select([self.pidfd], [], [], grace)
+
     def stop(self, grace: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)

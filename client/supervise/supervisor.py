@@ -308,7 +308,10 @@ class Supervisor:
             self.drop_spare()
             self.start_spare()
             self.spare_in_time(time.monotonic() + START_S)
-            old.stop()
+            # Killed, not stopped: nbdkit told to stop answers the requests in flight
+            # ESHUTDOWN, which the kernel takes as failed swap IO (seen in the drill);
+            # a socket that just dies has them sent again on the new one.
+            old.kill()
         began = time.monotonic()
         old.close()
         self.child = None

@@ -1,0 +1,236 @@
+"""The cluster tier (#25) against a real Redis cluster (3 masters, 3 replicas) started
+here on 127.0.0.1 (netswap.lab.cluster), through the real plugin and libnbd."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nbd
+import pytest
+from netswap.client.agent.keys import drop_key
+from netswap.lab.cluster import Cluster, cluster
+
+from .conftest import free_port, wait_for_port
+from .nbdserver import NETSWAP, connect, errno_of
+
+PAGE = 4096
+AREA = f"clu{os.getpid()}"
+pytestmark = pytest.mark.xdist_group("cluster")  # one cluster's worth of servers at a time
+
+
+@pytest.fixture(autouse=True)
+def _drop_the_key() -> Iterator[None]:
+    yield
+    drop_key(AREA)
+
+
+@contextmanager
+def agent(url: str, *extra: str, size: str = "64M", area: str = AREA,
+          token: str = "") -> Iterator[tuple[str, Path]]:  # fmt: skip
+    port = free_port()
+    log = Path("/tmp") / f"netswap-cluster-{port}.log"
+    cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--size", size, "--backend",
+           "remote", "--cluster", url, "--area", area, "--no-mlock", *extra]  # fmt: skip
+    if token:
+        secret = Path("/tmp") / f"netswap-cluster-{port}.token"
+        secret.write_text(token + "\n")
+        secret.chmod(0o600)
+        cmd += ["--token-file", str(secret)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        yield f"nbd://127.0.0.1:{port}/swap", log
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def storm(uri: str, slots: range, threads: int, seconds: float, seed: int) -> dict[int, bytes]:
+    """Random pages written and read back from several libnbd connections; returns what
+    each slot should hold. A thread owns its own slots (slot % threads)."""
+    truth: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        rng = random.Random(seed + k)
+        mine = [s for s in slots if s % threads == k]
+        h = connect(uri)
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                slot = rng.choice(mine)
+                data = rng.randbytes(PAGE)
+                h.pwrite(data, slot * PAGE)
+                with lock:
+                    truth[slot] = data
+                other = rng.choice(mine)
+                with lock:
+                    want = truth.get(other)
+                if want is not None:
+                    assert h.pread(PAGE, other * PAGE) == want, other
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+        finally:
+            h.shutdown()
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return truth
+
+
+def verify(uri: str, truth: dict[int, bytes]) -> int:
+    """Every page read back byte for byte; returns how many read EIO (any other
+    difference fails)."""
+    h = connect(uri)
+    eio = 0
+    for slot, data in truth.items():
+        try:
+            assert h.pread(PAGE, slot * PAGE) == data, slot
+        except nbd.Error as exc:
+            assert errno_of(exc) == errno.EIO, exc
+            eio += 1
+    h.shutdown()
+    return eio
+
+
+@pytest.fixture(scope="module")
+def six() -> Iterator[Cluster]:
+    with cluster(3, 1) as made:
+        yield made
+
+
+def test_a_storm_from_several_connections_reads_back_byte_for_byte(six: Cluster) -> None:
+    with agent(six.url) as (uri, log):
+        truth = storm(uri, range(4096), threads=4, seconds=8, seed=1)
+        assert len(truth) > 500
+        assert verify(uri, truth) == 0
+        assert "sealed with AES-256-GCM" in log.read_text()
+
+
+def test_a_restarted_agent_rebuilds_from_the_cluster(six: Cluster) -> None:
+    with agent(six.url) as (uri, _):
+        truth = storm(uri, range(2000), threads=2, seconds=3, seed=2)
+    with agent(six.url, "--start", "rebuild") as (uri, log):
+        assert verify(uri, truth) == 0
+        assert f"{len(truth)} pages proven" in log.read_text()
+
+
+def test_discard_frees_cluster_memory(six: Cluster) -> None:
+    with agent(six.url) as (uri, _):
+        h = connect(uri)
+        before = six.used_memory()
+        h.pwrite(os.urandom(16 << 20), 0)  # 16 MiB: 16 whole chunks and a part
+        written = six.used_memory()
+        h.trim(16 << 20, 0)
+        time.sleep(0.5)  # UNLINK frees in the background
+        after = six.used_memory()
+        h.shutdown()
+    assert written - before > 15 << 20
+    assert written - after > 14 << 20, (before, written, after)
+
+
+def test_memory_per_stored_page_is_within_ten_percent_of_the_page(six: Cluster) -> None:
+    with agent(six.url, size="128M") as (uri, _):
+        h = connect(uri)
+        before = six.used_memory()
+        for at in range(0, 96 << 20, 8 << 20):  # 24,576 pages, dense: swap's own pattern
+            h.pwrite(os.urandom(8 << 20), at)
+        per_page = (six.used_memory() - before) / (96 << 20 >> 12)
+        h.shutdown()
+    assert per_page <= 1.10 * PAGE, per_page
+
+
+def test_area_b_cannot_touch_area_a_on_any_node(six: Cluster) -> None:
+    user_a, user_b = six.add_user(AREA, "pw-a"), six.add_user(AREA + "b", "pw-b")
+    url = six.url.replace("redis://", f"redis://{user_a}@")
+    with agent(url, token="pw-a") as (uri, _):
+        h = connect(uri)
+        h.pwrite(os.urandom(PAGE), 0)
+        h.shutdown()
+    key = f"netswap:{{{AREA}:0}}:p:0"
+    for node in six.masters():
+        for command in (["GET", key], ["SET", key, "x"], ["DEL", key]):
+            out = subprocess.run(["redis-cli", "-p", str(node.port), "--user", user_b,
+                                  "--pass", "pw-b", "--no-auth-warning", *command],
+                                 capture_output=True, text=True, check=False).stdout  # fmt: skip
+            assert "NOPERM" in out, (node.port, command, out)
+
+
+def test_a_wrong_password_is_one_clear_line(six: Cluster) -> None:
+    user = six.add_user(AREA, "right")
+    url = six.url.replace("redis://", f"redis://{user}@")
+    port = free_port()
+    secret = Path("/tmp") / f"netswap-cluster-{port}.token"
+    secret.write_text("wrong\n")
+    done = subprocess.run([NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--size", "16M",
+                           "--backend", "remote", "--cluster", url, "--area", AREA,
+                           "--no-mlock", "--token-file", str(secret)],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode != 0
+    assert "refused" in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]
+
+
+def test_an_unreachable_cluster_at_start_is_one_clear_line() -> None:
+    port = free_port()
+    dead = free_port()
+    done = subprocess.run([NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--size", "16M",
+                           "--backend", "remote", "--cluster", f"redis://127.0.0.1:{dead}",
+                           "--area", AREA, "--no-mlock"],
+                          capture_output=True, text=True, timeout=90, check=False)  # fmt: skip
+    assert done.returncode != 0
+    assert "unreachable" in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]
+
+
+def test_a_full_cluster_is_enospc_like_a_full_store() -> None:
+    with cluster(3, 0, maxmemory="24mb") as small, agent(small.url, size="256M") as (uri, _):
+        h = connect(uri)
+        with pytest.raises(nbd.Error) as info:
+            for at in range(0, 256 << 20, 1 << 20):
+                h.pwrite(os.urandom(1 << 20), at)
+        assert errno_of(info.value) == errno.ENOSPC
+        h.shutdown()
+
+
+def test_a_master_killed_mid_storm_fails_over_with_nothing_stale() -> None:
+    """kill -9 of a master while four connections write and read: its replica takes
+    over; the storm sees no error, and every acknowledged page reads back identical or
+    (none expected with WAIT 1) EIO, never stale."""
+    with cluster(3, 1) as c, agent(c.url) as (uri, _):
+        victim = c.masters()[0]
+        timer = threading.Timer(3.0, victim.kill)
+        timer.start()
+        truth = storm(uri, range(8192), threads=4, seconds=12, seed=3)
+        timer.join()
+        c.wait_ok()
+        eio = verify(uri, truth)
+        print(f"failover: {len(truth)} pages, {eio} EIO")
+        assert eio == 0
+
+
+def test_a_master_added_and_resharded_during_a_storm_loses_nothing() -> None:
+    with cluster(3, 0) as c, agent(c.url) as (uri, _):
+        first = storm(uri, range(4096), threads=2, seconds=2, seed=4)
+        root = c.nodes[0].dir.parent
+        c.add_master(root, "256mb")
+        rebalance = c.rebalance()
+        truth = storm(uri, range(4096, 8192), threads=4, seconds=10, seed=5)
+        assert rebalance.wait(120) == 0
+        assert verify(uri, {**first, **truth}) == 0
+        owners = [n for n in c.masters() if n.info("keyspace").get("db0")]
+        assert len(owners) == 4  # the new master holds chunks now
