@@ -93,7 +93,16 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
         used, cap = st.used_bytes >> 20, st.capacity_bytes >> 20
         stores.add_row(st.name, state, str(used), str(cap),
                        str(st.slabs), str(st.stale), str(st.syncing))  # fmt: skip
-    return Group(figures, stores)
+    if not now.cluster_nodes:
+        return Group(figures, stores)
+    nodes = Table(title="cluster nodes")
+    for col in ("node", "role", "state", "used MiB", "maxmemory MiB"):
+        nodes.add_column(col)
+    for n in now.cluster_nodes:
+        state = "[green]up[/green]" if n.up else "[bold red]DOWN[/bold red]"
+        nodes.add_row(n.name, n.role, state, str(n.used_bytes >> 20),
+                      str(n.max_bytes >> 20) if n.max_bytes else "-")  # fmt: skip
+    return Group(figures, stores, nodes)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -135,6 +135,12 @@ class Cluster:
                         self.nodes[0].address], check=True, capture_output=True,
                        timeout=60)  # fmt: skip
         self.nodes.append(node)
+        deadline = time.monotonic() + START_S  # every node must know it before a rebalance
+        while not all(node.address in n.cli("CLUSTER", "NODES") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not learn of {node.address}")
+            time.sleep(0.1)
+        self.wait_ok()
         return node
 
     def rebalance(self) -> subprocess.Popen[bytes]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,16 +56,17 @@ def agent(url: str, *extra: str, size: str = "64M", area: str = AREA,
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
-def storm(uri: str, slots: range, threads: int, seconds: float, seed: int) -> dict[int, bytes]:
+def storm(uri: str, slots: Sequence[int], threads: int, seconds: float,
+          seed: int) -> dict[int, bytes]:  # fmt: skip
     """Random pages written and read back from several libnbd connections; returns what
-    each slot should hold. A thread owns its own slots (slot % threads)."""
+    each slot should hold. A thread owns its own slots (every threads-th)."""
     truth: dict[int, bytes] = {}
     errors: list[BaseException] = []
     lock = threading.Lock()
 
     def worker(k: int) -> None:
         rng = random.Random(seed + k)
-        mine = [s for s in slots if s % threads == k]
+        mine = list(slots[k::threads])
         h = connect(uri)
         end = time.monotonic() + seconds
         try:
@@ -223,14 +225,40 @@ def test_a_master_killed_mid_storm_fails_over_with_nothing_stale() -> None:
         assert eio == 0
 
 
+# 256 slots in each of 24 buckets (layout.BUCKET_CHUNKS x CHUNK_PAGES slots apart): the
+# buckets' hash tags spread over every master, so resharding moves some of them.
+SPREAD = [b * 64 * 255 + k for b in range(24) for k in range(256)]
+
+
 def test_a_master_added_and_resharded_during_a_storm_loses_nothing() -> None:
-    with cluster(3, 0) as c, agent(c.url) as (uri, _):
-        first = storm(uri, range(4096), threads=2, seconds=2, seed=4)
+    with cluster(3, 0) as c, agent(c.url, size="2G") as (uri, _):
+        first = storm(uri, SPREAD[::2], threads=2, seconds=3, seed=4)
         root = c.nodes[0].dir.parent
         c.add_master(root, "256mb")
         rebalance = c.rebalance()
-        truth = storm(uri, range(4096, 8192), threads=4, seconds=10, seed=5)
+        truth = storm(uri, SPREAD[1::2], threads=4, seconds=12, seed=5)
         assert rebalance.wait(120) == 0
         assert verify(uri, {**first, **truth}) == 0
         owners = [n for n in c.masters() if n.info("keyspace").get("db0")]
         assert len(owners) == 4  # the new master holds chunks now
+
+
+def test_the_cluster_nodes_show_in_metrics_and_stats(six: Cluster) -> None:
+    """Six nodes, three masters, each up with its used memory; `netswap stats` shows them."""
+    from netswap.client.statscmd import fetch
+
+    http = f"127.0.0.1:{free_port()}"
+    with agent(six.url, "--http", http) as (uri, _):
+        h = connect(uri)
+        h.pwrite(os.urandom(1 << 20), 0)
+        h.shutdown()
+        deadline = time.monotonic() + 15
+        while len(fetch(f"http://{http}/").cluster_nodes) < 6:
+            assert time.monotonic() < deadline, "the nodes never showed"
+            time.sleep(0.5)
+        snap = fetch(f"http://{http}/")
+        assert sorted(n.role for n in snap.cluster_nodes) == ["master"] * 3 + ["replica"] * 3
+        assert all(n.up and n.used_bytes > 0 for n in snap.cluster_nodes), snap.cluster_nodes
+        text = subprocess.run([NETSWAP, "stats", f"http://{http}/"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout  # fmt: skip
+        assert "cluster nodes" in text and len(re.findall(r"│ replica +│", text)) == 3, text

@@ -17,6 +17,7 @@ from pathlib import Path
 from netswap.protocol import PAGE_SIZE
 from netswap.server.ops.recorder import Recorder
 from netswap.server.ops.snapshot import (
+    ClusterNode,
     Lifecycle,
     RecentDecision,
     ReserveFigures,
@@ -25,6 +26,7 @@ from netswap.server.ops.snapshot import (
 )
 from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
+from ..cluster.client import ClusterClient
 from .core import Agent
 from .direct import DirectPath
 from .placement import DOWN, STALE, SYNCING
@@ -84,6 +86,8 @@ def agent_source(
                 for t, r, n in list(agent.recent_decisions)[-RECENT_SHOWN:]
             ],
             lifecycle=lifecycle(agent),
+            cluster_nodes=cluster_nodes(agent),
+            cluster_counters=cluster_counters(agent),
         )
 
     return snapshot
@@ -109,6 +113,20 @@ def store_rows(agent: Agent) -> list[StoreRow]:
             )
         )
     return rows
+
+
+def cluster_nodes(agent: Agent) -> list[ClusterNode]:
+    """On a cluster tier, its nodes as the last usage refresh saw them."""
+    client = agent.stores[0].client if agent.stores else None
+    if not isinstance(client, ClusterClient):
+        return []
+    figures = client.node_figures
+    return [ClusterNode(f.name, f.role, f.up, f.used_bytes, f.max_bytes) for f in figures]
+
+
+def cluster_counters(agent: Agent) -> dict[str, int]:
+    client = agent.stores[0].client if agent.stores else None
+    return dict(client.counters) if isinstance(client, ClusterClient) else {}
 
 
 def lifecycle(agent: Agent) -> Lifecycle:

@@ -34,6 +34,7 @@ from netswap.protocol import PAGE_SIZE, SEAL_SIZE, Pages, StoreError, area_seed
 from netswap.protocol.errors import ConnectionLost
 from netswap.protocol.messages import Buffer
 from redis import exceptions as rx
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 
 from .layout import (
@@ -66,6 +67,17 @@ UNLINK_BATCH = 512
 
 
 @dataclass(frozen=True)
+class NodeFigures:
+    """One node as the ops endpoint shows it: CLUSTER NODES and its INFO memory."""
+
+    name: str
+    role: str  # "master" or "replica"
+    up: bool
+    used_bytes: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
 class Welcome:
     """What rpc.StoreClient's Welcome says, for the cluster."""
 
@@ -93,6 +105,8 @@ class ClusterClient:
         self.welcome: Welcome | None = None
         self.made: set[int] = set()  # chunks known to exist at their final size
         self.counters = {"unreplicated_writes": 0, "redirects": 0, "retries": 0}
+        self.node_figures: list[NodeFigures] = []  # as of the last stats()
+        self._directs: dict[str, Redis] = {}
         self._open = True
         self._closing: asyncio.Future[None] | None = None
         self._on_lost: Callable[[Exception], None] | None = None
@@ -140,6 +154,8 @@ class ClusterClient:
     async def close(self) -> None:
         self._open = False
         await self.cluster.aclose()
+        for direct in self._directs.values():
+            await direct.aclose()
 
     async def swapfile(self, activate: bool, slots: int) -> None:
         key = area_key(self.area)
@@ -152,11 +168,33 @@ class ClusterClient:
         self.made.clear()
 
     async def stats(self) -> dict[str, int]:
-        used = 0
-        for node in self.cluster.get_primaries():
-            info = await self.cluster.info("memory", target_nodes=node)
-            used += int(info.get("used_memory", 0))
+        """Used pages (the masters' used_memory), and every node's figures refreshed."""
+        used = sum(int(info.get("used_memory", 0)) for info in await self._memory())
+        with contextlib.suppress(rx.RedisError, OSError):
+            self.node_figures = await self._nodes()
         return {"used_pages": used // PAGE_SIZE}
+
+    async def _nodes(self) -> list[NodeFigures]:
+        figures = []
+        for name, node in sorted((await self.cluster.cluster_nodes()).items()):
+            flags = str(node.get("flags", ""))
+            up = bool(node.get("connected")) and "fail" not in flags
+            info: dict[str, Any] = {}
+            if up:
+                with contextlib.suppress(rx.RedisError, OSError):
+                    info = await self._direct(name).info("memory")
+            figures.append(NodeFigures(name, "master" if "master" in flags else "replica", up,
+                                       int(info.get("used_memory", 0)),
+                                       int(info.get("maxmemory", 0))))  # fmt: skip
+        return figures
+
+    async def _memory(self) -> list[dict[str, Any]]:
+        """INFO memory of each master that answers (one failing over does not)."""
+        out = []
+        for node in self.cluster.get_primaries():
+            with contextlib.suppress(rx.RedisError, OSError):
+                out.append(await self.cluster.info("memory", target_nodes=node))
+        return out
 
     async def flush(self) -> None:
         """Nothing to do: a write was answered once WAIT had counted its replicas."""
@@ -348,6 +386,20 @@ class ClusterClient:
             self.counters["unreplicated_writes"] += len(group)
         return retry
 
+    def _direct(self, name: str) -> Redis:
+        """A plain client to one node (replicas too: the cluster client routes to
+        masters only), one per node, kept."""
+        client = self._directs.get(name)
+        if client is None:
+            host, _, port = name.rpartition(":")
+            kwargs = self.cluster.nodes_manager.connection_kwargs
+            client = self._directs[name] = Redis(
+                host=host, port=int(port), username=kwargs.get("username"),
+                password=kwargs.get("password"), socket_timeout=self.deadline,
+                socket_connect_timeout=self.deadline,
+            )  # fmt: skip
+        return client
+
     def _replicas(self, key: str) -> int:
         """Replicas the cluster has for this key's slot now (WAIT for more would only
         time out)."""
@@ -355,11 +407,8 @@ class ClusterClient:
         return max(0, len(owners) - 1)
 
     async def _capacity_pages(self) -> int:
-        total = 0
-        for node in self.cluster.get_primaries():
-            info = await self.cluster.info("memory", target_nodes=node)
-            total += int(info.get("maxmemory", 0)) or 1 << 40
-        return total // PAGE_SIZE
+        """The masters' maxmemory (2^40 bytes for one without a limit)."""
+        return sum(int(i.get("maxmemory", 0)) or 1 << 40 for i in await self._memory()) // PAGE_SIZE
 
     def _background(self, work: Any, done: Callable[[Any, Exception | None], None]) -> None:
         task = asyncio.ensure_future(work)

@@ -149,6 +149,8 @@ class _SnapshotCollector:
         )
         if s.lifecycle is not None:
             yield from _lifecycle(s.lifecycle)
+        if s.cluster_nodes:
+            yield from _cluster(s)
         decisions = CounterMetricFamily(
             "netswap_batch_decisions", "Batching decisions by reason", labels=["reason"]
         )
@@ -197,6 +199,22 @@ def _lifecycle(life: Lifecycle) -> Iterator[Metric]:
         "Slots that read EIO until a store away at the rebuild returns",
         life.unproven_slots,
     )
+
+
+def _cluster(s: Snapshot) -> Iterator[Metric]:
+    up = GaugeMetricFamily("netswap_cluster_node_up", "1 if the cluster node answers",
+                           labels=["node", "role"])  # fmt: skip
+    used = GaugeMetricFamily("netswap_cluster_node_used_bytes", "The node's used_memory",
+                             labels=["node", "role"])  # fmt: skip
+    cap = GaugeMetricFamily("netswap_cluster_node_max_bytes", "The node's maxmemory (0: none)",
+                            labels=["node", "role"])  # fmt: skip
+    for n in s.cluster_nodes:
+        up.add_metric([n.name, n.role], 1 if n.up else 0)
+        used.add_metric([n.name, n.role], n.used_bytes)
+        cap.add_metric([n.name, n.role], n.max_bytes)
+    yield from (up, used, cap)
+    for name, value in sorted(s.cluster_counters.items()):
+        yield CounterMetricFamily(f"netswap_cluster_{name}", f"Cluster tier: {name}", value=value)
 
 
 def render(snapshot: Snapshot) -> bytes:

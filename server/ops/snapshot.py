@@ -80,6 +80,17 @@ class RecentDecision:
 
 
 @dataclass(frozen=True)
+class ClusterNode:
+    """Agents on a cluster tier: one Redis node, from CLUSTER NODES and INFO memory."""
+
+    name: str
+    role: str  # "master" or "replica"
+    up: bool
+    used_bytes: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
 class Lifecycle:
     """Agents: how this agent started and what the supervisor has seen (restarts)."""
 
@@ -118,6 +129,8 @@ class Snapshot:
     recent_decisions: list[RecentDecision] = field(default_factory=list)
     connections: int | None = None  # stores only: connections accepted
     lifecycle: Lifecycle | None = None  # agents only
+    cluster_nodes: list[ClusterNode] = field(default_factory=list)  # agents on a cluster
+    cluster_counters: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -157,4 +170,6 @@ class Snapshot:
             recent_decisions=[RecentDecision(**d) for d in raw["recent_decisions"]],
             connections=raw.get("connections"),
             lifecycle=Lifecycle(**raw["lifecycle"]) if raw.get("lifecycle") else None,
+            cluster_nodes=[ClusterNode(**n) for n in raw.get("cluster_nodes", [])],
+            cluster_counters=dict(raw.get("cluster_counters", {})),
         )
