@@ -24,6 +24,7 @@ from pathlib import Path
 
 from netswap.client.nbd.attach import MIN_FREE_KBYTES_FLOOR, plan
 
+from .cluster import cluster
 from .cpio import newc_archive
 from .ports import ExitedEarly, free_port, wait_port
 from .qemu import CACHE, LabError, build_guest, run_guest
@@ -62,6 +63,9 @@ def run_lab(args: argparse.Namespace) -> Outcome:
                 serve += ["--replicas", str(args.replicas)]
             if args.cache:
                 serve += ["--cache", args.cache]
+        elif args.backend == "cluster":  # 3 masters, 3 replicas of redis-server (#25)
+            made = stack.enter_context(cluster(3, 1, maxmemory=f"{export_mib}mb"))
+            serve += ["--backend", "remote", "--cluster", made.url, "--area", "labguest"]
         stack.enter_context(child(serve, port))
         initrd = CACHE / f"initrd-{port}.img"
         stack.callback(initrd.unlink, missing_ok=True)

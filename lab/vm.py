@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ram", type=int, help=f"guest RAM in MiB (default {KERNEL_ONLY_RAM}; "
                         f"{HOST_IN_GUEST_RAM} with --host-in-guest)")  # fmt: skip
     parser.add_argument("--size", type=int, help="MiB the verifier pushes (default 4x RAM)")
-    parser.add_argument("--backend", choices=("memory", "remote"), default="memory")
+    parser.add_argument("--backend", choices=("memory", "remote", "cluster"), default="memory",
+                        help="the agent's store tier: the embedded memory store, netswap "
+                        "stores, or a Redis cluster (redis-server on this host)")  # fmt: skip
     parser.add_argument("--stores", type=int, default=2, help="store processes (remote)")
     parser.add_argument("--replicas", type=int, help="copies per page (remote)")
     parser.add_argument("--cache", choices=CACHE_MODES, help="the agent's write mode (remote)")

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -262,3 +263,12 @@ def test_the_cluster_nodes_show_in_metrics_and_stats(six: Cluster) -> None:
         text = subprocess.run([NETSWAP, "stats", f"http://{http}/"], capture_output=True,
                               text=True, timeout=30, check=True).stdout  # fmt: skip
         assert "cluster nodes" in text and len(re.findall(r"│ replica +│", text)) == 3, text
+
+
+def test_an_agent_of_netswap_stores_does_not_load_the_cluster_client() -> None:
+    """redis-py costs ~10 MiB locked: only an agent on a cluster tier imports it."""
+    code = ("import sys, netswap.client.nbd.config, netswap.client.agent.remote, "
+            "netswap.client.agent.stats; print('redis' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out.strip() == "False"

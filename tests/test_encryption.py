@@ -161,3 +161,28 @@ def test_a_restart_writes_above_every_epoch_recorded_under_the_key() -> None:
             for slot, data in truth.items():
                 assert h.pread(PAGE, slot * PAGE) == data
             h.shutdown()
+
+
+def test_an_older_cryptography_seals_and_opens_the_same_pages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The compose lab's image has Debian's cryptography 38 (no encrypt_into): its path
+    must produce and accept the very same ciphertexts and seals."""
+    from netswap.client.agent import seal
+
+    sealer = seal.Sealer(os.urandom(32), "a")
+    plain = memoryview(bytearray(os.urandom(PAGE)))
+    pages = {}
+    for into in (True, False):
+        monkeypatch.setattr(seal, "INTO", into)
+        page = memoryview(bytearray(PAGE))
+        _, seals = sealer.seal_pages(plain, [page], [0], 9, [1 << 32 | 3], 0)
+        pages[into] = (bytes(page), bytes(seals))
+    assert pages[True] == pages[False]  # deterministic nonce: same key, same ciphertext
+    for into in (True, False):
+        monkeypatch.setattr(seal, "INTO", into)
+        out = memoryview(bytearray(PAGE))
+        page, seals = pages[not into]
+        assert sealer.open(out, memoryview(page), memoryview(seals), 9, 1 << 32 | 3)
+        assert bytes(out) == bytes(plain)
+        assert not sealer.open(out, memoryview(page), memoryview(seals), 10, 1 << 32 | 3)

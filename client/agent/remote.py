@@ -29,8 +29,6 @@ from typing import Any
 from netswap.protocol import PAGE_SIZE, SEAL_SIZE, ZERO_PAGE, StoreError, tags_of
 from netswap.server.units import parse_hostport
 
-from ..cluster.client import ClusterClient
-from ..cluster.layout import parse_url
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
 from ..rpc import read_token
 from .core import Agent
@@ -118,10 +116,14 @@ class RemoteDevice:
         token = read_token(token_file or None)
         extra: dict[str, Any] = {}
         if cluster:  # one store, the cluster; its client, not netswap's (cluster/client.py)
+            # Imported here: redis-py costs an agent of netswap's stores ~10 MiB locked.
+            from ..cluster.client import ClusterClient
+            from ..cluster.layout import parse_url
+
             user, seeds = parse_url(cluster)
 
             def connect(host: str, port: int, area: str, token: str, deadline: float,
-                        tls: ssl.SSLContext | None) -> Awaitable[ClusterClient]:  # fmt: skip
+                        tls: ssl.SSLContext | None) -> Awaitable[Any]:  # fmt: skip
                 return ClusterClient.connect(seeds, area, user, token, deadline, cluster_wait)
 
             stores, extra["connect_store"] = [f"{seeds[0][0]}:{seeds[0][1]}"], connect

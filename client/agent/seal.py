@@ -76,9 +76,9 @@ class Sealer:
         for i, buf in enumerate(bufs):
             slot, generation, page = first + i, generations[i], views[buf]
             plain = source[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            aead.encrypt_into(NONCE.pack(slot, generation), plain, aad, scratch)
-            page[:] = scratch[:PAGE_SIZE]
-            out[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] = scratch[PAGE_SIZE:]
+            sealed = _encrypt(aead, NONCE.pack(slot, generation), plain, aad, scratch)
+            page[:] = sealed[:PAGE_SIZE]
+            out[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] = sealed[PAGE_SIZE:]
             tags.append(page_tag(page, seed, slot, generation))
         return tags, seals
 
@@ -93,7 +93,7 @@ class Sealer:
         scratch[:PAGE_SIZE] = page
         scratch[PAGE_SIZE:] = seal
         try:
-            aead.decrypt_into(NONCE.pack(slot, generation), scratch, self._aad, out)
+            _decrypt(aead, NONCE.pack(slot, generation), scratch, self._aad, out)
         except InvalidTag:
             return False
         return True
@@ -113,3 +113,25 @@ class Sealer:
                              generations[i]):  # fmt: skip
                 return i
         return out
+
+
+# cryptography >= 46 seals into and opens into a buffer of ours (the venv's, pyproject);
+# an older one (Debian 12's 38, which the compose lab's image installs from apt) makes
+# a bytes object per page and wants bytes in.
+INTO = hasattr(AESGCM, "encrypt_into")
+
+
+def _encrypt(aead: AESGCM, nonce: bytes, plain: memoryview, aad: bytes,
+             scratch: memoryview) -> memoryview:  # fmt: skip
+    if INTO:
+        aead.encrypt_into(nonce, plain, aad, scratch)
+        return scratch
+    return memoryview(aead.encrypt(nonce, bytes(plain), aad))
+
+
+def _decrypt(aead: AESGCM, nonce: bytes, sealed: memoryview, aad: bytes,
+             out: memoryview) -> None:  # fmt: skip
+    if INTO:
+        aead.decrypt_into(nonce, sealed, aad, out)
+    else:
+        out[:] = aead.decrypt(nonce, bytes(sealed), aad)
