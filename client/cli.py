@@ -7,69 +7,75 @@ ends as one line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
-from typing import Any
+from collections.abc import Sequence
 
-from netswap.server import storecmd
 from netswap.server.units import UsageError
 
-from . import statscmd
-from .nbd import attach
-from .nbd import serve as servecmd
-
-Register = Callable[[argparse.ArgumentParser], None] | None
-Run = Callable[[argparse.Namespace], int]
-
-# (name, help, add its arguments, run it): one row per subcommand.
-COMMANDS: list[tuple[str, str, Register, Run]] = [
-    ("store", "run a page-store server", storecmd.add_arguments, storecmd.run),
-    ("serve", "export swap over NBD (nbdkit + the netswap plugin)", servecmd.add_arguments,
-     servecmd.run),
-    ("attach", "swap on a netswap export (nbd-client + swapon)", attach.add_attach_arguments,
-     attach.run_attach),
-    ("detach", "undo `netswap attach`", attach.add_detach_arguments, attach.run_detach),
+# (name, help, module, its add-arguments function, its run function): one row per subcommand.
+# A module is imported only when its command runs (or for the full --help): `netswap restart`
+# runs inside a host starved of memory, where the 20 MiB that every module's imports cost
+# (asyncio, rich, the store) were swapped in and out for minutes (seen in the drill at 256 MiB).
+COMMANDS: list[tuple[str, str, str, str, str]] = [
+    ("store", "run a page-store server", "netswap.server.storecmd", "add_arguments", "run"),
+    ("serve", "export swap over NBD (nbdkit + the netswap plugin)", "netswap.client.nbd.serve",
+     "add_arguments", "run"),
+    ("attach", "swap on a netswap export (nbd-client + swapon)", "netswap.client.nbd.attach",
+     "add_attach_arguments", "run_attach"),
+    ("detach", "undo `netswap attach`", "netswap.client.nbd.attach", "add_detach_arguments",
+     "run_detach"),
     ("restart", "replace nbdkit and the agent under the swapping kernel (an upgrade)",
-     attach.add_restart_arguments, attach.run_restart),
-    ("stats", "live figures from a store or `serve --http` endpoint", statscmd.add_arguments,
-     statscmd.run),
+     "netswap.client.nbd.attach", "add_restart_arguments", "run_restart"),
+    ("stats", "live figures from a store or `serve --http` endpoint", "netswap.client.statscmd",
+     "add_arguments", "run"),
 ]  # fmt: skip
-# Expected failures: one line on stderr and exit status 2, never a traceback.
-USER_ERRORS = (UsageError, attach.AttachError, statscmd.StatsError, ValueError)
+# Expected failures: one line on stderr and exit status 2, never a traceback. A module adds
+# its own as USER_ERRORS (AttachError, StatsError).
+USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ValueError)
 # Subcommands installed by packages above this one (the labs: netswap.lab.cli).
 SUBCOMMANDS = "netswap.subcommands"
 
 
-def _register(sub: Any, rows: list[tuple[str, str, Register, Run]]) -> None:
-    for name, text, add_arguments, run in rows:
-        parser = sub.add_parser(name, help=text)
-        if add_arguments is not None:
-            add_arguments(parser)
-        parser.set_defaults(run=run)
+def chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line: the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser, or (only=NAME, one of ours) just that one's arguments."""
     parser = argparse.ArgumentParser(prog="netswap", description="Swap over network storage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _register(sub, COMMANDS)
-    for entry in entry_points(group=SUBCOMMANDS):
-        entry.load()(sub)
+    ours = only in {row[0] for row in COMMANDS}
+    for name, text, module_name, add_name, run_name in COMMANDS:
+        command = sub.add_parser(name, help=text)
+        if not ours or name == only:
+            module = importlib.import_module(module_name)
+            getattr(module, add_name)(command)
+            command.set_defaults(run=getattr(module, run_name),
+                                 errors=getattr(module, "USER_ERRORS", ()))  # fmt: skip
+    if not ours:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=SUBCOMMANDS):
+            entry.load()(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(chosen(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    expected: tuple[type[Exception], ...] = USER_ERRORS + getattr(args, "errors", ())
     try:
         status: int = args.run(args)
-    except USER_ERRORS as exc:
+    except expected as exc:
         print(f"netswap {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

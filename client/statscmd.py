@@ -25,6 +25,10 @@ class StatsError(Exception):
     """The endpoint could not be read."""
 
 
+# What `netswap` prints as one line (cli.py).
+USER_ERRORS = (StatsError,)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",

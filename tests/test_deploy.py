@@ -143,3 +143,18 @@ def test_process_lab_up_runs_a_verified_workload_and_down_stops_exactly_it(
         )
     gone = subprocess.run([NETSWAP, "lab", "down"], capture_output=True, text=True, env=env)
     assert gone.returncode == 2 and "no lab is up" in gone.stderr
+
+
+def test_pyproject_lists_every_package_a_wheel_must_carry() -> None:
+    """The editable install finds any folder; a built wheel (the compose image's) carries only
+    the listed packages, so a folder missing here imports in the venv and fails in the image."""
+    import tomllib
+
+    root = DEPLOY.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in config["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found - set(config["packages"]) == set()

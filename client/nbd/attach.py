@@ -67,6 +67,10 @@ class AttachError(Exception):
     """A precondition failed; nothing was changed (or what was, was undone)."""
 
 
+# What `netswap` prints as one line (cli.py).
+USER_ERRORS = (AttachError,)
+
+
 @dataclass
 class AttachState:
     device: str

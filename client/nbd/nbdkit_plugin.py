@@ -39,7 +39,7 @@ from typing import Any, TypeVar  # noqa: E402
 
 import nbdkit  # noqa: E402
 from netswap.client.device import BlockDevice  # noqa: E402
-from netswap.client.hardening import fault_in_swapped, lock_memory  # noqa: E402
+from netswap.client.hardening import fault_in_swapped, lock_memory, trim_locked_text  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
 from netswap.client.nbd.standby import CUSHION, StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
@@ -116,9 +116,12 @@ def after_fork() -> None:
 
         tracemalloc.start(int(frames))
     tune_heap()  # before the first batch buffer: reused from the heap, never unmapped
-    if _config.mlock == "onfault":
-        print(f"netswap plugin: {lock_memory()}", file=sys.stderr, flush=True)
+    locked = lock_memory() if _config.mlock == "onfault" else None
+    if locked is not None:
+        print(f"netswap plugin: {locked}", file=sys.stderr, flush=True)
     _device = _config.build_device()
+    if locked is not None and locked.ok and "cryptography" in sys.modules:
+        print(f"netswap plugin: {trim_seal_text()}", file=sys.stderr, flush=True)
     if _config.backend == "remote":
         print(f"netswap plugin: {_config.sealing_note()}", file=sys.stderr, flush=True)
     if _config.standby:  # the supervisor's spare: built and locked, serving only when told
@@ -136,6 +139,17 @@ def after_fork() -> None:
     _config.mark_started()
     print(f"netswap plugin: {_config.place_threads(_device)}", file=sys.stderr, flush=True)
     _config.start_ops(_device)
+
+
+def trim_seal_text() -> str:
+    """cryptography's code locked only where a page's seal runs (hardening.py says why)."""
+    from netswap.client.agent import seal
+
+    before, after = trim_locked_text(seal.LIBRARY, seal.warm_up)
+    return (
+        f"cryptography's code: {after >> 10} MiB locked, the seal's paths "
+        f"({before >> 10} MiB before: what its import touched)"
+    )
 
 
 def cleanup() -> None:

@@ -10,6 +10,8 @@ Same run, same client (fio ioengine=nbd), alternating between:
                    through the agent's loop thread
   agent-unbatched  --batch-pages 1: one page per RPC
   agent-2x         two stores, --replicas 2
+  agent-cluster    the cluster tier (#25): a Redis cluster of 3 masters and 3
+                   replicas (redis-server here), each write WAITing for 1 replica
   agent-writeback  --cache writeback (acknowledged from the reserve)
   agent-tls        against a TLS store (--store-tls-ca)
   agent-before     with --baseline VENV: that venv's netswap (another checkout,
@@ -43,6 +45,8 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from netswap.lab.cluster import cluster
+
 from ..conftest import free_port
 from ..pki import make_pki
 from ..procs import StoreProc
@@ -50,6 +54,7 @@ from .bench_nbd import floor_cmd, netswap_cmd, peer_cmd, server
 from .fio import Result, Workload, fio, prefill
 
 SIZE = "256M"
+PAGES = 256 << 20 >> 12  # what the prefill writes
 # 4 KiB is the worst case; 64-128 KiB at depth is what the kernel's swap-out
 # sends (writes merge to ~18-20 pages, at most 32).
 WORKLOADS = (
@@ -121,6 +126,16 @@ def server_commands(
     def agent(area: str, *extra: str) -> Callable[[int], list[str]]:
         return lambda port: netswap_cmd(port, [*one, "--area", area, *extra])
 
+    redis = stack.enter_context(cluster(3, 1, maxmemory="1gb"))
+    empty = redis.used_memory()
+
+    def per_page() -> None:
+        held = (redis.used_memory() - empty) / PAGES
+        print(f"cluster memory per stored page: {held:,.0f} B, {held / 4096:.3f}x a page "
+              "(the masters' used_memory after the prefill and the run, less the empty "
+              "cluster's)")  # fmt: skip
+
+    stack.callback(per_page)
     commands: dict[str, Callable[[int], list[str]]] = {
         "agent": agent("bench1"),
         "agent-plain": agent("bench1p", "--no-encrypt"),
@@ -128,6 +143,9 @@ def server_commands(
         "agent-loop": agent("bench1l", "--reads", "loop", "--writes", "loop"),
         "agent-unbatched": agent("bench1u", "--batch-pages", "1"),
         "agent-2x": lambda port: netswap_cmd(port, two),
+        "agent-cluster": lambda port: netswap_cmd(
+            port, ["--backend", "remote", "--cluster", redis.url, "--area", "bench1c", *pin]
+        ),
         "agent-writeback": agent("bench1w", "--cache", "writeback"),
     }
     tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
@@ -194,6 +212,10 @@ def ratios(med: dict[str, tuple[float, ...]], work: Workload) -> dict[str, float
         if work.iodepth == 1:
             fastest = min(floors, key=lambda f: med[f][1])
             out[f"p50 agent/best floor ({fastest})"] = agent[1] / med[fastest][1]
+    if "agent-cluster" in med:  # #25: at least 0.8x netswap's own store
+        out["cluster/agent"] = med["agent-cluster"][0] / agent[0]
+        if work.iodepth == 1:
+            out["p50 cluster/agent"] = med["agent-cluster"][1] / agent[1]
     for name, label in (("agent-2x", "2 replicas/agent"), ("agent-unbatched", "agent/unbatched"),
                         ("agent-plain", "agent/plain"),
                         ("agent-before", "agent/before"), ("agent-spread", "agent/spread"),
