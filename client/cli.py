@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from netswap.server.units import UsageError
 
+from .supervise.protect import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, lock_all
+
 # (name, help, module, its add-arguments function, its run function): one row per subcommand.
 # A module is imported only when its command runs (or for the full --help): `netswap restart`
 # runs inside a host starved of memory, where the 20 MiB that every module's imports cost
@@ -66,6 +68,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if chosen(argv) == "restart":  # run on a host that swaps hard: what it loads stays
+        lock_all(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
     parser = build_parser(chosen(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(

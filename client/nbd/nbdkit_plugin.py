@@ -147,8 +147,8 @@ def trim_seal_text() -> str:
 
     before, after = trim_locked_text(seal.LIBRARY, seal.warm_up)
     return (
-        f"cryptography's code: {after >> 10} MiB locked, the seal's paths "
-        f"({before >> 10} MiB before: what its import touched)"
+        f"cryptography's code: {after} KiB locked, the seal's paths "
+        f"({before} KiB before: what its import touched)"
     )
 
 
