@@ -61,6 +61,11 @@ DRILL = (("kill", "write", 40), ("kill", "verify", 30), ("restart", "verify", 70
 PULSE_S = 5.0
 # How long the drill waits for swap to move again after an event before it says so.
 RECOVERY_S = 300
+# What the kernel says of nbd0 that the drill's checks count; at most so many lines of it
+# (3 events of ~4 lines each, and room for errors to be seen).
+KERNEL_SAYS = ("reconnected socket", "Dead connection", "Receive control failed", "I/O error",
+               "Killed process")  # fmt: skip
+KERNEL_LINES = 200
 # Set when the verifier has ended: a drill event still waiting for swap to move stops.
 STORM_OVER = threading.Event()
 MIN_FREE = Path("/proc/sys/vm/min_free_kbytes")
@@ -294,7 +299,11 @@ def kernel_log() -> None:
     """What the kernel said of the device and of memory: NETSWAP-DMESG lines."""
     text = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
     lines = [ln for ln in text.splitlines() if "nbd0" in ln or "Killed process" in ln]
-    for line in lines[-40:]:
+    # Every line the checks read (hostguest.drill_failure: reconnects, IO errors, OOM
+    # kills), then the last of the rest: a restart mid-storm logs hundreds of "Possible
+    # stuck request" lines, which pushed the reconnects out of the last 40 (seen in CI).
+    telling = [ln for ln in lines if any(k in ln for k in KERNEL_SAYS)][-KERNEL_LINES:]
+    for line in telling + [ln for ln in lines if ln not in telling][-40:]:
         say(f"NETSWAP-DMESG {line}")
     say(f"NETSWAP-OOM kills={sum('Killed process' in ln for ln in text.splitlines())}")
 

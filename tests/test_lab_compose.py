@@ -33,7 +33,7 @@ def lab_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 @pytest.mark.timeout(1600)
 def test_the_compose_lab_runs_a_store_kill_and_a_restart_without_losing_a_page() -> None:
-    result = lab_compose("--seconds", "90", "--peer-seconds", "10")
+    result = lab_compose("--seconds", "50", "--peer-seconds", "6")
     out = result.stdout
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "lab-compose.txt").write_text(out + result.stderr[-5000:])

@@ -337,7 +337,12 @@ class PluginConfig:
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":
-            from ..agent.remote import RemoteDevice
+            try:
+                from ..agent.remote import RemoteDevice
+            except ImportError as exc:  # an install without pyproject's dependencies
+                raise ConfigError(f"backend=remote needs the Python package {exc.name}, "
+                                  "which this install lacks (pip install netswap, or "
+                                  "Debian's python3-cryptography)") from None  # fmt: skip
 
             return RemoteDevice.open(
                 stores=self.stores, cluster=self.cluster, cluster_wait=self.cluster_wait,
