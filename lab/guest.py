@@ -383,8 +383,9 @@ def run(args: argparse.Namespace) -> str:
         say(f"NETSWAP-SWAP rc={rc} seconds={seconds:.1f} "
             f"pswpin={now['pswpin'] - base['pswpin']} "
             f"pswpout={now['pswpout'] - base['pswpout']}")  # fmt: skip
-        if nbdkit_pid() == pid:  # a drill replaced nbdkit: its CPU died with it
-            say(cpu_line(ticks, cpu_ticks(pid), _children_cpu() - children))
+        if nbdkit_pid() != pid:  # a drill replaced nbdkit: the dead ones' CPU died with
+            ticks = {**ticks, "nbdkit": 0}  # them; the one serving now counts from its start
+        say(cpu_line(ticks, cpu_ticks(nbdkit_pid()), _children_cpu() - children))
         swapped = "" if rc == 0 else f"swaptest-rc-{rc}"
         protected = check_protections(nbdkit_pid(), "stormed") and protected
         if supervised():
