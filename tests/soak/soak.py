@@ -61,13 +61,19 @@ class Samples:
         self.by_name.setdefault(name, []).append(proc_figures(pid) if pid else (0, 0, 0))
 
 
-def healthy(url: str) -> bool:
-    """Every store up and no slab with a replica out of sync (the agent's own figures)."""
+def unhealthy(url: str) -> str:
+    """Why the agent is not yet repaired ("" once every store is up and no slab has a
+    replica out of sync: the agent's own figures)."""
     try:
         snap = fetch(url)
-    except StatsError:
-        return False
-    return snap.replication_lag_pages == 0 and all(s.up for s in snap.stores)
+    except StatsError as exc:
+        return str(exc)
+    down = [s.name for s in snap.stores if not s.up]
+    if down or snap.replication_lag_pages:
+        slabs = ", ".join(f"{s.name}: {s.stale} stale {s.syncing} syncing {s.failures} failures"
+                          for s in snap.stores)  # fmt: skip
+        return f"{snap.replication_lag_pages} pages of replication lag, down {down}; {slabs}"
+    return ""
 
 
 def proc_figures(pid: int) -> tuple[int, int, int]:
@@ -132,6 +138,7 @@ class Outcome:
     peaks: dict[str, tuple[int, int, int]]
     chart: Path
     repairs: list[float]
+    waiting: str = ""  # what kept the next kill waiting at the end, if anything did
     growth: list[tuple[str, int]] = field(default_factory=list)  # (site, bytes) grown
     traced_growth: int = 0  # bytes of Python memory grown, by tracemalloc
 
@@ -161,11 +168,13 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False) ->
         stop = threading.Event()
         threads = verified_workload(uri, stop, errors, checked)
         began = time.monotonic()
-        next_kill, down, back = began + FIRST_KILL_S, None, None
+        next_kill, down, back, waiting = began + FIRST_KILL_S, None, None, ""
         while (now := time.monotonic()) - began < seconds and not errors:
-            if back is not None and healthy(f"http://{http}/"):
-                repairs.append(now - back)
-                back = None
+            if back is not None:
+                waiting = unhealthy(f"http://{http}/")
+                if not waiting:
+                    repairs.append(now - back)
+                    back = None
             if down is None and back is None and now >= next_kill:
                 down = stores[kills % len(stores)]
                 down.kill()
@@ -196,7 +205,8 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False) ->
     peaks = {name: tuple(max(f[i] for f in figs) for i in range(3))
              for name, figs in samples.by_name.items()}  # fmt: skip
     return Outcome(samples.t[-1] if samples.t else 0, errors, checked[0], kills, slope,
-                   peaks, chart, repairs, growth, traced_growth)  # type: ignore[arg-type]  # fmt: skip
+                   peaks, chart, repairs, waiting if back is not None else "", growth,
+                   traced_growth)  # type: ignore[arg-type]  # fmt: skip
 
 
 def draw(chart: Path, samples: Samples, warm: int, slope: float) -> None:
@@ -232,6 +242,8 @@ def report(out: Outcome) -> None:
         print(f"  repairs: {len(out.repairs)}, each from a store's restart to every slab in "
               f"sync again: median {sorted(out.repairs)[len(out.repairs) // 2]:.1f}s, "
               f"max {max(out.repairs):.1f}s")  # fmt: skip
+    if out.waiting:
+        print(f"  the last restart was not repaired {out.seconds:.0f}s in: {out.waiting}")
     for name, (rss, fds, threads) in out.peaks.items():
         print(f"  {name:<7} peak RSS {rss / 1024:6.1f} MiB, fds {fds:4d}, threads {threads:3d}")
     print(f"  RSS chart: {out.chart}")
