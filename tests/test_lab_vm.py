@@ -79,7 +79,7 @@ def test_kernel_swaps_4x_ram_through_a_write_back_agent() -> None:
                        "--timeout", "800", "--log", str(log)))  # fmt: skip
 
 
-@SHORT_GUEST  # ~1 min: the short group's guests end well before the host-in-guest drill
+@SHORT_GUEST  # 61-89 s: the short group's guests still end before the host-in-guest drill
 @pytest.mark.timeout(1000)
 def test_kernel_swaps_4x_ram_through_the_agent_on_a_redis_cluster() -> None:
     """The cluster tier (#25) under a real kernel: a 3+3 redis-server cluster here, the

@@ -171,7 +171,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False) ->
         next_kill, down, back, waiting = began + FIRST_KILL_S, None, None, ""
         while (now := time.monotonic()) - began < seconds and not errors:
             if back is not None:
-                waiting = unhealthy(f"http://{http}/")
+                waiting = unhealthy(f"http://{http}/")  # "" from the repair on
                 if not waiting:
                     repairs.append(now - back)
                     back = None
@@ -205,8 +205,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False) ->
     peaks = {name: tuple(max(f[i] for f in figs) for i in range(3))
              for name, figs in samples.by_name.items()}  # fmt: skip
     return Outcome(samples.t[-1] if samples.t else 0, errors, checked[0], kills, slope,
-                   peaks, chart, repairs, waiting if back is not None else "", growth,
-                   traced_growth)  # type: ignore[arg-type]  # fmt: skip
+                   peaks, chart, repairs, waiting, growth, traced_growth)  # type: ignore[arg-type]  # fmt: skip
 
 
 def draw(chart: Path, samples: Samples, warm: int, slope: float) -> None:
