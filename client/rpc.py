@@ -119,6 +119,17 @@ def check_pages(
     return None
 
 
+def _detached(reply: Reply) -> Reply:
+    """A reply that outlives the tick it arrived in: its pages and seals copied out of
+    the connection's buffer. They are views into it (protocol/connection.py), and an
+    awaiting coroutine resumes a loop tick later, after the next read may have
+    refilled that buffer: a resync saw its pages turn into other replies' bytes."""
+    if not isinstance(reply, Pages):
+        return reply
+    seals = bytes(reply.seals) if reply.seals is not None else None
+    return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals)
+
+
 def _failure(reply: Reply | Exception) -> Exception | None:
     """What a reply says went wrong: the transport's exception, a store's Failed, or None."""
     if isinstance(reply, Exception):
@@ -283,7 +294,7 @@ class StoreClient:
             if isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
-                future.set_result(reply)
+                future.set_result(_detached(reply))
 
         rid = request.request_id
         try:
@@ -370,8 +381,7 @@ class StoreClient:
         reply = await self._call(SwapIn(self._next_id(), slots, sealed))
         if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
             raise StoreError(errno.EIO, "store returned the wrong number of pages")
-        seals = bytes(reply.seals) if reply.seals is not None else None
-        return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals)
+        return reply  # detached when it arrived (_detached)
 
     async def swap_in(
         self,
