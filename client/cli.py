@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, str, str, str, str]] = [
      "run_detach"),
     ("restart", "replace nbdkit and the agent under the swapping kernel (an upgrade)",
      "netswap.client.nbd.attach", "add_restart_arguments", "run_restart"),
+    ("adopt", "a new supervisor for an attached device whose supervisor died",
+     "netswap.client.nbd.adopt", "add_arguments", "run"),
     ("stats", "live figures from a store or `serve --http` endpoint", "netswap.client.statscmd",
      "add_arguments", "run"),
 ]  # fmt: skip
@@ -68,7 +70,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if chosen(argv) == "restart":  # run on a host that swaps hard: what it loads stays
+    if chosen(argv) in ("restart", "adopt"):  # run on a host that swaps hard: what it loads stays
         lock_all(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
     parser = build_parser(chosen(argv))
     args = parser.parse_args(argv)

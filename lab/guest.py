@@ -16,12 +16,16 @@ The drill (--kills, --restarts): inside the storm, nbdkit is killed -9 while
 swap-out dominates (the verifier writing its pattern) and again while swap-in
 does (it reading it back), and `netswap restart` replaces it once: each time
 the supervisor must bring a new agent back, the storm must verify every page,
-and a NETSWAP-KILL line says how long swap stalled.
+and a NETSWAP-KILL line says how long swap stalled. Before the second kill the
+supervisor itself is killed -9 and `netswap adopt` starts a new one, which must
+adopt the nbdkit serving, start its own spare, hold the supervisor's checks, and
+then be the one that brings the killed nbdkit back (NETSWAP-ADOPT).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -31,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from netswap.client.nbd import adopt
 from netswap.client.nbd.attach import (
     AttachError,
     run_restart,
@@ -56,7 +61,9 @@ STORM_FOOTPRINT_KIB = FOOTPRINT_KIB + 4 * 1024 * 2
 # The supervisor's own bound (#23): Python and the few modules it runs, locked.
 SUPERVISOR_KIB = 16 * 1024
 # Where in the storm the drill acts: (kind, the verifier's phase, at what percent).
-DRILL = (("kill", "write", 40), ("kill", "verify", 30), ("restart", "verify", 70))
+# "adopt": the supervisor killed -9 and adopted (`netswap adopt`), then nbdkit killed.
+DRILL = (("kill", "write", 40), ("adopt", "verify", 30), ("restart", "verify", 70))
+KILLS = ("kill", "adopt")  # the events --kills counts
 # How often the orchestrator says what the processes that serve swap are doing.
 PULSE_S = 5.0
 # How long the drill waits for swap to move again after an event before it says so.
@@ -228,10 +235,12 @@ def drill_event(kind: str, phase: str, number: int) -> None:
     """Kill nbdkit -9 (or `netswap restart`), wait for the supervisor to serve again and
     for swap to move: NETSWAP-KILL kind=... outage (death to serving, the supervisor's)
     and stall (death to the first swap IO the kernel completes after it)."""
+    if kind == "adopt":
+        adopt_supervisor()
     before = supervised()
     restarts = int(before.get("restarts", 0))  # type: ignore[call-overload]
     began = time.monotonic()
-    if kind == "kill":
+    if kind in KILLS:
         os.kill(nbdkit_pid(), 9)
     else:  # `netswap restart`'s own code, run in this process (locked, already loaded):
         # a new Python started mid-storm at 256 MiB waited 75 s to get going, its pages
@@ -256,6 +265,43 @@ def drill_event(kind: str, phase: str, number: int) -> None:
         f"served={served:.2f}s stall={moved:.2f}s pid={nbdkit_pid()}")  # fmt: skip
 
 
+def adopt_supervisor() -> None:
+    """kill -9 the supervisor; `netswap adopt` (its code, in this locked process, as
+    restart's); wait for the new supervisor's spare, without which a kill under the
+    storm would be a cold start. NETSWAP-ADOPT: how long each took, and whether the
+    new supervisor adopted the nbdkit serving and holds the supervisor's checks."""
+    before = supervised()
+    old, serving = before.get("supervisor_pid"), before.get("serve_pid")
+    began = time.monotonic()
+    if isinstance(old, int):
+        os.kill(old, 9)
+        while Path(f"/proc/{old}").exists() and time.monotonic() - began < 10:
+            time.sleep(0.05)  # init reaps it: attach, its parent, has exited
+    try:
+        adopt.run(argparse.Namespace(device=DEVICE))
+        took = f"{time.monotonic() - began:.2f}s"
+    except AttachError as exc:
+        say(f"  adopt: {exc}")
+        took = "-1s"
+    new = supervised().get("supervisor_pid")
+    if isinstance(new, int):  # adopt ran here, so this process is its parent: reap it
+        threading.Thread(target=reap, args=(new,), daemon=True).start()  # as init would
+    while supervised().get("standby") != "ready" and time.monotonic() - began < RECOVERY_S:
+        time.sleep(0.1)
+    spare = time.monotonic() - began
+    now = supervised()
+    checks = check_supervisor("adopted")
+    ok = took != "-1s" and new != old and now.get("serve_pid") == serving and checks
+    say(f"NETSWAP-ADOPT ok={'yes' if ok else 'no'} old={old} new={new} "
+        f"serving={now.get('serve_pid')} adopted={took} spare={spare:.2f}s")  # fmt: skip
+
+
+def reap(pid: int) -> None:
+    """Wait for a child of this process (subprocess may reap it first: no matter)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def restart() -> None:
     try:
         run_restart(argparse.Namespace(device=DEVICE, timeout=COMMAND_TIMEOUT_S))
@@ -265,7 +311,7 @@ def restart() -> None:
 
 def storm(args: argparse.Namespace) -> int:
     """The verifier, with the drill's events at their points in its progress."""
-    events = [e for e in DRILL if e[0] == "kill"][: args.kills]
+    events = [e for e in DRILL if e[0] in KILLS][: args.kills]
     events += [e for e in DRILL if e[0] == "restart"][: args.restarts]
     proc = subprocess.Popen([args.swaptest, str(args.mib), str(args.seed)],
                             stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
@@ -451,7 +497,9 @@ def main() -> None:
     parser.add_argument("--export-mib", type=int, default=1024, help="the swap device's size")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--swaptest", default="/run/swaptest")
-    parser.add_argument("--kills", type=int, default=0, help="kill -9 nbdkit mid-storm (0-2)")
+    parser.add_argument("--kills", type=int, default=0,
+                        help="kill -9 nbdkit mid-storm (0-2; the second after the supervisor "
+                        "was killed -9 and adopted)")  # fmt: skip
     parser.add_argument("--restarts", type=int, default=0, help="netswap restart mid-storm (0-1)")
     parser.add_argument("--attach-arg", action="append", default=[])
     parser.add_argument("--serve-arg", action="append", default=[])

@@ -87,6 +87,7 @@ class Run:
     log: Path = Path()
     screenshot: str = ""
     kills: list[dict[str, str]] = field(default_factory=list)  # the drill's NETSWAP-KILL lines
+    adoptions: list[dict[str, str]] = field(default_factory=list)  # its NETSWAP-ADOPT lines
     dmesg: list[str] = field(default_factory=list)
     oom_kills: int = -1
 
@@ -137,6 +138,9 @@ def parse(line: str, run: Run, start: float) -> None:
         run.pswpin, run.pswpout = int(kv.get("pswpin", 0)), int(kv.get("pswpout", 0))
     elif line.startswith("NETSWAP-KILL "):
         run.kills.append(dict(_KV.findall(line)))
+        print(f"    drill: {line.partition(' ')[2]}", flush=True)
+    elif line.startswith("NETSWAP-ADOPT "):
+        run.adoptions.append(dict(_KV.findall(line)))
         print(f"    drill: {line.partition(' ')[2]}", flush=True)
     elif line.startswith("NETSWAP-DMESG "):
         run.dmesg.append(line.partition(" ")[2])
@@ -253,6 +257,9 @@ def drill_failure(args: argparse.Namespace, run: Run, mib: int) -> str:
         return ""
     if len(run.kills) != args.kills + args.restarts:
         return f"drill: {len(run.kills)} of {args.kills + args.restarts} events reported"
+    adopting = sum(k.get("kind") == "adopt" for k in run.kills)
+    if len(run.adoptions) != adopting or any(a.get("ok") != "yes" for a in run.adoptions):
+        return f"drill: the supervisor killed -9 was not adopted: {run.adoptions}"
     stuck = [k for k in run.kills if float(k.get("stall", "-1").rstrip("s")) < 0]
     if stuck:
         return f"drill: swap never moved again after event {stuck[0].get('n')}"
@@ -329,6 +336,10 @@ def print_table(rows: list[tuple[str, int, int, float, list[Run]]]) -> None:
             print(f"  {r.config} run {i + 1}: {r.verdict}{why} (serial log {r.log})")
             if r.cpu:
                 print(f"    storm {r.swap_seconds:.0f} s; guest CPU {r.cpu}")
+            for a in r.adoptions:
+                print(f"    supervisor {a.get('old')} killed -9: `netswap adopt` started "
+                      f"{a.get('new')} in {a.get('adopted')}, watching nbdkit "
+                      f"{a.get('serving')}, its spare ready after {a.get('spare')}")  # fmt: skip
             for kill in r.kills:
                 print(f"    {kill.get('kind')} #{kill.get('n')} while {kill.get('phase')} "
                       f"dominates: agent serving again after {kill.get('outage')}, swap moving "

@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="forward the guest's ops endpoint here (default: free)")  # fmt: skip
     host.add_argument("--kills", type=int, default=0,
                       help="kill -9 nbdkit mid-storm: once while swap-out dominates, once "
-                      "while swap-in does (0-2); the supervisor must bring it back")  # fmt: skip
+                      "while swap-in does, that time after the supervisor itself was killed "
+                      "-9 and `netswap adopt` replaced it (0-2); the supervisor must bring "
+                      "nbdkit back")  # fmt: skip
     host.add_argument("--restarts", type=int, default=0,
                       help="`netswap restart` mid-storm, an upgrade (0-1)")  # fmt: skip
     host.add_argument("--attach-arg", action="append", default=[],

@@ -3,8 +3,10 @@ a refusal that must be clear and change nothing. The real attach runs in the VM 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from .nbdserver import NETSWAP
@@ -77,3 +79,42 @@ def test_attach_plan_is_the_documented_sequence() -> None:
         "mkswap /dev/nbd0",
         "swapon -p 3 --discard /dev/nbd0",
     ]
+
+
+def test_adopt_refuses_what_it_cannot_take_over_in_one_line(tmp_path: Path) -> None:
+    """`netswap adopt` replaces a dead supervisor: it refuses a device attach did not
+    attach, a supervisor still alive, a device with no saved supervisor options, and
+    says so when the new supervisor cannot take over (here: no nbd driver)."""
+    state = Path("/tmp/netswap-test-state")
+    state.mkdir(exist_ok=True)
+    attached, supervised = state / "attach-nbd5.json", state / "supervise-nbd5.json"
+    options = state / "supervise-nbd5.args.json"
+    result = netswap("adopt", "--device", "/dev/nbd5")
+    assert result.returncode == 2 and "was not attached by netswap" in result.stderr
+    status, err = as_nobody("adopt")
+    assert status == 2 and "run as root" in err, err
+    # A live supervisor: its command line names the package, as attach starts it.
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # " +
+                              "supervise.supervisor"])  # fmt: skip
+    try:
+        attached.write_text(json.dumps({"device": "/dev/nbd5", "supervisor_pid": alive.pid}))
+        supervised.write_text(json.dumps({"supervisor_pid": alive.pid, "serve_pid": 1}))
+        result = netswap("adopt", "--device", "/dev/nbd5")
+        assert result.returncode == 2, result.stderr
+        assert f"supervisor {alive.pid} still watches /dev/nbd5" in result.stderr
+        alive.kill()
+        alive.wait()
+        result = netswap("adopt", "--device", "/dev/nbd5")
+        assert result.returncode == 2 and "has no supervisor to replace" in result.stderr
+        options.write_text(json.dumps(["--device", "/dev/nbd5", "--server", "127.0.0.1:1",
+                                       "--state", str(supervised), "--serve-log",
+                                       str(tmp_path / "serve.log")]))  # fmt: skip
+        result = netswap("adopt", "--device", "/dev/nbd5")
+        assert result.returncode == 2, result.stderr
+        assert "the new supervisor did not take over /dev/nbd5" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert json.loads(attached.read_text())["supervisor_pid"] == alive.pid  # unchanged
+    finally:
+        alive.kill()
+        for path in (attached, supervised, options):
+            path.unlink(missing_ok=True)

@@ -134,21 +134,30 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     assert cpu and float(cpu.group(3)) > 0, out[-2000:]
     assert "detach: rc=0 restored=yes" in out
     assert shot.exists() and shot.stat().st_size > 10_000, out[-1500:]
-    # The drill (#23): nbdkit killed -9 while swap-out and while swap-in dominate, and
-    # `netswap restart` once; each time the agent serves again and swap moves on (the
-    # lab's verdict also needs the kernel's reconnects, no EIO and no OOM kill).
+    # The drill (#23): nbdkit killed -9 while swap-out and while swap-in dominate (the
+    # second time under a supervisor that replaced a killed one), and `netswap restart`
+    # once; each time the agent serves again and swap moves on (the lab's verdict also
+    # needs the kernel's reconnects, no EIO and no OOM kill).
     drill = re.compile(
-        r"^    (kill|restart) #\d while (write|verify) dominates: agent "
+        r"^    (kill|adopt|restart) #\d while (write|verify) dominates: agent "
         r"serving again after ([\d.]+)s, swap moving after ([\d.]+)s",
         re.M,
     )
     drills = drill.findall(out)
     assert [(k, p) for k, p, *_ in drills] == [
         ("kill", "write"),
-        ("kill", "verify"),
+        ("adopt", "verify"),
         ("restart", "verify"),
     ], out[-3000:]
-    for when in ("attached", "stormed"):
+    # Before the second kill the supervisor itself was killed -9 and `netswap adopt`
+    # started a new one: it adopted the nbdkit serving, and brought the killed one back.
+    assert re.search(
+        r"^    supervisor \d+ killed -9: `netswap adopt` started \d+ in [\d.]+s, "
+        r"watching nbdkit \d+, its spare ready",
+        out,
+        re.M,
+    ), out[-3000:]
+    for when in ("attached", "adopted", "stormed"):
         assert f"check {when} supervisor-resident: ok" in out, out[-3000:]
 
 
@@ -174,3 +183,27 @@ def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
     out = result.stdout
     assert result.returncode == 1, out[-3000:]
     assert "FAIL attach-failed undo=ok" in out, out[-3000:]
+
+
+def test_the_drills_verdict_needs_every_adoption_done() -> None:
+    """The lab's verdict on a drill (in process, from the lines a guest prints): a
+    supervisor killed -9 that no new one adopted, or adopted without its checks,
+    fails the run even when swap moved again after every event."""
+    import argparse
+
+    from netswap.lab.hostguest import Run, drill_failure, parse
+
+    def verdict(*lines: str) -> str:
+        run = Run("defaults", oom_kills=0)
+        for line in lines:
+            parse(line, run, 0.0)
+        return drill_failure(argparse.Namespace(kills=2, restarts=0), run, 768)
+
+    kills = ("NETSWAP-KILL n=1 kind=kill phase=write outage=1.9s served=2.0s stall=2.1s pid=9",
+             "NETSWAP-KILL n=2 kind=adopt phase=verify outage=4.4s served=4.5s stall=5.5s pid=9",
+             "NETSWAP-DMESG block nbd0: reconnected socket",
+             "NETSWAP-DMESG block nbd0: reconnected socket")  # fmt: skip
+    adopted = "NETSWAP-ADOPT ok=yes old=1 new=2 serving=9 adopted=8.5s spare=8.5s"
+    assert verdict(*kills, adopted) == ""
+    assert "was not adopted" in verdict(*kills)
+    assert "was not adopted" in verdict(*kills, adopted.replace("ok=yes", "ok=no"))

@@ -253,6 +253,18 @@ def supervisor_log(device: str) -> Path:
     return LOG_DIR / f"supervise-{Path(device).name}.log"
 
 
+def supervisor_options_path(device: str) -> Path:
+    return STATE_DIR / f"supervise-{Path(device).name}.args.json"
+
+
+def spawn_supervisor(options: list[str], device: str) -> subprocess.Popen[bytes]:
+    """The supervisor, detached (a session of its own), logging to its log file."""
+    with open(supervisor_log(device), "ab") as out:
+        return subprocess.Popen([*supervisor_argv(), *options], start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/",
+                                env=supervisor_env())  # fmt: skip
+
+
 def supervisor_argv() -> list[str]:
     """The lean way to run the supervisor (supervise/__init__.py): no site, the package
     found as a top-level one beside its siblings, after the stdlib."""
@@ -299,11 +311,12 @@ def start_supervisor(args: argparse.Namespace, host: str, port: int) -> tuple[in
         command = STATE_DIR / f"serve-{Path(device).name}.json"
         command.write_text(serve_command(host, port, args.serve_args))
         area = area_of(command.read_text())
-    cmd = [*supervisor_argv(), *supervisor_options(args, host, port, command)]
+    options = supervisor_options(args, host, port, command)
+    # Kept for `netswap adopt` (adopt.py): a supervisor that dies is replaced by one
+    # started with the same options.
+    supervisor_options_path(device).write_text(json.dumps(options))
+    proc = spawn_supervisor(options, device)
     log = supervisor_log(device)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, cwd="/", env=supervisor_env())  # fmt: skip
     connected = Path("/sys/block") / Path(device).name / "pid"
     deadline = time.monotonic() + SERVE_START_S
     while not connected.exists():
@@ -370,7 +383,11 @@ def run_restart(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         raise AttachError(f"no supervisor watches {args.device} ({path}: netswap attach "
                           "without --no-supervisor starts one)") from None  # fmt: skip
-    os.kill(int(before["supervisor_pid"]), signal.SIGHUP)
+    try:
+        os.kill(int(before["supervisor_pid"]), signal.SIGHUP)
+    except ProcessLookupError:
+        raise AttachError(f"the supervisor of {args.device} (pid {before['supervisor_pid']}) "
+                          "is gone: `netswap adopt` starts a new one") from None  # fmt: skip
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
@@ -392,6 +409,7 @@ def undo(state: AttachState) -> None:
         run(["nbd-client", "-d", state.device], check=False)
     if state.supervisor_pid:  # it disconnects the device and stops its nbdkit
         stop_process(state.supervisor_pid, grace_s=30)
+        supervisor_options_path(state.device).unlink(missing_ok=True)
     if state.serve_pid:
         stop_process(state.serve_pid)
     if state.area:  # nothing serves the area any more: its key goes (keys.py)

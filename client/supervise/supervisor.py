@@ -197,16 +197,30 @@ class Supervisor:
                 spare = self.spare
         return spare if spare is not None and spare.ready else None
 
-    def adopt(self) -> bool:
-        """A supervisor restarted while nbdkit lives on: watch the one already running."""
-        pid = self.state.get("serve_pid")
-        if not isinstance(pid, int):
-            return False
-        try:
-            self.child = Child(pid)
-        except ProcessLookupError:
-            return False
-        return True
+    def adopt(self) -> None:
+        """--adopt (`netswap adopt`): the supervisor before this one died, and nbdkit,
+        detached, may serve on. Watch it on the port it serves; its spare, which
+        answered to the dead one, goes. Were nbdkit gone too, a new one rebuilds."""
+        saved = read_state(self.state_path)
+        port, pid, spare = saved.get("port"), saved.get("serve_pid"), saved.get("standby_pid")
+        if isinstance(port, int) and port in self.ports:
+            self.port = port
+        if isinstance(spare, int) and spare != pid and is_nbdkit(spare):
+            with contextlib.suppress(ProcessLookupError):
+                orphan = Child(spare)
+                orphan.kill()
+                orphan.close()
+        self.state.pop("standby_pid", None)
+        self.state["standby"] = "none"
+        if not self.argv:  # attach --no-serve: the link is all there is to watch
+            return
+        if isinstance(pid, int) and is_nbdkit(pid):
+            with contextlib.suppress(ProcessLookupError):
+                self.child = Child(pid)
+                self.state.update(serve_pid=pid, port=self.port)
+                log(f"adopted nbdkit {pid} serving on port {self.port}")
+                return
+        self.restart("nbdkit was gone when this supervisor adopted it", graceful=False)
 
     def wait_answering(self) -> None:
         deadline = time.monotonic() + START_S
@@ -303,8 +317,7 @@ class Supervisor:
         """A new nbdkit serves: the spare if there is one (for an upgrade, a spare of the
         installed version, ready before the old one stops), else a cold start."""
         old = self.child
-        assert old is not None
-        if graceful:
+        if graceful and old is not None:
             self.drop_spare()
             self.start_spare()
             self.spare_in_time(time.monotonic() + START_S)
@@ -313,7 +326,8 @@ class Supervisor:
             # a socket that just dies has them sent again on the new one.
             old.kill()
         began = time.monotonic()
-        old.close()
+        if old is not None:  # None: adopted with nbdkit already gone
+            old.close()
         self.child = None
         self.state["epoch"] = int(self.state["epoch"]) + 1  # type: ignore[call-overload]
         self.save()  # the epoch first: a supervisor dying now must not reuse it
@@ -381,6 +395,15 @@ class Supervisor:
         return 0
 
 
+def is_nbdkit(pid: int) -> bool:
+    """Whether `pid` is an nbdkit now (a pid in an old state file may have been reused)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "nbdkit"
+    except OSError:
+        return False
+
+
 def protect() -> None:
     """IO_FLUSHER, OOM-exempt, SCHED_FIFO: for this process and every nbdkit it starts."""
     for outcome in (set_io_flusher(), protect_from_oom(), real_time()):
@@ -412,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         protect()
         supervisor = Supervisor(args)
-        if args.adopt and supervisor.adopt():
-            log(f"adopted nbdkit {supervisor.state['serve_pid']}")
+        if args.adopt:
+            supervisor.adopt()
+            supervisor.save()
         else:
             if supervisor.argv:
                 supervisor.start_child("fresh")
