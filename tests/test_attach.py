@@ -84,7 +84,8 @@ def test_attach_plan_is_the_documented_sequence() -> None:
 def test_adopt_refuses_what_it_cannot_take_over_in_one_line(tmp_path: Path) -> None:
     """`netswap adopt` replaces a dead supervisor: it refuses a device attach did not
     attach, a supervisor still alive, a device with no saved supervisor options, and
-    says so when the new supervisor cannot take over (here: no nbd driver)."""
+    says so when the new supervisor cannot take over (here: no nbd driver). detach
+    refuses a dead supervisor: only a live one disconnects the device."""
     state = Path("/tmp/netswap-test-state")
     state.mkdir(exist_ok=True)
     attached, supervised = state / "attach-nbd5.json", state / "supervise-nbd5.json"
@@ -104,6 +105,9 @@ def test_adopt_refuses_what_it_cannot_take_over_in_one_line(tmp_path: Path) -> N
         assert f"supervisor {alive.pid} still watches /dev/nbd5" in result.stderr
         alive.kill()
         alive.wait()
+        result = netswap("detach", "--device", "/dev/nbd5")  # nothing would stop nbdkit
+        assert result.returncode == 2 and "`netswap adopt` starts a new one" in result.stderr
+        assert attached.exists()
         result = netswap("adopt", "--device", "/dev/nbd5")
         assert result.returncode == 2 and "has no supervisor to replace" in result.stderr
         options.write_text(json.dumps(["--device", "/dev/nbd5", "--server", "127.0.0.1:1",

@@ -29,6 +29,7 @@ from .attach import (
     AttachError,
     AttachState,
     require_root,
+    running_supervisor,
     spawn_supervisor,
     state_path,
     stop_process,
@@ -43,17 +44,6 @@ __all__ = ["USER_ERRORS", "add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="/dev/nbd0")
-
-
-def running_supervisor(pid: object) -> bool:
-    """Whether `pid` is a live netswap supervisor (not a process that reused its pid)."""
-    if not isinstance(pid, int):
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(b"supervise.supervisor" in arg for arg in argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -368,6 +368,11 @@ def run_detach(args: argparse.Namespace) -> int:
     if not path.exists():
         raise AttachError(f"{args.device} was not attached by netswap ({path} is missing)")
     state = AttachState(**json.loads(path.read_text()))
+    if state.supervisor_pid and not running_supervisor(state.supervisor_pid):
+        # Only the supervisor disconnects the device and stops its nbdkit; swapoff
+        # without them would leave both, and its pid may be another process's now.
+        raise AttachError(f"the supervisor of {args.device} (pid {state.supervisor_pid}) is "
+                          "gone: `netswap adopt` starts a new one, then detach")  # fmt: skip
     undo(state)
     path.unlink()
     print(f"netswap: {args.device} detached")
@@ -420,6 +425,17 @@ def undo(state: AttachState) -> None:
                   file=sys.stderr)  # fmt: skip
     restore(SYSCTL, state.old_min_free_kbytes, state.new_min_free_kbytes)
     restore(WATERMARK_SCALE, state.old_watermark_scale, state.new_watermark_scale)
+
+
+def running_supervisor(pid: object) -> bool:
+    """Whether `pid` is a live netswap supervisor (not a process that reused its pid)."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"supervise.supervisor" in arg for arg in argv)
 
 
 def require_root() -> None:
