@@ -66,7 +66,7 @@ def agent_serve(
     for s in store_procs:
         cmd += ["--store", s.address]
     with ExitStack() as stack:
-        log = stack.enter_context(open(Path("/tmp") / f"netswap-agent-{port}.log", "w+b"))
+        log = stack.enter_context(open(agent_log(port), "w+b"))
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                 env={**os.environ, **(env or {})})  # fmt: skip
         try:
@@ -79,6 +79,11 @@ def agent_serve(
             log.seek(0)
             text = log.read().decode(errors="replace")
             assert "Traceback" not in text, text
+
+
+def agent_log(port: int) -> Path:
+    """Where agent_serve's nbdkit on `port` logs (kept after it stops)."""
+    return Path("/tmp") / f"netswap-agent-{port}.log"
 
 
 def wait_for_http(args: tuple[str, ...] | list[str], proc: subprocess.Popen[bytes]) -> None:

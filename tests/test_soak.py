@@ -18,6 +18,7 @@ def test_ninety_seconds_of_store_kills_lose_no_page_and_leak_nothing() -> None:
     report(out)
     assert not out.errors, out.errors[:5]
     assert out.kills >= 2 and out.pages_checked > 10_000, out.waiting
+    assert out.unproven_resyncs == 0  # an in-sync replica proves every page it holds
     assert out.slope < SLICE_SLOPE_BOUND_MIB
     _rss, fds, threads = out.peaks["agent"]
     assert fds < 64 and threads < 64  # one socket per store, nbdkit's and the agent's threads

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import nbd
 from netswap.client.statscmd import StatsError, fetch
 from netswap.lab.ports import free_port
 
-from ..procs import StoreProc, agent_serve
+from ..procs import StoreProc, agent_log, agent_serve
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 # A store is down this long in every KILL_EVERY_S; with 3 stores and 2 replicas one
@@ -50,6 +51,10 @@ SLOPE_BOUND_MIB = 0.1
 TRACE_FRAMES = 2
 # Allocation sites the report names (largest growth first).
 GROWTH_SHOWN = 12
+# What the agent logs when a resync read pages from an in-sync replica that did not
+# prove themselves (repair.py): never expected. Seen before 23bfee4, when a resync's
+# pages were read after the connection's buffer had moved on: 67-109 per 90 s run.
+UNPROVEN_RESYNC = re.compile(r"resync of slab \d+ failed: slots .* are not their own pages")
 
 
 @dataclass
@@ -139,6 +144,7 @@ class Outcome:
     chart: Path
     repairs: list[float]
     waiting: str = ""  # what kept the next kill waiting at the end, if anything did
+    unproven_resyncs: int = 0  # resyncs whose in-sync source did not prove its pages
     growth: list[tuple[str, int]] = field(default_factory=list)  # (site, bytes) grown
     traced_growth: int = 0  # bytes of Python memory grown, by tracemalloc
 
@@ -198,6 +204,8 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False) ->
             before = warm_sites[1]
             grown = {w: b - before.get(w, 0) for w, b in sites.items()}
             growth = sorted(grown.items(), key=lambda item: -item[1])[:GROWTH_SHOWN]
+    log = agent_log(int(uri.rsplit(":", 1)[1].split("/")[0]))
+    unproven = len(UNPROVEN_RESYNC.findall(log.read_text(errors="replace")))
     agent_rss = [r for r, _, _ in samples.by_name["agent"]]
     warm = int(len(samples.t) * WARMUP_FRACTION)
     slope = slope_mib_per_10min(samples.t[warm:], agent_rss[warm:])
@@ -205,7 +213,8 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False) ->
     peaks = {name: tuple(max(f[i] for f in figs) for i in range(3))
              for name, figs in samples.by_name.items()}  # fmt: skip
     return Outcome(samples.t[-1] if samples.t else 0, errors, checked[0], kills, slope,
-                   peaks, chart, repairs, waiting, growth, traced_growth)  # type: ignore[arg-type]  # fmt: skip
+                   peaks, chart, repairs, waiting, unproven, growth,
+                   traced_growth)  # type: ignore[arg-type]  # fmt: skip
 
 
 def draw(chart: Path, samples: Samples, warm: int, slope: float) -> None:
@@ -243,6 +252,7 @@ def report(out: Outcome) -> None:
               f"max {max(out.repairs):.1f}s")  # fmt: skip
     if out.waiting:
         print(f"  the last restart was not repaired {out.seconds:.0f}s in: {out.waiting}")
+    print(f"  resyncs whose in-sync source did not prove its pages: {out.unproven_resyncs}")
     for name, (rss, fds, threads) in out.peaks.items():
         print(f"  {name:<7} peak RSS {rss / 1024:6.1f} MiB, fds {fds:4d}, threads {threads:3d}")
     print(f"  RSS chart: {out.chart}")
@@ -264,7 +274,8 @@ def main() -> int:
     args = parser.parse_args()
     out = soak(args.seconds, args.chart, args.replicas, args.trace)
     report(out)
-    ok = not out.errors and out.pages_checked and out.slope < SLOPE_BOUND_MIB
+    ok = (not out.errors and out.pages_checked and out.slope < SLOPE_BOUND_MIB
+          and not out.unproven_resyncs)  # fmt: skip
     return 0 if ok else 1
 
 
