@@ -7,9 +7,9 @@ IO. `netswap adopt` starts a supervisor with the dead one's options (attach
 keeps them: supervise-nbdN.args.json) and --adopt: it watches the nbdkit
 already serving, on the port it serves, kills the dead supervisor's spare and
 starts its own (adopt returns once it is ready, as attach does), and goes into
-attach's state so that detach stops it. Were
-nbdkit gone too, it starts one that rebuilds the area and reconnects the
-device, within the dead-connection timeout for which the kernel holds the IO.
+attach's state so that detach stops it. Were nbdkit gone too, it starts one
+that rebuilds the area and reconnects the device, within the dead-connection
+timeout for which the kernel holds the IO.
 
 It refuses while the supervisor lives: running it twice, or from a timer, is
 harmless.
