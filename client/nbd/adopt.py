@@ -21,13 +21,14 @@ import argparse
 import json
 import time
 from dataclasses import asdict
-from pathlib import Path
 
+from ..supervise.state import read_state
 from .attach import (
     SERVE_START_S,
     USER_ERRORS,
     AttachError,
     AttachState,
+    last_line,
     require_root,
     running_supervisor,
     spawn_supervisor,
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         state = AttachState(**json.loads(attached.read_text()))
     except (OSError, ValueError, TypeError):
         raise AttachError(f"{device} was not attached by netswap ({attached})") from None
-    saved = read_json(supervisor_state(device))
+    saved = read_state(str(supervisor_state(device)))
     if running_supervisor(saved.get("supervisor_pid")):
         raise AttachError(f"supervisor {saved['supervisor_pid']} still watches {device}")
     try:
@@ -66,30 +67,19 @@ def run(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + SERVE_START_S
     while True:
         time.sleep(0.2)
-        now = read_json(supervisor_state(device))
+        now = read_state(str(supervisor_state(device)))
         if now.get("supervisor_pid") == proc.pid and now.get("watching"):
             break
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid)
             log = supervisor_log(device)
-            # Only a regular file: the lab guest's log is the console (attach.py).
-            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-            why = f": {lines[-1]}" if lines else ""
-            raise AttachError(f"the new supervisor did not take over {device}{why} (log {log})")
+            raise AttachError(f"the new supervisor did not take over {device}{last_line(log)} "
+                              f"(log {log})")  # fmt: skip
     state.supervisor_pid = proc.pid
     attached.write_text(json.dumps(asdict(state)))  # detach stops this one now
     if "--standby-port" in options:  # as attach does: protected once the spare is ready
         wait_for_spare(device)
-        now = read_json(supervisor_state(device))
+        now = read_state(str(supervisor_state(device)))
     print(f"netswap: supervisor {proc.pid} watches nbdkit {now.get('serve_pid')} serving "
           f"{device} (restarts {now.get('restarts', 0)}, epoch {now.get('epoch')})")  # fmt: skip
     return 0
-
-
-def read_json(path: Path) -> dict[str, object]:
-    """The supervisor's state ({} while absent or caught mid-write: state.py)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

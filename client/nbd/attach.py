@@ -322,9 +322,8 @@ def start_supervisor(args: argparse.Namespace, host: str, port: int) -> tuple[in
     while not connected.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid)
-            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-            why = f": {lines[-1]}" if lines else ""
-            raise AttachError(f"the supervisor did not connect {device}{why} (log {log})")
+            raise AttachError(f"the supervisor did not connect {device}{last_line(log)} "
+                              f"(log {log})")  # fmt: skip
         time.sleep(0.2)
     return proc.pid, area
 
@@ -513,14 +512,19 @@ def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
     while not answers(host, port):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid)
-            # Only a regular file: a log that is the console (the lab guest's) would
-            # block this read until someone typed a line -- the stall of a 192 MiB guest.
-            text = log.read_text(errors="replace") if log.is_file() else ""
-            lines = text.strip().splitlines()
-            why = f": {lines[-1]}" if lines else ""
-            raise AttachError(f"`netswap serve` did not come up on {host}:{port}{why} (log {log})")
+            raise AttachError(f"`netswap serve` did not come up on {host}:{port}"
+                              f"{last_line(log)} (log {log})")  # fmt: skip
         time.sleep(0.2)
     return proc.pid
+
+
+def last_line(log: Path) -> str:
+    """The log's last line as ': LINE', for an error that names the log ('' if none).
+    Only a regular file: a log that is the console (the lab guest's) would block this
+    read until someone typed a line -- the stall of a 192 MiB guest."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = text.strip().splitlines()
+    return f": {lines[-1]}" if lines else ""
 
 
 def stop_process(pid: int, grace_s: float = 5.0) -> None:

@@ -53,7 +53,7 @@ TRACE_FRAMES = 2
 GROWTH_SHOWN = 12
 # What the agent logs when a resync read pages from an in-sync replica that did not
 # prove themselves (repair.py): never expected. Seen before 23bfee4, when a resync's
-# pages were read after the connection's buffer had moved on: 67-109 per 90 s run.
+# pages were read after the connection's buffer had moved on: 31-208 per 90 s run.
 UNPROVEN_RESYNC = re.compile(r"resync of slab \d+ failed: slots .* are not their own pages")
 
 
