@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest bench-store bench-nbd bench-agent bench-budget bench-compiled fuzz soak lab-compose clean
+.PHONY: setup run test lint typecheck pytest simulate bench-store bench-nbd bench-agent bench-budget bench-compiled fuzz soak lab-compose clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -54,6 +54,15 @@ FUZZ_ARGS ?= --frames 1000000
 
 fuzz: setup
 	$(PY) -m tests.fuzz.fuzz_store $(FUZZ_ARGS)
+
+# The deterministic simulator (tests/sim): the real replica machine against simulated
+# stores, network and clock under faults, every promise checked after every step.
+# make test runs 1,000 seeds; this runs 100,000. SEED=N replays one seed with its trace.
+SEEDS ?= 100000
+SEED ?=
+
+simulate: setup
+	$(PY) -m tests.sim $(if $(SEED),--seed $(SEED),--seeds $(SEEDS))
 
 # Ten minutes of agent and stores under a verified workload, stores killed on a
 # schedule (make test runs ninety seconds of it); the RSS chart goes to artifacts/.

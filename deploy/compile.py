@@ -35,9 +35,8 @@ COMPILED: dict[str, str] = {
     "server/backends/file.py": "the file store",
     "server/backends/slotmap.py": "the store's slot maps",
     "server/service.py": "the store's request dispatch",
-    "client/agent/slots.py": "the agent's per-slot state",
+    "client/agent/machine/slots.py": "the agent's per-slot state",
     "client/agent/batches.py": "the agent's batches",
-    "client/agent/routing.py": "the agent's routing",
     "client/agent/jobs.py": "the agent's jobs",
 }
 BUILD = ROOT / ".cache" / "mypyc"

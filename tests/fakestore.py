@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 import ssl
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 from netswap.client.rpc import ConnectionLost, StoreClient
-from netswap.protocol import PAGE_SIZE, Pages, StoreError, Welcome, area_seed, page_tag
+from netswap.protocol import PAGE_SIZE, Pages, StoreError, area_seed, page_tag
 from netswap.protocol.messages import Buffer
 
 ZERO = bytes(PAGE_SIZE)
@@ -36,6 +38,10 @@ class FakeStore:
     clients: list[FakeClient] = field(default_factory=list)
     held: list[Callable[[], None]] = field(default_factory=list)
     swap_outs: int = 0
+    area_id: int = 0  # the area's life it holds (0: none)
+    floor: int = 0  # the highest epoch fenced
+    boot: int = field(default_factory=lambda: random.getrandbits(63) | 1)
+    store_id: int = field(default_factory=lambda: random.getrandbits(63) | 1)
 
     async def connect(self, host: str, port: int, area: str, token: str, deadline: float,
                       tls: ssl.SSLContext | None) -> StoreClient:  # fmt: skip
@@ -50,6 +56,8 @@ class FakeStore:
         """kill -9: every connection drops, every page is gone, new ones are refused."""
         self.refuse = True
         self.pages.clear()
+        self.area_id, self.floor = 0, 0
+        self.boot = random.getrandbits(63) | 1  # a memory store's next life
         for client in self.clients:
             client.drop(ConnectionLost(f"{self.name} died"))
         self.clients.clear()
@@ -68,8 +76,11 @@ class FakeClient:
     def __init__(self, store: FakeStore, area: str) -> None:
         self.store = store
         self.area_seed = area_seed(area)
-        pages = max(store.pages, default=-1) + 1 if store.pages else 0
-        self.welcome = Welcome(1, 3, pages, store.capacity_pages)
+        held = 1 << 20 if store.area_id else 0
+        self.welcome = SimpleNamespace(area_slots=held, capacity_pages=store.capacity_pages,
+                                       store_id=store.store_id, boot=store.boot, prev_boot=0,
+                                       clean=False, area_id=store.area_id, holder="",
+                                       floor=store.floor)  # fmt: skip
         self.connected = True
         self._on_lost: Callable[[Exception], None] | None = None
 
@@ -116,6 +127,9 @@ class FakeClient:
             if store.write_error:
                 return done(StoreError(store.write_error, "refused by the test"))
             for i, slot in enumerate(slots):
+                held = store.pages.get(slot)
+                if held is not None and held[2] >= generations[i]:
+                    continue  # newer-only, as a store
                 page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
                 store.pages[slot] = (page, tags[i], generations[i])
             done(None)
@@ -145,9 +159,22 @@ class FakeClient:
         return self._pages(slots)
 
     # -- control --------------------------------------------------------------
-    async def swapfile(self, activate: bool, slots: int) -> None:
-        if not activate:
-            self.store.pages.clear()
+    async def swapfile(self, activate: bool, slots: int, area_id: int = 0, holder: str = "",
+                       force: bool = False) -> None:  # fmt: skip
+        store = self.store
+        if not activate or (area_id and area_id != store.area_id):
+            store.pages.clear()
+            store.floor = 0
+        store.area_id = area_id if activate else 0
+
+    async def fence(self, epoch: int) -> None:
+        if epoch < self.store.floor:
+            raise StoreError(errno.ESTALE, f"a newer agent (epoch {self.store.floor})")
+        self.store.floor = epoch
+
+    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
+        held = sorted(s for s in self.store.pages if first <= s < first + count)
+        return array("Q", held), array("Q", [self.store.pages[s][2] for s in held])
 
     async def stats(self) -> dict[str, Any]:
         return {"used_pages": len(self.store.pages)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import random
 import signal
@@ -14,7 +13,9 @@ from typing import Any
 
 import nbd
 import pytest
-from netswap.client.agent.placement import IN_SYNC, STALE
+from netswap.client.agent.core import Agent
+from netswap.client.agent.machine.resync import resync
+from netswap.client.agent.machine.table import IN_SYNC, STALE, SYNCING
 from netswap.client.agent.remote import RemoteDevice
 from netswap.client.statscmd import fetch
 
@@ -285,7 +286,7 @@ def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds
             submit = agent.submit
 
             def held_submit(fn: Callable[..., None], *args: Any) -> None:
-                if fn == agent.routing.submit_write and not routed.is_set():  # the thread stalls
+                if fn == agent.route_write and not routed.is_set():  # the thread stalls
                     threading.Timer(1.0, lambda: (submit(fn, *args), routed.set())).start()
                 else:
                     submit(fn, *args)
@@ -296,14 +297,12 @@ def test_a_resync_that_reads_a_slot_whose_write_is_not_routed_yet_still_succeeds
             writer.start()
             while 5 not in device._inflight:
                 time.sleep(0.001)
-            assert agent.loop is not None
-            table = agent.table
-            position, target, _ = table.replicas_of(0)[1]
-            table.set_state(0, position, STALE)  # as if store 1 had missed a write
-            repair = agent.repair.repair_slab(0, position, target)
-            asyncio.run_coroutine_threadsafe(repair, agent.loop).result(30)
+            table = agent.machine.table
+            position, _, _ = table.replicas_of(0)[1]
+            resynced = start_resync(agent, 0, position)  # as if store 1 had missed a write
+            assert resynced.wait(30)
             assert not routed.is_set()  # the copy ran while the write was held
-            assert table.state[0 * table.replicas + position] == IN_SYNC
+            assert table.state_of(0, position) == IN_SYNC
             writer.join(10)
             out = bytearray(PAGE * 8)
             device.pread(memoryview(out), 0)
@@ -344,24 +343,22 @@ def test_a_resync_begun_while_a_direct_write_is_on_its_way_waits_for_it() -> Non
                                       args=(memoryview(b"\2" * PAGE), 5 * PAGE, False))  # fmt: skip
             writer.start()
             assert sending.wait(5), "the lone write did not go direct"
-            table = agent.table
-            position, target, _ = table.replicas_of(0)[1]
-            table.set_state(0, position, STALE)  # as if store 1 had missed a write
-            assert agent.loop is not None
-            repair = asyncio.run_coroutine_threadsafe(
-                agent.repair.repair_slab(0, position, target), agent.loop
-            )
+            table = agent.machine.table
+            position, _, _ = table.replicas_of(0)[1]
+            resynced = start_resync(agent, 0, position)  # as if store 1 had missed a write
             time.sleep(0.5)
-            assert not repair.done(), "the resync did not wait for the direct write"
+            assert not resynced.is_set(), "the resync did not wait for the direct write"
             release.set()
-            repair.result(30)
+            assert resynced.wait(30)
             writer.join(10)
-            assert table.state[0 * table.replicas + position] == IN_SYNC
+            assert table.state_of(0, position) == IN_SYNC
             assert figures.requests == 2
             # A resync under way: a lone write of that slab goes through the loop.
-            agent.repair.syncing[0] = set()
+            with agent.machine.lock:
+                agent.machine.syncing[0] = set()
             device.pwrite(memoryview(b"\3" * PAGE), 6 * PAGE, False)
-            assert agent.repair.syncing.pop(0) == {6}  # the loop noted it for the copy
+            with agent.machine.lock:
+                assert agent.machine.syncing.pop(0) == {6}  # noted for the copy
             assert figures.fallbacks == 2
             procs[0].kill()  # store 1 alone must hold every page, the resync's and the writes'
             out = bytearray(PAGE * 8)
@@ -369,3 +366,22 @@ def test_a_resync_begun_while_a_direct_write_is_on_its_way_waits_for_it() -> Non
             assert bytes(out) == b"\1" * PAGE * 5 + b"\2" * PAGE + b"\3" * PAGE + b"\1" * PAGE
         finally:
             device.close()
+
+
+def start_resync(agent: Agent, slab: int, position: int) -> threading.Event:
+    """Run the machine's resync of one replica on the agent's loop, now (as its clock
+    would once the replica is stale); the event is set when it ends."""
+    done = threading.Event()
+    machine = agent.machine
+
+    def go() -> None:
+        with machine.lock:
+            machine._mark(slab, position, STALE)
+            machine.table.set_state(slab, position, SYNCING)
+            machine.repairing.add(slab)
+        task = resync(machine, slab, position, agent.area_seed, agent.io_timeout)
+        agent.driver.start(task, done.set)
+
+    assert agent.loop is not None
+    agent.loop.call_soon_threadsafe(go)
+    return done

@@ -1,4 +1,5 @@
-"""Pure parts of the agent: policy, pressure parsing, placement, slab table, reserve."""
+"""Pure parts of the agent: policy, pressure parsing, placement, reserve (the replica
+machine's own: tests/test_machine.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from netswap.client.agent.placement import (
-    DOWN,
-    IN_SYNC,
-    UNPLACED,
-    SlabTable,
-    power_of_two_choices,
-)
+from netswap.client.agent.machine.table import power_of_two_choices
 from netswap.client.agent.policy import BatchPolicy
 from netswap.client.agent.reserve import Reserve, ReserveTimeout
-from netswap.client.agent.slots import LOST, MAX_COUNT, WRITTEN, SlotMap
 from netswap.server.ops.pressure import Pressure, parse_meminfo, parse_psi, parse_watermarks, sample
 
 CALM = Pressure.calm()
@@ -105,77 +99,6 @@ def test_power_of_two_choices_prefers_free_stores_and_spreads_load() -> None:
     assert min(picks[s] for s in (0, 1, 2)) > 0.25 * 4000
     with pytest.raises(LookupError):
         power_of_two_choices([], free.__getitem__, rng)
-
-
-def test_slab_table_places_distinct_replicas_and_tracks_states() -> None:
-    table = SlabTable(slots=10_000, slab_slots=1000, replicas=2)
-    assert table.slabs == 10
-    table.place(3, [0, 1, 2], lambda s: 10, random.Random(1))
-    stores = [s for _, s, _ in table.replicas_of(3)]
-    assert len(set(stores)) == 2 and all(st == IN_SYNC for _, _, st in table.replicas_of(3))
-    table.set_state(3, 0, DOWN)
-    assert table.replicas_of(3)[0][2] == DOWN
-    assert table.slabs_on(stores[1]) == [(3, 1)]
-    single = SlabTable(slots=100, slab_slots=10, replicas=3)
-    single.place(0, [5], lambda s: 1, random.Random(1))  # fewer stores than replicas
-    assert [s for _, s, _ in single.replicas_of(0)] == [5]
-    assert single.store[1] == UNPLACED
-    with pytest.raises(LookupError):
-        single.place(1, [], lambda s: 1, random.Random(1))
-
-
-def test_written_in_counts_slots_like_a_loop_would() -> None:
-    slots = SlotMap(5000)
-    for slot in random.Random(7).sample(range(5000), 1700):
-        slots.write_run(slot, 1)
-    for first, stop in ((0, 5000), (8, 13), (999, 2001), (4990, 5000)):
-        expect = sum(1 for s in range(first, stop) if slots.is_written(s))
-        assert slots.written_in(first, stop) == expect
-        assert slots.written_slots(first, stop) == [s for s in range(first, stop)
-                                                    if slots.is_written(s)]  # fmt: skip
-
-
-def test_slot_states_and_counts() -> None:
-    slots = SlotMap(20, epoch=3)
-    slots.write_run(0, 1)
-    counts, gens = slots.write_run(7, 2)
-    assert list(counts) == [1, 1] and list(gens) == [3 << 32 | 1] * 2
-    slots.write_run(19, 1)
-    assert [s for s in range(20) if slots.is_written(s)] == [0, 7, 8, 19]
-    slots.forget_run(7, 1)
-    slots.mark_lost(8)
-    assert not slots.is_written(7) and not slots.is_written(8)
-    assert slots.is_lost(8) and not slots.is_lost(0) and not slots.is_lost(7)
-    slots.forget_run(8, 1)  # trimmed: reads as zeros again
-    assert not slots.is_lost(8)
-    counts, _ = slots.write_run(7, 3)  # written again: counts go on, never repeat
-    assert list(counts) == [2, 2, 1] and not slots.is_lost(8) and slots.is_written(9)
-    assert list(slots.counts_of([7, 19, 0])) == [2, 1, 1]
-
-
-def test_a_count_that_would_wrap_raises_the_epoch_so_no_generation_repeats() -> None:
-    slots = SlotMap(4, epoch=1)
-    slots.counts[2] = MAX_COUNT
-    first = slots.generation(MAX_COUNT)
-    counts, gens = slots.write_run(2, 1)
-    assert list(counts) == [1] and gens[0] == 2 << 32 | 1 and gens[0] != first
-    assert slots.epoch == 2
-
-
-def test_a_rebuild_restores_counts_and_the_highest_epoch() -> None:
-    slots = SlotMap(8, epoch=1)
-    slots.restore(5, 4 << 32 | 17)
-    assert slots.is_written(5) and list(slots.counts_of([5])) == [17] and slots.epoch == 4
-    assert slots.state[5] == WRITTEN and LOST != WRITTEN
-
-
-def test_agent_metadata_is_under_16_bytes_per_slot_at_16_gib() -> None:
-    slots = (16 << 30) // 4096
-    table = SlabTable(slots=slots, slab_slots=(64 << 20) // 4096, replicas=2)
-    per_slot = (table.metadata_bytes() + SlotMap(slots).metadata_bytes()) / slots
-    assert per_slot <= 16
-    # a state byte and a 4-byte write count per slot, and a tiny slab table
-    assert per_slot < 5.1
 
 
 def test_reserve_hands_out_and_takes_back_buffers() -> None:

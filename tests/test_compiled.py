@@ -51,7 +51,7 @@ sys.meta_path.insert(0, Source())
 from array import array
 import netswap.protocol as p
 from netswap.server.backends import MemoryBackend
-from netswap.client.agent.slots import SlotMap
+from netswap.client.agent.machine.slots import Slots
 loaded = [m.__file__ for n, m in sorted(sys.modules.items()) if n.startswith("netswap.")]
 assert all(f.endswith(".py") for f in loaded if f), loaded
 client, server = p.Connection(p.Role.CLIENT), p.Connection(p.Role.SERVER)
@@ -69,7 +69,7 @@ backend.write_runs(area, got.runs, got.data, None)
 data = memoryview(bytearray(3 * 4096))
 backend.read_runs(area, got.runs, data)
 assert bytes(data) == bytes(out.data)
-counts, gens = SlotMap(16, epoch=2).write_run(3, 2)
+gens = Slots(16, epoch=2).write(3, 2)
 assert list(gens) == [2 << 32 | 1] * 2
 print("pure ok", len(loaded))
 """

@@ -6,7 +6,7 @@ reason to wait), when the linger timer fires, or at once when the policy says
 pressure is high. At most MAX_INFLIGHT batches per store are on the wire. A
 batch's pages go from the reserve's buffers to the socket without a copy
 (writelines over the reserve's views). Answers go back to the routing: every
-run of a SwapOut, and every page of a SwapIn, proven (rpc.check_pages) before
+run of a SwapOut, and every page of a SwapIn, proven (machine/proof.py) before
 it is copied into the job that asked for it.
 """
 
@@ -21,12 +21,12 @@ from typing import Protocol
 from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, SEAL_SIZE, Pages, StoreError
 from netswap.protocol.runs import runs_of
 
-from ..rpc import check_pages
 from .jobs import ReadEntry, WriteJob
+from .machine.machine import Replicas
+from .machine.proof import prove_pages
 from .policy import Decision
 from .reserve import Reserve
 from .seal import Sealer
-from .slots import SlotMap
 from .stores import Store
 
 # Batches of one store on the wire at once: enough to keep a store busy while the
@@ -41,7 +41,7 @@ class BatchListener(Protocol):
 
     area_seed: int
     reserve: Reserve
-    slot_map: SlotMap
+    machine: Replicas
     sealer: Sealer | None  # the area's pages are encrypted (seal.py)
 
     def decide(self) -> Decision: ...
@@ -183,14 +183,15 @@ class Batches:
         began = time.perf_counter()
         slots = array("Q", [e.slot for e in batch])
         runs = runs_of(slots)
-        counts = array("I", [e.count for e in batch])
-        slot_map = listener.slot_map
+        expected = array("Q", [e.gen for e in batch])
+        gens = listener.machine.slots.gens
 
         def done(reply: Pages | None, failure: Exception | None) -> None:
             if failure is None:
                 assert isinstance(reply, Pages)
-                failure = check_pages(listener.area_seed, reply, slots, counts,
-                                      lambda: slot_map.counts_of(slots))  # fmt: skip
+                failure = prove_pages(listener.area_seed, reply.data, reply.tags,
+                                      reply.generations, slots, expected,
+                                      lambda: array("Q", [gens[s] for s in slots]))  # fmt: skip
             error = self._outcome(client, failure)
             if error:
                 listener.reads_failed(self.store, batch, error)

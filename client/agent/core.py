@@ -1,24 +1,24 @@
-"""The per-host agent: swap slots -> replicated pages on remote page stores.
+"""The per-host agent: the replica machine's shell on its event loop.
 
 It runs one event loop (uvloop when present) in its own thread, started from
-nbdkit's after_fork; nbdkit's threads hand it jobs through `submit` and wait
-on them. The agent owns the pieces and wires them; each piece of state has one
-owner:
+nbdkit's after_fork; nbdkit's threads hand it work through `submit` and wait on
+it. Every decision about replicas -- where a write goes, when it is
+acknowledged, which replica a read asks, what a store's absence or return
+means, what to repair, what a restart can prove -- is the machine's
+(machine/machine.py), under its lock; this shell carries them out:
 
-  slot_map  slots.SlotMap      each slot: written, lost, its write count (threads + loop, locked)
-  table     placement.SlabTable where each slab's replicas are (the loop; threads read it
-                               under routing.lock)
-  stores    stores.Store       one per store: its connections, either thread's, and health
-  batches   batches.Batches    one per store: what waits to be sent to it (the loop)
-  routing   routing.Routing    which replicas a job goes to; the writes in flight per slab
-  repair    repair.Repair      replicas going down, coming back, being copied (the loop)
+  machine   machine.Replicas   slots, slab table, stores' health, record (the lock)
+  stores    stores.Store       one per store: its connections, either thread's
+  batches   batches.Batches    one per store: what waits to be sent to it
+  driver    driver.Driver      the machine's resyncs, rebuilds and proofs, step by step
+  keeper    keys.RecordKeeper  the machine's durable record, in the keyring
 
-An agent starts either on a fresh area (whatever the stores held for it is
-released) or, restarted under a swapping kernel, by rebuilding what the dead
-agent knew from the stores (rebuild.py) before it serves.
-
-Everything else here is the loop's lifecycle, the policy's inputs, the figures
-the stats read, and the two control requests, discard and flush.
+After every event it `settle`s: the record is persisted if the machine changed
+it -- before any write goes out or any answer goes back --, then completed
+writes and failed reads are answered. An agent starts on a fresh area (a new
+area id: what the stores held for the area before is replaced) or, restarted
+under a swapping kernel, rebuilds from its record and the stores before it
+serves.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import secrets
 import ssl
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from netswap.protocol import MAX_DISCARD_RANGES, StoreError, area_seed
@@ -39,30 +40,27 @@ from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 from ..rpc import BlockingClient, StoreClient
 from .batches import Batches, WriteRun
-from .jobs import ControlJob, ReadEntry
-from .keys import AreaKey
-from .placement import SlabTable
+from .driver import Driver
+from .jobs import ControlJob, ReadEntry, ReadJob, WriteJob
+from .keys import AreaKey, KeyringError, RecordKeeper
+from .machine.machine import FAILED, Replicas
+from .machine.rebuild import prove, rebuild
+from .machine.resync import resync
 from .policy import BatchPolicy, Decision
-from .rebuild import Rebuild, Rebuilt, rebuild_log
-from .repair import Repair
 from .reserve import Reserve
-from .routing import Routing
 from .seal import Sealer
-from .slots import SlotMap
 from .stores import TRANSPORT_ERRORS, ConnectStore, OpenBlocking, Store
 
 log = logging.getLogger("netswap.agent")
 
-PRESSURE_PERIOD_S = 0.25
+TICK_S = 0.25  # the clock's work: parked waits, repairs, proofs (and pressure sampling)
 USAGE_PERIOD_S = 2.0
 # A rebuilding agent waits this long for every store before it rebuilds from those it
 # has (the kernel holds the swap device's IO meanwhile, for up to its dead-connection
-# timeout: attach's default is 120 s); a store that comes later is heard then.
+# timeout: attach's default is 120 s); a store that comes later proves its slabs then.
 REBUILD_WAIT_S = 10.0
 # With no store answering at all, a rebuild waits this long more: everything would be
-# unproven and read EIO, while the kernel holds the device's IO (attach's default
-# dead-connection timeout is 120 s) and a store may be back in time. Past it the agent
-# gives up, and the supervisor's log says the kernel will fail the IO.
+# unproven, while the kernel holds the device's IO and a store may be back in time.
 REBUILD_NONE_S = 100.0
 # How often the agent looks whether its key is still in the keyring (one syscall).
 KEY_CHECK_S = 1.0
@@ -89,31 +87,29 @@ class Agent:
         epoch: int = 0,
         key: AreaKey | None = None,
         must_connect: bool = False,
+        holder: str = "",
+        keeper: RecordKeeper | None = None,
     ) -> None:
         self.area, self.token, self.slots = area, token, slots
-        self.rebuild = rebuild  # a restart: rebuild the area from the stores, never release it
-        # The area's key (keys.py) and its cipher (seal.py); None: pages go in plaintext.
+        self.rebuild = rebuild  # a restart: rebuild the area from its record and the stores
+        self.holder = holder  # this host, as the stores' area record names it
         self.key = key
         self.sealer = Sealer(key.material, area) if key is not None else None
-        # Above the supervisor's and every epoch an agent wrote under this key (the nonces)
-        self.min_epoch = max(epoch, key.last_epoch() if key is not None and rebuild else 0)
-        self.rebuilt: Rebuilt | None = None
+        self.min_epoch = epoch  # the supervisor's: this agent's epoch goes above it
+        self.keeper = keeper
         self.area_seed = area_seed(area)  # the area identity in every page's tag
         self.reserve = reserve
         self.io_timeout = io_timeout
         self.tls = tls  # verifies the stores (server/tls.py), None: plaintext
         self.policy = policy or BatchPolicy()
-        self.counters: Counter[str] = Counter()
-        self.slot_map = SlotMap(slots, epoch=max(1, epoch))
-        self.table = SlabTable(slots, slab_slots, replicas)
+        names = [f"{host}:{port}" for host, port in stores]
+        self.machine = Replicas(slots, slab_slots, replicas, quorum, names,
+                                sealed=self.sealer is not None)  # fmt: skip
+        self.counters = self.machine.counters
         self.stores = [Store(i, host, port, self, self, connect_store, open_blocking)
                        for i, (host, port) in enumerate(stores)]  # fmt: skip
         self.batches = [Batches(store, self) for store in self.stores]
-        self.routing = Routing(self.table, self.slot_map, self.stores, self.batches, quorum,
-                               self.counters)  # fmt: skip
-        self.repair = Repair(self.table, self.slot_map, self.stores, self.routing,
-                             self.counters, io_timeout, self.area_seed,
-                             self.sealer is not None)  # fmt: skip
+        self.driver = Driver(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Future[Any]] = set()
         self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
@@ -122,22 +118,23 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._failure: StoreError | None = None
-        # A store tier of one (a cluster): unreachable or refusing at start is an error, not
-        # a store to wait for.
+        # A store tier of one (a cluster): unreachable or refusing at start is an error.
         self.must_connect = must_connect
         self.first_failure = ""
         self._stop: asyncio.Event | None = None
+        self.rebuilt_seconds = 0.0
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
         self.rpc_latency = {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")}
         self.batch_sizes = {op: Recorder(BATCH_BUCKETS) for op in ("swap_out", "swap_in")}
         self.recent_decisions: deque[tuple[float, str, int]] = deque(maxlen=50)
+        # Set by the device: answers a read job's entry once all its pages are in.
+        self.on_read_done: Callable[[ReadEntry, int], None] = _read_page_done
 
     # -- lifecycle (called from nbdkit's threads) -------------------------------
     def start(self, connect_timeout: float = 10.0) -> None:
         self._thread = threading.Thread(target=self._run, name="netswap-agent", daemon=True)
         self._thread.start()
-        # The wait for stores, then inventory: ~1 s per GiB.
         rebuilding = REBUILD_WAIT_S + REBUILD_NONE_S + 60 if self.rebuild else 0
         if not self._started.wait(connect_timeout + 5 + rebuilding):
             raise TimeoutError("agent loop did not start")
@@ -154,14 +151,22 @@ class Agent:
         try:
             with runner:
                 runner.run(self._main())
-        except StoreError as exc:  # the start could not be made (no store to rebuild from)
-            self._failure = exc
+        except (StoreError, KeyringError, ConnectionError) as exc:  # the start could not be made
+            self._failure = exc if isinstance(exc, StoreError) else StoreError(
+                getattr(exc, "errno", 0) or errno.EIO, str(exc))  # fmt: skip
             self._started.set()
+
+    @property
+    def epoch(self) -> int:
+        return self.machine.epoch
+
+    def clock(self) -> float:
+        return self.loop.time() if self.loop is not None else time.monotonic()
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.repair.start()
+        self._begin()
         if self.rebuild:
             await self._rebuild()
         else:
@@ -170,10 +175,9 @@ class Agent:
                 raise StoreError(
                     errno.EHOSTUNREACH, f"no store tier at start: {self.first_failure}"
                 )
-        if self.key is not None:  # before any write: the next agent's epoch goes above it
-            self.key.record_epoch(self.slot_map.epoch)
+        if self.key is not None:
             self._background(self._watch_key(self.key))
-        for coro in (self._sample_pressure(), self._refresh_usage(), self.repair.run()):
+        for coro in (self._clock(), self._refresh_usage()):
             self._background(coro)
         for store in self.stores:
             self._background(store.reconnect_forever())
@@ -184,19 +188,38 @@ class Agent:
         for store in self.stores:
             await store.close()
 
+    def _begin(self) -> None:
+        """The epoch above every epoch any agent of this area used, recorded before
+        anything is sealed (P6); at a restart, the dead agent's record to rebuild from."""
+        old = self.keeper.load() if self.keeper is not None else None
+        if self.rebuild and old is None:
+            why = "no keyring" if self.keeper is None else "no record in the keyring"
+            raise StoreError(errno.ENOKEY, f"cannot rebuild area {self.area}: {why} (a rebuild"
+                             " needs the record the agent keeps there; after a reboot, start"
+                             " fresh)")  # fmt: skip
+        floor = max(self.min_epoch, self.key.last_epoch() if self.key is not None else 0)
+        with self.machine.lock:
+            if self.rebuild:
+                self.machine.begin(old, floor, 0)
+            else:
+                floor = max(floor, old.epoch if old is not None else 0)
+                self.machine.begin(None, floor, secrets.randbits(63) | 1)
+        self.settle()
+        if self.key is not None:
+            self.key.record_epoch(self.machine.epoch)
+        if self.keeper is None:
+            log.warning("no kernel keyring here: a restarted agent could not rebuild this area")
+
     async def _rebuild(self) -> None:
-        """Connect to every store that answers within REBUILD_WAIT_S, keeping the area,
-        and rebuild the dead agent's knowledge from them (rebuild.py)."""
+        """Connect to every store that answers within REBUILD_WAIT_S and rebuild the
+        dead agent's knowledge from its record and them (machine/rebuild.py)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REBUILD_WAIT_S
-        lost: set[int] = set()
 
         async def reach(store: Store) -> None:
-            while True:
+            while not store.up:
                 try:
-                    if await store.connect(fresh=False):
-                        lost.add(store.index)
-                    return
+                    await store.connect()
                 except (*TRANSPORT_ERRORS, StoreError) as exc:
                     if loop.time() > deadline:
                         log.warning("store %s unreachable for the rebuild: %s", store.name, exc)
@@ -214,17 +237,29 @@ class Agent:
                     f"no store answered within {REBUILD_WAIT_S + REBUILD_NONE_S:.0f}s"
                     ": this agent cannot rebuild the area"
                 )
-        reachable = [store for store in self.stores if store.up]
-        rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
-                          self.counters, self.sealer is not None)  # fmt: skip
-        self.rebuilt = await rebuild.run(reachable, lost, self.min_epoch)
-        self.counters["rebuilds"] += 1
-        log.warning("%s", rebuild_log(self.rebuilt))
-        self.repair.wake()
+        began = loop.time()
+        done = asyncio.Event()
+        self.driver.start(rebuild(self.machine), done.set)
+        await done.wait()
+        self.rebuilt_seconds = loop.time() - began
+        log.warning("%s", self.rebuild_summary())
+
+    def rebuild_summary(self) -> str:
+        m = self.machine
+        left = m.unreadable()
+        away = [s.name for s in self.stores if not s.up]
+        parts = [f"rebuilt the area from the stores in {self.rebuilt_seconds:.1f}s: "
+                 f"{m.counters['rebuild_pages']} pages proven, epoch {m.epoch}"]  # fmt: skip
+        if left["unproven"]:
+            parts.append(f"{left['unproven']} slots unproven (they wait for "
+                         f"{', '.join(away) or 'their stores'})")  # fmt: skip
+        if left["lost"]:
+            parts.append(f"{left['lost']} slots lost")
+        return "; ".join(parts)
 
     async def _first_connect(self, store: Store) -> None:
         try:
-            await store.connect(fresh=True)
+            await store.connect()
         except (*TRANSPORT_ERRORS, StoreError) as exc:
             log.warning("store %s unavailable at start: %s", store.name, exc)
             self.first_failure = self.first_failure or str(exc)
@@ -243,12 +278,8 @@ class Agent:
             store.close_pool()
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        """From any thread: run fn(*args) on the loop, soon, in submission order.
-
-        Items queue in a deque and one call_soon_threadsafe wakes the loop for
-        all that arrive before it drains: one self-pipe write per burst, not
-        per request.
-        """
+        """From any thread: run fn(*args) on the loop, soon, in submission order (one
+        self-pipe write wakes the loop for every item that arrives before it drains)."""
         self._inbox.append((fn, args))
         if not self._drain_scheduled:
             self._drain_scheduled = True
@@ -275,19 +306,121 @@ class Agent:
 
         self.submit(lambda: self._background(wrapper()))
 
-    # -- store events (stores.StoreEvents) ------------------------------------------
-    def store_up(self, store: Store, lost: bool) -> None:
-        self.repair.store_up(store, lost)
-        rebuilt = self.rebuilt
-        if rebuilt is not None and store.name in rebuilt.unreachable and not lost:
-            rebuilt.unreachable.remove(store.name)  # what it holds may prove slots now
-            rebuild = Rebuild(self.table, self.slot_map, self.stores, self.routing.quorum,
-                              self.counters, self.sealer is not None)  # fmt: skip
-            everyone = not rebuilt.unreachable and not rebuilt.lost
-            self._background(rebuild.late(everyone, self.routing.lock))
+    def log_exception(self, what: str) -> None:
+        log.exception("%s", what)
+
+    # -- after every event: the record first, then the answers ---------------------------
+    def settle(self) -> None:
+        m = self.machine
+        with m.lock:
+            record = m.take_record()
+            if record is not None and self.keeper is not None:
+                try:
+                    self.keeper.save(record)
+                except KeyringError as exc:  # acknowledging past an unrecorded change is not
+                    log.error("the area's record could not be written (%s): every write "
+                              "fails until it can", exc)  # fmt: skip
+                    m.fenced_out = m.fenced_out or f"the record cannot be written: {exc}"
+            finished = m.take_finished()
+            failed = m.take_failed_reads()
+            notes = list(m.notes)
+            m.notes.clear()
+        for level, text in notes:
+            log.log(logging.ERROR if level == "error" else logging.WARNING, "%s", text)
+        for job in finished:
+            job.signal()
+        for entry in failed:
+            self.on_read_done(entry, errno.EIO)
+
+    # -- stores (stores.StoreEvents) -----------------------------------------------------
+    async def activate(self, store: Store, client: StoreClient) -> bool:
+        """A store answered Hello: make sure it holds this area's life (a store that lost
+        the area, or holds an earlier life of it, gets this one), and fence it with this
+        agent's epoch. True when it kept the area."""
+        welcome = client.welcome
+        assert welcome is not None
+        ours = self.machine.record.area_id
+        kept = welcome.area_id == ours and welcome.area_slots > 0
+        if not kept:
+            await client.swapfile(True, self.slots, area_id=ours, holder=self.holder)
+        try:
+            await client.fence(self.machine.epoch)
+        except StoreError as exc:
+            if exc.errno == errno.ESTALE:
+                with self.machine.lock:
+                    self.machine.fenced(store.index, f"store {store.name}: {exc.reason}")
+                self.settle()
+            raise
+        return kept
+
+    def store_up(self, store: Store, kept: bool) -> None:
+        welcome = store.client.welcome if store.client is not None else None
+        assert welcome is not None
+        m = self.machine
+        with m.lock:
+            m.now = self.clock()
+            m.store_up(store.index, welcome.store_id, welcome.boot, kept, welcome.prev_boot,
+                       welcome.clean)  # fmt: skip
+            leftovers = m.take_leftovers(store.index)
+        self.settle()
+        for slab in leftovers:  # copies where the slab moved from: never a replica again
+            span = m.table.slab_slots(slab)
+            self._background(self._discard_on(store.index, [(span.start, len(span))]))
+        self.reroute()
 
     def store_down(self, store: Store) -> None:
-        self.repair.store_down(store)
+        m = self.machine
+        with m.lock:
+            m.now = self.clock()
+            m.store_down(store.index)
+        self.settle()
+
+    # -- writes and reads, on the loop ---------------------------------------------------
+    def route_write(self, job: WriteJob) -> None:
+        m = self.machine
+        with m.lock:
+            m.now = self.clock()
+            sends = m.route_write(job)
+        self.settle()  # a slab placed, a replica marked: recorded before the pages go
+        kicked: set[Batches] = set()
+        for store, start, count in sends:
+            self.batches[store].add_write(job, start, count)
+            kicked.add(self.batches[store])
+        for batch in kicked:
+            batch.kick()
+
+    def route_reads(self, job: ReadJob) -> None:
+        now = self.clock()
+        self.counters["swap_in_pages"] += len(job.slots)
+        for index in range(len(job.slots)):
+            self._route_read(ReadEntry(job, index, now))
+        self._kick_reads()
+
+    def _route_read(self, entry: ReadEntry) -> None:
+        m = self.machine
+        with m.lock:
+            m.now = self.clock()
+            target = m.route_read(entry)
+        if target >= 0:
+            self.batches[target].add_read(entry)
+        elif target == FAILED:
+            self.on_read_done(entry, errno.EIO)
+
+    def _kick_reads(self) -> None:
+        for batch in self.batches:
+            if batch.reads:
+                batch.kick()
+
+    def reroute(self) -> None:
+        """What waited for a store goes again."""
+        m = self.machine
+        with m.lock:
+            writes, reads = m.take_parked()
+        for job in writes:
+            self.route_write(job)
+        for entry in reads:
+            self._route_read(entry)
+        self._kick_reads()
 
     # -- what batches need (batches.BatchListener) ------------------------------------
     def decide(self) -> Decision:
@@ -310,19 +443,52 @@ class Agent:
         self.batch_sizes[op].observe(pages)
 
     def writes_done(self, store: Store, batch: list[WriteRun], error: int) -> None:
-        self.routing.writes_done(store, batch, error)
+        m = self.machine
+        with m.lock:
+            m.now = self.clock()
+            for job, start, count in batch:
+                m.write_answered(store.index, job, start, count, error)
+        self.settle()
 
     def reads_failed(self, store: Store, batch: list[ReadEntry], error: int) -> None:
-        self.routing.reads_failed(store, batch, error)
+        self.counters["read_fallbacks"] += len(batch)
+        for entry in batch:
+            if error < 0:  # unreachable, not an answer: it may be asked again once back
+                entry.tried &= ~(1 << store.index)
+            self._route_read(entry)
+        self._kick_reads()
 
     def read_page_done(self, entry: ReadEntry, error: int) -> None:
-        self.routing.read_page_done(entry, error)
+        self.on_read_done(entry, error)
 
     def count_unopened(self, slot: int) -> None:
         """A page that proved its tag but does not open: tampered with, or the key gone."""
         self.counters["seal_failures"] += 1
         if self.sealer is not None and self.sealer.usable:
             log.error("slot %d: its page does not open under the area's key: EIO", slot)
+
+    # -- the clock -------------------------------------------------------------------
+    async def _clock(self) -> None:
+        while True:
+            self.pressure = sample()
+            self.tick()
+            await asyncio.sleep(TICK_S)
+
+    def tick(self) -> None:
+        m = self.machine
+        with m.lock:
+            m.now = self.clock()
+            m.expire()
+            repairs = m.repairs()
+            proofs = m.proofs()
+            parked = bool(m.parked_reads or m.parked_writes)
+        self.settle()
+        for slab, position in repairs:
+            self.driver.start(resync(m, slab, position, self.area_seed, self.io_timeout))
+        for slab in proofs:
+            self.driver.start(prove(m, slab))
+        if parked:
+            self.reroute()
 
     async def _watch_key(self, key: AreaKey) -> None:
         """Detach, or an operator, may drop the key: from then on every page is EIO."""
@@ -334,50 +500,39 @@ class Agent:
             self.sealer.drop()
         key.forget()
 
-    async def _sample_pressure(self) -> None:
-        while True:
-            self.pressure = sample()
-            await asyncio.sleep(PRESSURE_PERIOD_S)
-
     async def _refresh_usage(self) -> None:
         while True:
             await asyncio.sleep(USAGE_PERIOD_S)
             await asyncio.gather(*(store.refresh_usage() for store in self.stores))
+            with self.machine.lock:
+                for store in self.stores:
+                    self.machine.stores[store.index].free_pages = store.free_pages
 
     # -- control: discard, flush ------------------------------------------------
-    async def discard(self, first: int, count: int) -> int:
-        table = self.table
-        by_store: dict[int, list[tuple[int, int]]] = {}
-        slot, end = first, first + count
-        while slot < end:
-            slab = table.slab_of(slot)
-            stop = min(end, table.slab_slots(slab).stop)
-            for _, store, _ in table.replicas_of(slab):
-                by_store.setdefault(store, []).append((slot, stop - slot))
-            slot = stop
+    async def send_discards(self, sends: list[tuple[int, list[tuple[int, int]]]]) -> int:
+        await asyncio.gather(*(self._discard_on(store, ranges) for store, ranges in sends))
+        return 0  # discard is advisory: the slots already read as zeros
 
-        def discard_on(store: int, ranges: list[tuple[int, int]]) -> Awaitable[int]:
-            async def rpc(client: StoreClient) -> None:
-                for at in range(0, len(ranges), MAX_DISCARD_RANGES):
-                    await client.discard(ranges[at : at + MAX_DISCARD_RANGES])
+    async def _discard_on(self, index: int, ranges: list[tuple[int, int]]) -> None:
+        async def rpc(client: StoreClient) -> None:
+            for at in range(0, len(ranges), MAX_DISCARD_RANGES):
+                await client.discard(ranges[at : at + MAX_DISCARD_RANGES])
 
-            return self.stores[store].call(rpc)
-
-        await asyncio.gather(*(discard_on(store, ranges) for store, ranges in by_store.items()))
-        return 0  # discard is advisory: the slot map already reads these as zeros
+        await self.stores[index].call(rpc)
 
     async def flush(self) -> int:
         up = [store for store in self.stores if store.up]
         if not up:
             return errno.EIO
-        # What each store acknowledged before this Flush is durable once it answers;
-        # a write answered later may or may not be, so it stays unflushed.
-        taken = [store.unflushed for store in up]
-        for store in up:
-            store.unflushed = set()
         results = await asyncio.gather(*(store.call(lambda c: c.flush()) for store in up))
-        for store, slabs, result in zip(up, taken, results, strict=True):
-            if result != 0:
-                store.unflushed |= slabs
         failures = [r for r in results if r > 0]
         return failures[0] if failures else (0 if any(r == 0 for r in results) else errno.EIO)
+
+
+def _read_page_done(entry: ReadEntry, error: int) -> None:
+    job = entry.job
+    if error:
+        job.error = job.error or error
+    job.remaining -= 1
+    if job.remaining == 0:
+        job.done.set()

@@ -32,9 +32,10 @@ from collections.abc import Callable
 from netswap.protocol import Ok, Pages, RemoteProtocolError, StoreError, SwapIn
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
-from ..rpc import BlockingClient, check_pages
+from ..rpc import BlockingClient
 from .core import Agent
 from .jobs import WriteJob
+from .machine.proof import prove_pages
 from .stores import Store
 
 # What a call on the thread path can meet on its way; each hands the request to the loop.
@@ -78,19 +79,18 @@ class DirectPath:
     def read(
         self,
         slots: range,
-        counts: array[int],
+        expected: array[int],
         current: Callable[[], array[int]],
         sink: Callable[[memoryview], None],
     ) -> bool:
         """Read `slots` from one in-sync replica; sink(pages) copies them out (they are
-        views into the client's buffer, valid during that call)."""
-        agent, table, figures = self.agent, self.agent.table, self.read_figures
-        slab = table.slab_of(slots.start)
-        if table.slab_of(slots.stop - 1) != slab:
+        views into the client's buffer, valid until the client is given back)."""
+        agent, machine, figures = self.agent, self.agent.machine, self.read_figures
+        with machine.lock:
+            index = machine.direct_read_store(slots.start, len(slots))
+        if index < 0 or not agent.stores[index].up:
             return figures.fell_back()
-        store = next((agent.stores[s] for s in table.in_sync(slab) if agent.stores[s].up), None)
-        if store is None:
-            return figures.fell_back()
+        store = agent.stores[index]
         client = self._take(store)
         if client is None:
             return figures.fell_back()
@@ -102,19 +102,26 @@ class DirectPath:
         except DIRECT_ERRORS:
             store.lost(client)
             return figures.fell_back()
-        if check_pages(agent.area_seed, reply, slots, counts, current) is not None:
+        if (
+            not isinstance(reply, Pages)
+            or prove_pages(
+                agent.area_seed, reply.data, reply.tags, reply.generations, slots, expected, current
+            )
+            is not None
+        ):
             store.give(client)
             return figures.fell_back()  # a refusal or an unproven page: the loop decides
-        assert isinstance(reply, Pages)  # check_pages proved it
-        store.give(client)
-        if sealer is None:
-            sink(memoryview(reply.data))
-        else:
-            seals = memoryview(reply.seals) if reply.seals is not None else None
-            plain = sealer.open_pages(memoryview(reply.data), seals, slots, reply.generations)
-            if isinstance(plain, int):
-                return figures.fell_back()  # the loop's read says EIO, for that slot
-            sink(memoryview(plain))
+        try:  # the pages are views into the client's buffer: out before it is given back
+            if sealer is None:
+                sink(memoryview(reply.data))
+            else:
+                seals = memoryview(reply.seals) if reply.seals is not None else None
+                plain = sealer.open_pages(memoryview(reply.data), seals, slots, reply.generations)
+                if isinstance(plain, int):
+                    return figures.fell_back()  # the loop's read says EIO, for that slot
+                sink(memoryview(plain))
+        finally:
+            store.give(client)
         figures.served(len(slots), time.perf_counter() - began)
         return True
 
@@ -127,27 +134,20 @@ class DirectPath:
 
     # -- a lone write ------------------------------------------------------------
     def write(self, job: WriteJob) -> bool:
-        """True: every replica stored the job's pages and the job is complete."""
-        agent, table, routing = self.agent, self.agent.table, self.agent.routing
-        slab = table.slab_of(job.first)
-        if table.slab_of(job.first + job.count - 1) != slab:
+        """True: every replica stored the job's pages and the job is complete (the
+        machine's rule, met on this thread: every replica answered, all took it)."""
+        agent, machine = self.agent, self.agent.machine
+        with machine.lock:
+            indexes = machine.direct_write_stores(job)
+        if indexes is None:
             return self.write_figures.fell_back()
-        with routing.lock:
-            if not table.placed(slab) or agent.repair.syncing.get(slab) is not None:
-                return self.write_figures.fell_back()
-            stores = [agent.stores[s] for s in table.in_sync(slab) if agent.stores[s].up]
-            if len(stores) != table.replicas:
-                return self.write_figures.fell_back()
-            routing.track_write(slab, job)
         began = time.perf_counter()
-        ok = self._send(job, stores)
-        routing.forget_write(job)
-        if not ok:
-            return self.write_figures.fell_back()
-        for store in stores:  # acknowledged, not yet flushed (core.Agent.flush)
-            store.unflushed.add(slab)
+        if not self._send(job, [agent.stores[s] for s in indexes]):
+            return self.write_figures.fell_back()  # the loop sends it again: the same write
+        with machine.lock:
+            machine.direct_write_done(job)
+        agent.settle()  # a resync waiting for this job may start
         self.write_figures.served(job.count, time.perf_counter() - began)
-        job.complete()  # a resync waiting for this job may start
         return True
 
     def _send(self, job: WriteJob, stores: list[Store]) -> bool:
@@ -158,7 +158,7 @@ class DirectPath:
             if client is None:
                 break
             taken.append((store, client))
-        if len(taken) != len(stores):  # one store's clients are all busy or refused
+        if len(taken) != len(stores) or not taken:  # a store's clients all busy or refused
             for store, client in taken:
                 store.give(client)
             return False

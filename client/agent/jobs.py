@@ -9,7 +9,6 @@ thread copies them into `buf` itself.
 
 from __future__ import annotations
 
-import errno
 import threading
 from array import array
 from collections.abc import Callable
@@ -47,6 +46,9 @@ class Completion:
         return self._set
 
 
+_NO_GENERATIONS = array("Q")
+_NO_TAGS = array("I")
+
 # acks[i] + 1 for a slice of a bytearray, in C (bytes.translate); 255 stays 255.
 _PLUS_ONE = bytes(range(1, 256)) + b"\xff"
 
@@ -60,30 +62,24 @@ class WriteJob:
     reserve buffers go back.
     """
 
-    __slots__ = ("acks", "bufs", "count", "counts", "direct", "done", "error", "first",
-                 "generations", "on_done", "remaining", "seals", "tags")  # fmt: skip
+    __slots__ = ("acks", "bufs", "complete", "count", "direct", "done", "error", "first",
+                 "generations", "on_done", "parked_at", "refusal", "remaining", "seals",
+                 "tags")  # fmt: skip
 
-    def __init__(
-        self,
-        first: int,
-        count: int,
-        bufs: list[int],
-        tags: array[int],
-        generations: array[int],
-        counts: array[int],
-        seals: bytearray | None = None,
-    ) -> None:
+    def __init__(self, first: int, count: int, bufs: list[int]) -> None:
         self.first = first
         self.count = count
         self.bufs = bufs  # encrypted in place when the area is (seal.py)
-        self.seals = seals  # then each page's GCM tag, SEAL_SIZE bytes apiece
-        self.tags = tags  # each page's tag: CRC32 bound to (area, slot, generation)
-        self.generations = generations
-        self.counts = counts
+        self.generations = _NO_GENERATIONS  # the machine gives them (machine.begin_write)
+        self.tags = _NO_TAGS  # each page's tag: CRC32 bound to (area, slot, generation)
+        self.seals: bytearray | None = None  # sealed: each page's GCM tag, SEAL_SIZE apiece
         self.acks = bytearray(count)  # replicas that took each page
         self.direct = False  # sent by its own thread (direct.py), not the loop
         self.remaining = 0
         self.error = 0
+        self.refusal = 0  # the errno a replica refused it with (the job's error if it fails)
+        self.parked_at = 0.0  # when it began to wait for a replica to answer (0: not)
+        self.complete = False  # the machine decided its outcome (machine._finish_write)
         self.done = Completion()
         self.on_done: Callable[[WriteJob], None] | None = None
 
@@ -92,14 +88,8 @@ class WriteJob:
         acks = self.acks
         acks[start : start + count] = acks[start : start + count].translate(_PLUS_ONE)
 
-    def finish(self, quorum: int) -> None:
-        """Every replica answered: the job succeeded if each page has `quorum` acks."""
-        if not self.error and min(self.acks) < quorum:
-            self.error = errno.EIO
-        self.complete()
-
-    def complete(self, error: int = 0) -> None:
-        self.error = self.error or error
+    def signal(self) -> None:
+        """The shell tells its waiter (after the record is persisted)."""
         self.done.set()
         if self.on_done is not None:
             self.on_done(self)
@@ -107,13 +97,13 @@ class WriteJob:
 
 class ReadJob:
     """Pages for slots `slots`, gathered into `out` in that order; each must be its
-    slot's from write number counts[i] (the last write before the read was asked)."""
+    slot's from generation gens[i] (the last write before the read was asked)."""
 
-    __slots__ = ("counts", "done", "error", "out", "remaining", "slots")
+    __slots__ = ("done", "error", "gens", "out", "remaining", "slots")
 
-    def __init__(self, slots: list[int], counts: array[int], out: bytearray) -> None:
+    def __init__(self, slots: list[int], gens: array[int], out: bytearray) -> None:
         self.slots = slots
-        self.counts = counts
+        self.gens = gens
         self.out = out
         self.remaining = len(slots)
         self.error = 0
@@ -121,16 +111,19 @@ class ReadJob:
 
 
 class ReadEntry:
-    """One page of a ReadJob on its way to one replica; `tried` is a store bitmask."""
+    """One page of a ReadJob on its way to one replica; `tried` is a store bitmask of
+    the replicas that answered without it."""
 
-    __slots__ = ("count", "index", "job", "slot", "tried")
+    __slots__ = ("gen", "index", "job", "parked", "since", "slot", "tried")
 
-    def __init__(self, job: ReadJob, index: int) -> None:
+    def __init__(self, job: ReadJob, index: int, since: float) -> None:
         self.job = job
         self.index = index
         self.slot = job.slots[index]
-        self.count = job.counts[index]
+        self.gen = job.gens[index]
         self.tried = 0
+        self.since = since  # when it was asked (its wait is bounded from here)
+        self.parked = False  # waiting for a replica's store to answer again
 
 
 class ControlJob:

@@ -27,6 +27,8 @@ import mmap
 import os
 import struct
 
+from .machine.record import HEADER, Record
+
 KEY_BYTES = 32  # AES-256
 SYS_ADD_KEY, SYS_KEYCTL = 248, 250  # x86_64 <asm/unistd_64.h>
 KEY_SPEC_USER_KEYRING = -4
@@ -137,18 +139,98 @@ class AreaKey:
 
 
 def drop_key(area: str) -> bool:
-    """Unlink the area's key and its epoch (detach); False when there was none."""
-    libc = _libc()
+    """Unlink the area's key, its epoch and its record (detach); False when there was none."""
+    names = [key_name(area), key_name(area) + ":epoch"]
+    names += [f"{record_prefix(area)}{part}" for part in _record_parts(area)]
     dropped = False
-    for name in (key_name(area), key_name(area) + ":epoch"):
-        try:
-            serial = _search(name)
-        except KeyringError:
-            continue
-        _check(libc.syscall(SYS_KEYCTL, ctypes.c_int(KEYCTL_UNLINK), ctypes.c_int(serial),
-                            ctypes.c_int(KEY_SPEC_USER_KEYRING)), "keyctl unlink")  # fmt: skip
-        dropped = True
+    for name in names:
+        dropped = _unlink(name) or dropped
     return dropped
+
+
+def _unlink(name: str) -> bool:
+    try:
+        serial = _search(name)
+    except KeyringError:
+        return False
+    libc = _libc()
+    _check(libc.syscall(SYS_KEYCTL, ctypes.c_int(KEYCTL_UNLINK), ctypes.c_int(serial),
+                        ctypes.c_int(KEY_SPEC_USER_KEYRING)), "keyctl unlink")  # fmt: skip
+    return True
+
+
+# -- the area's durable record (machine/record.py), beside the key ----------------------
+# A keyring entry's payload is at most 32,767 bytes (key_type_user); the record's parts
+# are smaller (record.CHUNK_BYTES).
+MAX_PART = 32 * 1024
+
+
+def record_prefix(area: str) -> str:
+    return f"netswap:{area}:record"
+
+
+def _read_part(name: str) -> bytes:
+    raw = (ctypes.c_char * MAX_PART)()
+    size = _read(_search(name), raw)
+    if size > MAX_PART:
+        raise KeyringError(errno.EFBIG, f"{name}: {size} bytes, more than a part holds")
+    return raw.raw[:size]
+
+
+def _record_parts(area: str) -> list[str]:
+    """The names (after the prefix) of the record's entries now in the keyring."""
+    try:
+        head = _read_part(record_prefix(area))
+    except KeyringError:
+        return []
+    parts = {HEADER: head}
+    return ["", *(":" + k for k in Record.chunk_keys(parts) + Record.lost_keys(parts))]
+
+
+def keyring_usable() -> bool:
+    """Can this process keep entries in root's keyring (a container's seccomp may say no)?"""
+    try:
+        _search("netswap:probe")
+    except KeyringError as exc:
+        return exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES)
+    return True
+
+
+class RecordKeeper:
+    """The area's record in root's keyring: read once at a restart, written whenever the
+    machine changed it -- only the entries whose bytes changed, each replaced atomically
+    (add_key on an existing description updates it in place)."""
+
+    def __init__(self, area: str) -> None:
+        self.prefix = record_prefix(area)
+        self._written: dict[str, bytes] = {}
+        self.writes = 0
+
+    def load(self) -> Record | None:
+        """The record an earlier agent left, or None when there is none."""
+        try:
+            head = _read_part(self.prefix)
+        except KeyringError as exc:
+            if exc.errno == errno.ENOKEY:
+                return None
+            raise
+        parts = {HEADER: head}
+        for name in Record.chunk_keys(parts) + Record.lost_keys(parts):
+            parts[name] = _read_part(f"{self.prefix}:{name}")
+        self._written = dict(parts)
+        return Record.decode(parts)
+
+    def save(self, record: Record) -> None:
+        parts = record.encode()
+        for name, payload in parts.items():  # the parts first, the header that names them last
+            if name != HEADER and self._written.get(name) != payload:
+                _add(f"{self.prefix}:{name}", payload)
+        if self._written.get(HEADER) != parts[HEADER]:
+            _add(self.prefix, parts[HEADER])
+        for gone in set(self._written) - set(parts):
+            _unlink(f"{self.prefix}:{gone}")
+        self._written = parts
+        self.writes += 1
 
 
 def _secret_page() -> mmap.mmap:

@@ -23,6 +23,7 @@ import errno
 import logging
 import ssl
 import threading
+from array import array
 from collections.abc import Awaitable
 from typing import Any
 
@@ -34,21 +35,29 @@ from ..rpc import read_token
 from .core import Agent
 from .direct import DirectPath
 from .jobs import ControlJob, ReadJob, WriteJob
-from .keys import AreaKey
-from .placement import slab_slots_for
+from .keys import AreaKey, RecordKeeper, keyring_usable
+from .machine.machine import READ_WAIT_S
+from .machine.slots import DOUBT, LOST, NEVER, UNPROVEN, WRITTEN
+from .machine.table import slab_slots_for
 from .policy import BatchPolicy
 from .reserve import Reserve, ReserveTimeout
-from .slots import LOST, UNPROVEN, WRITTEN
 
 log = logging.getLogger("netswap.agent")
 
 # Pages per job: a kernel request is at most 32 pages; bigger NBD requests (nbdcopy,
 # qemu-img) are cut so one job never pins more than this much of the reserve.
 CHUNK_PAGES = 64
-# The loop completes every job within its RPC deadlines; this is a last-resort
+# The loop completes every write within its RPC deadlines; this is a last-resort
 # guard against a bug, after which the job's reserve buffers are leaked, not reused.
 HARD_TIMEOUT_FACTOR = 6
+# A read may wait READ_WAIT_S for a store that holds its page (machine.py); the guard
+# against a bug is past that.
+READ_GUARD_S = READ_WAIT_S + 10
 _NOT_IN_FLIGHT = (None, 0)
+_UNREADABLE = {
+    LOST: "slot {slot}: no store holds its newest page any more (EIO until written again)",
+    DOUBT: "slot {slot}: its last write failed (EIO until written again)",
+}
 
 
 class RemoteDevice:
@@ -65,7 +74,7 @@ class RemoteDevice:
         direct_writes: bool = False,
     ) -> None:
         self.agent = agent
-        self.slot_map = agent.slot_map
+        self.machine = agent.machine
         # Lone requests on the calling thread (direct.py); None: every one through the loop.
         writes = direct_writes and not write_back
         self.direct = DirectPath(agent, direct_reads, writes) if direct_reads or writes else None
@@ -81,12 +90,6 @@ class RemoteDevice:
         self._readers = 0  # preads under way, under _lock
         self._writers = 0  # pwrites under way, under _lock
         self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
-        agent.routing.pending_writes = self._pending
-
-    def _pending(self, slots: list[int]) -> set[int]:
-        """The slots among these with a write in flight (on the loop, for a resync)."""
-        with self._lock:
-            return {s for s in slots if s in self._inflight}
 
     @classmethod
     def open(
@@ -111,6 +114,7 @@ class RemoteDevice:
         rebuild: bool = False,
         epoch: int = 0,
         key: AreaKey | None = None,
+        holder: str = "",
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         token = read_token(token_file or None)
@@ -143,6 +147,8 @@ class RemoteDevice:
             rebuild=rebuild,
             epoch=epoch,
             key=key,
+            holder=holder,
+            keeper=RecordKeeper(area) if keyring_usable() else None,
             **extra,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
@@ -152,9 +158,11 @@ class RemoteDevice:
         self.agent.start()
 
     def take_over(self, epoch: int) -> None:
-        """A standby told to serve: what the dead agent knew is rebuilt from the stores,
-        and this agent's generations go above `epoch`."""
-        self.agent.rebuild, self.agent.min_epoch = True, epoch
+        """A standby told to serve: what the dead agent knew is rebuilt from its record
+        and the stores, and this agent's generations go above `epoch` (and above every
+        epoch the record and the keyring know: nothing lowers it)."""
+        self.agent.rebuild = True
+        self.agent.min_epoch = max(self.agent.min_epoch, epoch)
 
     def start_ops(self, host: str, port: int, token: str = "") -> None:
         """The ops endpoint runs on the agent's own loop."""
@@ -201,14 +209,16 @@ class RemoteDevice:
             raise StoreError(errno.EIO, "the area's key is gone from the keyring")
         slots = range(first, first + count)
         inflight = self._inflight
-        with self._lock:  # counts bump in the order writes enter the in-flight map
-            counts, gens = self.slot_map.write_run(first, count)
-            seed, seals = self.agent.area_seed, None
+        machine = self.machine
+        job = WriteJob(first, count, bufs)
+        with self._lock:  # generations go in the order writes enter the in-flight map
+            with machine.lock:
+                machine.begin_write(job)
+            gens, seed = job.generations, self.agent.area_seed
             if sealer is None:
-                tags = tags_of(view, seed, slots, gens)
+                job.tags = tags_of(view, seed, slots, gens)
             else:  # sealed under the lock: a page's nonce is its slot and generation
-                tags, seals = sealer.seal_pages(view, views, bufs, first, gens, seed)
-            job = WriteJob(first, count, bufs, tags, gens, counts, seals)
+                job.tags, job.seals = sealer.seal_pages(view, views, bufs, first, gens, seed)
             # A write sent by its own thread is ordered with no other: a later write of
             # the same slots waits for it, or the stores could see the two swapped.
             before = {e[0] for s in slots if (e := inflight.get(s)) is not None and e[0].direct}
@@ -216,6 +226,8 @@ class RemoteDevice:
             job.direct = direct is not None and direct.writes and self._writers == 1 and not before
             inflight.update({slot: (job, buf) for slot, buf in zip(slots, bufs, strict=True)})
             self._jobs.add(job)
+        if machine.dirty:  # a new epoch (a count at its end): recorded before it is used
+            self.agent.settle()
         for earlier in before:
             earlier.done.wait(self._hard_timeout)
         if job.direct and direct is not None and direct.write(job):
@@ -223,7 +235,7 @@ class RemoteDevice:
             return
         if self.write_back:
             job.on_done = self._retire_write_back  # acknowledged now; the loop retires it
-        self.agent.submit(self.agent.routing.submit_write, job)
+        self.agent.submit(self.agent.route_write, job)
         if self.write_back:
             return
         if not job.done.wait(self._hard_timeout):
@@ -257,12 +269,13 @@ class RemoteDevice:
     def _retire_write_back(self, job: WriteJob) -> None:
         """On the agent's loop, when a write-back job is complete. Never raises."""
         try:
-            slot_map = self.slot_map
+            machine = self.machine
             with self._lock:
                 owned = self._forget_job(job)
-                if job.error:
-                    for slot in owned:  # slots a newer write took over keep it
-                        slot_map.mark_lost(slot)
+                if job.error:  # acknowledged already: these pages are lost, recorded
+                    with machine.lock:
+                        for slot in owned:  # slots a newer write took over keep it
+                            machine.declare_lost(machine.table.slab_of(slot), [slot], DOUBT)
                     self._write_back_error = self._write_back_error or job.error
             self.reserve.release(job.bufs)
             if job.error:
@@ -288,26 +301,26 @@ class RemoteDevice:
 
     def _pread(self, buf: memoryview, offset: int) -> None:
         first, count = offset // PAGE_SIZE, len(buf) // PAGE_SIZE
-        state = self.slot_map.state
         remote: list[int] = []
-        with self._lock:
-            for i in range(count):
+        gens: list[int] = []
+        with self._lock:  # the plan and the in-flight map in one view: a write cannot slip in
+            with self.machine.lock:
+                plan = self.machine.read_plan(first, count)
+            for i, (state, gen) in enumerate(plan):
                 slot = first + i
                 pending = self._inflight.get(slot)
                 if pending is not None:
                     self._from_reserve(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], slot, *pending)
-                elif state[slot] == WRITTEN:
+                elif state in (WRITTEN, UNPROVEN):  # unproven: the loop waits for its proof
                     remote.append(i)
-                elif state[slot] == LOST:
-                    raise StoreError(errno.EIO, f"slot {slot}: every copy was lost")
-                elif state[slot] == UNPROVEN:
-                    raise StoreError(errno.EIO, f"slot {slot}: not proven since the agent "
-                                     "restarted (a store that may hold it is away)")  # fmt: skip
-                else:
+                    gens.append(gen)
+                elif state == NEVER:
                     buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = ZERO_PAGE
+                else:
+                    raise StoreError(errno.EIO, _UNREADABLE[state].format(slot=slot))
             self.local_reads += count - len(remote)
         for at in range(0, len(remote), CHUNK_PAGES):
-            self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES])
+            self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES], gens[at : at + CHUNK_PAGES])
 
     def _from_reserve(self, out: memoryview, slot: int, job: WriteJob, buf: int) -> None:
         """An in-flight page, from its reserve buffer (decrypted, where the area is)."""
@@ -321,10 +334,10 @@ class RemoteDevice:
             raise StoreError(errno.EIO, f"slot {slot}: its page in flight does not open "
                              "(the area's key is gone)")  # fmt: skip
 
-    def _read_chunk(self, buf: memoryview, first: int, indexes: list[int]) -> None:
-        slot_map = self.slot_map
+    def _read_chunk(self, buf: memoryview, first: int, indexes: list[int], gens: list[int]) -> None:
+        machine = self.machine
         slots = [first + i for i in indexes]
-        counts = slot_map.counts_of(slots)
+        expected = array("Q", gens)
         # A read alone (what a faulting process waits on, at QD1) skips the hand-off;
         # reads that come together go through the loop, whose batches serve them
         # better (make bench-agent, 4K randread QD32: 7.1k IOPS through the loop,
@@ -337,11 +350,11 @@ class RemoteDevice:
             def sink(pages: memoryview) -> None:
                 buf[lo * PAGE_SIZE : (lo + n) * PAGE_SIZE] = pages
 
-            if direct.read(run, counts, lambda: slot_map.counts_of(run), sink):
+            if direct.read(run, expected, lambda: machine.slots.gens[run.start : run.stop], sink):
                 return
-        job = ReadJob(slots, counts, bytearray(n * PAGE_SIZE))
-        self.agent.submit(self.agent.routing.submit_read, job)
-        if not job.done.wait(self._hard_timeout):
+        job = ReadJob(slots, expected, bytearray(n * PAGE_SIZE))
+        self.agent.submit(self.agent.route_reads, job)
+        if not job.done.wait(READ_GUARD_S):
             raise StoreError(errno.EIO, "agent did not complete a read")
         if job.error:
             raise StoreError(job.error, f"read of {n} pages from slot {first + lo} failed")
@@ -374,10 +387,11 @@ class RemoteDevice:
 
     def _forget(self, first: int, count: int) -> None:
         with self._lock:
-            self.slot_map.forget_run(first, count)
+            with self.machine.lock:
+                sends = self.machine.trim(first, count)
             for slot in range(first, first + count):
                 self._inflight.pop(slot, None)  # a write-back still in flight reads as trimmed
-        self._call("discard", lambda: self.agent.discard(first, count))
+        self._call("discard", lambda: self.agent.send_discards(sends))
 
     def _call(self, what: str, coro_fn: object) -> None:
         job = ControlJob(what)
@@ -389,7 +403,11 @@ class RemoteDevice:
 
     def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int, int]]:
         """Never-written slots are holes that read as zeros; the rest is data."""
-        written = self.slot_map.is_written
+        state = self.machine.slots.state
+
+        def written(slot: int) -> bool:
+            return state[slot] != NEVER
+
         runs: list[tuple[int, int, int]] = []
         end = offset + count
         at = offset

@@ -28,9 +28,9 @@ from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
 from .direct import DirectPath
-from .placement import DOWN, STALE, SYNCING
+from .machine.slots import UNPROVEN
+from .machine.table import STALE, SUSPECT, SYNCING
 from .policy import REASONS
-from .slots import UNPROVEN
 
 # Recent decisions the dashboard lists; the agent keeps a ring of 50.
 RECENT_SHOWN = 20
@@ -77,7 +77,7 @@ def agent_source(
             },
             reserve=ReserveFigures(reserve.pages * PAGE_SIZE, reserve.used * PAGE_SIZE),
             stores=store_rows(agent),
-            replication_lag_pages=agent.repair.lag(),
+            replication_lag_pages=agent.machine.lag(),
             # Every reason from the start, at 0: series exist before the first batch.
             decisions={r: agent.decisions.get(r, 0) for r in (*REASONS, "linger")},
             recent_decisions=[
@@ -94,10 +94,10 @@ def agent_source(
 
 def store_rows(agent: Agent) -> list[StoreRow]:
     """One row per store for the dashboard: health, usage, slabs by state."""
-    table = agent.table
+    machine = agent.machine
     rows = []
     for store in agent.stores:
-        states = [table.state[i] for i, s in enumerate(table.store) if s == store.index]
+        states = machine.replica_states(store.index)
         rows.append(
             StoreRow(
                 name=store.name,
@@ -105,7 +105,7 @@ def store_rows(agent: Agent) -> list[StoreRow]:
                 used_bytes=store.used_pages * PAGE_SIZE,
                 capacity_bytes=store.capacity_pages * PAGE_SIZE,
                 slabs=len(states),
-                stale=sum(1 for st in states if st in (STALE, DOWN)),
+                stale=sum(1 for st in states if st in (STALE, SUSPECT)),
                 syncing=sum(1 for st in states if st == SYNCING),
                 failures=store.counters["failures"],
                 reconnects=store.counters["reconnects"],
@@ -137,15 +137,15 @@ def lifecycle(agent: Agent) -> Lifecycle:
         # The supervisor replaces the file whole; unreadable (stopped): shown as none.
         with contextlib.suppress(OSError, ValueError):
             supervised = json.loads(Path(path).read_text())
-    rebuilt = agent.rebuilt
+    counters = agent.machine.counters
     restarts, outage = supervised.get("restarts", 0), supervised.get("last_outage_s", 0.0)
     return Lifecycle(
-        epoch=agent.slot_map.epoch,
+        epoch=agent.machine.epoch,
         started="rebuild" if agent.rebuild else "fresh",
         restarts=restarts if isinstance(restarts, int) else 0,
         last_outage_seconds=float(outage) if isinstance(outage, (int, float)) else 0.0,
         last_reason=str(supervised.get("last_reason", "")),
-        rebuild_pages=rebuilt.pages if rebuilt else 0,
-        rebuild_seconds=round(rebuilt.seconds, 3) if rebuilt else 0.0,
-        unproven_slots=agent.slot_map.state.count(UNPROVEN),
+        rebuild_pages=counters["rebuild_pages"],
+        rebuild_seconds=round(agent.rebuilt_seconds, 3),
+        unproven_slots=agent.machine.slots.state.count(UNPROVEN),
     )

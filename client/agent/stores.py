@@ -44,9 +44,12 @@ OpenBlocking = Callable[[str, int, str, str, float, ssl.SSLContext | None], Bloc
 
 
 class StoreEvents(Protocol):
-    """What a Store tells the agent (core.Agent implements it)."""
+    """What a Store tells the agent (core.Agent implements it): `activate` makes the
+    area ready on a store that answered Hello (True: it kept the area) before the store
+    counts as up."""
 
-    def store_up(self, store: Store, lost: bool) -> None: ...
+    async def activate(self, store: Store, client: StoreClient) -> bool: ...
+    def store_up(self, store: Store, kept: bool) -> None: ...
     def store_down(self, store: Store) -> None: ...
 
 
@@ -58,6 +61,9 @@ class Session(Protocol):
     slots: int
     io_timeout: float
     tls: ssl.SSLContext | None
+
+    @property
+    def epoch(self) -> int: ...
 
 
 class Store:
@@ -79,10 +85,6 @@ class Store:
         self.client: StoreClient | None = None
         self.capacity_pages = 0
         self.used_pages = 0
-        # Slabs this store acknowledged writes to since its last completed Flush: a
-        # file store killed and restarted keeps only what it had flushed, so on its
-        # return these need a copy even though it kept its pages.
-        self.unflushed: set[int] = set()
         self._down = asyncio.Event()
         self._down.set()
         self.down_since = 0.0
@@ -102,17 +104,13 @@ class Store:
         return max(0, self.capacity_pages - self.used_pages)
 
     # -- the loop's client -------------------------------------------------------
-    async def connect(self, fresh: bool) -> bool:
-        """Connect and activate the area; True when the store lost our pages. `fresh`:
-        a new swap area, so whatever the store held for it is released first."""
+    async def connect(self) -> None:
+        """Connect, have the agent make the area ready on it, and count it up."""
         s = self.session
         client = await self._connect(self.host, self.port, s.area, s.token, s.io_timeout, s.tls)
         try:
             assert client.welcome is not None
-            lost = client.welcome.area_slots == 0
-            if fresh and not lost:
-                await client.swapfile(False, 0)
-            await client.swapfile(True, s.slots)
+            kept = await self.events.activate(self, client)
             stats = await client.stats()
         except BaseException:
             client.abort()
@@ -122,14 +120,14 @@ class Store:
         self.client = client
         client.on_lost(self.mark_down)
         self._down.clear()
-        return lost
+        self.events.store_up(self, kept)
 
     async def reconnect_forever(self) -> None:
         backoff = BACKOFF_MIN_S
         while True:
             await self._down.wait()
             try:
-                lost = await self.connect(fresh=False)
+                await self.connect()
             except (*TRANSPORT_ERRORS, StoreError) as exc:
                 # The first failure of a streak says why, once; the retries stay quiet.
                 level = logging.WARNING if backoff == BACKOFF_MIN_S else logging.DEBUG
@@ -139,8 +137,7 @@ class Store:
                 continue
             backoff = BACKOFF_MIN_S
             self.counters["reconnects"] += 1
-            log.warning("store %s is back (%s)", self.name, "empty" if lost else "kept pages")
-            self.events.store_up(self, lost)
+            log.warning("store %s is back", self.name)
 
     def mark_down(self, why: object) -> None:
         """On the loop: the store is unreachable, whichever path found out."""
@@ -190,7 +187,13 @@ class Store:
             self._pooled += 1
         s = self.session
         try:
-            return self._open_blocking(self.host, self.port, s.area, s.token, s.io_timeout, s.tls)
+            client = self._open_blocking(self.host, self.port, s.area, s.token, s.io_timeout, s.tls)
+            try:  # each connection fences on its own: the store refuses an unfenced one's writes
+                client.fence(s.epoch, s.io_timeout)
+            except BaseException:
+                client.close()
+                raise
+            return client
         except BaseException:
             with self.pool_lock:
                 self._pooled -= 1

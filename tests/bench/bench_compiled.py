@@ -45,7 +45,7 @@ from netswap.protocol import codec, runs as prun
 from netswap.protocol.connection import Connection, Role
 from netswap.server.backends import MemoryBackend
 from netswap.server.service import StoreService, Tokens
-from netswap.client.agent.slots import SlotMap
+from netswap.client.agent.machine.slots import Slots
 from netswap.client import rpc
 
 REPEATS = int(sys.argv[3])
@@ -107,17 +107,19 @@ r32 = p.SwapIn(9, (range(64, 96),))
 out["server/service.py + backends: a 1-page SwapIn"] = best(lambda: session.handle(r1), 20000)
 out["server/service.py + backends: a 32-page SwapIn"] = best(lambda: session.handle(r32), 5000)
 
-slots = SlotMap(1 << 16)
-out["client/agent/slots.py: write 1 slot"] = best(lambda: slots.write_run(100, 1), 20000)
-out["client/agent/slots.py: write 32 slots"] = best(lambda: slots.write_run(200, 32), 10000)
+slots = Slots(1 << 16)
+out["client/agent/machine/slots.py: write 1 slot"] = best(lambda: slots.write(100, 1), 20000)
+out["client/agent/machine/slots.py: write 32 slots"] = best(lambda: slots.write(200, 32), 10000)
 reply = p.Pages(1, bytes(32 * PAGE), [0] * 32, [1] * 32)
 seed = p.area_seed("a")
 from netswap.protocol import tags_of
 reply = p.Pages(1, bytes(32 * PAGE), tags_of(bytes(32 * PAGE), seed, range(64, 96), [1] * 32),
                 [1] * 32)
-counts = array("I", [1] * 32)
-out["client/rpc.py: prove 32 pages"] = best(
-    lambda: rpc.check_pages(seed, reply, range(64, 96), counts), 5000)
+from netswap.client.agent.machine.proof import prove_pages
+gens = array("Q", [1] * 32)
+out["client/agent/machine/proof.py: prove 32 pages"] = best(
+    lambda: prove_pages(seed, reply.data, reply.tags, reply.generations, range(64, 96), gens),
+    5000)
 
 # The agent's loop path for one 4 KiB write: routing, batching, framing, the answer.
 from netswap.client.agent.core import Agent
@@ -135,14 +137,20 @@ async def loop_path():
     store = agent.stores[0]
     store.client = Client()
     agent.loop = asyncio.get_running_loop()
+    machine = agent.machine
+    machine.begin(None, 0, 1)
+    machine.store_up(0, 1, 1, True)
+    agent.settle()
     def one_write():
-        counts, gens = agent.slot_map.write_run(7, 1)
-        job = WriteJob(7, 1, [0], array("I", [1]), gens, counts)
-        agent.routing.submit_write(job)
+        job = WriteJob(7, 1, [0])
+        with machine.lock:
+            machine.begin_write(job)
+        job.tags = array("I", [1])
+        agent.route_write(job)
         assert job.done.is_set()
     return best(one_write, 20000)
 
-out["client/agent (routing, batches, jobs): a 4 KiB write on the loop"] = asyncio.run(loop_path())
+out["client/agent (machine, batches, jobs): a 4 KiB write on the loop"] = asyncio.run(loop_path())
 print(json.dumps(out))
 """
 
