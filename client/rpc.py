@@ -41,6 +41,7 @@ from netswap.protocol import (
     Connection,
     Discard,
     Failed,
+    Fence,
     Flush,
     Held,
     Hello,
@@ -140,7 +141,7 @@ def _failure(reply: Reply | Exception) -> Exception | None:
 
 
 def _hello_failed(where: str, exc: Exception, tls: bool) -> ConnectionLost:
-    hint = "" if tls else " (a TLS store? give store-tls-ca)"
+    hint = "" if tls or "in protocol" in str(exc) else " (a TLS store? give store-tls-ca)"
     return ConnectionLost(f"{exc}, before {where} answered Hello{hint}")
 
 
@@ -360,8 +361,19 @@ class StoreClient:
         self._start(rid, lambda: conn.send_parts(request), on_reply)
 
     # -- control, repair and tests -------------------------------------------
-    async def swapfile(self, activate: bool, slots: int) -> None:
-        await self._call(Swapfile(self._next_id(), activate, slots))
+    async def swapfile(
+        self, activate: bool, slots: int, area_id: int = 0, holder: str = "", force: bool = False
+    ) -> None:
+        """Activate (make, grow, or replace: server/claims.py) or release the area, as
+        the life `area_id` held by `holder`; StoreError EEXIST names another holder."""
+        await self._call(Swapfile(self._next_id(), activate, slots, area_id=area_id,
+                                  holder=holder, force=force))  # fmt: skip
+
+    async def fence(self, epoch: int) -> None:
+        """Bind this connection to `epoch` and raise the area's floor to it; StoreError
+        ESTALE when a newer agent fenced the area (this connection then changes
+        nothing). Durable at a file store when it returns."""
+        await self._call(Fence(self._next_id(), epoch))
 
     async def swap_out(
         self,
@@ -441,6 +453,7 @@ class BlockingClient:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.conn, self._ids = sock, Connection(Role.CLIENT), 0
+        self.welcome: Welcome | None = None  # the store's answer to Hello
 
     @classmethod
     def open(
@@ -469,7 +482,14 @@ class BlockingClient:
             client.close()
             failure = _failure(reply)
             raise failure if failure is not None else ConnectionLost(f"{host}:{port}: no Welcome")
+        client.welcome = reply
         return client
+
+    def fence(self, epoch: int, deadline: float) -> None:
+        """StoreClient.fence on this connection: each connection fences on its own."""
+        failure = _failure(self.call(Fence(self.next_id(), epoch), deadline))
+        if failure is not None:
+            raise failure
 
     def next_id(self) -> int:
         self._ids = (self._ids + 1) & 0xFFFFFFFF

@@ -2,8 +2,11 @@
 
 The handshake (a Hello and the store's answer to it) keeps protocol 2's layout,
 a msgpack array [TYPE, request_id, field, ...], so that peers of different
-versions still understand each other's first words: a version-2 agent gets one
-clear EPROTONOSUPPORT line from a version-3 store, and the other way round.
+versions still understand each other's first words: an older agent gets one
+clear EPROTONOSUPPORT line from a newer store, and the other way round (a Hello
+of a later version with more fields is read for its version). A Welcome has no
+defaults on the wire: one of another version or shape is an error that says so,
+never a Welcome read with fields missing.
 
 After the handshake every body starts with an 8-byte head -- type (u8), flags
 (u8), count (u16), request id (u32), little-endian -- and then:
@@ -42,6 +45,7 @@ from .limits import (
     MAX_FRAME_SIZE,
     MAX_INVENTORY_SLOTS,
     PAGE_SIZE,
+    PROTOCOL_VERSION,
     SEAL_SIZE,
 )
 from .messages import (
@@ -70,6 +74,8 @@ _CONTROL_FIELDS: dict[int, tuple[str, ...]] = {
     for code, cls in BY_TYPE.items()
     if dataclasses.is_dataclass(cls)
 }
+_HANDSHAKE_FIELDS = {code: tuple(f.name for f in dataclasses.fields(BY_TYPE[code]))  # type: ignore[arg-type]
+                     for code in HANDSHAKE}  # fmt: skip
 # Largest array in a control message: a Discard's ranges or a Stats reply's counters.
 _MAX_ARRAY = max(MAX_DISCARD_RANGES, 256, 16)
 _OK = (Ok.TYPE, 0, 0)
@@ -308,9 +314,19 @@ def decode_handshake(body: Buffer) -> Message:
         raise RemoteProtocolError(f"the first frame must be a Hello ({exc})") from None
     if type(obj) is not tuple or len(obj) < 2 or obj[0] not in HANDSHAKE:
         raise RemoteProtocolError("the first frame must be a Hello, and then its answer")
-    cls = BY_TYPE[obj[0]]
+    cls, fields = BY_TYPE[obj[0]], obj[1:]
+    if cls is Welcome and len(fields) > 1 and fields[1] != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"the store answered in protocol {fields[1]!r:.20}; this "
+                                  f"client speaks protocol {PROTOCOL_VERSION}")  # fmt: skip
+    if cls is Welcome and len(fields) != len(_HANDSHAKE_FIELDS[Welcome.TYPE]):
+        raise RemoteProtocolError(f"Welcome with {len(fields)} fields")  # no defaults there
+    hello = len(_HANDSHAKE_FIELDS[Hello.TYPE])
+    if cls is Hello and len(fields) > hello and fields[1] != PROTOCOL_VERSION:
+        # A later protocol's Hello may carry more: its first fields still say its
+        # version, and the store answers EPROTONOSUPPORT in one line.
+        fields = fields[:hello]
     try:
-        return cls(*obj[1:])
+        return cls(*fields)
     except TypeError:
         raise RemoteProtocolError(f"{cls.__name__} with {len(obj) - 1} fields") from None
     except LocalProtocolError as exc:

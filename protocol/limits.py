@@ -12,7 +12,11 @@ from __future__ import annotations
 # 3: batches are binary (packed arrays, pages outside msgpack), generations are 64-bit,
 #    pages may carry a seal, and Inventory lists what an area holds. The Hello and its
 #    answer keep version 2's layout, so that the two versions tell each other apart.
-PROTOCOL_VERSION = 3
+# 4: the Welcome says which store answers and which life of it (store_id, boot,
+#    prev_boot, clean) and the area's record (area_id, holder, floor); Fence raises an
+#    area's floor and a session below it changes nothing; Swapfile carries the area's
+#    id, its holder and force; a SwapOut no newer than the page a slot holds is skipped.
+PROTOCOL_VERSION = 4
 
 # The kernel swaps in units of its base page; x86-64 and arm64 (4K kernels) use 4096.
 PAGE_SIZE = 4096
@@ -55,6 +59,10 @@ MAX_INVENTORY_SLOTS = 1 << 14
 # Area names are identifiers chosen by operators (hostname, "swap0", ...); 64 bytes
 # fits a FQDN label plus suffix and keeps them usable as file names on the store.
 MAX_AREA_NAME = 64
+
+# A holder names the host that holds an area (e.g. its machine id and the area): 128
+# bytes holds a 32-hex-digit machine id, a FQDN label and the area name with room.
+MAX_HOLDER = 128
 
 # Tokens are opaque secrets from a token file; 256 bytes holds any sane random token.
 MAX_TOKEN_SIZE = 256

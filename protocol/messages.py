@@ -31,6 +31,7 @@ from .limits import (
     MAX_BATCH_PAGES,
     MAX_DISCARD_RANGES,
     MAX_GENERATION,
+    MAX_HOLDER,
     MAX_INVENTORY_SLOTS,
     MAX_REASON_SIZE,
     MAX_REQUEST_ID,
@@ -62,6 +63,12 @@ def _is_int(value: object, low: int, high: int) -> bool:
 def _ints_within(values: Sequence[int], low: int, high: int) -> bool:
     """Every value in [low, high]: min/max run in C over an array or a range."""
     return not values or (low <= min(values) and max(values) <= high)
+
+
+def _check_holder(holder: object) -> None:
+    """A holder is printable text of at most MAX_HOLDER bytes ("": nobody named)."""
+    ok = type(holder) is str and len(holder.encode()) <= MAX_HOLDER and holder.isprintable()
+    _check(ok, f"a holder is printable text of at most {MAX_HOLDER} bytes, not {holder!r:.40}")
 
 
 def _check_request_id(request_id: object) -> None:
@@ -141,13 +148,20 @@ class Hello(Request):
 
 @dataclass(frozen=True, slots=True)
 class Swapfile(Request):
-    """->swapfile(1) / ->swapfile(0): reserve an area of `slots` slots, or release it."""
+    """->swapfile(1) / ->swapfile(0): reserve an area of `slots` slots, or release it.
+
+    `area_id` names this life of the area (0: any, the old behaviour) and `holder` the
+    host that holds it: an area of another life held by another host is refused
+    EEXIST, and so is its release, unless `force` (service.py says the whole rule)."""
 
     TYPE: ClassVar[int] = 2
     request_id: int
     activate: bool
     slots: int
     page_size: int = PAGE_SIZE
+    area_id: int = 0
+    holder: str = ""
+    force: bool = False
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
@@ -155,6 +169,24 @@ class Swapfile(Request):
         _check(_is_int(self.slots, 0, MAX_SLOTS), f"slots must be 0..{MAX_SLOTS}")
         ps = self.page_size
         _check(_is_int(ps, 512, 1 << 16) and ps & (ps - 1) == 0, "page_size: power of 2")
+        _check(_is_int(self.area_id, 0, _MAX_U64), "area_id is a uint64")
+        _check_holder(self.holder)
+        _check(type(self.force) is bool, "force is a bool")
+
+
+@dataclass(frozen=True, slots=True)
+class Fence(Request):
+    """Bind this connection to `epoch`, the agent's: the area's floor rises to it, and
+    no connection of the area below the floor changes anything any more (ESTALE). An
+    epoch below the floor is refused ESTALE and leaves the connection as it was."""
+
+    TYPE: ClassVar[int] = 9
+    request_id: int
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check(_is_int(self.epoch, 0, _MAX_U64), "epoch is a uint64")
 
 
 def _batch_key(message: Message) -> tuple[Any, ...]:
@@ -352,19 +384,37 @@ class Failed(Reply):
 @dataclass(frozen=True, slots=True)
 class Welcome(Reply):
     """Answer to Hello: the store's version, the area's size in slots (0: inactive),
-    and the store's capacity in pages."""
+    and the store's capacity in pages. Then who answers: `store_id`, the store's
+    identity (a file store's lasts as long as its directory); `boot`, new at every
+    start of the store's process; `prev_boot`, the boot of the process before it on
+    that directory (0: none, or a memory store); `clean`, whether that process ended
+    with every acknowledged write flushed. Then the area's record: `area_id`, the life
+    of the area, `holder`, the host that holds it (0 and "" with no area), and
+    `floor`, the highest epoch any connection of the area has fenced with (Fence:
+    it outlives a release of the area)."""
 
     TYPE: ClassVar[int] = 66
     request_id: int
     version: int
     area_slots: int
     capacity_pages: int
+    store_id: int = 0
+    boot: int = 0
+    prev_boot: int = 0
+    clean: bool = False
+    area_id: int = 0
+    holder: str = ""
+    floor: int = 0
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
         _check(_is_int(self.version, 0, _MAX_U32), "version is a uint32")
         _check(_is_int(self.area_slots, 0, MAX_SLOTS), "area_slots out of range")
         _check(_is_int(self.capacity_pages, 0, _MAX_U64), "capacity_pages out of range")
+        for name in ("store_id", "boot", "prev_boot", "area_id", "floor"):
+            _check(_is_int(getattr(self, name), 0, _MAX_U64), f"{name} is a uint64")
+        _check(type(self.clean) is bool, "clean is a bool")
+        _check_holder(self.holder)
 
 
 class Pages(Reply):
@@ -458,7 +508,7 @@ class StatsReply(Reply):
 
 
 REQUESTS: tuple[type[Request], ...] = (
-    Hello, Swapfile, SwapOut, SwapIn, Discard, Flush, Stats, Inventory,
+    Hello, Swapfile, SwapOut, SwapIn, Discard, Flush, Stats, Inventory, Fence,
 )  # fmt: skip
 REPLIES: tuple[type[Reply], ...] = (Ok, Failed, Welcome, Pages, StatsReply, Held)
 BATCHES: tuple[type[Message], ...] = (SwapOut, SwapIn, Pages, Held)

@@ -2,8 +2,9 @@
 
 Stage 1 on SIGTERM/SIGINT: stop accepting. Stage 2: close every connection
 gracefully (in-flight replies are already written; transports flush them).
-Stage 3: flush the backend so a file store is durable, then close it. A second
-signal while shutting down exits at once.
+Stage 3: flush the backend so a file store is durable, mark it clean (DIR/clean
+names this boot: the next process's Welcome says `clean`), then close it. A
+second signal while shutting down exits at once.
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ class StoreServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*pending), SHUTDOWN_GRACE_S)
         await self.server.wait_closed()
-        self.service.backend.flush()
-        self.service.backend.close()
+        backend = self.service.backend
+        backend.flush()  # a failed flush raises: no clean mark
+        try:
+            backend.mark_clean()
+        except OSError as exc:  # the next start then says not clean: the safe side
+            log.warning("could not mark the store clean: %s", exc)
+        backend.close()
 
 
 async def start_store(

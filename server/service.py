@@ -5,6 +5,9 @@ area, and every later request acts on that area only -- so a client that
 proved itself for area A has no way to even name area B. Backend refusals
 become Failed replies with their errno; nothing a client sends raises here.
 
+A session also carries the epoch it fenced with (claims.py: a session below
+its area's floor changes nothing).
+
 Every request's work on the loop is bounded: batches by MAX_BATCH_PAGES, and
 the three whose work a client can make large -- a Discard's ranges, releasing
 an area, a Flush of many clusters -- come back as `Slices`, run SLICE_UNITS at
@@ -29,6 +32,7 @@ from netswap.protocol import (
     SEAL_SIZE,
     Discard,
     Failed,
+    Fence,
     Flush,
     Held,
     Hello,
@@ -47,6 +51,7 @@ from netswap.protocol import (
 )
 from netswap.protocol.limits import MAX_REASON_SIZE
 
+from . import claims
 from .backends import PageBackend
 from .backends.base import Step
 from .guard import AuthThrottle, Limits, PartialBudget
@@ -182,6 +187,7 @@ class Session:
         self.service = service
         self.area_name: str | None = None
         self.admin = False  # may see the whole store's Stats (an @admin token)
+        self.epoch = 0  # the epoch this session fenced with (0: never)
 
     def handle(self, request: Request) -> Reply | Slices:
         rid = request.request_id
@@ -199,6 +205,7 @@ class Session:
         backend = self.service.backend
         if isinstance(request, SwapOut):
             began = time.perf_counter()
+            self._current()
             area = backend.area(self.area_name)
             data = memoryview(request.data)
             backend.write_runs(area, request.runs, data, request.tags, request.generations,
@@ -221,12 +228,15 @@ class Session:
             slots, gens = backend.inventory(area, request.first, request.count)
             return Held(rid, slots, gens)
         if isinstance(request, Discard):
+            self._current()
             area = backend.area(self.area_name)
             for start, count in request.ranges:  # all or nothing: check before any work
                 if start + count > area.pages:
                     raise StoreError(errno.EINVAL, f"discard beyond area end ({area.pages})")
             steps = (backend.discard_steps(area, s, c) for s, c in request.ranges)
-            return Slices(itertools.chain.from_iterable(steps), Ok(rid))
+            return Slices(self._while_current(itertools.chain.from_iterable(steps)), Ok(rid))
+        if isinstance(request, Fence):
+            return Slices(self._fence(request.epoch), Ok(rid))
         if isinstance(request, Flush):
             return Slices(backend.flush_steps(), Ok(rid))
         if isinstance(request, Swapfile):
@@ -241,6 +251,24 @@ class Session:
             return StatsReply.from_mapping(rid, {**self.service.stats(), **own})
         raise StoreError(errno.EOPNOTSUPP, f"unsupported request {type(request).__name__}")
 
+    def _current(self) -> None:
+        """Refuse (ESTALE) a change from a session below its area's floor."""
+        assert self.area_name is not None
+        floor = self.service.backend.floors.get(self.area_name, 0)
+        if self.epoch < floor:
+            raise claims.stale(self.area_name, self.epoch, floor)
+
+    def _while_current(self, steps: Iterator[Step]) -> Iterator[Step]:
+        """A sliced change, stopped (ESTALE) at the first slice after a newer Fence."""
+        for step in steps:
+            self._current()
+            yield step
+
+    def _fence(self, epoch: int) -> Iterator[Step]:
+        assert self.area_name is not None
+        yield from claims.fence_steps(self.service.backend, self.area_name, epoch)
+        self.epoch = epoch
+
     def _observe(self, op: str, pages: int, began: float) -> None:
         """Service time of one batch at the store (the agent measures round trips)."""
         recorders = self.service.recorders
@@ -251,25 +279,30 @@ class Session:
         if self.area_name is not None:
             raise StoreError(errno.EINVAL, "this connection is already bound to an area")
         if hello.version != PROTOCOL_VERSION:
-            raise StoreError(
-                errno.EPROTONOSUPPORT, f"protocol {hello.version}; store speaks {PROTOCOL_VERSION}"
-            )
+            raise StoreError(errno.EPROTONOSUPPORT, f"the client speaks protocol {hello.version}, "
+                             f"this store protocol {PROTOCOL_VERSION}: run the same netswap "
+                             "on both")  # fmt: skip
         if not self.service.tokens.allows(hello.area, hello.token):
             self.service.counters["auth_failures"] += 1
             raise StoreError(errno.EPERM, f"token not valid for area {hello.area}")
         self.area_name = hello.area
         self.admin = self.service.tokens.is_admin(hello.token)
-        area = self.service.backend.areas.get(hello.area)
-        capacity = self.service.backend.capacity_pages
-        return Welcome(hello.request_id, PROTOCOL_VERSION, area.pages if area else 0, capacity)
+        b = self.service.backend
+        area = b.areas.get(hello.area)
+        return Welcome(hello.request_id, PROTOCOL_VERSION, area.pages if area else 0,
+                       b.capacity_pages, b.store_id, b.boot, b.prev_boot, b.clean,
+                       area.area_id if area else 0, area.holder if area else "",
+                       b.floors.get(hello.area, 0))  # fmt: skip
 
     def _swapfile(self, request: Swapfile) -> Reply | Slices:
         assert self.area_name is not None
         if request.page_size != PAGE_SIZE:
             raise StoreError(errno.EINVAL, f"page size {request.page_size}; store uses {PAGE_SIZE}")
+        self._current()
+        backend, rid = self.service.backend, request.request_id
         if request.activate:
             if request.slots == 0:
                 raise StoreError(errno.EINVAL, "an area needs at least one page")
-            self.service.backend.activate(self.area_name, request.slots)
-            return Ok(request.request_id)
-        return Slices(self.service.backend.release_steps(self.area_name), Ok(request.request_id))
+            steps = claims.activate_steps(backend, self.area_name, request)
+            return Ok(rid) if steps is None else Slices(steps, Ok(rid))
+        return Slices(claims.release_steps(backend, self.area_name, request), Ok(rid))

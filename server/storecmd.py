@@ -107,12 +107,15 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(store: StoreServer) -> None:
         logging.getLogger("netswap.store").info(
-            "page store (%s, %s%s) listening on %s:%d",
+            "page store (%s, %s%s) listening on %s:%d: store %016x, boot %016x%s",
             args.backend,
             format_size(capacity),
             ", TLS" if tls else "",
             host,
             store.port,
+            backend.store_id,
+            backend.boot,
+            _before(backend.prev_boot, backend.clean),
         )
         print(f"netswap store ready on {host}:{store.port}", file=sys.stderr, flush=True)
 
@@ -122,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
         runner.run(serve_until_signal(backend, host, port, tokens, ready, http, limits, http_token,
                                       tls))  # fmt: skip
     return 0
+
+
+def _before(prev_boot: int, clean: bool) -> str:
+    if not prev_boot:
+        return ""
+    return f" (after boot {prev_boot:016x}, which ended {'clean' if clean else 'unclean'})"
 
 
 def _runner(fast: bool = True) -> asyncio.Runner:

@@ -44,6 +44,15 @@ class StoreProc:
             self.proc.wait()
             self.proc = None
 
+    def stop(self) -> int:
+        """SIGTERM: the graceful shutdown (a file store flushes and marks itself
+        clean); its exit status."""
+        assert self.proc is not None
+        self.proc.terminate()
+        status = self.proc.wait(timeout=30)
+        self.proc = None
+        return status
+
 
 @contextmanager
 def stores(count: int, capacity: str = "256M") -> Iterator[list[StoreProc]]:

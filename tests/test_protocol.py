@@ -52,8 +52,22 @@ def pages_replies(draw: st.DrawFn) -> p.Pages:
 
 
 area_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
+u64 = st.integers(0, 2**64 - 1)
+holders = st.text(
+    st.characters(codec="utf-8", categories=("L", "N", "P"), include_characters=" "), max_size=32
+)
 requests = st.one_of(
-    st.builds(p.Swapfile, ids, st.booleans(), st.integers(0, p.MAX_SLOTS), st.just(PAGE_SIZE)),
+    st.builds(
+        p.Swapfile,
+        ids,
+        st.booleans(),
+        st.integers(0, p.MAX_SLOTS),
+        st.just(PAGE_SIZE),
+        u64,
+        holders,
+        st.booleans(),
+    ),
+    st.builds(p.Fence, ids, u64),
     swap_outs(),
     st.builds(p.SwapIn, ids, slot_lists, st.booleans()),
     st.builds(
@@ -288,6 +302,15 @@ def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
         lambda: p.Failed(1, 0, "no errno"),
         lambda: p.Inventory(1, 0, p.MAX_INVENTORY_SLOTS + 1),
         lambda: p.Held(1, [1, 2], [1]),
+        lambda: p.Fence(1, -1),
+        lambda: p.Fence(1, 2**64),
+        lambda: p.Swapfile(1, True, 10, PAGE_SIZE, 2**64),  # area_id is a u64
+        lambda: p.Swapfile(1, True, 10, PAGE_SIZE, 1, "x" * (p.MAX_HOLDER + 1)),
+        lambda: p.Swapfile(1, True, 10, PAGE_SIZE, 1, "host\nForged log line"),
+        lambda: p.Swapfile(1, True, 10, PAGE_SIZE, 1, "h", 1),  # type: ignore[arg-type]
+        lambda: p.Welcome(1, 4, 0, 0, clean=1),  # type: ignore[arg-type]
+        lambda: p.Welcome(1, 4, 0, 0, floor=-1),
+        lambda: p.Welcome(1, 4, 0, 0, holder="\x1b[31m"),
     ],
 )
 def test_invalid_messages_cannot_be_built(build: object) -> None:
@@ -333,25 +356,73 @@ def test_only_a_hello_may_open_a_connection_and_nothing_but_its_answer_before_we
         client.send(p.Flush(1))  # nothing but a Hello before the Welcome
 
 
-def test_a_version_2_peer_and_this_one_understand_each_others_hello() -> None:
-    """Protocol 2 framed [TYPE, request_id, fields...] in msgpack; the handshake still
-    does, so an old agent reads the new store's refusal, and the other way round."""
+@pytest.mark.parametrize("old", [2, 3])
+def test_an_older_peer_and_this_one_understand_each_others_hello(old: int) -> None:
+    """Protocols 2 and 3 framed the handshake [TYPE, request_id, fields...] in msgpack;
+    4 still does, so an old agent reads the new store's refusal, and the other way
+    round."""
     import msgpack
 
-    old_hello = msgpack.packb([1, 5, 2, "host", ""])
+    old_hello = msgpack.packb([1, 5, old, "host", ""])
     server = Connection(Role.SERVER)
     server.receive_data(struct.pack(">I", len(old_hello)) + old_hello)
     hello = server.next_event()
-    assert hello == p.Hello(5, 2, "host", "")
-    refusal = server.send(p.Failed(5, errno.EPROTONOSUPPORT, "protocol 2; store speaks 3"))
-    assert msgpack.unpackb(refusal[4:]) == [65, 5, errno.EPROTONOSUPPORT,
-                                            "protocol 2; store speaks 3"]  # fmt: skip
+    assert hello == p.Hello(5, old, "host", "")
+    refusal = server.send(p.Failed(5, errno.EPROTONOSUPPORT, "protocol 3, store 4"))
+    assert msgpack.unpackb(refusal[4:]) == [65, 5, errno.EPROTONOSUPPORT, "protocol 3, store 4"]
+    # An old store's refusal, as it sends it, reaches this client as a Failed.
+    client = Connection(Role.CLIENT)
+    client.send(p.Hello(5, p.PROTOCOL_VERSION, "host"))
+    old_refusal = msgpack.packb([65, 5, errno.EPROTONOSUPPORT, "protocol 4; store speaks 3"])
+    client.receive_data(struct.pack(">I", len(old_refusal)) + old_refusal)
+    assert client.next_event() == p.Failed(5, errno.EPROTONOSUPPORT, "protocol 4; store speaks 3")
+
+
+def test_a_welcome_of_another_version_is_an_error_that_says_so() -> None:
+    """A Welcome in protocol 3's shape is never read as protocol 4's with fields
+    missing: the client says which protocol the store answered in."""
+    import msgpack
+
+    this = p.PROTOCOL_VERSION
+    old = "answered in protocol 3; this client speaks protocol"
+    for body, match in (([66, 5, 3, 16, 16], f"{old} {this}"),
+                        ([66, 5, this, 16, 16], "Welcome with 4 fields")):  # fmt: skip
+        client = Connection(Role.CLIENT)
+        client.send(p.Hello(5, p.PROTOCOL_VERSION, "host"))
+        packed = msgpack.packb(body)
+        client.receive_data(struct.pack(">I", len(packed)) + packed)
+        with pytest.raises(RemoteProtocolError, match=match):
+            client.next_event()
+
+
+def test_a_later_protocols_longer_hello_is_read_for_its_version() -> None:
+    import msgpack
+
+    later = msgpack.packb([1, 5, p.PROTOCOL_VERSION + 1, "host", "", "more", 7])
+    server = Connection(Role.SERVER)
+    server.receive_data(struct.pack(">I", len(later)) + later)
+    assert server.next_event() == p.Hello(5, p.PROTOCOL_VERSION + 1, "host", "")
+
+
+@given(ids, u64, u64, u64, st.booleans(), u64, holders, u64)
+def test_the_welcome_round_trips_with_what_it_says_of_the_store_and_the_area(
+    rid: int, store_id: int, boot: int, prev: int, clean: bool, area_id: int, holder: str,
+    floor: int,
+) -> None:  # fmt: skip
+    welcome = p.Welcome(rid, p.PROTOCOL_VERSION, 5, 6, store_id, boot, prev, clean, area_id,
+                        holder, floor)  # fmt: skip
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    server.receive_data(client.send(p.Hello(rid, p.PROTOCOL_VERSION, "a")))
+    server.next_event()
+    client.receive_data(server.send(welcome))
+    assert client.next_event() == welcome
 
 
 def test_well_formed_msgpack_with_the_wrong_shape_is_a_remote_error() -> None:
     import msgpack
 
-    for body in ([3, 1, [1], b"x", [0]], [99, 1], {"a": 1}, [1, 1, 1, "area", "t", "extra"]):
+    this = p.PROTOCOL_VERSION
+    for body in ([3, 1, [1], b"x", [0]], [99, 1], {"a": 1}, [1, 1, this, "area", "t", "extra"]):
         packed = msgpack.packb(body)
         conn = Connection(Role.SERVER)
         conn.receive_data(struct.pack(">I", len(packed)) + packed)

@@ -11,13 +11,14 @@ from array import array
 from collections.abc import Callable
 
 import pytest
-from netswap.client.rpc import ConnectionLost, StoreClient
+from netswap.client.rpc import BlockingClient, ConnectionLost, StoreClient
 from netswap.protocol import (
     NEED_DATA,
     NEVER_WRITTEN,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Connection,
+    RemoteProtocolError,
     Role,
     StoreError,
     area_seed,
@@ -219,6 +220,37 @@ class ScriptedStore:
                     reply = self.answer(conn, event)
                 if reply is not None:
                     writer.write(reply)
+
+
+async def test_a_protocol_3_store_refuses_this_client_in_one_line() -> None:
+    """What a protocol-3 store answers a protocol-4 Hello (its own Failed, in the
+    handshake's layout both keep) reaches both clients as one StoreError naming both
+    versions; so does a Welcome in protocol 3's shape, were a store to send one."""
+    import msgpack
+
+    answers = {
+        "refusal": msgpack.packb([65, 1, errno.EPROTONOSUPPORT, "protocol 4; store speaks 3"]),
+        "welcome": msgpack.packb([66, 1, 3, 16, 16]),
+    }
+    for kind, answer in answers.items():
+
+        async def old_store(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            answer: bytes = answer) -> None:  # fmt: skip
+            await reader.read(4096)
+            writer.write(struct.pack(">I", len(answer)) + answer)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(old_store, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        refusal = kind == "refusal"
+        match = "protocol 4; store speaks 3" if refusal else "protocol 3; this client speaks"
+        with pytest.raises(StoreError if refusal else ConnectionLost, match=match):
+            await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
+        with pytest.raises(StoreError if refusal else RemoteProtocolError, match=match):
+            await asyncio.to_thread(BlockingClient.open, "127.0.0.1", port, "a", "", 5)
+        server.close()
+        await server.wait_closed()
 
 
 async def test_batch_calls_time_out_on_the_watchdog_against_a_silent_store() -> None:

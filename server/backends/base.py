@@ -35,6 +35,7 @@ from netswap.protocol import (
     page_tag,
 )
 
+from .records import MAX_FLOORS, new_id
 from .slotmap import CLUSTER_SLOTS, MAX_AREAS, UNMAPPED, Area, ClusterBudget
 
 Buffer = bytes | bytearray | memoryview
@@ -77,6 +78,15 @@ class BackendCore:
         # Pages one area may hold (0: no bound but the capacity), so that one host
         # cannot fill a store that others share.
         self.area_quota = 0
+        # Who answers (records.py): the store's identity, this process's boot, and for
+        # a file store the boot before it and whether that one ended clean.
+        self.store_id = new_id()
+        self.boot = new_id()
+        self.prev_boot = 0
+        self.clean = False
+        # Per area name, the highest epoch a connection of it fenced with. It outlives
+        # the area (a release, a replacement), so a dead agent's frames stay refused.
+        self.floors: dict[str, int] = {}
         self.counters = {
             "pages_written": 0,
             "pages_read": 0,
@@ -119,26 +129,59 @@ class BackendCore:
     def close(self) -> None:
         """Release the arena."""
 
+    def mark_clean(self) -> None:
+        """After the last flush of a graceful shutdown: say so to the next process
+        (file: DIR/clean names this boot; memory: nothing outlives the process)."""
+
+    def floor_steps(self, name: str, epoch: int) -> Iterator[Step]:
+        """Raise `name`'s floor to `epoch` (the caller checked it is not lower), durable
+        when the steps end (file: DIR/floors fsynced in the I/O thread)."""
+        self._raise_floor(name, epoch)
+        return iter(())
+
+    def _raise_floor(self, name: str, epoch: int) -> None:
+        if name not in self.floors and len(self.floors) >= MAX_FLOORS:
+            raise StoreError(errno.ENOSPC, f"store keeps the floors of {MAX_FLOORS} areas, "
+                             "the most it may")  # fmt: skip
+        self.floors[name] = max(epoch, self.floors.get(name, 0))
+
     # -- areas --------------------------------------------------------------
-    def activate(self, name: str, pages: int) -> Area:
-        """Create or grow an area: O(1) at any size, as its clusters come on first write."""
+    def activate(self, name: str, pages: int, area_id: int = 0, holder: str = "") -> Area:
+        """Create or grow an area: O(1) at any size, as its clusters come on first write.
+        A new area is the life `area_id`, held by `holder`; growing keeps both."""
         area = self.areas.get(name)
         if area is None:
             if len(self.areas) >= MAX_AREAS:
                 self.counters["enospc"] += 1
                 raise StoreError(errno.ENOSPC, f"store holds {MAX_AREAS} areas, the most it may")
-            area = self.areas[name] = Area(name, pages, self.budget)
+            area = self.areas[name] = Area(name, pages, self.budget, area_id, holder)
         elif pages < area.pages:
             raise StoreError(errno.EINVAL, f"area {name} has {area.pages} slots; cannot shrink")
         area.pages = pages
         return area
 
+    def replace_steps(self, name: str, pages: int, area_id: int, holder: str) -> Iterator[int]:
+        """A new life of the area at once, empty; the old one's pages then go back as
+        release_steps hands them back."""
+        old = self.areas.pop(name, None)
+        try:
+            self.activate(name, pages, area_id, holder)
+        except StoreError:
+            if old is not None:
+                self.areas[name] = old  # refused: nothing changed
+            raise
+        if old is not None:
+            yield from self._free_steps(old)
+
     def release_steps(self, name: str) -> Iterator[int]:
         """Drop an area at once (a new activate starts empty), then hand its pages
         back cluster by cluster, yielding the work done (clusters + pages)."""
         area = self.areas.pop(name, None)
-        if area is None:
-            return
+        if area is not None:
+            yield from self._free_steps(area)
+
+    def _free_steps(self, area: Area) -> Iterator[int]:
+        """The pages of an area no longer in `areas`, handed back cluster by cluster."""
         for index in list(area.clusters):
             freed = area.unmap_span(index, 0, CLUSTER_SLOTS)
             self._retire_all(freed)

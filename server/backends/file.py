@@ -2,7 +2,8 @@
 
 Layout under --path DIR: `pages` (capacity x 4 KiB, sparse, pread/pwrite at
 page * 4096) and `index` (slot maps, tags and generations in checksummed
-records: index.py; replaced by rename).
+records, and each area's life and holder: index.py; replaced by rename), and
+the store's small records (records.py): `id`, `boot`, `clean` and `floors`.
 
 Crash rule: a store restarted on the same path serves every page it had
 acknowledged before the last completed Flush. To make that true without a
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from netswap.protocol import PAGE_SIZE, SEAL_SIZE, StoreError
 
-from . import index
+from . import index, records
 from .base import Step
 from .runs import PageBackend
 from .slotmap import CLUSTER_SLOTS, UNMAPPED, Area
@@ -63,6 +64,15 @@ class FileBackend(PageBackend):
         for stale in self.path.glob("index.tmp*"):  # a flush the last process did not end
             stale.unlink()
         self._load_index()
+        # Last, once the index has loaded: a store that refuses to start keeps the
+        # clean mark of the process before it.
+        try:
+            self.floors = records.read_floors(self.path / "floors")
+            me = records.Incarnation.of_dir(self.path)
+        except OSError as exc:
+            raise records.UnusableRecord(f"{self.path}: {exc.strerror}") from None
+        self.store_id, self.boot, self.prev_boot, self.clean = (
+            me.store_id, me.boot, me.prev_boot, me.clean)  # fmt: skip
 
     # -- arena I/O ----------------------------------------------------------
     def _store(self, page: int, data: memoryview) -> None:
@@ -114,9 +124,10 @@ class FileBackend(PageBackend):
             retired = len(self._retired)
             numbers = {id(a): n for n, a in enumerate(self.areas.values())}
             areas = [(a.name, a.pages) for a in self.areas.values()]
+            ids = {a.name: (a.area_id, a.holder) for a in self.areas.values()}
             held = [(a, number) for a in self.areas.values() for number in a.clusters]
             with open(tmp, "wb") as f:
-                f.write(index.header(self.capacity_pages, areas, self.damaged, len(held)))
+                f.write(index.header(self.capacity_pages, areas, self.damaged, len(held), ids))
                 for area, number in held:
                     f.write(index.record(self._record(numbers[id(area)], area, number)))
                     yield RECORD_UNITS
@@ -132,6 +143,28 @@ class FileBackend(PageBackend):
             tmp.unlink(missing_ok=True)  # gone already once committed
             if self._flushing is me:
                 self._flushing = None
+
+    def floor_steps(self, name: str, epoch: int) -> Iterator[Step]:
+        """The floor raised in memory at once, and then in DIR/floors: the Fence is
+        answered once the record is durable. The one I/O thread writes them in order,
+        each with every floor as it was when it was queued; a floor already there
+        waits for the writes queued before it."""
+        if self.floors.get(name) == epoch:
+            yield self._io.submit(_nothing)
+            return
+        self._raise_floor(name, epoch)
+        done = self._io.submit(self._write_floors, records.floors_record(self.floors))
+        yield done
+        done.result()  # a failed write raises its StoreError here
+
+    def _write_floors(self, record: bytes) -> None:
+        try:
+            records.write_atomic(self.path / "floors", record)
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"floors: {exc.strerror}") from None
+
+    def mark_clean(self) -> None:
+        records.mark_clean(self.path, self.boot)
 
     def flush(self) -> None:
         """The whole flush at once (in-process callers, and the store's shutdown, which
@@ -183,7 +216,8 @@ class FileBackend(PageBackend):
             if isinstance(exc, index.UnusableIndex):
                 raise
             raise index.UnusableIndex(f"{path}: corrupt index ({type(exc).__name__})") from None
-        areas = [self.activate(name, pages) for name, pages in loaded.areas]
+        areas = [self.activate(name, pages, *loaded.ids.get(name, (0, "")))
+                 for name, pages in loaded.areas]  # fmt: skip
         used: set[int] = set()
         for c in loaded.clusters:
             if all(page == UNMAPPED for page in c.pages):

@@ -2,7 +2,10 @@
 
 Layout: MAGIC, then a header record (u32 length, JSON, u32 CRC32 of the JSON:
 capacity, areas with their declared sizes, how many cluster records follow,
-and whether maps were lost before), then one fixed-size record per cluster:
+whether maps were lost before, and since protocol 4 `ids`: per area its life
+and holder (records.py), kept here, in the same rename as the maps, so that a
+life never names pages of another; an index without them reads as 0 and "",
+and a store of protocol 3 ignores them), then one fixed-size record per cluster:
 area number, cluster number, then per slot its arena page (i32, -1 unmapped),
 tag (u32), generation (u64) and seal (16 B, zeros if none), and a CRC32 of
 all of it.
@@ -61,12 +64,19 @@ class Loaded:
     clusters: list[Cluster] = field(default_factory=list)
     lost: int = 0  # records dropped
     damaged: bool = False
+    ids: dict[str, tuple[int, str]] = field(default_factory=dict)  # area: (area_id, holder)
 
 
-def header(capacity_pages: int, areas: list[tuple[str, int]], damaged: bool, count: int) -> bytes:
+def header(
+    capacity_pages: int,
+    areas: list[tuple[str, int]],
+    damaged: bool,
+    count: int,
+    ids: dict[str, tuple[int, str]] | None = None,
+) -> bytes:
     """MAGIC and the header record: `count` cluster records must follow."""
-    blob = json.dumps({"capacity_pages": capacity_pages, "areas": areas,
-                       "clusters": count, "damaged": damaged}).encode()  # fmt: skip
+    blob = json.dumps({"capacity_pages": capacity_pages, "areas": areas, "clusters": count,
+                       "damaged": damaged, "ids": ids or {}}).encode()  # fmt: skip
     return MAGIC + _LEN.pack(len(blob)) + blob + _CRC.pack(zlib.crc32(blob))
 
 
@@ -94,6 +104,10 @@ def read(raw: bytes, capacity_pages: int, where: str) -> Loaded:
                           "shrink")  # fmt: skip
     loaded = Loaded(header["capacity_pages"], [(n, p) for n, p in header["areas"]])
     loaded.damaged = bool(header["damaged"])
+    for name, (area_id, holder) in header.get("ids", {}).items():
+        if type(area_id) is not int or not 0 <= area_id < 1 << 64 or type(holder) is not str:
+            raise TypeError(f"area {name}'s id")
+        loaded.ids[name] = (area_id, holder)
     claimed: set[int] = set()
     offset = 16 + length
     for _ in range(header["clusters"]):

@@ -58,12 +58,18 @@ class ClusterBudget:
 class Area:
     """One swap area: slot -> arena page, by cluster."""
 
-    __slots__ = ("budget", "clusters", "discarded", "name", "pages", "read", "seed", "used",
-                 "written")  # fmt: skip
+    __slots__ = ("area_id", "budget", "clusters", "discarded", "holder", "name", "pages", "read",
+                 "seed", "used", "written")  # fmt: skip
 
-    def __init__(self, name: str, pages: int, budget: ClusterBudget) -> None:
+    def __init__(
+        self, name: str, pages: int, budget: ClusterBudget, area_id: int = 0, holder: str = ""
+    ) -> None:
         self.name = name
         self.pages = pages
+        # Which life of the area this is, and which host holds it (records.py): what
+        # the Welcome tells an agent, and what a Swapfile of another host is refused by.
+        self.area_id = area_id
+        self.holder = holder
         self.seed = area_seed(name)  # the tags' area identity (protocol/checksum.py)
         self.clusters: dict[int, array[int]] = {}
         self.used = 0

@@ -3,7 +3,9 @@
 A store process on 127.0.0.1 (token file, --area-quota) takes frames from
 FUZZERS connections at once, built to be almost right: valid messages with
 edge-case fields (slots past the area, 2**40-slot areas, 1,024-range
-discards, wrong page sizes, inventories past the area), valid frames with a byte flipped,
+discards, wrong page sizes, inventories past the area, fences at and past
+other connections' floors, areas of other lives and holders, forced or not),
+valid frames with a byte flipped,
 truncated, extended or given a wrong length prefix, msgpack of the wrong
 shape, and raw noise; now and then a Hello with a wrong token. Meanwhile one
 well-behaved client writes tagged pages and reads every one back, verified.
@@ -23,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from netswap.protocol import (
     PROTOCOL_VERSION,
     Connection,
     Discard,
+    Fence,
     Flush,
     Hello,
     Inventory,
@@ -74,11 +78,16 @@ class Tally:
 
 def valid_message(rng: random.Random, rid: int) -> Message:
     """A well-formed request with fields at or past their edges."""
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
     slot = rng.choice([0, 1, 255, 256, 4095, 1 << 20, (1 << 40) - 1, rng.randrange(1 << 16)])
     if kind == 0:
         pages = rng.choice([1, 16, 4096, 1 << 28, 1 << 32, 1 << 40])
-        return Swapfile(rid, rng.random() < 0.9, pages, rng.choice([4096, 4096, 512, 65536]))
+        # Lives and holders that agree and disagree: grows, replacements, EEXIST.
+        area_id, holder = rng.choice([0, 1, 2, (1 << 64) - 1]), rng.choice(["", "a", "b" * 128])
+        return Swapfile(rid, rng.random() < 0.9, pages, rng.choice([4096, 4096, 512, 65536]),
+                        area_id, holder, rng.random() < 0.1)  # fmt: skip
+    if kind == 7:  # epochs at and past others' floors: ESTALE from then on
+        return Fence(rid, rng.choice([0, 1, 2, rng.randrange(1 << 32), (1 << 64) - 1]))
     if kind == 1:
         n = rng.choice([1, 2, 8, 256])
         slots = tuple(sorted({slot + i * rng.choice([1, 256]) for i in range(n)}))
@@ -215,18 +224,18 @@ async def good_client(port: int, tally: Tally, stop: asyncio.Event) -> None:
     rng = random.Random(0)
     client = await StoreClient.connect("127.0.0.1", port, "good", GOOD_TOKEN, deadline=30)
     await client.swapfile(True, GOOD_SLOTS)
-    gens = bytearray(GOOD_SLOTS)
+    gens = array("Q", [0]) * GOOD_SLOTS  # each write newer: the store keeps only newer pages
     truth: dict[int, bytes] = {}
     while not stop.is_set():
         slots = rng.sample(range(GOOD_SLOTS), 8)
         data = rng.randbytes(8 * PAGE_SIZE)
         for s in slots:
-            gens[s] = gens[s] % 255 + 1
-        await client.swap_out(slots, data, bytes(gens[s] for s in slots))  # it tags them
+            gens[s] += 1
+        await client.swap_out(slots, data, [gens[s] for s in slots])  # it tags them
         for i, s in enumerate(slots):
             truth[s] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         check = rng.sample(sorted(truth), min(8, len(truth)))
-        got = await client.swap_in(check, bytes(gens[s] for s in check))
+        got = await client.swap_in(check, [gens[s] for s in check])
         for i, s in enumerate(check):
             if got[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] != truth[s]:
                 raise AssertionError(f"good client: slot {s} read back wrong")
