@@ -201,15 +201,15 @@ def test_a_direct_reply_that_arrived_in_time_counts_after_the_deadline() -> None
     import socket
 
     from netswap.client.rpc import BlockingClient
-    from netswap.protocol import Connection, Hello, Ok, Role, SwapIn, Welcome
+    from netswap.protocol import PROTOCOL_VERSION, Connection, Hello, Ok, Role, SwapIn, Welcome
 
     ours, store = socket.socketpair()
     with ours, store:
         conn = BlockingClient(ours)
         server = Connection(Role.SERVER)
-        server.receive_data(conn.conn.send(Hello(1, 3, "a", "")))
+        server.receive_data(conn.conn.send(Hello(1, PROTOCOL_VERSION, "a", "")))
         server.next_event()
-        conn.conn.receive_data(server.send(Welcome(1, 3, 0, 1)))
+        conn.conn.receive_data(server.send(Welcome(1, PROTOCOL_VERSION, 0, 1)))
         conn.conn.next_event()
         server.receive_data(conn.conn.send(SwapIn(7, (1,))))
         server.next_event()

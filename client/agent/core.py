@@ -250,6 +250,9 @@ class Agent:
         away = [s.name for s in self.stores if not s.up]
         parts = [f"rebuilt the area from the stores in {self.rebuilt_seconds:.1f}s: "
                  f"{m.counters['rebuild_pages']} pages proven, epoch {m.epoch}"]  # fmt: skip
+        behind = m.replicas_behind()
+        if behind:
+            parts.append(f"{behind} replicas not in sync (a resync copies what they lack)")
         if left["unproven"]:
             parts.append(f"{left['unproven']} slots unproven (they wait for "
                          f"{', '.join(away) or 'their stores'})")  # fmt: skip

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netswap.client.agent.machine.machine import READ_WAIT_S, WRITE_WAIT_S
 from netswap.client.agent.machine.slots import LOST, UNPROVEN, WRITTEN
 from netswap.client.agent.machine.table import IN_SYNC
 
 from .model import Model
 from .network import Network
-from .shell import Config, Keyring, SimAgent
+from .shell import IO_TIMEOUT, Config, Keyring, SimAgent
 from .stores import SimStore
 from .world import World
 
@@ -36,6 +37,10 @@ FAULT_END = 40.0  # faults happen in [1, FAULT_END) simulated seconds
 SETTLE_S = 40.0  # after every fault healed: repairs, reconnects, late proofs
 OP_GAP_S = 0.08  # mean gap between workload operations (exponential)
 IN_FLIGHT = 4  # workload operations at once (each on its own slots)
+# The longest an operation may take, by the machine's own bounds (never a hang): a write
+# waits for a replica, then for its answer or the deadline that marks its store down;
+# a read waits for a store that may hold its page, then for the last one it asks.
+BOUND_S = {"write": WRITE_WAIT_S + 2 * IO_TIMEOUT + 1, "read": READ_WAIT_S + 2 * IO_TIMEOUT + 1}
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Run:
         self.restarted = False
         self.agent = self._new_agent(rebuilding=False)
         self.busy: set[int] = set()
+        self.pending: dict[object, tuple[SimAgent, str, float, int]] = {}
+        self.hangs: list[str] = []
         self.in_flight = 0
         self.ops = 0
         self.content = 0
@@ -111,14 +118,22 @@ class Run:
                 return first
         return -1
 
-    def _hold(self, first: int, count: int) -> Callable[[], None]:
+    def _hold(self, first: int, count: int, kind: str) -> Callable[[], None]:
         agent = self.agent
         slots = range(first, first + count)
         self.busy.update(slots)
         self.in_flight += 1
         self.ops += 1
+        began = self.world.now
+        key = object()
+        self.pending[key] = (agent, kind, began, first)
 
         def release() -> None:
+            self.pending.pop(key, None)
+            took = self.world.now - began
+            if took > BOUND_S[kind]:
+                self.hangs.append(f"a {kind} of slot {first} took {took:.1f}s (bound "
+                                  f"{BOUND_S[kind]:.0f}s)")  # fmt: skip
             if self.agent is agent:
                 self.busy.difference_update(slots)
                 self.in_flight -= 1
@@ -130,7 +145,7 @@ class Run:
         first = self._free_run(count)
         if first < 0:
             return
-        release = self._hold(first, count)
+        release = self._hold(first, count, "write")
         contents = []
         for _ in range(count):
             self.content += 1
@@ -146,7 +161,7 @@ class Run:
     def _read(self, slot: int, when: str) -> None:
         if slot in self.busy:
             return
-        release = self._hold(slot, 1)
+        release = self._hold(slot, 1, "read")
 
         def done(got: int | None) -> None:
             self.model.read(slot, got, when)
@@ -251,7 +266,7 @@ class Run:
             world.at(end + 0.001 * slot, self._read, slot, "after healing")
         world.run_until(end + 10 + 0.001 * self.cfg.slots + 120)
         violations = list(self.model.violations)
-        violations += self._liveness() + self._healed() + self._fencing()
+        violations += self._liveness() + self._healed() + self._fencing() + self._hung()
         cpu = time.process_time() - began
         return Outcome(world.seed, violations, self.ops, world.events, cpu,
                        world.trace, self.faults)  # fmt: skip
@@ -276,6 +291,15 @@ class Run:
                 continue  # a restart could not prove it (P3)
             out.append(f"P2: slot {slot} read EIO after healing, its newest page "
                        f"{s.acked} is on {held} (state {state})")  # fmt: skip
+        return out
+
+    def _hung(self) -> list[str]:
+        """Never a hang: every operation of a live agent ends within its bound."""
+        out = [f"hang: {h}" for h in self.hangs]
+        now = self.world.now
+        for agent, kind, began, first in self.pending.values():
+            if agent.alive and now - began > BOUND_S[kind]:
+                out.append(f"hang: a {kind} of slot {first} never ended (asked at {began:.1f}s)")
         return out
 
     def _healed(self) -> list[str]:

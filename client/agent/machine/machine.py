@@ -237,10 +237,10 @@ class Replicas:
         return sends
 
     def _park_write(self, job: WriteJob) -> list[tuple[int, int, int]]:
-        if not job.parked_at:
+        if not job.parked_at:  # its wait is bounded from the first time it parked
             job.parked_at = self.now or 1e-9
-            self.parked_writes.append(job)
             self.counters["writes_parked"] += 1
+        self.parked_writes.append(job)
         return []
 
     def _place(self, slab: int) -> bool:
@@ -461,8 +461,6 @@ class Replicas:
     def take_parked(self) -> tuple[list[WriteJob], list[ReadEntry]]:
         writes, self.parked_writes = self.parked_writes, []
         reads, self.parked_reads = self.parked_reads, []
-        for job in writes:
-            job.parked_at = 0.0
         for entry in reads:
             entry.parked = False
         return writes, reads
@@ -603,6 +601,12 @@ class Replicas:
             if states and (len(states) < table.replicas or any(s != IN_SYNC for s in states)):
                 lag += self.slots.count(WRITTEN, *_bounds(table.slab_slots(slab)))
         return lag
+
+    def replicas_behind(self) -> int:
+        """Placed replicas not in sync."""
+        table = self.table
+        return sum(1 for slab in range(table.slabs) for _, _, state in table.replicas_of(slab)
+                   if state != IN_SYNC)  # fmt: skip
 
     def replica_states(self, store: int) -> list[int]:
         return [self.table.state_of(slab, pos) for slab, pos in self.table.slabs_on(store)]
