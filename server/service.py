@@ -6,7 +6,8 @@ proved itself for area A has no way to even name area B. Backend refusals
 become Failed replies with their errno; nothing a client sends raises here.
 
 A session also carries the epoch it fenced with (claims.py: a session below
-its area's floor changes nothing).
+its area's floor changes nothing), and the service turns on the backend's
+newer-only writes: a page no newer than the one its slot holds is skipped.
 
 Every request's work on the loop is bounded: batches by MAX_BATCH_PAGES, and
 the three whose work a client can make large -- a Discard's ranges, releasing
@@ -157,6 +158,10 @@ class StoreService:
 
     def __init__(self, backend: PageBackend, tokens: Tokens, limits: Limits | None = None) -> None:
         self.backend = backend
+        # A store's writes are newer-only (runs.py): a replayed or late SwapOut never
+        # rolls a slot back. The embedded device, which writes LOCAL_GENERATION each
+        # time, does not set it.
+        backend.newer_only = True
         self.tokens = tokens
         self.limits = limits or Limits()
         self.throttle = AuthThrottle()
