@@ -19,13 +19,11 @@ when the last is done; a Flush's fsyncs run in a thread while the loop serves.
 from __future__ import annotations
 
 import errno
-import hmac
 import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 from netswap.protocol import (
     PAGE_SIZE,
@@ -57,6 +55,9 @@ from .backends import PageBackend
 from .backends.base import Step
 from .guard import AuthThrottle, Limits, PartialBudget
 from .ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
+from .tokens import ADMIN, Tokens
+
+__all__ = ["ADMIN", "Session", "Slices", "StoreService", "Tokens", "failed"]
 
 # Work units one slice may do before other clients' requests run: a unit is ~0.2 us
 # (one page unmapped, one cluster passed over; a held cluster scanned is 32: see
@@ -91,66 +92,6 @@ class Slices:
 def failed(request_id: int, exc: StoreError) -> Failed:
     """A backend's refusal as the reply that carries its errno (reason bounded)."""
     return Failed(request_id, exc.errno, exc.reason[:MAX_REASON_SIZE])
-
-
-ADMIN = "@admin"  # not an area name (those start with a letter or digit)
-
-
-class Tokens:
-    """Who may bind which area. File lines: `TOKEN` (any area), `AREA TOKEN`, or
-    `@admin TOKEN` (any area, and Stats shows the whole store, every area's load)."""
-
-    def __init__(
-        self, any_area: list[str], per_area: dict[str, str], admin: list[str] | None = None
-    ) -> None:
-        self.any_area = any_area
-        self.per_area = per_area
-        self.admin = admin or []
-
-    @classmethod
-    def open(cls) -> Tokens:
-        return cls([], {})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Tokens:
-        any_area: list[str] = []
-        per_area: dict[str, str] = {}
-        admin: list[str] = []
-        for raw in Path(path).read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) == 1:
-                any_area.append(parts[0])
-            elif len(parts) == 2 and parts[0] == ADMIN:
-                admin.append(parts[1])
-            elif len(parts) == 2:
-                per_area[parts[0]] = parts[1]
-            else:
-                raise ValueError(f"{path}: expected 'TOKEN' or 'AREA TOKEN', got {line!r}")
-        if not any_area and not per_area and not admin:
-            raise ValueError(f"{path}: no tokens")
-        return cls(any_area, per_area, admin)
-
-    @property
-    def required(self) -> bool:
-        return bool(self.any_area or self.per_area or self.admin)
-
-    def is_admin(self, token: str) -> bool:
-        """An admin token, or any client of a store with no tokens (loopback only)."""
-        if not self.required:
-            return True
-        return any([hmac.compare_digest(token.encode(), a.encode()) for a in self.admin])
-
-    def allows(self, area: str, token: str) -> bool:
-        if not self.required:
-            return True
-        given = token.encode()
-        candidates = [*self.any_area, *self.admin, self.per_area.get(area, "")]
-        # compare_digest on every candidate: timing does not reveal which matched.
-        matches = [hmac.compare_digest(given, c.encode()) for c in candidates if c]
-        return any(matches)
 
 
 class StoreService:
