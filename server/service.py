@@ -6,7 +6,8 @@ proved itself for area A has no way to even name area B. Backend refusals
 become Failed replies with their errno; nothing a client sends raises here.
 
 A session also carries the epoch it fenced with (claims.py: a session below
-its area's floor changes nothing).
+its area's floor changes nothing), and the service turns on the backend's
+newer-only writes: a page no newer than the one its slot holds is skipped.
 
 Every request's work on the loop is bounded: batches by MAX_BATCH_PAGES, and
 the three whose work a client can make large -- a Discard's ranges, releasing
@@ -18,13 +19,11 @@ when the last is done; a Flush's fsyncs run in a thread while the loop serves.
 from __future__ import annotations
 
 import errno
-import hmac
 import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 from netswap.protocol import (
     PAGE_SIZE,
@@ -56,6 +55,9 @@ from .backends import PageBackend
 from .backends.base import Step
 from .guard import AuthThrottle, Limits, PartialBudget
 from .ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
+from .tokens import ADMIN, Tokens
+
+__all__ = ["ADMIN", "Session", "Slices", "StoreService", "Tokens", "failed"]
 
 # Work units one slice may do before other clients' requests run: a unit is ~0.2 us
 # (one page unmapped, one cluster passed over; a held cluster scanned is 32: see
@@ -92,71 +94,15 @@ def failed(request_id: int, exc: StoreError) -> Failed:
     return Failed(request_id, exc.errno, exc.reason[:MAX_REASON_SIZE])
 
 
-ADMIN = "@admin"  # not an area name (those start with a letter or digit)
-
-
-class Tokens:
-    """Who may bind which area. File lines: `TOKEN` (any area), `AREA TOKEN`, or
-    `@admin TOKEN` (any area, and Stats shows the whole store, every area's load)."""
-
-    def __init__(
-        self, any_area: list[str], per_area: dict[str, str], admin: list[str] | None = None
-    ) -> None:
-        self.any_area = any_area
-        self.per_area = per_area
-        self.admin = admin or []
-
-    @classmethod
-    def open(cls) -> Tokens:
-        return cls([], {})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Tokens:
-        any_area: list[str] = []
-        per_area: dict[str, str] = {}
-        admin: list[str] = []
-        for raw in Path(path).read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) == 1:
-                any_area.append(parts[0])
-            elif len(parts) == 2 and parts[0] == ADMIN:
-                admin.append(parts[1])
-            elif len(parts) == 2:
-                per_area[parts[0]] = parts[1]
-            else:
-                raise ValueError(f"{path}: expected 'TOKEN' or 'AREA TOKEN', got {line!r}")
-        if not any_area and not per_area and not admin:
-            raise ValueError(f"{path}: no tokens")
-        return cls(any_area, per_area, admin)
-
-    @property
-    def required(self) -> bool:
-        return bool(self.any_area or self.per_area or self.admin)
-
-    def is_admin(self, token: str) -> bool:
-        """An admin token, or any client of a store with no tokens (loopback only)."""
-        if not self.required:
-            return True
-        return any([hmac.compare_digest(token.encode(), a.encode()) for a in self.admin])
-
-    def allows(self, area: str, token: str) -> bool:
-        if not self.required:
-            return True
-        given = token.encode()
-        candidates = [*self.any_area, *self.admin, self.per_area.get(area, "")]
-        # compare_digest on every candidate: timing does not reveal which matched.
-        matches = [hmac.compare_digest(given, c.encode()) for c in candidates if c]
-        return any(matches)
-
-
 class StoreService:
     """State shared by all sessions: the backend, the tokens, the counters."""
 
     def __init__(self, backend: PageBackend, tokens: Tokens, limits: Limits | None = None) -> None:
         self.backend = backend
+        # A store's writes are newer-only (runs.py): a replayed or late SwapOut never
+        # rolls a slot back. The embedded device, which writes LOCAL_GENERATION each
+        # time, does not set it.
+        backend.newer_only = True
         self.tokens = tokens
         self.limits = limits or Limits()
         self.throttle = AuthThrottle()

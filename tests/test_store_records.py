@@ -138,3 +138,46 @@ def test_a_protocol_3_hello_gets_one_line_naming_both_versions(
     log = proc.stderr.read().decode()
     lines = [line for line in log.splitlines() if "protocol 3" in line]
     assert len(lines) == 1 and "Traceback" not in log, log
+
+
+def test_a_record_that_cannot_be_read_refuses_the_start_in_one_line(
+    netswap_cmd: list[str], tmp_path: Path
+) -> None:
+    """A store that forgot its floors would let a dead agent's frames apply: a torn
+    DIR/floors (or DIR/id) stops the start with one line, the directory untouched."""
+    for name, junk in (("floors", b'{"floors": {"h": -1}}'), ("id", b"not hex\n")):
+        path = tmp_path / name
+        path.mkdir()
+        (path / name).write_bytes(junk)
+        result = subprocess.run([*netswap_cmd, "store", "--backend", "file", "--path", str(path),
+                                 "--capacity", "1M", "--listen", "127.0.0.1:0"],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path / name}" in result.stderr
+        assert (path / name).read_bytes() == junk and not (path / "boot").exists()
+
+
+def test_an_index_from_before_protocol_4_loads_with_no_life_and_no_holder(
+    tmp_path: Path,
+) -> None:
+    """An index whose header has no 'ids' (protocol 3's) reads as area_id 0 and no
+    holder; one written now keeps both (in process)."""
+    import json
+    import zlib
+
+    from netswap.server.backends import FileBackend, index
+
+    store = FileBackend(tmp_path, 64)
+    store.activate("h", 8, 5, "host-a")
+    store.flush()
+    store.close()
+    again = FileBackend(tmp_path, 64)
+    assert (again.areas["h"].area_id, again.areas["h"].holder) == (5, "host-a")
+    again.close()
+    blob = json.dumps({"capacity_pages": 64, "areas": [["h", 8]], "clusters": 0,
+                       "damaged": False}).encode()  # fmt: skip
+    (tmp_path / "index").write_bytes(index.MAGIC + struct.pack("<I", len(blob)) + blob
+                                     + struct.pack("<I", zlib.crc32(blob)))  # fmt: skip
+    old = FileBackend(tmp_path, 64)
+    assert (old.areas["h"].area_id, old.areas["h"].holder, old.areas["h"].pages) == (0, "", 8)
+    old.close()

@@ -40,16 +40,20 @@ async def test_concurrent_clients_store_thousands_of_random_pages(store: StoreSe
         client = await connect(store, f"host{n}")
         await client.swapfile(True, 1024)
         truth: dict[int, bytes] = {}
+        writes: dict[int, int] = {}  # each rewrite newer, as an agent's: the store keeps it
         for _ in range(60):
             slots = rng.sample(range(1024), rng.randint(1, 32))
             data = rng.randbytes(len(slots) * PAGE_SIZE)
-            await client.swap_out(slots, data)
+            for s in slots:
+                writes[s] = writes.get(s, 0) + 1
+            await client.swap_out(slots, data, [writes[s] for s in slots])
             for i, s in enumerate(slots):
                 truth[s] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         slots = sorted(truth)
         for i in range(0, len(slots), 64):
             chunk = slots[i : i + 64]
-            assert await client.swap_in(chunk) == b"".join(truth[s] for s in chunk)
+            got = await client.swap_in(chunk, [writes[s] for s in chunk])
+            assert got == b"".join(truth[s] for s in chunk)
         await client.close()
 
     await asyncio.gather(*(worker(n) for n in range(4)))

@@ -78,6 +78,10 @@ class BackendCore:
         # Pages one area may hold (0: no bound but the capacity), so that one host
         # cannot fill a store that others share.
         self.area_quota = 0
+        # Set by the store's service (not the embedded device, whose every write is
+        # LOCAL_GENERATION): a page no newer than the one its slot holds is not
+        # written, so a replayed or late frame never rolls a slot back (runs.py).
+        self.newer_only = False
         # Who answers (records.py): the store's identity, this process's boot, and for
         # a file store the boot before it and whether that one ended clean.
         self.store_id = new_id()
@@ -88,6 +92,7 @@ class BackendCore:
         # the area (a release, a replacement), so a dead agent's frames stay refused.
         self.floors: dict[str, int] = {}
         self.counters = {
+            "pages_superseded": 0,
             "pages_written": 0,
             "pages_read": 0,
             "pages_discarded": 0,
@@ -316,6 +321,7 @@ class BackendCore:
             "area_pages_written": area.written,
             "area_pages_read": area.read,
             "area_pages_discarded": area.discarded,
+            "area_pages_superseded": area.superseded,
             "area_quota_pages": self.area_quota,
         }
 

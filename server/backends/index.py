@@ -27,6 +27,8 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 
+from netswap.protocol import MAX_HOLDER
+
 from .slotmap import CLUSTER_SLOTS, UNMAPPED
 
 MAGIC = b"NSWPIDX3"
@@ -107,6 +109,8 @@ def read(raw: bytes, capacity_pages: int, where: str) -> Loaded:
     for name, (area_id, holder) in header.get("ids", {}).items():
         if type(area_id) is not int or not 0 <= area_id < 1 << 64 or type(holder) is not str:
             raise TypeError(f"area {name}'s id")
+        if len(holder.encode()) > MAX_HOLDER or not holder.isprintable():  # as the wire's
+            raise ValueError(f"area {name}'s holder")
         loaded.ids[name] = (area_id, holder)
     claimed: set[int] = set()
     offset = 16 + length

@@ -12,6 +12,13 @@ consecutive pages is one copy and one comparison of its recomputed tags (a
 tag that does not match its page at its slot and generation is EIO), any other
 run goes page by page. Measured in-process: 32 consecutive pages written in
 15 µs of CPU against 47 µs page by page.
+
+Newer-only writes (`newer_only`, which the store's service sets and the
+embedded device does not): a page whose generation is no newer than the one
+its slot holds is not written, and counted in pages_superseded -- a resync's
+copy at the same generation is a no-op, and a late or replayed frame never
+rolls a slot back; the rest of its batch is written. Slots not yet held need
+no comparison; held ones are compared a run at a time (_newer).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from array import array
 from collections.abc import Sequence
 
 from netswap.protocol import (
+    MAX_BATCH_PAGES,
     NEVER_WRITTEN,
     PAGE_SIZE,
     SEAL_SIZE,
@@ -37,13 +45,30 @@ from .slotmap import UNMAPPED, Area
 
 
 def is_run(pages: array[int]) -> bool:
-    """True when pages are p, p+1, p+2, ... (and p is mapped)."""
-    first = pages[0]
-    return (
-        first != UNMAPPED
-        and pages[-1] - first == len(pages) - 1
-        and pages == array("i", range(first, first + len(pages)))
-    )
+    """True when pages are p, p+1, p+2, ... (and p is mapped). Past the ends' check,
+    the bytes of p, p+1, ... are made in one sum of big integers (the lanes 0, 1, 2,
+    ... plus p in every lane: no lane carries, as pages are below 2**31): measured
+    370 ns for 32 pages against 1.6 us through array(range(...))."""
+    first, n = pages[0], len(pages)
+    if first == UNMAPPED or pages[-1] - first != n - 1:
+        return False
+    if n <= 2:  # the ends say it all
+        return True
+    if n > MAX_BATCH_PAGES:
+        return pages == array("i", range(first, first + n))
+    lanes = _LANES.get(n)
+    if lanes is None:
+        lanes = _LANES[n] = (_int32s(range(n)), _int32s([1] * n))
+    return (lanes[0] + first * lanes[1]).to_bytes(4 * n, "little") == pages.tobytes()
+
+
+# Per run length: 0, 1, 2, ... and 1, 1, 1, ... as little-endian int32 lanes of one int
+# (at most MAX_BATCH_PAGES pairs of 1 KiB).
+_LANES: dict[int, tuple[int, int]] = {}
+
+
+def _int32s(values: Sequence[int]) -> int:
+    return int.from_bytes(array("i", values).tobytes(), "little")
 
 
 class PageBackend(BackendCore):
@@ -85,32 +110,47 @@ class PageBackend(BackendCore):
         if tags is None:
             slots = itertools.chain.from_iterable(runs)
             tags = tags_of(data, area.seed, list(slots), gens) if self.verify else _zeros(count)
-        maps, in_place = self._admit(area, runs, count)
+        maps, in_place, newer = self._admit(area, runs, count, gens)
         at = 0
-        for run, current in zip(runs, maps, strict=True):
+        for r, (run, current) in enumerate(zip(runs, maps, strict=True)):
             n = len(run)
             seal = seals[at * SEAL_SIZE : (at + n) * SEAL_SIZE] if seals is not None else None
-            self._put_run(area, run, current, data[at * PAGE_SIZE : (at + n) * PAGE_SIZE],
-                          tags[at : at + n], gens[at : at + n], seal, in_place)  # fmt: skip
+            keep = newer[r] if newer is not None else None
+            if keep is None:
+                self._put_run(area, run, current, data[at * PAGE_SIZE : (at + n) * PAGE_SIZE],
+                              tags[at : at + n], gens[at : at + n], seal, in_place)  # fmt: skip
+            elif any(keep):
+                page_data = data[at * PAGE_SIZE : (at + n) * PAGE_SIZE]
+                self._put_pages(area, run, current, page_data, tags[at : at + n],
+                                gens[at : at + n], seal, in_place, keep)  # fmt: skip
             at += n
-        self.counters["pages_written"] += count
-        area.written += count
+        skipped = 0 if newer is None else _skipped(newer)
+        self.counters["pages_written"] += count - skipped
+        self.counters["pages_superseded"] += skipped
+        area.written += count - skipped
+        area.superseded += skipped
 
     # Memory overwrites a slot's page in place; the file backend writes a fresh page
     # so that the index persisted at the last flush never points at newer data.
     copy_on_write = False
 
     def _admit(
-        self, area: Area, runs: Sequence[range], count: int
-    ) -> tuple[list[array[int]], bool]:
+        self, area: Area, runs: Sequence[range], count: int, gens: array[int]
+    ) -> tuple[list[array[int]], bool, list[array[int] | None] | None]:
         """Every check of a write before anything is stored: the runs' current arena
-        pages, and whether a copy-on-write store must rewrite in place."""
+        pages, whether a copy-on-write store must rewrite in place, and (newer_only)
+        which pages are newer than their slot's: per run, None for all of them."""
         for run in runs:
             self._check_range(area, run.start, len(run))
         maps = [area.run(run.start, len(run)) for run in runs]
         fresh = sum(m.count(UNMAPPED) for m in maps)
+        newer, skipped = None, 0
+        if self.newer_only and fresh < count:  # some slots hold a page: is ours newer?
+            newer = self._newer(maps, gens)
+            if newer is not None:
+                skipped = _skipped(newer)
         self._check_quota(area, fresh)
-        needed = count if self.copy_on_write else fresh
+        needed = count - skipped if self.copy_on_write else fresh
         if needed > len(self.free):
             self._make_room(needed)
         # A copy-on-write store with no page to spare rewrites mapped slots in place:
@@ -122,7 +162,40 @@ class PageBackend(BackendCore):
             raise StoreError(errno.ENOSPC, f"store full: {fresh} pages needed, "
                              f"{len(self.free)} free")  # fmt: skip
         self._take_clusters(area, itertools.chain.from_iterable(runs))
-        return maps, in_place
+        return maps, in_place, newer
+
+    def _newer(self, maps: list[array[int]], gens: array[int]) -> list[array[int] | None] | None:
+        """Per run, which of its pages are newer than the page their slot holds (an
+        array of 0/1), None for a run that is all newer; None when every run is.
+        Compared as lists (array.tolist() in C, then a compiled loop over two lists:
+        measured ~5 ns a page, where map() over the arrays took ~40)."""
+        held_gens = self.generations
+        out: list[array[int] | None] = []
+        stale = False
+        at = 0
+        for current in maps:
+            n = len(current)
+            if n == 1:  # a lone page: no lists
+                page, at = current[0], at + 1
+                newer = page == UNMAPPED or gens[at - 1] > held_gens[page]
+                out.append(None if newer else array("b", [0]))
+                stale = stale or not newer
+                continue
+            mine: list[int] = gens[at : at + n].tolist()
+            at += n
+            if is_run(current):
+                held: list[int] = held_gens[current[0] : current[0] + n].tolist()
+            else:
+                held = [held_gens[p] if p != UNMAPPED else 0 for p in current]
+            keep: array[int] | None = None
+            for i in range(n):
+                if mine[i] <= held[i]:
+                    if keep is None:
+                        keep = array("b", [1]) * n
+                    keep[i] = 0
+            out.append(keep)
+            stale = stale or keep is not None
+        return out if stale else None
 
     def _put_run(
         self,
@@ -138,9 +211,10 @@ class PageBackend(BackendCore):
         """One admitted run: one copy where its pages are (or can be made) consecutive."""
         n = len(run)
         fresh_run = None
-        if (self.copy_on_write and not in_place) or not is_run(current):
+        consecutive = is_run(current)
+        if (self.copy_on_write and not in_place) or not consecutive:
             fresh_run = self._take_run(n)
-        if fresh_run is None and is_run(current) and (in_place or not self.copy_on_write):
+        if fresh_run is None and consecutive and (in_place or not self.copy_on_write):
             page = current[0]  # rewritten in place
         elif fresh_run is not None:
             page = fresh_run
@@ -166,9 +240,14 @@ class PageBackend(BackendCore):
         gens: array[int],
         seals: Buffer | None,
         in_place: bool,
+        keep: array[int] | None = None,
     ) -> None:
+        """Page by page; with `keep`, only the pages it marks (the others are not
+        newer than what their slots hold)."""
         cow = self.copy_on_write
         for i, slot in enumerate(run):
+            if keep is not None and not keep[i]:
+                continue
             page = current[i]
             if page == UNMAPPED or (cow and not in_place):
                 if page != UNMAPPED:
@@ -288,6 +367,11 @@ class PageBackend(BackendCore):
             raise StoreError(
                 errno.EINVAL, f"slots {first}+{count} outside area {area.name} ({area.pages})"
             )
+
+
+def _skipped(newer: list[array[int] | None]) -> int:
+    """Pages not written: those not marked in a run's keep mask."""
+    return sum([len(keep) - sum(keep) for keep in newer if keep is not None])
 
 
 def _u64s(values: Sequence[int]) -> array[int]:

@@ -59,7 +59,7 @@ class Area:
     """One swap area: slot -> arena page, by cluster."""
 
     __slots__ = ("area_id", "budget", "clusters", "discarded", "holder", "name", "pages", "read",
-                 "seed", "used", "written")  # fmt: skip
+                 "seed", "superseded", "used", "written")  # fmt: skip
 
     def __init__(
         self, name: str, pages: int, budget: ClusterBudget, area_id: int = 0, holder: str = ""
@@ -74,6 +74,7 @@ class Area:
         self.clusters: dict[int, array[int]] = {}
         self.used = 0
         self.written = self.read = self.discarded = 0  # pages, for this area's own Stats
+        self.superseded = 0  # pages not written: no newer than what their slot held
         self.budget = budget
 
     def page(self, slot: int) -> int:

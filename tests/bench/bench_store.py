@@ -69,20 +69,22 @@ async def run(port: int, batch: int) -> tuple[float, float]:
     data = os.urandom(batch * PAGE_SIZE)
     sem = asyncio.Semaphore(IN_FLIGHT)
 
-    async def one(op: str, first: int) -> None:
+    async def one(op: str, first: int, write: int) -> None:
         async with sem:
             slots = range(first, first + batch)
-            if op == "out":
-                await client.swap_out(slots, data)
+            if op == "out":  # each pass a newer write: the store keeps only newer pages
+                await client.swap_out(slots, data, [write] * batch)
             else:
-                await client.swap_in(slots)
+                await client.swap_in(slots, [write] * batch)
 
     # The first pass faults the store's arena in; then out and in alternate PASSES
     # times and each figure is the median pass (single passes vary by +-40 % here).
     rates: dict[str, list[float]] = {"out": [], "in": []}
+    write = 0
     for op in ("out", *(("out", "in") * PASSES)):
+        write += op == "out"
         start = time.perf_counter()
-        await asyncio.gather(*(one(op, first) for first in range(0, PAGES, batch)))
+        await asyncio.gather(*(one(op, first, write) for first in range(0, PAGES, batch)))
         rates[op].append(PAGES / (time.perf_counter() - start))
     await client.close()
     return statistics.median(rates["out"][1:]), statistics.median(rates["in"])
