@@ -342,8 +342,17 @@ class Agent:
         agent's epoch. True when it kept the area."""
         welcome = client.welcome
         assert welcome is not None
-        ours = self.machine.record.area_id
+        m = self.machine
+        ours = m.record.area_id
         kept = welcome.area_id == ours and welcome.area_slots > 0
+        if welcome.floor >= m.epoch and not self.rebuild:
+            # A fresh area after its record went (detach, a reboot): a store's floor
+            # outlives the area, so this agent goes above it, recorded before it fences.
+            with m.lock:
+                m.raise_epoch(welcome.floor + 1)
+            self.settle()
+            if self.key is not None:
+                self.key.record_epoch(m.epoch)
         if not kept:
             await client.swapfile(True, self.slots, area_id=ours, holder=self.holder)
         try:

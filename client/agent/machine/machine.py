@@ -144,6 +144,12 @@ class Replicas:
         self.record.epoch = self.slots.epoch
         self.dirty = True
 
+    def raise_epoch(self, epoch: int) -> None:
+        """Go to `epoch` (above what a store has seen), recorded before it is used."""
+        if epoch > self.slots.epoch:
+            self.slots.epoch = self.record.epoch = epoch
+            self.dirty = True
+
     def _load(self, record: Record) -> None:
         """The dead agent's table: its replicas at their recorded states (mapped onto this
         agent's stores by id, else by name), its stores' boots and its lost slots."""
@@ -280,6 +286,8 @@ class Replicas:
             if outcome > 0:
                 job.refusal = job.refusal or outcome
                 self.counters["write_refusals"] += 1
+            if outcome == errno.ESTALE:
+                self.fenced(store, f"store {self.stores[store].name}: a newer agent holds the area")
         job.remaining -= count
         if job.remaining > 0:
             return False
@@ -327,7 +335,6 @@ class Replicas:
     def direct_write_done(self, job: WriteJob) -> None:
         """Every replica stored a direct write (the loop's rule, met on the thread)."""
         job.acks[:] = bytes([self.table.replicas]) * job.count
-        self.counters["swap_out_pages"] += job.count
         self._finish_write(job, 0)
 
     def take_finished(self) -> list[WriteJob]:
