@@ -191,7 +191,15 @@ class Agent:
     def _begin(self) -> None:
         """The epoch above every epoch any agent of this area used, recorded before
         anything is sealed (P6); at a restart, the dead agent's record to rebuild from."""
-        old = self.keeper.load() if self.keeper is not None else None
+        old = None
+        if self.keeper is not None:
+            try:
+                old = self.keeper.load()
+            except (KeyringError, ValueError) as exc:
+                if self.rebuild:
+                    raise StoreError(errno.EIO, f"the area's record cannot be read: {exc}") from None
+                log.warning("an earlier record of area %s is unreadable (%s): a fresh start "
+                            "makes its own", self.area, exc)  # fmt: skip
         if self.rebuild and old is None:
             why = "no keyring" if self.keeper is None else "no record in the keyring"
             raise StoreError(errno.ENOKEY, f"cannot rebuild area {self.area}: {why} (a rebuild"
