@@ -54,6 +54,14 @@ HARD_TIMEOUT_FACTOR = 6
 # against a bug is past that.
 READ_GUARD_S = READ_WAIT_S + 10
 _NOT_IN_FLIGHT = (None, 0)
+_ZEROS: list[memoryview] = []
+
+
+def _zeros() -> memoryview:
+    """One chunk of zero pages, made once (a zeroing writes from it, copies nothing)."""
+    if not _ZEROS:
+        _ZEROS.append(memoryview(bytes(CHUNK_PAGES * PAGE_SIZE)))
+    return _ZEROS[0]
 _UNREADABLE = {
     LOST: "slot {slot}: no store holds its newest page any more (EIO until written again)",
     DOUBT: "slot {slot}: its last write failed (EIO until written again)",
@@ -63,6 +71,7 @@ _UNREADABLE = {
 class RemoteDevice:
     multi_conn = True  # one agent per nbdkit: flush waits for every connection's writes
     parallel = True
+    fast_zero = False  # zeros are written as pages: a FAST_ZERO request is told so
 
     def __init__(
         self,
@@ -382,8 +391,16 @@ class RemoteDevice:
             self._forget(first, end - first)
 
     def zero(self, count: int, offset: int, fua: bool) -> None:
+        """WRITE_ZEROES must read back zeros, after a restart too: the zeros are written
+        like any page (a trim is advisory: a rebuild may find a store's older copy)."""
         check_aligned(count, offset)
-        self._forget(offset // PAGE_SIZE, count // PAGE_SIZE)
+        zeros = _zeros()
+        first, pages = offset // PAGE_SIZE, count // PAGE_SIZE
+        for at in range(0, pages, CHUNK_PAGES):
+            n = min(CHUNK_PAGES, pages - at)
+            self.pwrite(zeros[: n * PAGE_SIZE], (first + at) * PAGE_SIZE, False)
+        if fua:
+            self.flush()
 
     def _forget(self, first: int, count: int) -> None:
         with self._lock:

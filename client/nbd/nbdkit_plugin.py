@@ -191,7 +191,7 @@ def can_zero(h: Any) -> bool:
 
 
 def can_fast_zero(h: Any) -> bool:
-    return True
+    return bool(getattr(_dev(), "fast_zero", True))
 
 
 def can_fua(h: Any) -> int:
