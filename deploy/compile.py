@@ -36,6 +36,8 @@ COMPILED: dict[str, str] = {
     "server/backends/slotmap.py": "the store's slot maps",
     "server/service.py": "the store's request dispatch",
     "client/agent/machine/slots.py": "the agent's per-slot state",
+    "client/agent/machine/table.py": "the agent's slab table",
+    "client/agent/machine/machine.py": "the agent's replica machine",
     "client/agent/batches.py": "the agent's batches",
     "client/agent/jobs.py": "the agent's jobs",
 }

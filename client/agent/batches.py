@@ -22,7 +22,6 @@ from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, SEAL_SIZE, Pages, Store
 from netswap.protocol.runs import runs_of
 
 from .jobs import ReadEntry, WriteJob
-from .machine.machine import Replicas
 from .machine.proof import prove_pages
 from .policy import Decision
 from .reserve import Reserve
@@ -41,10 +40,10 @@ class BatchListener(Protocol):
 
     area_seed: int
     reserve: Reserve
-    machine: Replicas
     sealer: Sealer | None  # the area's pages are encrypted (seal.py)
 
     def decide(self) -> Decision: ...
+    def generations_now(self, slots: array[int]) -> array[int]: ...
     def count_decision(self, reason: str, queued: int) -> None: ...
     def observe_batch(self, direction: str, pages: int, seconds: float) -> None: ...
     def writes_done(self, store: Store, batch: list[WriteRun], error: int) -> None: ...
@@ -184,14 +183,13 @@ class Batches:
         slots = array("Q", [e.slot for e in batch])
         runs = runs_of(slots)
         expected = array("Q", [e.gen for e in batch])
-        gens = listener.machine.slots.gens
 
         def done(reply: Pages | None, failure: Exception | None) -> None:
             if failure is None:
                 assert isinstance(reply, Pages)
                 failure = prove_pages(listener.area_seed, reply.data, reply.tags,
                                       reply.generations, slots, expected,
-                                      lambda: array("Q", [gens[s] for s in slots]))  # fmt: skip
+                                      lambda: listener.generations_now(slots))  # fmt: skip
             error = self._outcome(client, failure)
             if error:
                 listener.reads_failed(self.store, batch, error)

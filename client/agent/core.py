@@ -30,6 +30,7 @@ import secrets
 import ssl
 import threading
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -452,6 +453,11 @@ class Agent:
             cached = self._decision = (band, self.pressure,
                                        self.policy.decide(occupancy, self.pressure))  # fmt: skip
         return cached[2]
+
+    def generations_now(self, slots: array[int]) -> array[int]:
+        """The slots' generations now (a read that raced a write may find the newer)."""
+        gens = self.machine.slots.gens
+        return array("Q", [gens[s] for s in slots])
 
     def count_decision(self, reason: str, queued: int) -> None:
         self.decisions[reason] += 1

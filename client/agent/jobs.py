@@ -67,19 +67,21 @@ class WriteJob:
                  "tags")  # fmt: skip
 
     def __init__(self, first: int, count: int, bufs: list[int]) -> None:
+        # Plain values first: mypyc counts an attribute set after a call in __init__ as
+        # possibly undefined, and its cross-module check of those crashes its build.
         self.first = first
         self.count = count
-        self.bufs = bufs  # encrypted in place when the area is (seal.py)
-        self.generations = _NO_GENERATIONS  # the machine gives them (machine.begin_write)
-        self.tags = _NO_TAGS  # each page's tag: CRC32 bound to (area, slot, generation)
-        self.seals: bytearray | None = None  # sealed: each page's GCM tag, SEAL_SIZE apiece
-        self.acks = bytearray(count)  # replicas that took each page
         self.direct = False  # sent by its own thread (direct.py), not the loop
         self.remaining = 0
         self.error = 0
         self.refusal = 0  # the errno a replica refused it with (the job's error if it fails)
         self.parked_at = 0.0  # when it began to wait for a replica to answer (0: not)
         self.complete = False  # the machine decided its outcome (machine._finish_write)
+        self.bufs = bufs  # encrypted in place when the area is (seal.py)
+        self.generations = _NO_GENERATIONS  # the machine gives them (machine.begin_write)
+        self.tags = _NO_TAGS  # each page's tag: CRC32 bound to (area, slot, generation)
+        self.seals: bytearray | None = None  # sealed: each page's GCM tag, SEAL_SIZE apiece
+        self.acks = bytearray(count)  # replicas that took each page
         self.done = Completion()
         self.on_done: Callable[[WriteJob], None] | None = None
 
@@ -102,11 +104,11 @@ class ReadJob:
     __slots__ = ("done", "error", "gens", "out", "remaining", "slots")
 
     def __init__(self, slots: list[int], gens: array[int], out: bytearray) -> None:
+        self.error = 0  # plain values first (WriteJob says why)
         self.slots = slots
         self.gens = gens
         self.out = out
         self.remaining = len(slots)
-        self.error = 0
         self.done = Completion()
 
 
@@ -117,13 +119,13 @@ class ReadEntry:
     __slots__ = ("gen", "index", "job", "parked", "since", "slot", "tried")
 
     def __init__(self, job: ReadJob, index: int, since: float) -> None:
-        self.job = job
-        self.index = index
-        self.slot = job.slots[index]
-        self.gen = job.gens[index]
-        self.tried = 0
+        self.tried = 0  # plain values first (WriteJob says why)
         self.since = since  # when it was asked (its wait is bounded from here)
         self.parked = False  # waiting for a replica's store to answer again
+        self.index = index
+        self.job = job
+        self.slot = job.slots[index]
+        self.gen = job.gens[index]
 
 
 class ControlJob:
