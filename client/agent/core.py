@@ -198,7 +198,8 @@ class Agent:
                 old = self.keeper.load()
             except (KeyringError, ValueError) as exc:
                 if self.rebuild:
-                    raise StoreError(errno.EIO, f"the area's record cannot be read: {exc}") from None
+                    why = f"the area's record cannot be read: {exc}"
+                    raise StoreError(errno.EIO, why) from None
                 log.warning("an earlier record of area %s is unreadable (%s): a fresh start "
                             "makes its own", self.area, exc)  # fmt: skip
         if self.rebuild and old is None:

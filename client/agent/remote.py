@@ -62,6 +62,8 @@ def _zeros() -> memoryview:
     if not _ZEROS:
         _ZEROS.append(memoryview(bytes(CHUNK_PAGES * PAGE_SIZE)))
     return _ZEROS[0]
+
+
 _UNREADABLE = {
     LOST: "slot {slot}: no store holds its newest page any more (EIO until written again)",
     DOUBT: "slot {slot}: its last write failed (EIO until written again)",
