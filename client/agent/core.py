@@ -89,11 +89,13 @@ class Agent:
         key: AreaKey | None = None,
         must_connect: bool = False,
         holder: str = "",
+        force: bool = False,
         keeper: RecordKeeper | None = None,
     ) -> None:
         self.area, self.token, self.slots = area, token, slots
         self.rebuild = rebuild  # a restart: rebuild the area from its record and the stores
-        self.holder = holder  # this host, as the stores' area record names it
+        self.holder = holder  # this host, as the stores' area record names it (hostid.py)
+        self.force = force  # a fresh start takes the area from another holder (--force)
         self.key = key
         self.sealer = Sealer(key.material, area) if key is not None else None
         self.min_epoch = epoch  # the supervisor's: this agent's epoch goes above it
@@ -122,6 +124,7 @@ class Agent:
         # A store tier of one (a cluster): unreachable or refusing at start is an error.
         self.must_connect = must_connect
         self.first_failure = ""
+        self.held_elsewhere = ""  # a store's refusal: another host holds this area
         self._stop: asyncio.Event | None = None
         self.rebuilt_seconds = 0.0
         self.pressure = Pressure.calm()
@@ -172,10 +175,14 @@ class Agent:
             await self._rebuild()
         else:
             await asyncio.gather(*(self._first_connect(store) for store in self.stores))
-            if self.must_connect and not any(store.up for store in self.stores):
-                raise StoreError(
-                    errno.EHOSTUNREACH, f"no store tier at start: {self.first_failure}"
-                )
+            if not any(store.up for store in self.stores):
+                if self.held_elsewhere:  # no store would give it: one line, not a wait
+                    raise StoreError(errno.EEXIST, f"{self.held_elsewhere} (netswap serve "
+                                     "--force takes it: that host loses its swap)")  # fmt: skip
+                if self.must_connect:
+                    raise StoreError(
+                        errno.EHOSTUNREACH, f"no store tier at start: {self.first_failure}"
+                    )
         if self.key is not None:
             self._background(self._watch_key(self.key))
         for coro in (self._clock(), self._refresh_usage()):
@@ -276,6 +283,8 @@ class Agent:
         except (*TRANSPORT_ERRORS, StoreError) as exc:
             log.warning("store %s unavailable at start: %s", store.name, exc)
             self.first_failure = self.first_failure or str(exc)
+            if isinstance(exc, StoreError) and exc.errno == errno.EEXIST:
+                self.held_elsewhere = exc.reason
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -347,14 +356,19 @@ class Agent:
 
     # -- stores (stores.StoreEvents) -----------------------------------------------------
     async def activate(self, store: Store, client: StoreClient) -> bool:
-        """A store answered Hello: make sure it holds this area's life (a store that lost
-        the area, or holds an earlier life of it, gets this one), and fence it with this
-        agent's epoch. True when it kept the area."""
+        """A store answered Hello: fence it with this agent's epoch, and make sure it holds
+        this area's life (a store that lost the area, or holds an earlier life of it, gets
+        this one). True when it kept the area. Another host's area is refused here, before
+        anything is sent: fencing it would stop that host's writes."""
         welcome = client.welcome
         assert welcome is not None
         m = self.machine
         ours = m.record.area_id
         kept = welcome.area_id == ours and welcome.area_slots > 0
+        theirs = welcome.holder and welcome.holder != self.holder and not kept
+        if theirs and not (self.force and not self.rebuild):
+            raise StoreError(errno.EEXIST, f"area {self.area} is held by {welcome.holder} "
+                             f"on {store.name}")  # fmt: skip
         if welcome.floor >= m.epoch and not self.rebuild:
             # A fresh area after its record went (detach, a reboot): a store's floor
             # outlives the area, so this agent goes above it, recorded before it fences.
@@ -363,16 +377,17 @@ class Agent:
             self.settle()
             if self.key is not None:
                 self.key.record_epoch(m.epoch)
-        if not kept:
-            await client.swapfile(True, self.slots, area_id=ours, holder=self.holder)
         try:
-            await client.fence(self.machine.epoch)
+            await client.fence(m.epoch)
         except StoreError as exc:
             if exc.errno == errno.ESTALE:
-                with self.machine.lock:
-                    self.machine.fenced(store.index, f"store {store.name}: {exc.reason}")
+                with m.lock:
+                    m.fenced(store.index, f"store {store.name}: {exc.reason}")
                 self.settle()
             raise
+        if not kept:
+            force = self.force and not self.rebuild
+            await client.swapfile(True, self.slots, area_id=ours, holder=self.holder, force=force)
         return kept
 
     def store_up(self, store: Store, kept: bool) -> None:

@@ -126,6 +126,7 @@ class RemoteDevice:
         epoch: int = 0,
         key: AreaKey | None = None,
         holder: str = "",
+        force: bool = False,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         token = read_token(token_file or None)
@@ -159,6 +160,7 @@ class RemoteDevice:
             epoch=epoch,
             key=key,
             holder=holder,
+            force=force,
             keeper=RecordKeeper(area) if keyring_usable() else None,
             **extra,
         )

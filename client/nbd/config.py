@@ -125,6 +125,9 @@ class PluginConfig:
                          choices=START_MODES)  # fmt: skip
     epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
                          "carry (the supervisor's, raised at every restart)")  # fmt: skip
+    force: str = setting("off", "choice", "remote, start=fresh: take the area on the stores "
+                         "even when another host holds it (that host loses its swap)",
+                         choices=("off", "on"), serve_flag="--force")  # fmt: skip
     encrypt: str = setting("on", "choice", "remote: seal every page with AES-256-GCM under "
                            "a key kept in the kernel's keyring, before it leaves this host; "
                            "off stores pages in plaintext", choices=ENCRYPT_MODES,
@@ -337,6 +340,8 @@ class PluginConfig:
 
     def build_device(self) -> BlockDevice:
         if self.backend == "remote":
+            from ..hostid import holder_id
+
             try:
                 from ..agent.remote import RemoteDevice
             except ImportError as exc:  # an install without pyproject's dependencies
@@ -352,7 +357,8 @@ class PluginConfig:
                 batch_linger_us=self.batch_linger_us, write_back=self.cache == "writeback",
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
                 direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
-                epoch=self.epoch, key=self.area_key(),
+                epoch=self.epoch, key=self.area_key(), holder=holder_id(self.area),
+                force=self.force == "on",
             )  # fmt: skip
         from netswap.server.backends import open_backend
 
