@@ -62,6 +62,7 @@ def collect(source: Source, out: Path, cap: int = CAP_PAGES, seed: int = 0) -> d
         "pages": len(sample.pages) // PAGE,
         "bytes": len(sample.pages),
         "eligible_pages": sample.eligible,
+        "swapped_pages": sample.swapped,
         "rss_anon_kib": sample.rss_anon_kib,
         "zero_mapped_skipped": sample.zero_mapped,
         "unreadable": sample.unreadable,

@@ -50,6 +50,7 @@ class Sample:
     pid: int
     pages: bytes  # len(pages) // PAGE pages, in address order
     eligible: int  # anonymous pages in RAM or swap when the process was read
+    swapped: int  # of which in swap (RssAnon counts the others)
     zero_mapped: int  # pages that only mapped the zero page (skipped)
     unreadable: int  # eligible pages /proc/PID/mem refused (counted, never guessed)
     rss_anon_kib: int  # RssAnon from /proc/PID/status, for comparison with `eligible`
@@ -68,7 +69,7 @@ def private_mappings(pid: int) -> Iterator[tuple[int, int, str]]:
 
 
 def anonymous_pages(pid: int, counts: dict[str, int]) -> Iterator[int]:
-    """Address of every anonymous page of pid in RAM or swap; counts["zero_mapped"] grows."""
+    """Address of every anonymous page of pid in RAM or swap; counts what else it met."""
     with (
         open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap,
         open("/proc/kpageflags", "rb", buffering=0) as kflags,
@@ -80,6 +81,7 @@ def anonymous_pages(pid: int, counts: dict[str, int]) -> Iterator[int]:
                 for i, entry in enumerate(struct.unpack(f"{len(raw) // 8}Q", raw)):
                     if entry & SWAPPED:
                         if not entry & FILE_OR_SHARED:
+                            counts["swapped"] += 1
                             yield chunk + i * PAGE
                         continue
                     if not entry & PRESENT:
@@ -157,9 +159,9 @@ def stopped(pid: int, timeout: float = 5.0) -> Iterator[None]:
 
 def sample(pid: int, cap: int, seed: int = 0) -> Sample:
     """At most cap anonymous pages of pid, drawn uniformly, read while pid is stopped."""
-    counts = {"zero_mapped": 0}
+    counts = {"zero_mapped": 0, "swapped": 0}
     with stopped(pid):
         rss = rss_anon_kib(pid)
         addresses, eligible = reservoir(anonymous_pages(pid, counts), cap, random.Random(seed))
         pages, unreadable = read_pages(pid, addresses)
-    return Sample(pid, pages, eligible, counts["zero_mapped"], unreadable, rss)
+    return Sample(pid, pages, eligible, counts["swapped"], counts["zero_mapped"], unreadable, rss)

@@ -44,21 +44,19 @@ class Source:
 @contextlib.contextmanager
 def child(cmd: list[str], ready: str = "ready", timeout: float = 180) -> Iterator[int]:
     """Run cmd; yield its pid once it prints `ready` on stdout; close its stdin to end it."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode().strip()  # blocks until ready, or EOF on exit
-        if line != ready:
-            raise RuntimeError(f"{cmd[0]} ended before it was ready (said {line!r})")
-        yield proc.pid
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            line = proc.stdout.readline().decode().strip()  # blocks until ready, or EOF on exit
+            if line != ready:
+                raise RuntimeError(f"{cmd[0]} ended before it was ready (said {line!r})")
+            yield proc.pid
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 WORK = Path(__file__).resolve().parent / "work"
