@@ -122,15 +122,25 @@ def sweeps(overall: dict[str, Result]) -> str:
     return out + table(["granule", "classes", *chosen], rows)
 
 
+def train(size: int, samples: list[bytes]) -> zstandard.ZstdCompressionDict | str:
+    try:
+        return zstandard.train_dictionary(size, samples)
+    except zstandard.ZstdError as e:  # too few samples for this size (a small corpus)
+        return f"not trained ({e})"
+
+
 def dictionaries(corpus: Corpus) -> str:
-    """zstd with a dictionary trained on a random fifth of each source, measured on the rest."""
+    """zstd with a dictionary trained on a random fifth of each source, measured on the rest;
+    then, per source, one trained on the other sources only (a dictionary shipped with
+    netswap meets programs it was not trained on)."""
     rng = random.Random(0)
-    train: list[bytes] = []
+    fifths: dict[str, list[bytes]] = {}
     rest: Corpus = []
     for name, pages in corpus:
         picks = set(rng.sample(range(len(pages)), len(pages) // 5))
-        train += [p for i, p in enumerate(pages) if i in picks and not same_filled(p)]
+        fifths[name] = [p for i, p in enumerate(pages) if i in picks and not same_filled(p)]
         rest.append((name, [p for i, p in enumerate(pages) if i not in picks]))
+    everything = [p for ps in fifths.values() for p in ps]
     rows = []
     for level in (-1, 1, 3):
         plain = combine([run(zstd_codec(f"zstd {level}", level), ps) for _, ps in rest])
@@ -138,23 +148,33 @@ def dictionaries(corpus: Corpus) -> str:
                      f"{plain.compress_us:.1f}", f"{plain.decompress_us:.1f}"])  # fmt: skip
         for size in DICT_SIZES:
             began = time.monotonic()
-            try:
-                trained = zstandard.train_dictionary(size, train)
-            except zstandard.ZstdError as e:  # too few samples for this size (a small corpus)
-                rows.append(
-                    [f"zstd {level}", f"{size >> 10} KiB: not trained ({e})", "", "", "", ""]
-                )
+            trained = train(size, everything)
+            if isinstance(trained, str):
+                rows.append([f"zstd {level}", f"{size >> 10} KiB: {trained}", "", "", "", ""])
                 continue
             seconds = time.monotonic() - began
-            codec = zstd_codec(f"zstd {level} dict", level, trained)
-            r = combine([run(codec, ps) for _, ps in rest])
+            r = combine(
+                [run(zstd_codec(f"zstd {level} dict", level, trained), ps) for _, ps in rest]
+            )
             rows.append([f"zstd {level}", f"{size >> 10} KiB (trained in {seconds:.1f} s)",
                          f"{r.rule_ratio():.3f}", x(r.rule_ratio()), f"{r.compress_us:.1f}",
                          f"{r.decompress_us:.1f}"])  # fmt: skip
     head = ["codec", "dictionary", "netswap ratio", "netswap x", "compress µs", "decompress µs"]
-    out = f"Trained on {len(train)} pages (a fifth of each source), measured on the other "
-    out += f"{sum(len(ps) for _, ps in rest)}.\n\n"
-    return out + table(head, rows)
+    out = f"Trained on {len(everything)} pages (a fifth of each source), measured on the other "
+    out += f"{sum(len(ps) for _, ps in rest)}.\n\n" + table(head, rows)
+    size, level = DICT_SIZES[-1], 1
+    rows = []
+    for name, pages in rest:
+        others = train(size, [p for n, ps in fifths.items() if n != name for p in ps])
+        plain = run(zstd_codec("zstd", level), pages, timed=False).rule_ratio()
+        if isinstance(others, str):
+            cell = others
+        else:
+            with_others = run(zstd_codec("zstd dict", level, others), pages, timed=False)
+            cell = f"{with_others.rule_ratio():.3f}"
+        rows.append([name, f"{plain:.3f}", cell])  # fmt: skip
+    out += f"\nzstd {level}, {size >> 10} KiB dictionary trained on the other sources only:\n\n"
+    return out + table(["measured on", "no dictionary", "dictionary from the others"], rows)
 
 
 def incompressible(corpus: Corpus, all_codecs: list[Codec], count: int) -> str:
