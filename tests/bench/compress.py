@@ -16,7 +16,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import zstandard
@@ -114,17 +114,18 @@ def sweeps(overall: dict[str, Result]) -> str:
     out = "Threshold sweep (granule 256): bytes ratio / share of pages stored whole\n\n"
     out += table(["threshold", *chosen], rows)
     out += f"\nGranule sweep (threshold {THRESHOLD}): bytes ratio, and size classes\n\n"
-    rows = [
+    classes: list[list[object]] = [
         [f"{g} B", -(-THRESHOLD // g) + 1,
          *(f"{overall[n].rule_ratio(THRESHOLD, g):.3f}" for n in chosen)]
         for g in (1, 64, 128, 256, 512, 1024)
     ]  # fmt: skip
-    return out + table(["granule", "classes", *chosen], rows)
+    return out + table(["granule", "classes", *chosen], classes)
 
 
 def train(size: int, samples: list[bytes]) -> zstandard.ZstdCompressionDict | str:
+    data: list[bytes | bytearray | memoryview] = [*samples]
     try:
-        return zstandard.train_dictionary(size, samples)
+        return zstandard.train_dictionary(size, data)
     except zstandard.ZstdError as e:  # too few samples for this size (a small corpus)
         return f"not trained ({e})"
 
@@ -166,13 +167,13 @@ def dictionaries(corpus: Corpus) -> str:
     rows = []
     for name, pages in rest:
         others = train(size, [p for n, ps in fifths.items() if n != name for p in ps])
-        plain = run(zstd_codec("zstd", level), pages, timed=False).rule_ratio()
+        alone = run(zstd_codec("zstd", level), pages, timed=False).rule_ratio()
         if isinstance(others, str):
             cell = others
         else:
             with_others = run(zstd_codec("zstd dict", level, others), pages, timed=False)
             cell = f"{with_others.rule_ratio():.3f}"
-        rows.append([name, f"{plain:.3f}", cell])  # fmt: skip
+        rows.append([name, f"{alone:.3f}", cell])
     out += f"\nzstd {level}, {size >> 10} KiB dictionary trained on the other sources only:\n\n"
     return out + table(["measured on", "no dictionary", "dictionary from the others"], rows)
 
@@ -204,8 +205,9 @@ def detectors(corpus: Corpus, count: int) -> str:
     views = [memoryview(p) for p in pages]
     truth = [same_filled(p) for p in pages]
     zeros, worst = [bytes(PAGE)] * count, [detect.worst_case()] * count
+    inputs: list[Sequence[detect.Page]] = [pages, views, zeros, worst]
     rows = []
-    found: dict[str, Callable[[bytes], bool]] = {
+    found: dict[str, detect.Detector] = {
         **detect.same_filled_detectors(),
         "zero only: p == ZERO": detect.zero_only,
     }
@@ -214,7 +216,7 @@ def detectors(corpus: Corpus, count: int) -> str:
             [check(p) for p in pages] != truth or [check(v) for v in views] != truth
         ):
             raise AssertionError(f"same-filled detector {name!r} disagrees with the reference")
-        times = [cpu_per_call(check, s) for s in (pages, views, zeros, worst)]  # type: ignore[arg-type]
+        times = [cpu_per_call(check, s) for s in inputs]
         rows.append([name, *(f"{t:.2f}" for t in times)])
     head = ["method", "corpus (bytes)", "corpus (memoryview)", "zero page", "worst case"]
     return table(head, rows)

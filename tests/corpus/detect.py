@@ -21,33 +21,34 @@ import lz4.block
 
 from .measure import PAGE
 
-Detector = Callable[[bytes], bool]
+Page = bytes | memoryview  # the agent's copy, or nbdkit's buffer
+Detector = Callable[[Page], bool]
 
 
-def by_repeat(p: bytes) -> bool:
+def by_repeat(p: Page) -> bool:
     return bytes(p[:8]) * 512 == p
 
 
-def by_shift(p: bytes) -> bool:
+def by_shift(p: Page) -> bool:
     return p[8:] == p[:-8]  # period 8: equal to itself shifted by one word
 
 
-def by_count(p: bytes) -> bool:
+def by_count(p: Page) -> bool:
     return bytes(p).count(bytes(p[:8])) == 512  # 512 disjoint copies tile the page
 
 
-def by_array(p: bytes) -> bool:
+def by_array(p: Page) -> bool:
     a = array.array("Q")
     a.frombytes(p)
     return min(a) == max(a)
 
 
-def by_cast(p: bytes) -> bool:
+def by_cast(p: Page) -> bool:
     q = memoryview(p).cast("Q")
     return min(q) == max(q)
 
 
-def by_prefix_then_repeat(p: bytes) -> bool:
+def by_prefix_then_repeat(p: Page) -> bool:
     """Two words first (most pages differ there), the whole page only when they match."""
     return p[:8] == p[8:16] and bytes(p[:8]) * 512 == p
 
@@ -66,7 +67,7 @@ def same_filled_detectors() -> dict[str, Detector]:
     except ImportError:
         return out
 
-    def by_numpy(p: bytes) -> bool:
+    def by_numpy(p: Page) -> bool:
         a = np.frombuffer(p, dtype=np.uint64)
         return bool((a == a[0]).all())
 
@@ -74,7 +75,7 @@ def same_filled_detectors() -> dict[str, Detector]:
     return out
 
 
-def zero_only(p: bytes, zero: bytes = bytes(PAGE)) -> bool:
+def zero_only(p: Page, zero: bytes = bytes(PAGE)) -> bool:
     """Zero pages only (>99 % of same-filled pages at Meta): one memcmp against a constant."""
     return p == zero
 
@@ -85,7 +86,7 @@ def worst_case() -> bytes:
 
 
 # Incompressible probes: True means "store it whole without a full compress".
-def probe_head(p: bytes, size: int = 256) -> bool:
+def probe_head(p: Page, size: int = 256) -> bool:
     """lz4 on the first `size` bytes: no saving there means none likely in the rest."""
     return len(lz4.block.compress(p[:size], store_size=False)) >= size
 
@@ -93,7 +94,7 @@ def probe_head(p: bytes, size: int = 256) -> bool:
 FAST = functools.partial(lz4.block.compress, store_size=False, mode="fast", acceleration=64)
 
 
-def probe_fast(p: bytes) -> bool:
+def probe_fast(p: Page) -> bool:
     """A whole-page lz4 at acceleration 64 (it skips ahead faster where nothing matches):
     at that speed real pages compress poorly, so only "no saving at all" is taken."""
     return len(FAST(p)) >= PAGE

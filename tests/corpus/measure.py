@@ -21,6 +21,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import lz4.block
 import zstandard
@@ -29,6 +30,7 @@ PAGE = 4096
 THRESHOLD = 2990  # Google's far memory (ASPLOS'19): ~73 % of a page; the sweep checks it
 GRANULE = 256
 REPEATS = 3
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def codecs() -> list[Codec]:
     return [*out, zlib_codec(), *cramjam_codecs()]
 
 
-def cpu_per_call(call: Callable[[bytes], object], items: Sequence[bytes]) -> float:
+def cpu_per_call(call: Callable[[T], object], items: Sequence[T]) -> float:
     """µs of CPU per call over items, best of REPEATS (0.0 when there are none)."""
     if not items:
         return 0.0
