@@ -27,6 +27,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("corpus: reading other processes' pagemap frames needs root", file=sys.stderr)
         return 2
+    for source in [s for s in chosen if s.missing()]:
+        print(f"corpus: skipping {source.name}: {source.missing()}", file=sys.stderr)
+        chosen.remove(source)
     try:
         generate(args.out, chosen, (args.cap_mib << 20) // PAGE)
     except (RuntimeError, OSError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sysconfig
@@ -39,6 +40,14 @@ class Source:
     name: str
     about: str  # the real work, for the manifest and the results
     start: Starter
+    program: str = ""  # the program it runs, and the Debian package that has it
+    package: str = ""
+
+    def missing(self) -> str:
+        """Why this source cannot run here, or "" when it can."""
+        if self.program and shutil.which(self.program) is None:
+            return f"{self.program} not found (apt-get install {self.package})"
+        return ""
 
 
 @contextlib.contextmanager
@@ -208,10 +217,13 @@ def comm(pid: int) -> str:
         return ""
 
 
+# make setup installs python3, redis-server and gcc; node and sqlite3 are the corpus's own.
 SOURCES = [
     Source("python", "python3 3.11: dpkg status as dicts, the stdlib as ASTs", python_dict),
-    Source("redis", "redis-server 7: dpkg status, licences, man pages", redis_server),
-    Source("cc1", "gcc -O2 on a mypyc-generated C file, mid-build", cc1),
-    Source("node", "node: dpkg status as objects, a word index, JSON", node),
-    Source("sqlite", "sqlite3 :memory: dpkg fields with an index, man pages in FTS5", sqlite),
-]
+    Source("redis", "redis-server 7: dpkg status, licences, man pages", redis_server,
+           "redis-server", "redis-server"),
+    Source("cc1", "gcc -O2 on a mypyc-generated C file, mid-build", cc1, "gcc", "gcc"),
+    Source("node", "node: dpkg status as objects, a word index, JSON", node, "node", "nodejs"),
+    Source("sqlite", "sqlite3 :memory: dpkg fields with an index, man pages in FTS5", sqlite,
+           "sqlite3", "sqlite3"),
+]  # fmt: skip
