@@ -147,8 +147,10 @@ def run(codec: Codec, pages: Sequence[bytes], timed: bool = True) -> Result:
 
     Same-filled pages go first in `lengths` so that Result.stored can skip them.
     """
-    same = [p for p in pages if same_filled(p)]
-    rest = [p for p in pages if not same_filled(p)]
+    same: list[bytes] = []
+    rest: list[bytes] = []
+    for page in pages:
+        (same if same_filled(page) else rest).append(page)
     lengths = [len(codec.compress(p)) for p in same]
     compressed = [codec.compress(p) for p in rest]
     for page, blob in zip(rest, compressed, strict=True):
