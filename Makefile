@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup run test lint typecheck pytest simulate bench-store bench-nbd bench-agent bench-budget bench-compiled fuzz soak lab-compose clean
+.PHONY: setup run test lint typecheck pytest simulate bench-store bench-nbd bench-agent bench-budget bench-compiled bench-compress corpus fuzz soak lab-compose clean
 
 setup:
 	@bash deploy/setup-host.sh
@@ -48,6 +48,16 @@ bench-budget: setup
 
 bench-nbd: setup
 	$(PY) -m tests.bench.bench_nbd $(BENCH_ARGS)
+
+# A corpus of real anonymous memory (as root: five programs at work, .cache/corpus/), then
+# every codec and level on it in one report (issue 31; tests/corpus/RESULTS.md).
+CORPUS_ARGS ?=
+
+corpus: setup
+	$(PY) -m tests.corpus $(CORPUS_ARGS)
+
+bench-compress: setup
+	$(PY) -m tests.bench.compress $(BENCH_ARGS)
 
 # The store's protocol fuzzer, long run: a million frames (make test runs a minute of it).
 FUZZ_ARGS ?= --frames 1000000
