@@ -33,7 +33,8 @@ def device_over(stores: list[FakeStore], *, replicas: int, quorum: int = 1,
                   Reserve(reserve_pages * PAGE_SIZE), replicas=replicas,
                   slab_slots=SLAB_PAGES, quorum=quorum, io_timeout=io_timeout,
                   connect_store=connect)  # type: ignore[arg-type]  # fmt: skip
-    device = RemoteDevice(agent, 4096 * PAGE_SIZE, reserve_wait=io_timeout, write_back=False)
+    device = RemoteDevice(agent, 4096 * PAGE_SIZE, reserve_wait=io_timeout, write_back=False,
+                          compress=False)  # fmt: skip
     device.start()
     return device
 

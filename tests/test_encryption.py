@@ -175,8 +175,8 @@ def test_an_older_cryptography_seals_and_opens_the_same_pages(
     pages = {}
     for into in (True, False):
         monkeypatch.setattr(seal, "INTO", into)
-        page = memoryview(bytearray(PAGE))
-        _, seals = sealer.seal_pages(plain, [page], [0], 9, [1 << 32 | 3], 0)
+        page = memoryview(bytearray(plain))  # sealed in place, as in the reserve
+        _, seals = sealer.seal_payloads([page], [0], [PAGE], 9, [1 << 32 | 3], 0)
         pages[into] = (bytes(page), bytes(seals))
     assert pages[True] == pages[False]  # deterministic nonce: same key, same ciphertext
     for into in (True, False):
@@ -202,8 +202,8 @@ for lo, perms, path, private, hi in _mappings():  # all of the code resident (an
 before, after = trim_locked_text(seal.LIBRARY, seal.warm_up)
 sealer = seal.Sealer(os.urandom(32), "trim")
 page = memoryview(bytearray(os.urandom(4096)))
-stored = [memoryview(bytearray(4096))]
-tags, seals = sealer.seal_pages(page, stored, [0], 7, [9], 0)
+stored = [memoryview(bytearray(page))]
+tags, seals = sealer.seal_payloads(stored, [0], [4096], 7, [9], 0)
 out = memoryview(bytearray(4096))
 opened = sealer.open(out, stored[0], memoryview(seals), 7, 9)
 print(json.dumps([before, after, opened and out == page]))

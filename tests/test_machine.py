@@ -210,7 +210,7 @@ class World:
                 tags.append(tag)
                 gens.append(gen)
             return PagesRead(memoryview(self.scratch)[: len(step.slots) * PAGE_SIZE], tags, gens,
-                             None)  # fmt: skip
+                             None, array("H", [PAGE_SIZE] * len(step.slots)))  # fmt: skip
         if isinstance(step, Write):
             for i, slot in enumerate(step.slots):
                 page = bytes(step.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])

@@ -23,6 +23,7 @@ from netswap.protocol.runs import runs_of
 
 from .jobs import ReadEntry, WriteJob
 from .machine.proof import prove_pages
+from .payload import lengths_of, reveal, split
 from .policy import Decision
 from .reserve import Reserve
 from .seal import Sealer
@@ -143,7 +144,7 @@ class Batches:
             end = start + count
             runs: tuple[range, ...] = (range(job.first + start, job.first + end),)
             tags, gens = job.tags[start:end], job.generations[start:end]
-            data = [views[b] for b in job.bufs[start:end]]
+            data = _payloads(views, job, start, end)
             seals = job.seals[start * SEAL_SIZE : end * SEAL_SIZE] if job.seals else None
         else:
             spans: list[range] = []
@@ -158,7 +159,7 @@ class Batches:
                     spans.append(range(first, first + count))
                 tags.extend(job.tags[start:end])
                 gens.extend(job.generations[start:end])
-                data.extend([views[b] for b in job.bufs[start:end]])
+                data.extend(_payloads(views, job, start, end))
                 if seals is not None and job.seals is not None:
                     seals += job.seals[start * SEAL_SIZE : end * SEAL_SIZE]
             runs = tuple(spans)
@@ -189,7 +190,8 @@ class Batches:
                 assert isinstance(reply, Pages)
                 failure = prove_pages(listener.area_seed, reply.data, reply.tags,
                                       reply.generations, slots, expected,
-                                      lambda: listener.generations_now(slots))  # fmt: skip
+                                      lambda: listener.generations_now(slots),
+                                      lengths_of(reply, len(slots)))  # fmt: skip
             error = self._outcome(client, failure)
             if error:
                 listener.reads_failed(self.store, batch, error)
@@ -203,19 +205,17 @@ class Batches:
         client.start_swap_in(runs, listener.sealer is not None, done)
 
     def _deliver(self, reply: Pages, batch: list[ReadEntry], slots: array[int]) -> None:
-        """Each page to its job's buffer, opened where the area is sealed: one that does
-        not open (tampered, or the key gone) is that slot's EIO alone."""
-        listener, view, sealer = self.listener, memoryview(reply.data), self.listener.sealer
+        """Each page to its job's buffer, opened where the area is sealed and decoded
+        (payload.py): one that does not open or decode (tampered, or the key gone) is
+        that slot's EIO alone."""
+        listener, sealer = self.listener, self.listener.sealer
+        payloads = split(memoryview(reply.data), lengths_of(reply, len(batch)))
         seals = memoryview(reply.seals) if reply.seals is not None else None
         for i, entry in enumerate(batch):
             at = entry.index * PAGE_SIZE
-            page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             out = memoryview(entry.job.out)[at : at + PAGE_SIZE]
-            if sealer is None:
-                out[:] = page
-            elif seals is None or not sealer.open(out, page,
-                                                  seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE],
-                                                  slots[i], reply.generations[i]):  # fmt: skip
+            seal = seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] if seals is not None else None
+            if not reveal(payloads[i], out, sealer, seal, slots[i], reply.generations[i]):
                 listener.count_unopened(slots[i])
                 listener.read_page_done(entry, errno.EIO)
                 continue
@@ -235,3 +235,16 @@ class Batches:
         self.inflight -= 1
         if self.writes or self.reads:
             self.kick()
+
+
+def _payloads(views: list[memoryview], job: WriteJob, start: int, end: int) -> list[memoryview]:
+    """Pages start..end-1 of a job as the payloads in their reserve buffers (no copy)."""
+    lengths = job.lengths
+    if not lengths:
+        return [views[b] for b in job.bufs[start:end]]
+    return [views[b] if lengths[start + i] == PAGE_SIZE else views[b][: lengths[start + i]]
+            for i, b in enumerate(job.bufs[start:end])]  # fmt: skip
+
+
+def payloads_of(views: list[memoryview], job: WriteJob) -> list[memoryview]:
+    return _payloads(views, job, 0, job.count)

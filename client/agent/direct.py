@@ -29,13 +29,23 @@ import time
 from array import array
 from collections.abc import Callable
 
-from netswap.protocol import Ok, Pages, RemoteProtocolError, StoreError, SwapIn
+from netswap.protocol import (
+    PAGE_SIZE,
+    SEAL_SIZE,
+    Ok,
+    Pages,
+    RemoteProtocolError,
+    StoreError,
+    SwapIn,
+)
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 from ..rpc import BlockingClient
+from .batches import payloads_of
 from .core import Agent
 from .jobs import WriteJob
 from .machine.proof import prove_pages
+from .payload import lengths_of, reveal, split
 from .stores import Store
 
 # What a call on the thread path can meet on its way; each hands the request to the loop.
@@ -81,10 +91,10 @@ class DirectPath:
         slots: range,
         expected: array[int],
         current: Callable[[], array[int]],
-        sink: Callable[[memoryview], None],
+        out: memoryview,
     ) -> bool:
-        """Read `slots` from one in-sync replica; sink(pages) copies them out (they are
-        views into the client's buffer, valid until the client is given back)."""
+        """Read `slots` from one in-sync replica into out (their payloads are views into
+        the client's buffer: opened and decoded into out before it is given back)."""
         agent, machine, figures = self.agent, self.agent.machine, self.read_figures
         with machine.lock:
             index = machine.direct_read_store(slots.start, len(slots))
@@ -102,24 +112,21 @@ class DirectPath:
         except DIRECT_ERRORS:
             store.lost(client)
             return figures.fell_back()
-        if (
-            not isinstance(reply, Pages)
-            or prove_pages(
-                agent.area_seed, reply.data, reply.tags, reply.generations, slots, expected, current
-            )
-            is not None
-        ):
+        if not isinstance(reply, Pages):
             store.give(client)
-            return figures.fell_back()  # a refusal or an unproven page: the loop decides
-        try:  # the pages are views into the client's buffer: out before it is given back
-            if sealer is None:
-                sink(memoryview(reply.data))
-            else:
-                seals = memoryview(reply.seals) if reply.seals is not None else None
-                plain = sealer.open_pages(memoryview(reply.data), seals, slots, reply.generations)
-                if isinstance(plain, int):
+            return figures.fell_back()  # a refusal: the loop decides
+        lengths = lengths_of(reply, len(slots))
+        if prove_pages(agent.area_seed, reply.data, reply.tags, reply.generations, slots,
+                       expected, current, lengths) is not None:  # fmt: skip
+            store.give(client)
+            return figures.fell_back()  # an unproven page: the loop decides
+        try:
+            seals = memoryview(reply.seals) if reply.seals is not None else None
+            for i, payload in enumerate(split(memoryview(reply.data), lengths)):
+                seal = seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] if seals is not None else None
+                page = out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                if not reveal(payload, page, sealer, seal, slots[i], reply.generations[i]):
                     return figures.fell_back()  # the loop's read says EIO, for that slot
-                sink(memoryview(plain))
         finally:
             store.give(client)
         figures.served(len(slots), time.perf_counter() - began)
@@ -163,7 +170,7 @@ class DirectPath:
                 store.give(client)
             return False
         views = self.agent.reserve.views
-        pages = [views[b] for b in job.bufs]
+        pages = payloads_of(views, job)
         runs = (range(job.first, job.first + job.count),)
         timeout = self.agent.io_timeout
         end = time.monotonic() + timeout

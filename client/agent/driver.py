@@ -18,7 +18,7 @@ import errno
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
-from netswap.protocol import PAGE_SIZE, Pages, StoreError
+from netswap.protocol import Pages, StoreError
 from netswap.protocol.runs import runs_of
 
 from .machine.steps import (
@@ -34,6 +34,7 @@ from .machine.steps import (
     Wait,
     Write,
 )
+from .payload import lengths_of, split
 from .stores import TRANSPORT_ERRORS, Store
 
 if TYPE_CHECKING:
@@ -163,7 +164,8 @@ class Driver:
                 back(self._outcome(store, client, failure))
                 return
             seals = memoryview(reply.seals) if reply.seals is not None else None
-            back(PagesRead(memoryview(reply.data), reply.tags, reply.generations, seals))
+            lengths = lengths_of(reply, len(step.slots))
+            back(PagesRead(memoryview(reply.data), reply.tags, reply.generations, seals, lengths))
 
         client.start_swap_in(runs_of(step.slots), step.sealed, done)
 
@@ -174,8 +176,7 @@ class Driver:
             asyncio.get_running_loop().call_soon(self._answered, ticket, UNREACHABLE)
             return ticket
         client = store.client
-        data = memoryview(step.data)
-        pages = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(len(step.slots))]
+        pages = split(memoryview(step.data), step.lengths)
 
         def done(failure: Exception | None) -> None:
             self._answered(ticket, self._outcome(store, client, failure))

@@ -48,6 +48,7 @@ class Completion:
 
 _NO_GENERATIONS = array("Q")
 _NO_TAGS = array("I")
+_WHOLE = array("H")
 
 # acks[i] + 1 for a slice of a bytearray, in C (bytes.translate); 255 stays 255.
 _PLUS_ONE = bytes(range(1, 256)) + b"\xff"
@@ -62,9 +63,9 @@ class WriteJob:
     reserve buffers go back.
     """
 
-    __slots__ = ("acks", "bufs", "complete", "count", "direct", "done", "error", "first",
-                 "generations", "on_done", "parked_at", "refusal", "remaining", "seals",
-                 "tags")  # fmt: skip
+    __slots__ = ("acks", "bufs", "complete", "count", "direct", "done", "error", "fills",
+                 "first", "generations", "lengths", "on_done", "parked_at", "refusal",
+                 "remaining", "seals", "tags")  # fmt: skip
 
     def __init__(self, first: int, count: int, bufs: list[int]) -> None:
         # Plain values first: mypyc counts an attribute set after a call in __init__ as
@@ -77,7 +78,9 @@ class WriteJob:
         self.refusal = 0  # the errno a replica refused it with (the job's error if it fails)
         self.parked_at = 0.0  # when it began to wait for a replica to answer (0: not)
         self.complete = False  # the machine decided its outcome (machine._finish_write)
-        self.bufs = bufs  # encrypted in place when the area is (seal.py)
+        self.fills: dict[int, int] | None = None  # page index -> word, of same-filled pages
+        self.bufs = bufs  # each page's payload (payload.py), encrypted in place if sealed
+        self.lengths = _WHOLE  # each payload's length (the device sets them)
         self.generations = _NO_GENERATIONS  # the machine gives them (machine.begin_write)
         self.tags = _NO_TAGS  # each page's tag: CRC32 bound to (area, slot, generation)
         self.seals: bytearray | None = None  # sealed: each page's GCM tag, SEAL_SIZE apiece

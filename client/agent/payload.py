@@ -24,8 +24,15 @@ threshold): no probe, which wrongly sent 0.7 % of real pages whole for 0.6 us.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import lz4.block
 from netswap.protocol import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .seal import Sealer
 
 FILL = 8  # a same-filled page's payload: its word
 GRANULE = 256
@@ -78,6 +85,40 @@ def decode(payload: memoryview, out: memoryview) -> bool:
         return False
     out[:] = page
     return True
+
+
+def reveal(payload: memoryview, out: memoryview, sealer: Sealer | None,
+           seal: memoryview | None, slot: int, generation: int) -> bool:  # fmt: skip
+    """A proven payload's page into out: opened (sealed areas), then decoded. False when
+    it does not open (tampered with, the key gone) or does not decode: EIO."""
+    if sealer is not None:
+        if seal is None:
+            return False
+        plain = memoryview(bytearray(len(payload)))
+        if not sealer.open(plain, payload, seal, slot, generation):
+            return False
+        payload = plain
+    return decode(payload, out)
+
+
+def split(data: memoryview, lengths: Sequence[int]) -> list[memoryview]:
+    """Payloads back to back in `data`, as one view each."""
+    out, at = [], 0
+    for length in lengths:
+        out.append(data[at : at + length])
+        at += length
+    return out
+
+
+def lengths_of(reply: object, count: int) -> array[int]:
+    """A Pages answer's payload lengths (a frame of whole pages carries none)."""
+    lengths: array[int] | None = getattr(reply, "lengths", None)
+    return lengths if lengths is not None else whole(count)
+
+
+def whole(count: int) -> array[int]:
+    """The lengths of `count` whole pages."""
+    return array("H", [PAGE_SIZE]) * count
 
 
 def fill_word(payload: memoryview) -> int | None:

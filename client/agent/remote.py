@@ -27,18 +27,20 @@ from array import array
 from collections.abc import Awaitable
 from typing import Any
 
-from netswap.protocol import PAGE_SIZE, SEAL_SIZE, ZERO_PAGE, StoreError, tags_of
+from netswap.protocol import PAGE_SIZE, SEAL_SIZE, ZERO_PAGE, StoreError, page_tag, tags_of
 from netswap.server.units import parse_hostport
 
 from ..device import EXTENT_HOLE, EXTENT_ZERO, check_aligned
 from ..rpc import read_token
 from .core import Agent
 from .direct import DirectPath
+from .fills import Fills, PayloadFigures
 from .jobs import ControlJob, ReadJob, WriteJob
 from .keys import AreaKey, RecordKeeper, keyring_usable
 from .machine.machine import READ_WAIT_S
 from .machine.slots import DOUBT, LOST, NEVER, UNPROVEN, WRITTEN
 from .machine.table import slab_slots_for
+from .payload import FILL, decode, encode, whole
 from .policy import BatchPolicy
 from .reserve import Reserve, ReserveTimeout
 
@@ -83,9 +85,14 @@ class RemoteDevice:
         write_back: bool = False,
         direct_reads: bool = False,
         direct_writes: bool = False,
+        compress: bool = False,
     ) -> None:
         self.agent = agent
         self.machine = agent.machine
+        # Pages go as payloads (payload.py): same-filled, lz4, or whole; off: all whole.
+        self.compress = compress
+        self.fills = Fills(size // PAGE_SIZE)
+        self.figures = PayloadFigures()
         # Lone requests on the calling thread (direct.py); None: every one through the loop.
         writes = direct_writes and not write_back
         self.direct = DirectPath(agent, direct_reads, writes) if direct_reads or writes else None
@@ -127,6 +134,7 @@ class RemoteDevice:
         key: AreaKey | None = None,
         holder: str = "",
         force: bool = False,
+        compress: bool = False,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         token = read_token(token_file or None)
@@ -165,7 +173,8 @@ class RemoteDevice:
             **extra,
         )
         return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
-                   direct_reads=direct_reads, direct_writes=direct_writes)  # fmt: skip
+                   direct_reads=direct_reads, direct_writes=direct_writes,
+                   compress=compress)  # fmt: skip
 
     def start(self) -> None:
         self.agent.start()
@@ -214,24 +223,26 @@ class RemoteDevice:
         except ReserveTimeout as exc:
             raise StoreError(errno.EIO, str(exc)) from None
         views, sealer = reserve.views, self.agent.sealer
-        if sealer is None:
-            for i, index in enumerate(bufs):
-                views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-        elif not sealer.usable:
+        if sealer is not None and not sealer.usable:
             reserve.release(bufs)
             raise StoreError(errno.EIO, "the area's key is gone from the keyring")
+        job = WriteJob(first, count, bufs)
+        job.lengths = self._encode(view, views, bufs, job)  # outside the lock: lz4's time
         slots = range(first, first + count)
         inflight = self._inflight
         machine = self.machine
-        job = WriteJob(first, count, bufs)
         with self._lock:  # generations go in the order writes enter the in-flight map
             with machine.lock:
                 machine.begin_write(job)
-            gens, seed = job.generations, self.agent.area_seed
-            if sealer is None:
+            gens, seed, lengths = job.generations, self.agent.area_seed, job.lengths
+            if sealer is not None:  # under the lock: a page's nonce is its slot and generation
+                job.tags, job.seals = sealer.seal_payloads(views, bufs, lengths, first, gens,
+                                                           seed)  # fmt: skip
+            elif self.compress:
+                job.tags = array("I", [page_tag(views[b][: lengths[i]], seed, first + i, gens[i])
+                                       for i, b in enumerate(bufs)])  # fmt: skip
+            else:
                 job.tags = tags_of(view, seed, slots, gens)
-            else:  # sealed under the lock: a page's nonce is its slot and generation
-                job.tags, job.seals = sealer.seal_pages(view, views, bufs, first, gens, seed)
             # A write sent by its own thread is ordered with no other: a later write of
             # the same slots waits for it, or the stores could see the two swapped.
             before = {e[0] for s in slots if (e := inflight.get(s)) is not None and e[0].direct}
@@ -260,11 +271,33 @@ class RemoteDevice:
         if job.error:
             raise StoreError(job.error, f"write of slots {first}+{count} failed")
 
+    def _encode(self, view: memoryview, views: list[memoryview], bufs: list[int],
+                job: WriteJob) -> array[int]:  # fmt: skip
+        """Each page's payload into its reserve buffer (payload.py); their lengths. The
+        words of same-filled pages go in job.fills (they read back without a store)."""
+        count = len(bufs)
+        if not self.compress:
+            for i, index in enumerate(bufs):
+                views[index][:] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            return whole(count)
+        lengths = array("H", bytes(2 * count))
+        for i, index in enumerate(bufs):
+            length = encode(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], views[index])
+            lengths[i] = length
+            if length == FILL:
+                if job.fills is None:
+                    job.fills = {}
+                job.fills[i] = int.from_bytes(views[index][:FILL], "little")
+        self.figures.count(lengths)
+        return lengths
+
     def _retire(self, job: WriteJob) -> None:
         """A write-through job is answered: it leaves the in-flight map, its buffers
-        go back to the reserve."""
+        go back to the reserve, and its same-filled pages read without a store."""
         with self._lock:
-            self._forget_job(job)
+            owned = self._forget_job(job)
+            if not job.error:
+                self.fills.update(job, owned)
         self.reserve.release(job.bufs)
 
     def _forget_job(self, job: WriteJob) -> list[int]:
@@ -290,6 +323,8 @@ class RemoteDevice:
                         for slot in owned:  # slots a newer write took over keep it
                             machine.declare_lost(machine.table.slab_of(slot), [slot], DOUBT)
                     self._write_back_error = self._write_back_error or job.error
+                else:
+                    self.fills.update(job, owned)
             self.reserve.release(job.bufs)
             if job.error:
                 self.agent.counters["write_back_failures"] += 1
@@ -324,6 +359,10 @@ class RemoteDevice:
                 pending = self._inflight.get(slot)
                 if pending is not None:
                     self._from_reserve(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], slot, *pending)
+                elif state == WRITTEN and self.fills.fill(
+                    slot, buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                ):
+                    continue  # same-filled: no store needed
                 elif state in (WRITTEN, UNPROVEN):  # unproven: the loop waits for its proof
                     remote.append(i)
                     gens.append(gen)
@@ -336,16 +375,19 @@ class RemoteDevice:
             self._read_chunk(buf, first, remote[at : at + CHUNK_PAGES], gens[at : at + CHUNK_PAGES])
 
     def _from_reserve(self, out: memoryview, slot: int, job: WriteJob, buf: int) -> None:
-        """An in-flight page, from its reserve buffer (decrypted, where the area is)."""
-        page, sealer = self.reserve.views[buf], self.agent.sealer
-        if sealer is None or job.seals is None:
-            out[:] = page
-            return
+        """An in-flight page, from its reserve buffer (decrypted and decoded)."""
         i = slot - job.first
-        seal = memoryview(job.seals)[i * SEAL_SIZE : (i + 1) * SEAL_SIZE]
-        if not sealer.open(out, page, seal, slot, job.generations[i]):
-            raise StoreError(errno.EIO, f"slot {slot}: its page in flight does not open "
-                             "(the area's key is gone)")  # fmt: skip
+        length = job.lengths[i] if job.lengths else PAGE_SIZE
+        payload, sealer = self.reserve.views[buf][:length], self.agent.sealer
+        if sealer is not None and job.seals is not None:
+            plain = memoryview(bytearray(length))
+            seal = memoryview(job.seals)[i * SEAL_SIZE : (i + 1) * SEAL_SIZE]
+            if not sealer.open(plain, payload, seal, slot, job.generations[i]):
+                raise StoreError(errno.EIO, f"slot {slot}: its page in flight does not open "
+                                 "(the area's key is gone)")  # fmt: skip
+            payload = plain
+        if not decode(payload, out):
+            raise StoreError(errno.EIO, f"slot {slot}: its page in flight does not decode")
 
     def _read_chunk(self, buf: memoryview, first: int, indexes: list[int], gens: list[int]) -> None:
         machine = self.machine
@@ -359,11 +401,8 @@ class RemoteDevice:
         lo, n = indexes[0], len(indexes)
         if direct is not None and direct.reads and self._readers == 1 and indexes[-1] - lo == n - 1:
             run = range(first + lo, first + lo + n)
-
-            def sink(pages: memoryview) -> None:
-                buf[lo * PAGE_SIZE : (lo + n) * PAGE_SIZE] = pages
-
-            if direct.read(run, expected, lambda: machine.slots.gens[run.start : run.stop], sink):
+            into = buf[lo * PAGE_SIZE : (lo + n) * PAGE_SIZE]
+            if direct.read(run, expected, lambda: machine.slots.gens[run.start : run.stop], into):
                 return
         job = ReadJob(slots, expected, bytearray(n * PAGE_SIZE))
         self.agent.submit(self.agent.route_reads, job)
@@ -412,6 +451,7 @@ class RemoteDevice:
                 sends = self.machine.trim(first, count)
             for slot in range(first, first + count):
                 self._inflight.pop(slot, None)  # a write-back still in flight reads as trimmed
+            self.fills.forget(first, count)
         self._call("discard", lambda: self.agent.send_discards(sends))
 
     def _call(self, what: str, coro_fn: object) -> None:

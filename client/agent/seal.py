@@ -61,12 +61,12 @@ class Sealer:
             scratch = self._local.scratch = memoryview(bytearray(PAGE_SIZE + SEAL_SIZE))
         return scratch
 
-    def seal_pages(
-        self, source: memoryview, views: Sequence[memoryview], bufs: Sequence[int],
+    def seal_payloads(
+        self, views: Sequence[memoryview], bufs: Sequence[int], lengths: Sequence[int],
         first: int, generations: Sequence[int], seed: int,
     ) -> tuple[array[int], bytearray]:  # fmt: skip
-        """Encrypt the plaintext pages of `source` into reserve buffers `bufs` (slots
-        from `first`); their tags (over the ciphertext, for the store's check), seals."""
+        """Encrypt each payload in place in its reserve buffer (slots from `first`); their
+        tags (over the ciphertext, for the store's check) and seals."""
         aead = self._aead
         if aead is None:
             raise KeyGone
@@ -74,45 +74,31 @@ class Sealer:
         out, scratch, aad = memoryview(seals), self._scratch(), self._aad
         tags = array("I")
         for i, buf in enumerate(bufs):
-            slot, generation, page = first + i, generations[i], views[buf]
-            plain = source[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            sealed = _encrypt(aead, NONCE.pack(slot, generation), plain, aad, scratch)
-            page[:] = sealed[:PAGE_SIZE]
-            out[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] = sealed[PAGE_SIZE:]
-            tags.append(page_tag(page, seed, slot, generation))
+            slot, generation, length = first + i, generations[i], lengths[i]
+            payload = views[buf][:length]
+            sealed = _encrypt(aead, NONCE.pack(slot, generation), payload, aad, scratch)
+            payload[:] = sealed[:length]
+            out[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] = sealed[length : length + SEAL_SIZE]
+            tags.append(page_tag(payload, seed, slot, generation))
         return tags, seals
 
-    def open(self, out: memoryview, page: memoryview, seal: memoryview, slot: int,
+    def open(self, out: memoryview, payload: memoryview, seal: memoryview, slot: int,
              generation: int) -> bool:  # fmt: skip
-        """Decrypt `page` (with its `seal`) into `out`; False when it is not the slot's
-        page of that generation (or the key is gone)."""
+        """Decrypt `payload` (with its `seal`) into `out` (as long); False when it is not
+        the slot's payload of that generation (or the key is gone)."""
         aead = self._aead
         if aead is None:
             return False
+        length = len(payload)
         scratch = self._scratch()
-        scratch[:PAGE_SIZE] = page
-        scratch[PAGE_SIZE:] = seal
+        scratch[:length] = payload
+        scratch[length : length + SEAL_SIZE] = seal
         try:
-            _decrypt(aead, NONCE.pack(slot, generation), scratch, self._aad, out)
+            _decrypt(aead, NONCE.pack(slot, generation), scratch[: length + SEAL_SIZE],
+                     self._aad, out)  # fmt: skip
         except InvalidTag:
             return False
         return True
-
-    def open_pages(self, data: memoryview, seals: memoryview | None, slots: Sequence[int],
-                   generations: Sequence[int]) -> bytearray | int:  # fmt: skip
-        """The plaintext of a SwapIn's pages (already proven by their tags), or the
-        index of the first page that does not open."""
-        if seals is None:
-            return 0
-        out = bytearray(len(slots) * PAGE_SIZE)
-        view = memoryview(out)
-        for i, slot in enumerate(slots):
-            at = i * PAGE_SIZE
-            if not self.open(view[at : at + PAGE_SIZE], data[at : at + PAGE_SIZE],
-                             seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE], slot,
-                             generations[i]):  # fmt: skip
-                return i
-        return out
 
 
 # cryptography >= 46 seals into and opens into a buffer of ours (the venv's, pyproject);
@@ -124,8 +110,9 @@ INTO = hasattr(AESGCM, "encrypt_into")
 def _encrypt(aead: AESGCM, nonce: bytes, plain: memoryview, aad: bytes,
              scratch: memoryview) -> memoryview:  # fmt: skip
     if INTO:
-        aead.encrypt_into(nonce, plain, aad, scratch)
-        return scratch
+        into = scratch[: len(plain) + SEAL_SIZE]
+        aead.encrypt_into(nonce, plain, aad, into)
+        return into
     return memoryview(aead.encrypt(nonce, bytes(plain), aad))
 
 

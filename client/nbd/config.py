@@ -125,6 +125,11 @@ class PluginConfig:
                          choices=START_MODES)  # fmt: skip
     epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
                          "carry (the supervisor's, raised at every restart)")  # fmt: skip
+    compress: str = setting("off", "choice", "remote: a page goes to the stores as its payload: "
+                            "same-filled as its 8-byte word (read back without a store), "
+                            "lz4-compressed in 256-B granules when it fits 3 KiB, else whole; "
+                            "off: every page whole (the stores learn no page's size)",
+                            choices=("lz4", "off"))  # fmt: skip
     force: str = setting("off", "choice", "remote, start=fresh: take the area on the stores "
                          "even when another host holds it (that host loses its swap)",
                          choices=("off", "on"), serve_flag="--force")  # fmt: skip
@@ -358,7 +363,7 @@ class PluginConfig:
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
                 direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
                 epoch=self.epoch, key=self.area_key(), holder=holder_id(self.area),
-                force=self.force == "on",
+                force=self.force == "on", compress=self.compress == "lz4",
             )  # fmt: skip
         from netswap.server.backends import open_backend
 

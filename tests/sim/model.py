@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from netswap.protocol import PAGE_SIZE
 
 
-def page_of(content: int) -> bytes:
-    """A page that says which write made it: content ids are never reused."""
-    return content.to_bytes(8, "little") * (PAGE_SIZE // 8)
+def page_of(content: int, length: int = PAGE_SIZE) -> bytes:
+    """A payload that says which write made it (content ids are never reused), of one
+    of the lengths the agent's payloads take (whole, a compressed size, same-filled)."""
+    return content.to_bytes(8, "little") * (length // 8)
 
 
 def content_of(page: bytes | memoryview) -> int:
-    """The write a page came from; -1 if it is no page any write made (torn, mixed)."""
+    """The write a payload came from; -1 if it is none any write made (torn, mixed)."""
     head = bytes(page[:8])
-    if bytes(page) != head * (PAGE_SIZE // 8):
+    if len(page) % 8 or bytes(page) != head * (len(page) // 8):
         return -1
     return int.from_bytes(head, "little")
 

@@ -39,7 +39,8 @@ from netswap.client.agent.machine.steps import (
     Wait,
     Write,
 )
-from netswap.protocol import PAGE_SIZE, area_seed, tags_of
+from netswap.client.agent.payload import FILL, split
+from netswap.protocol import PAGE_SIZE, area_seed, page_tag
 
 from .model import Model, content_of, page_of
 from .network import UNREACHABLE, Link, Network
@@ -51,6 +52,9 @@ TICK_S = 0.25  # how often the loop's clock work runs (core.py: PRESSURE_PERIOD_
 BACKOFF = (0.1, 2.0)  # reconnect backoff (stores.py)
 REBUILD_WAIT_S = 10.0  # core.REBUILD_WAIT_S
 SEED = area_seed("sim")
+# The payload lengths the agent sends (client/agent/payload.py): same-filled, a few
+# compressed sizes, whole.
+LENGTHS = (FILL, 256, 768, 3072, PAGE_SIZE, PAGE_SIZE)
 
 
 @dataclass
@@ -240,11 +244,10 @@ class SimAgent:
         m.now = self.world.now
         job = WriteJob(first, len(contents), [])
         m.begin_write(job)
-        slots = range(first, first + len(contents))
-        data = b"".join(page_of(c) for c in contents)
-        tags = tags_of(data, SEED, slots, job.generations)
-        self.pages[job] = [(job.generations[i], tags[i], page_of(c), None)
-                           for i, c in enumerate(contents)]  # fmt: skip
+        rng = self.world.rng
+        payloads = [page_of(c, rng.choice(LENGTHS)) for c in contents]
+        self.pages[job] = [(job.generations[i], page_tag(p, SEED, first + i, job.generations[i]),
+                            p, None) for i, p in enumerate(payloads)]  # fmt: skip
         for i, c in enumerate(contents):
             self.model.issued(first + i, c, job.generations[i])
         self.done[job] = done
@@ -327,7 +330,8 @@ class SimAgent:
         slots = self.m.slots
         failure = prove_pages(SEED, data, array("I", [tag]), array("Q", [gen]), [entry.slot],
                               array("Q", [entry.gen]),
-                              lambda: array("Q", [slots.gens[entry.slot]]))  # fmt: skip
+                              lambda: array("Q", [slots.gens[entry.slot]]),
+                              [len(data)])  # fmt: skip
         if failure is not None:
             return self._route_read(entry)
         self._read_done(entry, content_of(data))
@@ -408,8 +412,8 @@ class SimAgent:
                        lambda answer: resume(self._pages_read(step, answer)))  # fmt: skip
         elif isinstance(step, Write):
             ticket = Ticket()
-            pages = [(step.generations[i], step.tags[i],
-                      bytes(step.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]), None)
+            payloads = split(memoryview(step.data), step.lengths)
+            pages = [(step.generations[i], step.tags[i], bytes(payloads[i]), None)
                      for i in range(len(step.slots))]  # fmt: skip
             self._send(step.store, ("write", step.slots, pages),
                        lambda outcome: self._ticket(ticket, outcome))  # fmt: skip
@@ -450,19 +454,17 @@ class SimAgent:
         """A Read's answer as views of the scratch buffer (valid until the next yield)."""
         if isinstance(answer, int):
             return answer
-        n = len(step.slots)
         scratch = memoryview(self.scratch)
-        tags, gens = array("I"), array("Q")
-        for i, page in enumerate(answer):
-            if page is None:
-                scratch[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
-                tags.append(0)
-                gens.append(0)
-            else:
-                scratch[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page[2]
-                tags.append(page[1])
-                gens.append(page[0])
-        return PagesRead(scratch[: n * PAGE_SIZE], tags, gens, None)
+        tags, gens, lengths = array("I"), array("Q"), array("H")
+        at = 0
+        for page in answer:
+            payload = bytes(PAGE_SIZE) if page is None else page[2]
+            scratch[at : at + len(payload)] = payload
+            at += len(payload)
+            lengths.append(len(payload))
+            tags.append(0 if page is None else page[1])
+            gens.append(0 if page is None else page[0])
+        return PagesRead(scratch[:at], tags, gens, None, lengths)
 
 
 _LATER = object()

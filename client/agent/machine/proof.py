@@ -15,7 +15,7 @@ import errno
 from array import array
 from collections.abc import Callable, Sequence
 
-from netswap.protocol import StoreError, tags_of
+from netswap.protocol import PAGE_SIZE, StoreError, page_tag, tags_of
 from netswap.protocol.messages import Buffer
 
 
@@ -27,12 +27,17 @@ def prove_pages(
     slots: Sequence[int],
     expected: array[int],
     current: Callable[[], array[int]] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> StoreError | None:
-    """None when every page is its slot's at the expected generation (or the current
-    one); else the first failure, as EIO naming the slot."""
+    """None when every page (payload: `lengths`, whole pages if None) is its slot's at
+    the expected generation (or the current one); else the first failure, as EIO
+    naming the slot."""
     if len(tags) != len(slots) or len(generations) != len(slots):
         return StoreError(errno.EIO, "store returned the wrong number of pages")
-    computed = tags_of(data, seed, slots, generations)
+    if lengths is None or all(length == PAGE_SIZE for length in lengths):
+        computed = tags_of(data, seed, slots, generations)
+    else:
+        computed = payload_tags(memoryview(data), lengths, seed, slots, generations)
     if computed != tags:
         bad = next(i for i, t in enumerate(computed) if t != tags[i])
         return StoreError(errno.EIO, f"slot {slots[bad]}: its page does not match its tag")
@@ -44,3 +49,16 @@ def prove_pages(
             return StoreError(errno.EIO, f"slot {slot}: the store holds generation "
                               f"{generations[i]:#x}, not {expected[i]:#x}")  # fmt: skip
     return None
+
+
+def payload_tags(
+    data: memoryview, lengths: Sequence[int], seed: int, slots: Sequence[int],
+    generations: Sequence[int],
+) -> array[int]:  # fmt: skip
+    """One tag per payload (back to back in `data`), as the store computes it."""
+    out = array("I")
+    at = 0
+    for i, length in enumerate(lengths):
+        out.append(page_tag(data[at : at + length], seed, slots[i], generations[i]))
+        at += length
+    return out

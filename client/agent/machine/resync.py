@@ -26,7 +26,7 @@ from __future__ import annotations
 from array import array
 from collections import deque
 
-from netswap.protocol import MAX_INVENTORY_SLOTS, PAGE_SIZE, SEAL_SIZE, tags_of
+from netswap.protocol import MAX_INVENTORY_SLOTS, SEAL_SIZE, page_tag
 
 from .machine import Replicas, Task
 from .slots import WRITTEN
@@ -155,22 +155,24 @@ def _copy_of(
     seed: int,
     target: int,
 ) -> Write | None:
-    """The copy of the pages in `reply` that prove themselves newest and no write
+    """The copy of the payloads in `reply` that prove themselves newest and no write
     touched meanwhile, made now: the reply's buffer is valid until the next yield."""
     slots = m.slots
-    intact = tags_of(reply.data, seed, chunk, reply.generations)
+    payloads, at = [], 0
+    for length in reply.lengths:
+        payloads.append(reply.data[at : at + length])
+        at += length
     keep: list[int] = []
     for i, slot in enumerate(chunk):
         if slot in dirty or slots.state[slot] != WRITTEN:
             remaining.discard(slot)  # a newer write reaches the target itself, or trimmed
-        elif intact[i] == reply.tags[i] and reply.generations[i] == slots.gens[slot]:
+        elif (page_tag(payloads[i], seed, slot, reply.generations[i]) == reply.tags[i]
+              and reply.generations[i] == slots.gens[slot]):  # fmt: skip
             keep.append(i)
             remaining.discard(slot)
     if not keep:
         return None
-    data = reply.data
-    pages = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep]
-    body = b"".join(pages) if COPY_PAGES else _joined_view(data, keep)
+    body = b"".join(payloads[i] for i in keep) if COPY_PAGES else _joined_view(reply, keep)
     seals = None
     if reply.seals is not None:
         kept = reply.seals
@@ -178,12 +180,16 @@ def _copy_of(
     m.counters["pages_resynced"] += len(keep)
     return Write(target, [chunk[i] for i in keep], body,
                  array("I", [reply.tags[i] for i in keep]),
-                 array("Q", [reply.generations[i] for i in keep]), seals)  # fmt: skip
+                 array("Q", [reply.generations[i] for i in keep]), seals,
+                 array("H", [reply.lengths[i] for i in keep]))  # fmt: skip
 
 
-def _joined_view(data: memoryview, keep: list[int]) -> bytes:
-    """The mutant's copy: the reply's own buffer, not the pages' bytes (never used but
+def _joined_view(reply: PagesRead, keep: list[int]) -> bytes:
+    """The mutant's copy: the reply's own buffer, not the payloads' bytes (never used but
     by tests/sim/mutants.py, to show the simulator finds what 23bfee4 fixed)."""
     if keep == list(range(len(keep))):
-        return data[: len(keep) * PAGE_SIZE]  # type: ignore[return-value]
-    return b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in keep)
+        return reply.data[: sum(reply.lengths[: len(keep)])]  # type: ignore[return-value]
+    at = [0]
+    for length in reply.lengths:
+        at.append(at[-1] + length)
+    return b"".join(reply.data[at[i] : at[i + 1]] for i in keep)

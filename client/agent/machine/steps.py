@@ -55,18 +55,21 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class PagesRead:
-    """Views valid until the generator yields again."""
+    """Views valid until the generator yields again: the payloads back to back in
+    `data`, their `lengths` (each PAGE_SIZE for whole pages), tags, generations, seals."""
 
     data: memoryview
     tags: array[int]
     generations: array[int]
     seals: memoryview | None
+    lengths: array[int]
 
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """Store pages as they are (a copy: generation, tag and seal travel with them).
-    Sent at once, in order with the store's other writes; answer: a Ticket."""
+    """Store payloads as they are (a copy: generation, tag and seal travel with them),
+    back to back in `data`, each `lengths[i]` long. Sent at once, in order with the
+    store's other writes; answer: a Ticket."""
 
     store: int
     slots: list[int]
@@ -74,6 +77,7 @@ class Write:
     tags: array[int]
     generations: array[int]
     seals: bytes | None
+    lengths: array[int]
 
 
 @dataclass(frozen=True, slots=True)
