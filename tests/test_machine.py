@@ -12,12 +12,8 @@ from typing import Any
 
 import pytest
 from netswap.client.agent.jobs import ReadEntry, ReadJob, WriteJob
-from netswap.client.agent.machine.machine import (
-    PARKED,
-    READ_WAIT_S,
-    WRITE_WAIT_S,
-    Replicas,
-)
+from netswap.client.agent.machine.bounds import READ_WAIT_S, WRITE_WAIT_S
+from netswap.client.agent.machine.machine import PARKED, Replicas
 from netswap.client.agent.machine.rebuild import prove, rebuild
 from netswap.client.agent.machine.record import Record, StoreMark
 from netswap.client.agent.machine.resync import resync

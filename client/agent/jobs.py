@@ -25,9 +25,9 @@ class Completion:
     __slots__ = ("_lock", "_set")
 
     def __init__(self) -> None:
+        self._set = False  # plain values first (WriteJob says why)
         self._lock = threading.Lock()
         self._lock.acquire()
-        self._set = False
 
     def set(self) -> None:
         if not self._set:
@@ -107,11 +107,12 @@ class ReadJob:
     __slots__ = ("done", "error", "gens", "out", "remaining", "slots")
 
     def __init__(self, slots: list[int], gens: array[int], out: bytearray) -> None:
-        self.error = 0  # plain values first (WriteJob says why)
+        remaining = len(slots)  # computed first: plain values first (WriteJob says why)
+        self.error = 0
+        self.remaining = remaining
         self.slots = slots
         self.gens = gens
         self.out = out
-        self.remaining = len(slots)
         self.done = Completion()
 
 
@@ -122,13 +123,14 @@ class ReadEntry:
     __slots__ = ("gen", "index", "job", "parked", "since", "slot", "tried")
 
     def __init__(self, job: ReadJob, index: int, since: float) -> None:
-        self.tried = 0  # plain values first (WriteJob says why)
+        slot, gen = job.slots[index], job.gens[index]  # plain values first (WriteJob says why)
+        self.tried = 0
         self.since = since  # when it was asked (its wait is bounded from here)
         self.parked = False  # waiting for a replica's store to answer again
         self.index = index
+        self.slot = slot
+        self.gen = gen
         self.job = job
-        self.slot = job.slots[index]
-        self.gen = job.gens[index]
 
 
 class ControlJob:

@@ -37,7 +37,7 @@ from .direct import DirectPath
 from .fills import Fills, PayloadFigures
 from .jobs import ControlJob, ReadJob, WriteJob
 from .keys import AreaKey, RecordKeeper, keyring_usable
-from .machine.machine import READ_WAIT_S
+from .machine.bounds import READ_WAIT_S
 from .machine.slots import DOUBT, LOST, NEVER, UNPROVEN, WRITTEN
 from .machine.table import slab_slots_for
 from .payload import FILL, decode, encode, whole

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from netswap.client.agent.machine.machine import READ_WAIT_S, WRITE_WAIT_S
+from netswap.client.agent.machine.bounds import READ_WAIT_S, WRITE_WAIT_S
 from netswap.client.agent.machine.slots import LOST, UNPROVEN, WRITTEN
 from netswap.client.agent.machine.table import IN_SYNC
 

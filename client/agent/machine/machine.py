@@ -37,37 +37,19 @@ from collections.abc import Generator, Iterable
 from typing import Any
 
 from ..jobs import ReadEntry, WriteJob
-from .record import Record, StoreMark, bitmap_of, offsets_in
-from .slots import DOUBT, LOST, NEVER, UNPROVEN, WRITTEN, Slots
+from . import health, planner, recording
+from .bounds import MAX_NOTES, READ_WAIT_S
+from .record import Record, StoreMark
+from .slots import DOUBT, UNPROVEN, WRITTEN, Slots
 from .steps import Step
 from .table import (
     IN_SYNC,
     MAX_STORES,
     STALE,
-    SUSPECT,
     SYNCING,
-    UNPLACED,
     SlabTable,
     power_of_two_choices,
 )
-
-# How long a read waits for a store that holds its page to answer again. A read
-# that fails is a process killed (SIGBUS) on the host; a store that is only paused,
-# partitioned or failing over costs the kernel nothing but time, and attach holds the
-# device's IO through 120 s of outage (--dead-conn-timeout). Just under that.
-READ_WAIT_S = 110.0
-# How long a write waits for a replica to take it when no store of its slab answers:
-# the RPC deadline. Past it the write fails and the kernel keeps the page in memory
-# (mm/page_io.c re-dirties a page whose swap write failed) and writes it again later.
-WRITE_WAIT_S = 5.0
-# A store away this long has its replicas copied to a spare store (when one is up and
-# the slab has an in-sync replica to copy from): long enough to ride out a restart,
-# short enough to shrink the window in which a second fault finds one copy.
-REPLACE_AFTER_S = 3.0
-# Resyncs run at once: each holds a 256 KiB read and a few copies in flight (resync.py).
-MAX_RESYNCS = 2
-# Log lines kept for the shell between two drains (a burst of faults must not grow it).
-MAX_NOTES = 256
 
 Task = Generator[Step, Any, None]
 PARKED, FAILED = -1, -2  # route_read's answers besides a store index
@@ -99,20 +81,23 @@ class Replicas:
         sealed: bool = False,
         rng: random.Random | None = None,
     ) -> None:
+        # Plain values first: mypyc counts an attribute set after a call in __init__ as
+        # possibly undefined, and its check of those from another module crashes its build.
+        self.quorum = quorum
+        self.sealed = sealed
+        self.now = 0.0  # the shell's clock, set before each event
+        self.dirty = False  # the record changed: persist it before acknowledging anything
+        self.fenced_out = ""  # why another agent holds the area now: this one stops
         if len(stores) > MAX_STORES:
             raise ValueError(f"at most {MAX_STORES} stores")
         self.lock = threading.RLock()
         self.slots = Slots(slots)
         self.table = SlabTable(slots, slab_slots, replicas)
         self.stores = [StoreView(i, name) for i, name in enumerate(stores)]
-        self.quorum = quorum
-        self.sealed = sealed
         self.rng = rng or random.Random()
-        self.now = 0.0  # the shell's clock, set before each event
         self.record = Record(replicas=replicas, quorum=quorum, slab_slots=slab_slots,
                              stores=[StoreMark(name) for name in stores])  # fmt: skip
         self.record.slabs = bytearray(2 * replicas * self.table.slabs)
-        self.dirty = False  # the record changed: persist it before acknowledging anything
         self.writes: dict[int, set[WriteJob]] = {}  # slab -> writes begun, not yet complete
         self.syncing: dict[int, set[int]] = {}  # slab -> slots written since its resync began
         self.parked_reads: list[ReadEntry] = []
@@ -122,8 +107,6 @@ class Replicas:
         self.leftovers: dict[int, set[int]] = {}  # store -> slabs it holds but is no replica of
         self.repairing: set[int] = set()  # slabs with a resync or proof under way
         self.proving: set[int] = set()  # unproven slabs whose proof waits to run again
-        self.lost_pending: dict[int, set[int]] = {}  # slab -> slots found nowhere, to record
-        self.fenced_out = ""  # why another agent holds the area now: this one stops
         self.counters: Counter[str] = Counter()
         self.notes: deque[tuple[str, str]] = deque(maxlen=MAX_NOTES)
 
@@ -140,7 +123,7 @@ class Replicas:
         if record is None:
             self.record.area_id = area_id
         else:
-            self._load(record)
+            recording.load(self, record)
         self.record.epoch = self.slots.epoch
         self.dirty = True
 
@@ -150,43 +133,12 @@ class Replicas:
             self.slots.epoch = self.record.epoch = epoch
             self.dirty = True
 
-    def _load(self, record: Record) -> None:
-        """The dead agent's table: its replicas at their recorded states (mapped onto this
-        agent's stores by id, else by name), its stores' boots and its lost slots."""
-        mine = self.record
-        mine.area_id = record.area_id
-        index_of: dict[int, int] = {}
-        by_name = {s.name: s.index for s in self.stores}
-        for i, mark in enumerate(record.stores):
-            if mark.name in by_name:
-                here = by_name[mark.name]
-                index_of[i] = here
-                mine.stores[here] = StoreMark(mark.name, mark.store_id, mark.boot)
-        table, width = self.table, record.replicas
-        for slab in range(min(table.slabs, len(record.slabs) // (2 * width))):
-            for position in range(min(width, table.replicas)):
-                at = 2 * (slab * width + position)
-                store, state = record.slabs[at], record.slabs[at + 1]
-                if store != UNPLACED and store in index_of:
-                    table.set_replica(slab, position, index_of[store], state)
-        mine.lost = dict(record.lost)
-        self._sync_record_table()
-
-    def _sync_record_table(self) -> None:
-        table, slabs = self.table, self.record.slabs
-        for i in range(table.slabs * table.replicas):
-            slab, position = divmod(i, table.replicas)
-            slabs[2 * i] = table.store[i]
-            slabs[2 * i + 1] = (
-                table.durable_state(slab, position) if table.store[i] != UNPLACED else 0
-            )
-
     def take_record(self) -> Record | None:
         """The record to persist now, or None when nothing changed."""
         if not self.dirty:
             return None
         self.dirty = False
-        self._sync_record_table()
+        recording.sync_table(self)
         return self.record
 
     def _mark(self, slab: int, position: int, state: int) -> None:
@@ -405,184 +357,56 @@ class Replicas:
         failed, self.failed_reads = self.failed_reads, []
         return failed
 
-    # -- stores ------------------------------------------------------------------------
+    # -- stores (health.py) ----------------------------------------------------------------
     def store_down(self, store: int) -> None:
-        """A store stopped answering (a deadline, a dropped connection): its replicas
-        are STALE from now on -- it has lost nothing we know of."""
-        view = self.stores[store]
-        if not view.up:
-            return
-        view.up, view.down_since = False, self.now
-        for slab, position in self.table.slabs_on(store):
-            state = self.table.state_of(slab, position)
-            if state == IN_SYNC:
-                self._mark(slab, position, STALE)
-            elif state == SYNCING:
-                self._abort_sync(slab, position)
-        self.counters["store_failures"] += 1
-
-    def _abort_sync(self, slab: int, position: int) -> None:
-        """A syncing replica missed a write or its store went: back to what the record
-        says it is (its resync sees that and does not call it in sync)."""
-        self.table.set_state(slab, position, self.table.durable_state(slab, position))
+        health.store_down(self, store)
 
     def store_up(
         self, store: int, store_id: int, boot: int, area_kept: bool,
         prev_boot: int = 0, clean: bool = False,
     ) -> None:  # fmt: skip
-        """A store answers (again). The same boot lost nothing; another boot -- unless it
-        ended cleanly right after the one the record knows -- may have lost any write
-        (a memory store all, a file store those since its last flush): its replicas are
-        SUSPECT until a resync has checked them. The record learns the new boot in the
-        same write."""
-        view, mark = self.stores[store], self.record.stores[store]
-        known = mark.boot
-        restarted = known != 0 and boot != known and not (clean and prev_boot == known)
-        if restarted or not area_kept:
-            for slab, position in self.table.slabs_on(store):
-                if self.table.durable_state(slab, position) != SUSPECT:
-                    self._mark(slab, position, SUSPECT)
-            if restarted:
-                self.note("warning", f"store {view.name} restarted: its replicas are "
-                          f"suspect until checked")  # fmt: skip
-        if mark.boot != boot or mark.store_id != store_id:
-            mark.boot, mark.store_id = boot, store_id
-            self.dirty = True
-        view.up, view.store_id, view.boot = True, store_id, boot
-        for slab, _ in self.table.slabs_on(store):  # what it holds may prove them now
-            span = self.table.slab_slots(slab)
-            if self.slots.state.find(UNPROVEN, span.start, span.stop) >= 0:
-                self.proving.add(slab)
-        self.retry_parked()
+        health.store_up(self, store, store_id, boot, area_kept, prev_boot, clean)
+
+    def _abort_sync(self, slab: int, position: int) -> None:
+        health.abort_sync(self, slab, position)
 
     def fenced(self, store: int, why: str) -> None:
-        """A store says a newer agent holds the area: this one must stop writing (P5)."""
-        if not self.fenced_out:
-            self.fenced_out = why
-            self.note("error", f"{why}: this agent stops writing (every write fails EIO)")
-
-    def retry_parked(self) -> None:
-        """Writes and reads that waited for a store go again (the shell routes them)."""
-        self.counters["parked_retries"] += 1
+        health.fenced(self, store, why)
 
     def take_parked(self) -> tuple[list[WriteJob], list[ReadEntry]]:
-        writes, self.parked_writes = self.parked_writes, []
-        reads, self.parked_reads = self.parked_reads, []
-        for entry in reads:
-            entry.parked = False
-        return writes, reads
+        return health.take_parked(self)
 
-    # -- the clock ---------------------------------------------------------------------
     def expire(self) -> None:
-        """Writes parked past WRITE_WAIT_S fail; reads parked past READ_WAIT_S fail."""
-        now = self.now
-        keep: list[WriteJob] = []
-        for job in self.parked_writes:
-            if now - job.parked_at >= WRITE_WAIT_S:
-                job.parked_at = 0.0
-                self._finish_write(job, errno.EIO)
-            else:
-                keep.append(job)
-        self.parked_writes = keep
-        reads: list[ReadEntry] = []
-        for entry in self.parked_reads:
-            if now - entry.since >= READ_WAIT_S:
-                entry.parked = False
-                self.failed_reads.append(entry)
-                self.counters["reads_expired"] += 1
-            else:
-                reads.append(entry)
-        self.parked_reads = reads
+        health.expire(self)
 
+    # -- repairs and figures (planner.py) -------------------------------------------------
     def proofs(self) -> list[int]:
-        """Unproven slabs to prove again now (a replica of theirs came back); the shell
-        runs rebuild.prove for each."""
-        ready = [slab for slab in self.proving if slab not in self.repairing]
-        for slab in ready:
-            self.repairing.add(slab)
-        return ready
+        return planner.proofs(self)
 
     def repairs(self) -> list[tuple[int, int]]:
-        """Replicas to repair now, as (slab, position), at most MAX_RESYNCS under way:
-        unplaced positions placed, stale and suspect replicas resynced, and replicas on
-        a store away past REPLACE_AFTER_S moved to a spare store. Each is SYNCING on
-        return; the shell runs resync.resync for it."""
-        out: list[tuple[int, int]] = []
-        table, stores = self.table, self.stores
-        for slab in range(table.slabs):
-            if len(self.repairing) + len(out) >= MAX_RESYNCS:
-                break
-            if slab in self.repairing or not table.placed(slab):
-                continue
-            if self.slots.count(UNPROVEN, *_bounds(table.slab_slots(slab))):
-                continue  # its proof first (rebuild.prove)
-            for position in range(table.replicas):
-                store, state = table.store_of(slab, position), table.state_of(slab, position)
-                if store == UNPLACED:
-                    spare = self._spare(slab)
-                    if spare < 0:
-                        continue
-                    table.set_replica(slab, position, spare, SUSPECT)  # new: holds nothing
-                    self.dirty = True
-                elif state in (STALE, SUSPECT) and not stores[store].up:
-                    spare = self._spare(slab)
-                    if (spare < 0 or self.now - stores[store].down_since < REPLACE_AFTER_S
-                            or not any(stores[s].up for s in table.in_sync(slab))):  # fmt: skip
-                        continue
-                    self.leftovers.setdefault(store, set()).add(slab)
-                    table.set_replica(slab, position, spare, SUSPECT)
-                    self.dirty = True
-                    self.counters["replicas_moved"] += 1
-                elif state not in (STALE, SUSPECT):
-                    continue
-                table.set_state(slab, position, SYNCING)
-                out.append((slab, position))
-                self.repairing.add(slab)
-                break
-        return out
-
-    def _spare(self, slab: int) -> int:
-        """An up store holding no replica of the slab (p2c on free room), or -1."""
-        spare = [s.index for s in self.stores if s.up and not self.table.holds(slab, s.index)]
-        if not spare:
-            return -1
-        return power_of_two_choices(spare, lambda s: self.stores[s].free_pages, self.rng)
+        return planner.repairs(self)
 
     def take_leftovers(self, store: int) -> list[int]:
-        """Slabs this up store still holds copies of but is no replica of (moved away)."""
-        left = self.leftovers.pop(store, set())
-        return sorted(slab for slab in left if not self.table.holds(slab, store))
+        return planner.take_leftovers(self, store)
 
-    # -- lost slots --------------------------------------------------------------------
+    def lag(self) -> int:
+        return planner.lag(self)
+
+    def replicas_behind(self) -> int:
+        return planner.replicas_behind(self)
+
+    def replica_states(self, store: int) -> list[int]:
+        return planner.replica_states(self, store)
+
+    def unreadable(self) -> dict[str, int]:
+        return planner.unreadable(self)
+
+    # -- lost slots (recording.py) -----------------------------------------------------------
     def declare_lost(self, slab: int, slots: Iterable[int], was: int = WRITTEN) -> int:
-        """No replica holds these slots' newest pages (was=UNPROVEN: none can prove which
-        is newest; was=DOUBT: a write-back acknowledged before it failed) and every
-        replica answered: they read EIO until written again. Returns how many."""
-        state = self.slots.state
-        lost = [s for s in slots if state[s] == was]
-        if not lost:
-            return 0
-        for s in lost:
-            state[s] = LOST
-        self._record_unreadable(slab, lost)
-        self.counters["pages_lost"] += len(lost)
-        self.note("error", f"slab {slab}: {len(lost)} pages are on no replica any more "
-                  f"(every store answered): they read EIO until written again")  # fmt: skip
-        return len(lost)
+        return recording.declare_lost(self, slab, slots, was)
 
     def _record_unreadable(self, slab: int, slots: list[int]) -> None:
-        """In the record: no copy of these slots at or below their generation now may ever
-        be served again (lost, or their last write failed), so no restart brings one
-        back -- a slot written again goes above it."""
-        table, state = self.table, self.slots.state
-        first = table.slab_slots(slab).start
-        old = self.record.lost.get(slab)
-        offsets = {s - first for s in slots}
-        if old is not None:  # still unreadable from before (not written since) stays so
-            offsets |= {o for o in offsets_in(old[1]) if state[first + o] in (LOST, DOUBT)}
-        below = max(self.slots.gens[first + o] for o in offsets)
-        self.record.lost[slab] = (below, bitmap_of(sorted(offsets), table.slab_size))
-        self.dirty = True
+        recording.record_unreadable(self, slab, slots)
 
     # -- trims --------------------------------------------------------------------------
     def trim(self, first: int, count: int) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -600,28 +424,6 @@ class Replicas:
         return [(s, ranges) for s, ranges in by_store.items() if self.stores[s].up]
 
     # -- figures -----------------------------------------------------------------------
-    def lag(self) -> int:
-        """Written slots whose slab has a replica not in sync (or not placed)."""
-        table, lag = self.table, 0
-        for slab in range(table.slabs):
-            states = [state for _, _, state in table.replicas_of(slab)]
-            if states and (len(states) < table.replicas or any(s != IN_SYNC for s in states)):
-                lag += self.slots.count(WRITTEN, *_bounds(table.slab_slots(slab)))
-        return lag
-
-    def replicas_behind(self) -> int:
-        """Placed replicas not in sync."""
-        table = self.table
-        return sum(1 for slab in range(table.slabs) for _, _, state in table.replicas_of(slab)
-                   if state != IN_SYNC)  # fmt: skip
-
-    def replica_states(self, store: int) -> list[int]:
-        return [self.table.state_of(slab, pos) for slab, pos in self.table.slabs_on(store)]
-
-    def unreadable(self) -> dict[str, int]:
-        slots = self.slots
-        return {"lost": slots.count(LOST), "unproven": slots.count(UNPROVEN),
-                "doubt": slots.count(DOUBT), "never": slots.count(NEVER)}  # fmt: skip
 
 
 def _bounds(slots: range) -> tuple[int, int]:
