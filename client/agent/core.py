@@ -26,48 +26,41 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import secrets
 import ssl
 import threading
 import time
-from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from netswap.protocol import MAX_DISCARD_RANGES, StoreError, area_seed
+from netswap.protocol import StoreError, area_seed
 from netswap.server.ops.pressure import Pressure, sample
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
 from ..rpc import BlockingClient, StoreClient
-from .batches import Batches, WriteRun
+from .batches import Batches
 from .driver import Driver
-from .jobs import ControlJob, ReadEntry, ReadJob, WriteJob
+from .jobs import ControlJob, ReadEntry
 from .keys import AreaKey, KeyringError, RecordKeeper
-from .machine.machine import FAILED, Replicas
-from .machine.rebuild import prove, rebuild
+from .machine.machine import Replicas
+from .machine.rebuild import prove
 from .machine.resync import resync
 from .policy import BatchPolicy, Decision
 from .reserve import Reserve
+from .routes import Routes
 from .seal import Sealer
-from .stores import TRANSPORT_ERRORS, ConnectStore, OpenBlocking, Store
+from .startup import REBUILD_NONE_S, REBUILD_WAIT_S, Startup
+from .stores import ConnectStore, OpenBlocking, Store
 
 log = logging.getLogger("netswap.agent")
 
 TICK_S = 0.25  # the clock's work: parked waits, repairs, proofs (and pressure sampling)
 USAGE_PERIOD_S = 2.0
-# A rebuilding agent waits this long for every store before it rebuilds from those it
-# has (the kernel holds the swap device's IO meanwhile, for up to its dead-connection
-# timeout: attach's default is 120 s); a store that comes later proves its slabs then.
-REBUILD_WAIT_S = 10.0
-# With no store answering at all, a rebuild waits this long more: everything would be
-# unproven, while the kernel holds the device's IO and a store may be back in time.
-REBUILD_NONE_S = 100.0
 # How often the agent looks whether its key is still in the keyring (one syscall).
 KEY_CHECK_S = 1.0
 
 
-class Agent:
+class Agent(Startup, Routes):
     def __init__(
         self,
         stores: list[tuple[str, int]],
@@ -196,96 +189,6 @@ class Agent:
         for store in self.stores:
             await store.close()
 
-    def _begin(self) -> None:
-        """The epoch above every epoch any agent of this area used, recorded before
-        anything is sealed (P6); at a restart, the dead agent's record to rebuild from."""
-        old = None
-        if self.keeper is not None:
-            try:
-                old = self.keeper.load()
-            except (KeyringError, ValueError) as exc:
-                if self.rebuild:
-                    why = f"the area's record cannot be read: {exc}"
-                    raise StoreError(errno.EIO, why) from None
-                log.warning("an earlier record of area %s is unreadable (%s): a fresh start "
-                            "makes its own", self.area, exc)  # fmt: skip
-        if self.rebuild and old is None:
-            why = "no keyring" if self.keeper is None else "no record in the keyring"
-            raise StoreError(errno.ENOKEY, f"cannot rebuild area {self.area}: {why} (a rebuild"
-                             " needs the record the agent keeps there; after a reboot, start"
-                             " fresh)")  # fmt: skip
-        floor = max(self.min_epoch, self.key.last_epoch() if self.key is not None else 0)
-        with self.machine.lock:
-            if self.rebuild:
-                self.machine.begin(old, floor, 0)
-            else:
-                floor = max(floor, old.epoch if old is not None else 0)
-                self.machine.begin(None, floor, secrets.randbits(63) | 1)
-        self.settle()
-        if self.key is not None:
-            self.key.record_epoch(self.machine.epoch)
-        if self.keeper is None:
-            log.warning("no kernel keyring here: a restarted agent could not rebuild this area")
-
-    async def _rebuild(self) -> None:
-        """Connect to every store that answers within REBUILD_WAIT_S and rebuild the
-        dead agent's knowledge from its record and them (machine/rebuild.py)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + REBUILD_WAIT_S
-
-        async def reach(store: Store) -> None:
-            while not store.up:
-                try:
-                    await store.connect()
-                except (*TRANSPORT_ERRORS, StoreError) as exc:
-                    if loop.time() > deadline:
-                        log.warning("store %s unreachable for the rebuild: %s", store.name, exc)
-                        return
-                    await asyncio.sleep(0.2)
-
-        await asyncio.gather(*(reach(store) for store in self.stores))
-        if not any(store.up for store in self.stores):
-            log.error("no store answers: the rebuild waits up to %.0f s more (the kernel holds "
-                      "the device's IO meanwhile)", REBUILD_NONE_S)  # fmt: skip
-            deadline = loop.time() + REBUILD_NONE_S
-            await asyncio.gather(*(reach(store) for store in self.stores))
-            if not any(store.up for store in self.stores):
-                raise ConnectionError(
-                    f"no store answered within {REBUILD_WAIT_S + REBUILD_NONE_S:.0f}s"
-                    ": this agent cannot rebuild the area"
-                )
-        began = loop.time()
-        done = asyncio.Event()
-        self.driver.start(rebuild(self.machine), done.set)
-        await done.wait()
-        self.rebuilt_seconds = loop.time() - began
-        log.warning("%s", self.rebuild_summary())
-
-    def rebuild_summary(self) -> str:
-        m = self.machine
-        left = m.unreadable()
-        away = [s.name for s in self.stores if not s.up]
-        parts = [f"rebuilt the area from the stores in {self.rebuilt_seconds:.1f}s: "
-                 f"{m.counters['rebuild_pages']} pages proven, epoch {m.epoch}"]  # fmt: skip
-        behind = m.replicas_behind()
-        if behind:
-            parts.append(f"{behind} replicas not in sync (a resync copies what they lack)")
-        if left["unproven"]:
-            parts.append(f"{left['unproven']} slots unproven (they wait for "
-                         f"{', '.join(away) or 'their stores'})")  # fmt: skip
-        if left["lost"]:
-            parts.append(f"{left['lost']} slots lost")
-        return "; ".join(parts)
-
-    async def _first_connect(self, store: Store) -> None:
-        try:
-            await store.connect()
-        except (*TRANSPORT_ERRORS, StoreError) as exc:
-            log.warning("store %s unavailable at start: %s", store.name, exc)
-            self.first_failure = self.first_failure or str(exc)
-            if isinstance(exc, StoreError) and exc.errno == errno.EEXIST:
-                self.held_elsewhere = exc.reason
-
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
@@ -355,41 +258,6 @@ class Agent:
             self.on_read_done(entry, errno.EIO)
 
     # -- stores (stores.StoreEvents) -----------------------------------------------------
-    async def activate(self, store: Store, client: StoreClient) -> bool:
-        """A store answered Hello: fence it with this agent's epoch, and make sure it holds
-        this area's life (a store that lost the area, or holds an earlier life of it, gets
-        this one). True when it kept the area. Another host's area is refused here, before
-        anything is sent: fencing it would stop that host's writes."""
-        welcome = client.welcome
-        assert welcome is not None
-        m = self.machine
-        ours = m.record.area_id
-        kept = welcome.area_id == ours and welcome.area_slots > 0
-        theirs = welcome.holder and welcome.holder != self.holder and not kept
-        if theirs and not (self.force and not self.rebuild):
-            raise StoreError(errno.EEXIST, f"area {self.area} is held by {welcome.holder} "
-                             f"on {store.name}")  # fmt: skip
-        if welcome.floor >= m.epoch and not self.rebuild:
-            # A fresh area after its record went (detach, a reboot): a store's floor
-            # outlives the area, so this agent goes above it, recorded before it fences.
-            with m.lock:
-                m.raise_epoch(welcome.floor + 1)
-            self.settle()
-            if self.key is not None:
-                self.key.record_epoch(m.epoch)
-        try:
-            await client.fence(m.epoch)
-        except StoreError as exc:
-            if exc.errno == errno.ESTALE:
-                with m.lock:
-                    m.fenced(store.index, f"store {store.name}: {exc.reason}")
-                self.settle()
-            raise
-        if not kept:
-            force = self.force and not self.rebuild
-            await client.swapfile(True, self.slots, area_id=ours, holder=self.holder, force=force)
-        return kept
-
     def store_up(self, store: Store, kept: bool) -> None:
         welcome = store.client.welcome if store.client is not None else None
         assert welcome is not None
@@ -411,103 +279,6 @@ class Agent:
             m.now = self.clock()
             m.store_down(store.index)
         self.settle()
-
-    # -- writes and reads, on the loop ---------------------------------------------------
-    def route_write(self, job: WriteJob) -> None:
-        m = self.machine
-        with m.lock:
-            m.now = self.clock()
-            sends = m.route_write(job)
-        self.settle()  # a slab placed, a replica marked: recorded before the pages go
-        kicked: set[Batches] = set()
-        for store, start, count in sends:
-            self.batches[store].add_write(job, start, count)
-            kicked.add(self.batches[store])
-        for batch in kicked:
-            batch.kick()
-
-    def route_reads(self, job: ReadJob) -> None:
-        now = self.clock()
-        self.counters["swap_in_pages"] += len(job.slots)
-        for index in range(len(job.slots)):
-            self._route_read(ReadEntry(job, index, now))
-        self._kick_reads()
-
-    def _route_read(self, entry: ReadEntry) -> None:
-        m = self.machine
-        with m.lock:
-            m.now = self.clock()
-            target = m.route_read(entry)
-        if target >= 0:
-            self.batches[target].add_read(entry)
-        elif target == FAILED:
-            self.on_read_done(entry, errno.EIO)
-
-    def _kick_reads(self) -> None:
-        for batch in self.batches:
-            if batch.reads:
-                batch.kick()
-
-    def reroute(self) -> None:
-        """What waited for a store goes again."""
-        m = self.machine
-        with m.lock:
-            writes, reads = m.take_parked()
-        for job in writes:
-            self.route_write(job)
-        for entry in reads:
-            self._route_read(entry)
-        self._kick_reads()
-
-    # -- what batches need (batches.BatchListener) ------------------------------------
-    def decide(self) -> Decision:
-        """The policy's decision, recomputed only when its inputs change band."""
-        occupancy = self.reserve.occupancy
-        band = int(occupancy * 20)  # 5 % steps: finer than any policy threshold
-        cached = self._decision
-        if cached is None or cached[0] != band or cached[1] is not self.pressure:
-            cached = self._decision = (band, self.pressure,
-                                       self.policy.decide(occupancy, self.pressure))  # fmt: skip
-        return cached[2]
-
-    def generations_now(self, slots: array[int]) -> array[int]:
-        """The slots' generations now (a read that raced a write may find the newer)."""
-        gens = self.machine.slots.gens
-        return array("Q", [gens[s] for s in slots])
-
-    def count_decision(self, reason: str, queued: int) -> None:
-        self.decisions[reason] += 1
-        self.recent_decisions.append((time.monotonic(), reason, queued))
-
-    def observe_batch(self, direction: str, pages: int, seconds: float) -> None:
-        op = "swap_out" if direction == "out" else "swap_in"
-        self.rpc_latency[op].observe(seconds)
-        self.batch_sizes[op].observe(pages)
-
-    def writes_done(self, store: Store, batch: list[WriteRun], error: int) -> None:
-        m = self.machine
-        with m.lock:
-            m.now = self.clock()
-            for job, start, count in batch:
-                m.write_answered(store.index, job, start, count, error)
-        self.settle()
-
-    def reads_failed(self, store: Store, batch: list[ReadEntry], error: int) -> None:
-        self.counters["read_fallbacks"] += len(batch)
-        for entry in batch:
-            if error < 0:  # unreachable, not an answer: it may be asked again once back
-                entry.tried &= ~(1 << store.index)
-            self._route_read(entry)
-        self._kick_reads()
-
-    def read_page_done(self, entry: ReadEntry, error: int) -> None:
-        self.on_read_done(entry, error)
-
-    def count_unopened(self, slot: int) -> None:
-        """A page that proved its tag but does not open: tampered with, or the key gone."""
-        self.counters["seal_failures"] += 1
-        if self.sealer is not None and self.sealer.usable:
-            log.error("slot %d: its page does not open under the area's key: EIO", slot)
 
     # -- the clock -------------------------------------------------------------------
     async def _clock(self) -> None:
@@ -549,26 +320,6 @@ class Agent:
             with self.machine.lock:
                 for store in self.stores:
                     self.machine.stores[store.index].free_pages = store.free_pages
-
-    # -- control: discard, flush ------------------------------------------------
-    async def send_discards(self, sends: list[tuple[int, list[tuple[int, int]]]]) -> int:
-        await asyncio.gather(*(self._discard_on(store, ranges) for store, ranges in sends))
-        return 0  # discard is advisory: the slots already read as zeros
-
-    async def _discard_on(self, index: int, ranges: list[tuple[int, int]]) -> None:
-        async def rpc(client: StoreClient) -> None:
-            for at in range(0, len(ranges), MAX_DISCARD_RANGES):
-                await client.discard(ranges[at : at + MAX_DISCARD_RANGES])
-
-        await self.stores[index].call(rpc)
-
-    async def flush(self) -> int:
-        up = [store for store in self.stores if store.up]
-        if not up:
-            return errno.EIO
-        results = await asyncio.gather(*(store.call(lambda c: c.flush()) for store in up))
-        failures = [r for r in results if r > 0]
-        return failures[0] if failures else (0 if any(r == 0 for r in results) else errno.EIO)
 
 
 def _read_page_done(entry: ReadEntry, error: int) -> None:

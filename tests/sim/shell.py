@@ -50,7 +50,7 @@ from .world import World
 IO_TIMEOUT = 5.0  # the agent's RPC deadline (core.Agent's io_timeout)
 TICK_S = 0.25  # how often the loop's clock work runs (core.py: PRESSURE_PERIOD_S)
 BACKOFF = (0.1, 2.0)  # reconnect backoff (stores.py)
-REBUILD_WAIT_S = 10.0  # core.REBUILD_WAIT_S
+REBUILD_WAIT_S = 10.0  # startup.REBUILD_WAIT_S
 SEED = area_seed("sim")
 # The payload lengths the agent sends (client/agent/payload.py): same-filled, a few
 # compressed sizes, whole.
