@@ -4,8 +4,9 @@ and `netswap lab vm --backend cluster`.
 Debian's redis-server 7.0 (cluster mode, BSD-licensed) on free ports, each in its
 own directory with no persistence (a page store in memory, like netswap's memory
 store), created with `redis-cli --cluster create` and waited on until every node
-says cluster_state:ok. cluster-node-timeout is short (1 s) so that a master killed
--9 is replaced by its replica in a few seconds. Each area can get an ACL user
+says cluster_state:ok. cluster-node-timeout is short (1 s) by default so that a master
+killed -9 is replaced by its replica in a few seconds; a test of what a user sees
+passes Redis's own default (DEFAULT_NODE_TIMEOUT_MS, 15 s). Each area can get an ACL user
 limited to its own keys (`~netswap:{AREA:*`, `~netswap:{AREA}:*`), set on every node
 (ACLs are per node in Redis Cluster).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 # A failover takes node-timeout plus a vote: 1 s keeps a test's storm short.
 NODE_TIMEOUT_MS = 1000
+DEFAULT_NODE_TIMEOUT_MS = 15000  # redis.conf's cluster-node-timeout
 START_S = 30.0
 
 
@@ -43,11 +45,12 @@ def free_port() -> int:
 
 
 class RedisNode:
-    def __init__(self, root: Path, maxmemory: str) -> None:
+    def __init__(self, root: Path, maxmemory: str, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
         self.port = free_port()
         self.dir = root / str(self.port)
         self.dir.mkdir(parents=True)
         self.maxmemory = maxmemory
+        self.node_timeout_ms = node_timeout_ms
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +60,7 @@ class RedisNode:
     def start(self) -> RedisNode:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-               "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--appendonly", "no",
+               "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "no",
                "--save", "", "--dir", str(self.dir), "--maxmemory", self.maxmemory,
                "--maxmemory-policy", "noeviction", "--protected-mode", "no",
                "--logfile", str(self.dir / "redis.log")]  # fmt: skip
@@ -79,6 +82,15 @@ class RedisNode:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: a node that stops answering (a GC pause, a VM migration)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def info(self, section: str) -> dict[str, str]:
         return dict(line.split(":", 1) for line in self.cli("INFO", section).splitlines()
                     if ":" in line)  # fmt: skip
@@ -95,6 +107,32 @@ class Cluster:
     def masters(self) -> list[RedisNode]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None
                 and n.info("replication").get("role", "").strip() == "master"]  # fmt: skip
+
+    def owner(self, key: str) -> RedisNode:
+        """The master serving `key`'s hash slot, as the first live node sees it."""
+        by_port = {n.port: n for n in self.nodes}
+        slot = int(self._alive()[0].cli("CLUSTER", "KEYSLOT", key).strip())
+        for line in self._nodes_lines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2]:
+                for span in fields[8:]:
+                    lo, _, hi = span.partition("-")
+                    if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                        return by_port[int(fields[1].split("@")[0].rsplit(":", 1)[1])]
+        raise LookupError(f"no master serves {key}")
+
+    def replicas_of(self, master: RedisNode) -> list[RedisNode]:
+        by_port = {n.port: n for n in self.nodes}
+        lines = [line.split() for line in self._nodes_lines()]
+        ids = {int(f[1].split("@")[0].rsplit(":", 1)[1]): f[0] for f in lines}
+        return [by_port[int(f[1].split("@")[0].rsplit(":", 1)[1])] for f in lines
+                if f[3] == ids.get(master.port)]  # fmt: skip
+
+    def _alive(self) -> list[RedisNode]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def _nodes_lines(self) -> list[str]:
+        return self._alive()[0].cli("CLUSTER", "NODES").splitlines()
 
     def wait_ok(self, timeout: float = START_S) -> None:
         """Every live node says cluster_state:ok and every replica is linked to its
@@ -152,11 +190,12 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(masters: int = 3, replicas: int = 1, maxmemory: str = "256mb") -> Iterator[Cluster]:
+def cluster(masters: int = 3, replicas: int = 1, maxmemory: str = "256mb",
+            node_timeout_ms: int = NODE_TIMEOUT_MS) -> Iterator[Cluster]:  # fmt: skip
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     root = Path(tempfile.mkdtemp(prefix="netswap-cluster-"))
-    nodes = [RedisNode(root, maxmemory) for _ in range(masters * (1 + replicas))]
+    nodes = [RedisNode(root, maxmemory, node_timeout_ms) for _ in range(masters * (1 + replicas))]
     try:
         for n in nodes:
             n.start()

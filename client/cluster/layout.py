@@ -6,14 +6,17 @@ GETRANGE; beside it a metadata value per chunk holds each slot's generation (u64
 tag (u32) and seal (16 B) in three regions. Why 255 pages and not the kernel's 256:
 a value of 256 pages is 1 MiB plus the string's 10-byte header, which jemalloc puts
 in its 1.25 MiB class (25 % lost); 255 pages fit the 1 MiB class (0.4 %). Both
-values are made at their final size on a chunk's first write (MAKE_SCRIPT: a SET of
+values are made at their final size on a chunk's first write (scripts.WRITE: a SET of
 zeros server-side), because SETRANGE grows a string greedily (to twice its length
 under 1 MiB, by another 1 MiB above), which would double what a chunk holds.
 
 Chunks are grouped under one hash tag per **bucket** of BUCKET_CHUNKS chunks
 (`netswap:{AREA:BUCKET}:p:CHUNK`), so a batch of neighbouring slots goes to one
-node in one pipeline, while an area's buckets spread over every master. The area's
-own record (`netswap:{AREA}:area`, its slot count) says whether the cluster holds it.
+node in one pipeline, while an area's buckets spread over every master. Each bucket
+has its own fencing floor (`netswap:{AREA:BUCKET}:f`): a script can only touch keys
+of one hash slot, so the floor a write is checked against lives beside its chunks.
+The area's own record (`netswap:{AREA}:area`: slots, area id, holder) and its floor
+(`netswap:{AREA}:floor`) share the hash tag `{AREA}`.
 """
 
 from __future__ import annotations
@@ -33,17 +36,6 @@ PAGES_BYTES = CHUNK_PAGES * PAGE_SIZE  # 1,044,480 B: the 1 MiB class with its h
 # 64 chunks (16,320 slots, ~64 MiB of swap) per bucket, so a 16 GiB area has 257
 # buckets to spread over the masters' 16,384 hash slots.
 BUCKET_CHUNKS = 64
-
-# KEYS: the pages value, the metadata value; ARGV: their sizes. Makes each at its final
-# size if it is missing (a SET, not a SETRANGE: no greedy growth).
-MAKE_SCRIPT = """
-for i = 1, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('SET', KEYS[i], string.rep('\\0', tonumber(ARGV[i])))
-  end
-end
-return 1
-"""
 
 
 class Piece:
@@ -80,12 +72,29 @@ def chunk_keys(area: str, chunk: int) -> tuple[str, str]:
     return f"{tag}:p:{chunk}", f"{tag}:m:{chunk}"
 
 
+def bucket_floor_key(area: str, bucket: int) -> str:
+    """The floor of one bucket: in the hash slot of its chunks."""
+    return f"netswap:{{{area}:{bucket}}}:f"
+
+
+def floor_key_of(area: str, chunk: int) -> str:
+    return bucket_floor_key(area, chunk // BUCKET_CHUNKS)
+
+
 def area_key(area: str) -> str:
     return f"netswap:{{{area}}}:area"
 
 
+def area_floor_key(area: str) -> str:
+    return f"netswap:{{{area}}}:floor"
+
+
 def chunks_of(slots: int) -> int:
     return -(-slots // CHUNK_PAGES)
+
+
+def buckets_of(slots: int) -> int:
+    return -(-chunks_of(slots) // BUCKET_CHUNKS)
 
 
 def check_area_name(area: str) -> None:
