@@ -82,7 +82,8 @@ class ClusterClient:
         self.router = Router(cluster, deadline, wait, wait_ms)
         self.watch = Watch(cluster, area, deadline)
         self.router.on_wait = self.watch.on_wait
-        self.router.on_topology = self.watch.check
+        self.router.on_topology = lambda: self.watch.check(refresh=False)
+        self.router.live_replicas = lambda node: self.watch.live.get(node, 0)
         self.welcome: Welcome | None = None
         self.epoch = 0  # fenced with (0: never): every change is checked against the floors
         self.slots = 0  # the area's size as known: its buckets have floors

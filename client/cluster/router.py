@@ -65,6 +65,7 @@ class Router:
         self.counters = {"redirects": 0, "retries": 0}
         self.on_wait: Callable[[str, int], Awaitable[None]] = _nothing_waited
         self.on_topology: Callable[[], Awaitable[None]] = _nothing
+        self.live_replicas: Callable[[str], int] = lambda node: 0  # WAIT for how many
 
     async def run(self, cmds: list[Cmd], write: bool = False) -> None:
         """Every command answered (cmd.result), or StoreError, or ConnectionLost at the
@@ -117,11 +118,6 @@ class Router:
             cmd.result = exc
             return None
 
-    def replicas(self, key: str) -> int:
-        """Replicas serving this key's slot now (CLUSTER SLOTS lists those not failed)."""
-        owners = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key), [])
-        return max(0, len(owners) - 1)
-
     async def _pipeline(self, node: ClusterNode, group: list[Cmd],
                         write: bool) -> tuple[list[Cmd], bool]:  # fmt: skip
         """One node's commands on one connection: those to try again, and whether
@@ -131,7 +127,7 @@ class Router:
             if cmd.ask is not None:
                 commands.append(PipelineCommand(len(commands), "ASKING"))
             commands.append(PipelineCommand(len(commands), *cmd.args))
-        want = min(self.wait, self.replicas(group[0].key)) if write else 0
+        want = min(self.wait, self.live_replicas(node.name)) if write else 0
         if want:
             commands.append(PipelineCommand(len(commands), "WAIT", want, self.wait_ms))
         try:

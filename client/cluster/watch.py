@@ -54,6 +54,7 @@ class Watch:
         self.keeper = Keeper(area)
         self.state = State(0, 0, 0)
         self.totals: dict[str, int] = {}  # master address -> replicas it has, failed or not
+        self.live: dict[str, int] = {}  # master address -> replicas not failed (WAIT for them)
         self.node_figures: list[NodeFigures] = []  # as of the last refresh
         self.counters = {"unreplicated_writes": 0, "doubts": 0, "takeovers": 0}
         self.closed = False  # a client given up: it acknowledges and records nothing more
@@ -99,7 +100,7 @@ class Watch:
         if node not in self.state.masters:  # a master not judged yet: a takeover, a new one
             await self.check(only=node)
         if node not in self.totals:
-            await self.count_replicas()
+            await self.count_replicas()  # unknown, no WAIT was sent: acked is 0
         entry = self.state.masters.get(node)
         if entry is None:
             raise ConnectionLost(f"{node} is no longer a master")
@@ -113,10 +114,12 @@ class Watch:
             self.counters["doubts"] += 1
             self._save(self.state)
 
-    async def check(self, only: str | None = None) -> None:
+    async def check(self, only: str | None = None, refresh: bool = True) -> None:
         """Judge the masters (or one) against the state; ConnectionLost on a possible
         loss (nothing recorded: the reconnect judges it again and makes the new boot).
-        A master that does not answer is left for the next check."""
+        A master that does not answer has the topology refreshed (`refresh`: a failover
+        is seen without waiting for a request to run into it), else it is left for the
+        next check."""
         if self.closed:
             return
         try:
@@ -124,7 +127,15 @@ class Watch:
         except ConnectionLost:
             if only is not None:
                 raise
-            return
+            if not refresh:
+                return
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.deadline):
+                    await self.cluster.nodes_manager.initialize()
+            try:
+                now = await self.masters()
+            except ConnectionLost:
+                return
         masters, losses = judge(self.state.masters, now)
         if losses:
             raise ConnectionLost("the cluster may have lost acknowledged writes: "
@@ -161,15 +172,19 @@ class Watch:
                       _replid(info.get("master_replid2")))  # fmt: skip
 
     async def count_replicas(self) -> dict[str, dict[str, Any]]:
-        """Each master's replicas (CLUSTER NODES); returns the nodes."""
+        """Each master's replicas (CLUSTER NODES: CLUSTER SLOTS leaves out a replica
+        the cluster has not yet heard an offset from, as on a cluster never written);
+        returns the nodes."""
         nodes: dict[str, dict[str, Any]] = await self.cluster.cluster_nodes()
         ids = {d["node_id"]: address for address, d in nodes.items()}
         totals = {address: 0 for address, d in nodes.items() if "master" in str(d["flags"])}
+        live = dict(totals)
         for d in nodes.values():
             master = ids.get(str(d.get("master_id", "-")))
             if master in totals:
                 totals[master] += 1
-        self.totals = totals
+                live[master] += "fail" not in str(d["flags"]).split(",")
+        self.totals, self.live = totals, live
         return nodes
 
     async def refresh_figures(self) -> None:
