@@ -27,21 +27,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from netswap.protocol import PAGE_SIZE, SEAL_SIZE, Pages, StoreError
+from netswap.protocol import PAGE_SIZE, Pages, StoreError
 from netswap.protocol.errors import ConnectionLost
 from netswap.protocol.messages import Buffer
 from redis import exceptions as rx
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from . import batch
+from .area import Area
 from .layout import (
     CHUNK_PAGES,
-    GEN_SIZE,
-    SEALS_AT,
-    TAG_SIZE,
-    TAGS_AT,
-    area_floor_key,
-    area_key,
-    bucket_floor_key,
     buckets_of,
     chunk_keys,
     chunks_of,
@@ -49,14 +44,14 @@ from .layout import (
     pieces,
 )
 from .router import Cmd, Router
-from .scripts import CLAIM, CLEARED, DISCARD, FENCE, READ, WRITE
+from .scripts import DISCARD
 from .watch import NodeFigures, Watch
 
 # How long a write's WAIT waits for its replicas before the write is acknowledged all the
 # same (and its master put in doubt: watch.py): a replica on loopback or a LAN answers in
 # a millisecond or two; one that is down or resyncing must not hold swap-out for seconds.
 WAIT_MS = 200
-# Chunks unlinked, or bucket floors raised, per request: bounded work per round trip.
+# Chunks unlinked per request: bounded work per round trip.
 UNLINK_BATCH = 512
 
 
@@ -81,6 +76,7 @@ class ClusterClient:
         self.cluster, self.area, self.deadline = cluster, area, deadline
         self.router = Router(cluster, deadline, wait, wait_ms)
         self.watch = Watch(cluster, area, deadline)
+        self.record = Area(self.router, area)
         self.router.on_wait = self.watch.on_wait
         self.router.on_topology = lambda: self.watch.check(refresh=False)
         self.router.live_replicas = lambda node: self.watch.live.get(node, 0)
@@ -106,9 +102,9 @@ class ClusterClient:
         try:
             async with asyncio.timeout(deadline):
                 await cluster.initialize()
-                slots, area_id, holder, clearing, floor = await client._record()
-                state = await client.watch.begin(area_id)
-                capacity = await client._capacity_pages()
+                record = await client.record.read()
+                state = await client.watch.begin(record.area_id)
+                capacity = await client.watch.capacity_pages()
         except StoreError:
             await client.close()
             raise
@@ -123,9 +119,10 @@ class ClusterClient:
                                  f"{user or 'default'}: {text}") from None  # fmt: skip
             raise ConnectionLost(f"cluster {seeds[0][0]}:{seeds[0][1]} unreachable: "
                                  f"{text or type(exc).__name__}") from None  # fmt: skip
-        client.slots = slots
-        client.welcome = Welcome(0 if clearing else slots, capacity, state.store_id, state.boot,
-                                 state.prev_boot, False, area_id, holder, floor)  # fmt: skip
+        r, client.slots = record, record.slots
+        client.welcome = Welcome(0 if r.clearing else r.slots, capacity, state.store_id,
+                                 state.boot, state.prev_boot, False, r.area_id, r.holder,
+                                 r.floor)  # fmt: skip
         return client
 
     # -- what the agent's Store asks of a client ------------------------------------
@@ -166,18 +163,12 @@ class ClusterClient:
 
     async def swapfile(self, activate: bool, slots: int, area_id: int = 0, holder: str = "",
                        force: bool = False) -> None:  # fmt: skip
-        """Make, grow, replace or release the area (scripts.CLAIM: EEXIST names another
-        holder, ESTALE below the floor); a replaced or released life's chunks are
-        unlinked before it answers."""
-        keys = [area_key(self.area), area_floor_key(self.area)]
-        claim = Cmd(keys[0], *CLAIM.args(keys, int(activate), slots, str(area_id), holder,
-                                         int(force), self.epoch))  # fmt: skip
-        await self.router.run([claim], write=True)
-        clearing = int(claim.result)
+        """Make, grow, replace or release the area (area.py); a replaced or released
+        life's chunks are unlinked before it answers."""
+        clearing = await self.record.claim(activate, slots, area_id, holder, force, self.epoch)
         if clearing:
             await self._discard_whole(list(range(chunks_of(clearing))))
-            await self.router.run([Cmd(keys[0], *CLEARED.args(keys, self.epoch, clearing))],
-                                  write=True)  # fmt: skip
+            await self.record.cleared(clearing, self.epoch)
         if not activate:
             self.slots = 0
             return
@@ -185,26 +176,19 @@ class ClusterClient:
             self.watch.renew(area_id)
         before, self.slots = self.slots, max(self.slots, slots)
         if self.epoch and self.slots > before:
-            await self._fence_buckets(range(buckets_of(before), buckets_of(self.slots)))
+            await self.record.fence_buckets(range(buckets_of(before), buckets_of(self.slots)),
+                                            self.epoch)  # fmt: skip
 
     async def fence(self, epoch: int) -> None:
         """Raise the area's floor and every bucket's to `epoch` (ESTALE below one)."""
-        key = area_floor_key(self.area)
-        await self.router.run([Cmd(key, *FENCE.args([key], epoch))], write=True)
+        await self.record.fence(epoch)
         self.epoch = epoch
-        await self._fence_buckets(range(buckets_of(self.slots)))
-
-    async def _fence_buckets(self, buckets: range) -> None:
-        for at in range(buckets.start, buckets.stop, UNLINK_BATCH):
-            keys = [bucket_floor_key(self.area, b)
-                    for b in range(at, min(at + UNLINK_BATCH, buckets.stop))]  # fmt: skip
-            await self.router.run([Cmd(k, *FENCE.args([k], self.epoch)) for k in keys],
-                                  write=True)  # fmt: skip
+        await self.record.fence_buckets(range(buckets_of(self.slots)), epoch)
 
     async def stats(self) -> dict[str, int]:
         """Used pages (the masters' used_memory); the nodes and the masters' histories
         looked at again (a possible loss reports the store lost)."""
-        used = sum(int(info.get("used_memory", 0)) for info in await self._memory())
+        used = sum(int(info.get("used_memory", 0)) for info in await self.watch.memory())
         if self._on_lost is not None:  # the agent's store holds this client (not at connect)
             with contextlib.suppress(Exception):  # a node failing: the next refresh tells
                 await self.watch.refresh_figures()
@@ -214,26 +198,6 @@ class ClusterClient:
                 self._lost(exc)
         return {"used_pages": used // PAGE_SIZE}
 
-    async def _memory(self) -> list[dict[str, Any]]:
-        """INFO memory of each master that answers (one failing over does not)."""
-        out = []
-        for node in self.cluster.get_primaries():
-            with contextlib.suppress(Exception):
-                out.append(await node.execute_command("INFO", "memory"))
-        return out
-
-    async def _capacity_pages(self) -> int:
-        """The masters' maxmemory (2^40 bytes for one without a limit)."""
-        return sum(int(i.get("maxmemory", 0)) or 1 << 40 for i in await self._memory()) // PAGE_SIZE
-
-    async def _record(self) -> tuple[int, int, str, int, int]:
-        """The area's record: slots, area id, holder, slots being cleared, floor."""
-        keys = [area_key(self.area), area_floor_key(self.area)]
-        cmd = Cmd(keys[0], *READ.args(keys))
-        await self.router.run([cmd])
-        slots, area_id, holder, clearing, floor = cmd.result
-        return int(slots), int(area_id), _text(holder), int(clearing), int(floor)
-
     async def flush(self) -> None:
         """Nothing to do: a write was answered once WAIT had counted its replicas."""
 
@@ -241,7 +205,7 @@ class ClusterClient:
     def start_swap_out(self, runs: Sequence[range], pages: Sequence[Buffer], tags: array[int],
                        generations: array[int], seals: Buffer | None,
                        done: Callable[[Exception | None], None]) -> None:  # fmt: skip
-        cmds = self._write_cmds(runs, pages, tags, generations, seals)  # copies now
+        cmds = batch.write_cmds(self.area, self.epoch, runs, pages, tags, generations, seals)
         chunks = {p.chunk for p in pieces(runs)}
         self._background(self._write(cmds, chunks), lambda _, failure: done(failure))
 
@@ -254,20 +218,9 @@ class ClusterClient:
 
     async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
         """The slots of first..first+count-1 held (generation not 0), and their generations."""
-        chunks = range(first // CHUNK_PAGES, (first + count - 1) // CHUNK_PAGES + 1)
-        cmds = [Cmd(m, "GETRANGE", m, 0, TAGS_AT - 1)
-                for m in (chunk_keys(self.area, c)[1] for c in chunks)]  # fmt: skip
+        chunks, cmds = batch.inventory_cmds(self.area, first, count)
         await self.router.run(cmds)
-        slots, gens = array("Q"), array("Q")
-        for chunk, cmd in zip(chunks, cmds, strict=True):
-            held = array("Q")
-            held.frombytes(bytes(cmd.result or b"").ljust(TAGS_AT, b"\0"))
-            for i, gen in enumerate(held):
-                slot = chunk * CHUNK_PAGES + i
-                if gen and first <= slot < first + count:
-                    slots.append(slot)
-                    gens.append(gen)
-        return slots, gens
+        return batch.held_of(chunks, cmds, first, count)
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Whole chunks are unlinked (their memory freed); a part of one has its
@@ -296,22 +249,6 @@ class ClusterClient:
                 event.set()
 
     # -- the work -------------------------------------------------------------------
-    def _write_cmds(self, runs: Sequence[range], pages: Sequence[Buffer], tags: array[int],
-                    generations: array[int], seals: Buffer | None) -> list[Cmd]:  # fmt: skip
-        cmds: list[Cmd] = []
-        seal_view = memoryview(seals) if seals is not None else None
-        for p in pieces(runs):
-            pk, mk = chunk_keys(self.area, p.chunk)
-            i, n = p.index, p.count
-            data = b"".join(bytes(pages[j]) for j in range(i, i + n))
-            sealed = (bytes(seal_view[i * SEAL_SIZE : (i + n) * SEAL_SIZE])
-                      if seal_view is not None else b"")  # fmt: skip
-            cmds.append(Cmd(pk, *WRITE.args([pk, mk, floor_key_of(self.area, p.chunk)],
-                                            self.epoch, p.offset, n, data,
-                                            generations[i : i + n].tobytes(),
-                                            tags[i : i + n].tobytes(), sealed)))  # fmt: skip
-        return cmds
-
     async def _write(self, cmds: list[Cmd], chunks: set[int]) -> None:
         for event in [self._discarding[c] for c in chunks if c in self._discarding]:
             await event.wait()
@@ -319,32 +256,9 @@ class ClusterClient:
         self.superseded += sum(int(c.result) for c in cmds)
 
     async def _read(self, runs: Sequence[range], sealed: bool) -> Pages:
-        cmds: list[Cmd] = []
-        plan = list(pieces(runs))
-        for p in plan:
-            pk, mk = chunk_keys(self.area, p.chunk)
-            off, n = p.offset, p.count
-            cmds.append(Cmd(pk, "GETRANGE", pk, off * PAGE_SIZE, (off + n) * PAGE_SIZE - 1))
-            cmds.append(Cmd(mk, "GETRANGE", mk, off * GEN_SIZE, (off + n) * GEN_SIZE - 1))
-            cmds.append(Cmd(mk, "GETRANGE", mk, TAGS_AT + off * TAG_SIZE,
-                            TAGS_AT + (off + n) * TAG_SIZE - 1))  # fmt: skip
-            if sealed:
-                cmds.append(Cmd(mk, "GETRANGE", mk, SEALS_AT + off * SEAL_SIZE,
-                                SEALS_AT + (off + n) * SEAL_SIZE - 1))  # fmt: skip
+        plan, cmds = batch.read_cmds(self.area, runs, sealed)
         await self.router.run(cmds)
-        total = sum(p.count for p in plan)
-        data, gens, tags = bytearray(total * PAGE_SIZE), array("Q"), array("I")
-        seals = bytearray(total * SEAL_SIZE) if sealed else None
-        step = 4 if sealed else 3
-        for k, p in enumerate(plan):
-            got = [bytes(c.result or b"") for c in cmds[k * step : (k + 1) * step]]
-            n, at = p.count, p.index
-            data[at * PAGE_SIZE : (at + n) * PAGE_SIZE] = got[0].ljust(n * PAGE_SIZE, b"\0")
-            gens.frombytes(got[1].ljust(n * GEN_SIZE, b"\0"))  # a chunk never made: 0
-            tags.frombytes(got[2].ljust(n * TAG_SIZE, b"\0"))
-            if seals is not None:
-                seals[at * SEAL_SIZE : (at + n) * SEAL_SIZE] = got[3].ljust(n * SEAL_SIZE, b"\0")
-        return Pages(0, data, tags, gens, seals)
+        return batch.pages_of(plan, cmds, sealed)
 
     def _background(self, work: Any, done: Callable[[Any, Exception | None], None]) -> None:
         task = asyncio.ensure_future(work)
@@ -359,7 +273,3 @@ class ClusterClient:
             done(None if failure is not None else t.result(), failure)
 
         task.add_done_callback(finished)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

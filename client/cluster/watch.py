@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from netswap.client.agent.keys import KeyringError
-from netswap.protocol import StoreError
+from netswap.protocol import PAGE_SIZE, StoreError
 from netswap.protocol.errors import ConnectionLost
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -210,6 +210,24 @@ class Watch:
             figures.append(NodeFigures(name, role, up, int(info.get("used_memory", 0)),
                                        int(info.get("maxmemory", 0))))  # fmt: skip
         self.node_figures = figures
+
+    async def memory(self) -> list[dict[str, Any]]:
+        """INFO memory of each master that answers (one failing over does not)."""
+
+        async def one(node: ClusterNode) -> dict[str, Any] | None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.deadline):
+                    info: dict[str, Any] = await node.execute_command("INFO", "memory")
+                    return info
+            return None
+
+        got = await asyncio.gather(*(one(n) for n in self.cluster.get_primaries()))
+        return [info for info in got if info is not None]
+
+    async def capacity_pages(self) -> int:
+        """The masters' maxmemory (2^40 bytes for one without a limit), in pages."""
+        total = sum(int(i.get("maxmemory", 0)) or 1 << 40 for i in await self.memory())
+        return total // PAGE_SIZE
 
     def _save(self, state: State) -> None:
         try:
