@@ -4,6 +4,7 @@ lineage rules (client/cluster/lineage.py) as a unit."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +21,13 @@ from pathlib import Path
 import nbd
 import pytest
 from netswap.client.agent.keys import _unlink, drop_key
+from netswap.client.cluster.client import ClusterClient
+from netswap.client.cluster.layout import parse_url
 from netswap.client.cluster.lineage import NO_REPLID, Entry, Master, State, judge
+from netswap.client.cluster.router import Cmd, refusal
 from netswap.lab.cluster import DEFAULT_NODE_TIMEOUT_MS, Cluster, RedisNode, cluster
+from netswap.protocol import StoreError, area_seed, tags_of
+from redis import exceptions as rx
 
 from .conftest import free_port, wait_for_port
 from .nbdserver import NETSWAP, connect, errno_of
@@ -245,6 +252,91 @@ def test_a_master_added_and_resharded_during_a_storm_loses_nothing() -> None:
         assert verify(uri, {**first, **truth}) == 0
         owners = [n for n in c.masters() if n.info("keyspace").get("db0")]
         assert len(owners) == 4  # the new master holds chunks now
+
+
+async def store_client(c: Cluster, area: str) -> ClusterClient:
+    user, seeds = parse_url(c.url)
+    return await ClusterClient.connect(seeds, area, user, "", 5.0)
+
+
+async def swap_out(client: ClusterClient, slot: int, page: bytes, gen: int) -> None:
+    """One page through the batch path, as the agent sends it; raises what it failed with."""
+    gens = array("Q", [gen])
+    done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    client.start_swap_out([range(slot, slot + 1)], [page], tags_of(page, area_seed(client.area),
+                          [slot], gens), gens, None, done.set_result)  # fmt: skip
+    failure = await done
+    if failure is not None:
+        raise failure
+
+
+async def test_the_stores_rules_hold_on_the_cluster(six: Cluster) -> None:
+    """What a netswap store refuses, the cluster's scripts refuse: a write, a discard, a
+    claim or a fence below the floor (ESTALE, also from a client never fenced); a page
+    no newer than its slot's (skipped: a late write never rolls a slot back); another
+    host's area (EEXIST naming it) unless forced, and then the old life's pages go."""
+    area = AREA + "rules"
+    old, new = await store_client(six, area), await store_client(six, area)
+    try:
+        await old.fence(3)
+        await old.swapfile(True, 4096, area_id=11, holder="host-a")
+        await swap_out(old, 5, b"A" * PAGE, 3 << 32 | 2)
+        await swap_out(old, 5, b"B" * PAGE, 3 << 32 | 1)  # older: skipped
+        await swap_out(old, 5, b"C" * PAGE, 3 << 32 | 2)  # the same: skipped
+        held = await old.read_pages([5])
+        assert bytes(held.data) == b"A" * PAGE and list(held.generations) == [3 << 32 | 2]
+        assert old.superseded == 2
+        await new.fence(4)  # a newer agent of the same host
+        for change in (
+            swap_out(old, 6, b"D" * PAGE, 3 << 32 | 3),
+            old.discard([(0, 8)]),
+            old.fence(3),
+            old.swapfile(True, 8192, area_id=11, holder="host-a"),
+        ):
+            with pytest.raises(StoreError) as info:
+                await change
+            assert info.value.errno == errno.ESTALE, info.value
+        never = await store_client(six, area)  # epoch 0: changes nothing on a fenced area
+        with pytest.raises(StoreError) as info:
+            await swap_out(never, 7, b"E" * PAGE, 9 << 32 | 1)
+        assert info.value.errno == errno.ESTALE
+        await never.close()
+        assert list((await new.inventory(0, 4096))[0]) == [5]
+        other = await store_client(six, area)
+        await other.fence(5)
+        with pytest.raises(StoreError) as info:
+            await other.swapfile(True, 4096, area_id=12, holder="host-b")
+        assert info.value.errno == errno.EEXIST and "host-a" in info.value.reason
+        await other.swapfile(True, 4096, area_id=12, holder="host-b", force=True)
+        assert list((await other.inventory(0, 4096))[0]) == []  # the old life's pages went
+        again = await store_client(six, area)
+        assert again.welcome is not None and (again.welcome.area_id, again.welcome.holder,
+                                              again.welcome.floor) == (12, "host-b", 5)  # fmt: skip
+        await again.close()
+        await other.swapfile(False, 0, holder="host-b")
+        await other.close()
+    finally:
+        await old.close()
+        await new.close()
+
+
+def test_what_the_cluster_answers_reaches_the_agent_as_it_means() -> None:
+    """The cluster moving (MOVED -- which redis-py makes an AskError --, TRYAGAIN,
+    CLUSTERDOWN, READONLY, UNBLOCKED, a connection) is no refusal: the request is tried
+    again, and at its deadline the store does not answer. A refusal is an errno."""
+    cmd = Cmd("k", "EVALSHA", "x")
+    for moving in (rx.MovedError("3 127.0.0.1:7000"), rx.TryAgainError("TRYAGAIN"),
+                   rx.ClusterDownError("CLUSTERDOWN"), rx.ReadOnlyError("READONLY"),
+                   rx.ResponseError("UNBLOCKED force unblock"), rx.ConnectionError("gone"),
+                   rx.ResponseError("LOADING the dataset"), rx.TimeoutError()):  # fmt: skip
+        assert refusal("n", cmd, moving) is None, moving
+    for answer, code in ((rx.OutOfMemoryError("OOM"), errno.ENOSPC),
+                         (rx.NoPermissionError("NOPERM"), errno.EACCES),
+                         (rx.ResponseError("ESTALE held by a newer agent"), errno.ESTALE),
+                         (rx.ResponseError("EEXIST area is held by h"), errno.EEXIST),
+                         (rx.ResponseError("WRONGTYPE not a string"), errno.EIO)):  # fmt: skip
+        failure = refusal("n", cmd, answer)
+        assert failure is not None and failure.errno == code, (answer, failure)
 
 
 def test_the_cluster_nodes_show_in_metrics_and_stats(six: Cluster) -> None:

@@ -32,6 +32,8 @@ from netswap.protocol.errors import ConnectionLost
 from netswap.protocol.messages import Buffer
 from redis import exceptions as rx
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from . import batch
 from .area import Area
@@ -97,7 +99,7 @@ class ClusterClient:
                                username=user or None, password=password or None,
                                socket_timeout=deadline, socket_connect_timeout=deadline,
                                require_full_coverage=False,
-                               cluster_error_retry_attempts=1)  # fmt: skip
+                               retry=Retry(NoBackoff(), 1))  # fmt: skip
         client = cls(cluster, area, deadline, wait, wait_ms or WAIT_MS)
         try:
             async with asyncio.timeout(deadline):
@@ -180,9 +182,11 @@ class ClusterClient:
                                             self.epoch)  # fmt: skip
 
     async def fence(self, epoch: int) -> None:
-        """Raise the area's floor and every bucket's to `epoch` (ESTALE below one)."""
+        """Raise the area's floor and every bucket's to `epoch` (ESTALE below one): the
+        buckets of the area as it is now (another agent may have grown it)."""
         await self.record.fence(epoch)
         self.epoch = epoch
+        self.slots = max(self.slots, (await self.record.read()).slots)
         await self.record.fence_buckets(range(buckets_of(self.slots)), epoch)
 
     async def stats(self) -> dict[str, int]:

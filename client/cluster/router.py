@@ -89,13 +89,12 @@ class Router:
             pending = stray + [cmd for retry, _ in outcomes for cmd in retry]
             if not pending:
                 return
-            if stray or any(slow for _, slow in outcomes):
+            if loop.time() > end:
+                first = pending[0].result
+                raise ConnectionLost(f"the cluster did not answer within {self.deadline:.0f}s "
+                                     f"({type(first).__name__}: {first})")  # fmt: skip
+            if stray or any(slow for _, slow in outcomes):  # not only ASK or NOSCRIPT
                 self.counters["retries"] += 1
-                if loop.time() > end:
-                    first = pending[0].result
-                    raise ConnectionLost(f"the cluster did not answer within "
-                                         f"{self.deadline:.0f}s ({type(first).__name__}: "
-                                         f"{first})")  # fmt: skip
                 await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
                 attempt += 1
                 await self.refresh(end - loop.time())
