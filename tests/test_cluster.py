@@ -434,9 +434,10 @@ def test_a_failover_at_redis_default_node_timeout_costs_time_not_a_page() -> Non
     wait through the failover and read right; writes may fail meanwhile (the writer
     writes them again, as the kernel does); afterwards every acknowledged page reads
     back, and the boot is the same (every write was on the promoted replica).
-    On 6afe607 (the same workload, /tmp/repro_failover.py): 4,096 of 4,096 pages written
-    before the kill read EIO after it, 18,798 reads failed EIO during it, 12 writes
-    failed; on main before this branch's client the agent did not start on a cluster."""
+    On 6afe607, a like workload (4,096 pages written before the kill, 2,048 of them in
+    the first bucket, then four threads writing and reading): all 4,096 read EIO after
+    it, 18,798 reads failed EIO during it, 12 writes failed; on main before this
+    branch's client the agent did not start on a cluster at all."""
     with (
         cluster(3, 1, node_timeout_ms=DEFAULT_NODE_TIMEOUT_MS) as c,
         agent(c.url, size="512M") as (uri, log),
