@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from netswap.client.agent.keys import _unlink, drop_key
+from netswap.client.agent.keys import drop_key
 from netswap.client.cluster.client import ClusterClient
 from netswap.client.cluster.layout import parse_url
 from netswap.client.cluster.lineage import NO_REPLID, Entry, Master, State, judge
@@ -40,8 +40,7 @@ pytestmark = pytest.mark.xdist_group("cluster")  # one cluster's worth of server
 @pytest.fixture(autouse=True)
 def _drop_the_key() -> Iterator[None]:
     yield
-    drop_key(AREA)
-    _unlink(f"netswap:{AREA}:cluster")  # the cluster's lineage record (lineage.Keeper)
+    drop_key(AREA)  # the key, the agent's record and the cluster's lineage record
 
 
 @contextmanager

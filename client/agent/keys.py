@@ -140,7 +140,7 @@ class AreaKey:
 
 def drop_key(area: str) -> bool:
     """Unlink the area's key, its epoch and its record (detach); False when there was none."""
-    names = [key_name(area), key_name(area) + ":epoch"]
+    names = [key_name(area), key_name(area) + ":epoch", cluster_name(area)]
     names += [f"{record_prefix(area)}{part}" for part in _record_parts(area)]
     dropped = False
     for name in names:
@@ -157,6 +157,30 @@ def _unlink(name: str) -> bool:
     _check(libc.syscall(SYS_KEYCTL, ctypes.c_int(KEYCTL_UNLINK), ctypes.c_int(serial),
                         ctypes.c_int(KEY_SPEC_USER_KEYRING)), "keyctl unlink")  # fmt: skip
     return True
+
+
+def cluster_name(area: str) -> str:
+    """The cluster tier's lineage record (client/cluster/lineage.py), beside the key."""
+    return key_name(area) + ":cluster"
+
+
+class KeyringEntry:
+    """One small entry in root's keyring, read and replaced whole: how the cluster tier's
+    client, a lower layer, keeps its lineage record where the agent keeps its own."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def load(self) -> bytes | None:
+        try:
+            return _read_part(self.name)
+        except KeyringError as exc:
+            if exc.errno == errno.ENOKEY:
+                return None
+            raise
+
+    def save(self, payload: bytes) -> None:
+        _add(self.name, payload)
 
 
 # -- the area's durable record (machine/record.py), beside the key ----------------------

@@ -28,7 +28,7 @@ from .core import Agent
 from .direct import DirectPath
 from .fills import Fills, PayloadFigures
 from .jobs import ControlJob, WriteJob
-from .keys import AreaKey, RecordKeeper, keyring_usable
+from .keys import AreaKey, KeyringEntry, RecordKeeper, cluster_name, keyring_usable
 from .machine.slots import NEVER
 from .machine.table import slab_slots_for
 from .policy import BatchPolicy
@@ -122,10 +122,13 @@ class RemoteDevice(Writes, Reads):
             from ..cluster.layout import parse_url
 
             user, seeds = parse_url(cluster)
+            # Its lineage record (P3) beside the agent's record, so a restart reads it.
+            lineage = KeyringEntry(cluster_name(area)) if keyring_usable() else None
 
             def connect(host: str, port: int, area: str, token: str, deadline: float,
                         tls: ssl.SSLContext | None) -> Awaitable[Any]:  # fmt: skip
-                return ClusterClient.connect(seeds, area, user, token, deadline, cluster_wait)
+                return ClusterClient.connect(seeds, area, user, token, deadline, cluster_wait,
+                                             durable=lineage)  # fmt: skip
 
             stores, extra["connect_store"] = [f"{seeds[0][0]}:{seeds[0][1]}"], connect
             extra["must_connect"] = True

@@ -45,6 +45,7 @@ from .layout import (
     floor_key_of,
     pieces,
 )
+from .lineage import Durable
 from .router import Cmd, Router
 from .scripts import DISCARD
 from .watch import NodeFigures, Watch
@@ -74,10 +75,10 @@ class Welcome:
 
 class ClusterClient:
     def __init__(self, cluster: RedisCluster, area: str, deadline: float, wait: int,
-                 wait_ms: int) -> None:  # fmt: skip
+                 wait_ms: int, durable: Durable | None = None) -> None:  # fmt: skip
         self.cluster, self.area, self.deadline = cluster, area, deadline
         self.router = Router(cluster, deadline, wait, wait_ms)
-        self.watch = Watch(cluster, area, deadline)
+        self.watch = Watch(cluster, area, deadline, durable)
         self.record = Area(self.router, area)
         self.router.on_wait = self.watch.on_wait
         self.router.on_topology = lambda: self.watch.check(refresh=False)
@@ -93,14 +94,16 @@ class ClusterClient:
 
     @classmethod
     async def connect(cls, seeds: Sequence[tuple[str, int]], area: str, user: str,
-                      password: str, deadline: float, wait: int = 1,
-                      wait_ms: int = 0) -> ClusterClient:  # fmt: skip
+                      password: str, deadline: float, wait: int = 1, wait_ms: int = 0,
+                      durable: Durable | None = None) -> ClusterClient:  # fmt: skip
+        """Connect, and judge who answers (watch.py). `durable`: where the lineage record
+        outlives this process (the agent's keyring entry; None: this process only)."""
         cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds],
                                username=user or None, password=password or None,
                                socket_timeout=deadline, socket_connect_timeout=deadline,
                                require_full_coverage=False,
                                retry=Retry(NoBackoff(), 1))  # fmt: skip
-        client = cls(cluster, area, deadline, wait, wait_ms or WAIT_MS)
+        client = cls(cluster, area, deadline, wait, wait_ms or WAIT_MS, durable)
         try:
             async with asyncio.timeout(deadline):
                 await cluster.initialize()

@@ -22,17 +22,15 @@ doubtful takeover, a restart, a history this client never saw) makes a new boot:
 agent's machine then calls its replicas SUSPECT and checks every slot's generation,
 and a restarted agent does not trust what it finds. A takeover without doubt keeps
 the boot. The state is kept where the agent's own record is, in root's keyring (so a
-restarted agent judges what happened while it was dead), and in this process.
+restarted agent judges what happened while it was dead: `Durable`), and in this process.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import secrets
 from dataclasses import dataclass, field
-
-from netswap.client.agent.keys import KeyringError, _add, _read_part, keyring_usable
+from typing import Protocol
 
 NO_REPLID = "0" * 40  # master_replid2 of a master that never took over from another
 
@@ -112,31 +110,34 @@ def judge(known: dict[str, Entry], now: list[Master]) -> tuple[dict[str, Entry],
     return out, losses
 
 
+class Durable(Protocol):
+    """Where the state outlives this process: one keyring entry (the agent gives its
+    client one, keys.KeyringEntry: `netswap:AREA:cluster`, beside its own record)."""
+
+    def load(self) -> bytes | None: ...
+    def save(self, payload: bytes) -> None: ...
+
+
 class Keeper:
-    """The area's State, in this process and in root's keyring (`netswap:AREA:cluster`)
-    where the keyring is usable; a keyring that refuses a write fails the write that
-    needed it (StoreError EIO from the caller), since an acknowledgement must not
-    outrun the record of its doubt."""
+    """The area's State, in this process and, when the agent gave one, in its keyring
+    entry: read at a connect (a restarted agent's client finds what the dead one knew),
+    written before a write in doubt is acknowledged. A keyring that refuses fails the
+    write that needed it (OSError, made a StoreError EIO by the caller)."""
 
     _here: dict[str, State] = {}  # one per area in this process, shared by its clients
 
-    def __init__(self, area: str) -> None:
-        self.area = area
-        self.name = f"netswap:{area}:cluster"
-        self.durable = keyring_usable()
+    def __init__(self, area: str, durable: Durable | None) -> None:
+        self.area, self.durable = area, durable
 
     def load(self) -> State | None:
+        """ValueError when the entry is not a state this code wrote."""
         here = self._here.get(self.area)
-        if here is not None or not self.durable:
+        if here is not None or self.durable is None:
             return here
-        try:
-            return State.decode(_read_part(self.name))
-        except KeyringError as exc:
-            if exc.errno == errno.ENOKEY:
-                return None
-            raise
+        raw = self.durable.load()
+        return State.decode(raw) if raw is not None else None
 
     def save(self, state: State) -> None:
-        if self.durable:
-            _add(self.name, state.encode())
+        if self.durable is not None:
+            self.durable.save(state.encode())
         self._here[self.area] = state

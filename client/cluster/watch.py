@@ -22,13 +22,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from netswap.client.agent.keys import KeyringError
 from netswap.protocol import PAGE_SIZE, StoreError
 from netswap.protocol.errors import ConnectionLost
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from .lineage import Entry, Keeper, Master, State, judge, random_id
+from .lineage import Durable, Entry, Keeper, Master, State, judge, random_id
 
 log = logging.getLogger("netswap.agent")
 
@@ -49,9 +48,10 @@ class NodeFigures:
 
 
 class Watch:
-    def __init__(self, cluster: RedisCluster, area: str, deadline: float) -> None:
+    def __init__(self, cluster: RedisCluster, area: str, deadline: float,
+                 durable: Durable | None) -> None:  # fmt: skip
         self.cluster, self.deadline = cluster, deadline
-        self.keeper = Keeper(area)
+        self.keeper = Keeper(area, durable)
         self.state = State(0, 0, 0)
         self.totals: dict[str, int] = {}  # master address -> replicas it has, failed or not
         self.live: dict[str, int] = {}  # master address -> replicas not failed (WAIT for them)
@@ -68,7 +68,7 @@ class Watch:
         await self.count_replicas()
         try:
             old = self.keeper.load()
-        except (KeyringError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # the keyring refused, or a torn entry
             log.warning("the cluster's lineage record could not be read (%s): the cluster "
                         "answers as a new boot", exc)  # fmt: skip
             old = None
@@ -232,7 +232,7 @@ class Watch:
     def _save(self, state: State) -> None:
         try:
             self.keeper.save(state)
-        except KeyringError as exc:
+        except OSError as exc:  # the keyring refused (keys.KeyringError)
             raise StoreError(errno.EIO, f"the cluster's lineage record cannot be written "
                              f"({exc}): no write is acknowledged without it") from None  # fmt: skip
         self.state, self._unsaved = state, False
