@@ -285,6 +285,9 @@ async def test_the_stores_rules_hold_on_the_cluster(six: Cluster) -> None:
         held = await old.read_pages([5])
         assert bytes(held.data) == b"A" * PAGE and list(held.generations) == [3 << 32 | 2]
         assert old.superseded == 2
+        with pytest.raises(StoreError) as info:  # a compressed payload: whole pages only
+            await swap_out(old, 6, b"F" * 100, 3 << 32 | 3)
+        assert info.value.errno == errno.EINVAL
         await new.fence(4)  # a newer agent of the same host
         for change in (
             swap_out(old, 6, b"D" * PAGE, 3 << 32 | 3),

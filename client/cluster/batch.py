@@ -10,10 +10,11 @@ the agent's proof makes that EIO, never a page).
 
 from __future__ import annotations
 
+import errno
 from array import array
 from collections.abc import Sequence
 
-from netswap.protocol import PAGE_SIZE, SEAL_SIZE, Pages
+from netswap.protocol import PAGE_SIZE, SEAL_SIZE, Pages, StoreError
 from netswap.protocol.messages import Buffer
 
 from .layout import (
@@ -34,7 +35,11 @@ from .scripts import WRITE
 def write_cmds(area: str, epoch: int, runs: Sequence[range], pages: Sequence[Buffer],
                tags: array[int], generations: array[int],
                seals: Buffer | None) -> list[Cmd]:  # fmt: skip
-    """One WRITE per piece, its pages copied now (the caller's buffers may be reused)."""
+    """One WRITE per piece, its pages copied now (the caller's buffers may be reused).
+    Whole pages only: a compressed payload (compress=lz4) is refused, never misplaced."""
+    if any(len(memoryview(page)) != PAGE_SIZE for page in pages):
+        raise StoreError(errno.EINVAL, "the cluster tier stores whole pages: compress=lz4 "
+                         "is for netswap's stores")  # fmt: skip
     cmds: list[Cmd] = []
     seal_view = memoryview(seals) if seals is not None else None
     for p in pieces(runs):

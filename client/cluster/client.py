@@ -212,7 +212,11 @@ class ClusterClient:
     def start_swap_out(self, runs: Sequence[range], pages: Sequence[Buffer], tags: array[int],
                        generations: array[int], seals: Buffer | None,
                        done: Callable[[Exception | None], None]) -> None:  # fmt: skip
-        cmds = batch.write_cmds(self.area, self.epoch, runs, pages, tags, generations, seals)
+        try:
+            cmds = batch.write_cmds(self.area, self.epoch, runs, pages, tags, generations, seals)
+        except StoreError as refused:  # answered as any refusal is: later, on the loop
+            asyncio.get_running_loop().call_soon(done, refused)
+            return
         chunks = {p.chunk for p in pieces(runs)}
         self._background(self._write(cmds, chunks), lambda _, failure: done(failure))
 
