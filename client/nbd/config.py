@@ -363,7 +363,9 @@ class PluginConfig:
                 tls=self.tls_context(), direct_reads=self.reads == "direct",
                 direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
                 epoch=self.epoch, key=self.area_key(), holder=holder_id(self.area),
-                force=self.force == "on", compress=self.compress == "lz4",
+                force=self.force == "on",
+                # The cluster tier's layout holds whole pages (README: the cluster tier).
+                compress=self.compress == "lz4" and not self.cluster,
             )  # fmt: skip
         from netswap.server.backends import open_backend
 
