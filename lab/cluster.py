@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from netswap.protocol.messages import area_name_ok
+
 # A failover takes node-timeout plus a vote: 1 s keeps a test's storm short.
 NODE_TIMEOUT_MS = 1000
 DEFAULT_NODE_TIMEOUT_MS = 15000  # redis.conf's cluster-node-timeout
@@ -155,7 +157,10 @@ class Cluster:
             time.sleep(0.2)
 
     def add_user(self, area: str, password: str) -> str:
-        """An ACL user for one area, on every node: its own keys, nothing else."""
+        """An ACL user for one area, on every node: its own keys, nothing else (exactly:
+        an area name holds no ':' or glob character, protocol.messages.area_name_ok)."""
+        if not area_name_ok(area):
+            raise ValueError(f"{area!r} is no area name")
         user = f"netswap-{area}"
         for n in self.nodes:
             n.cli("ACL", "SETUSER", user, "reset", "on", f">{password}",

@@ -47,6 +47,15 @@ from .runs import check_runs, flat, runs_of
 Buffer = bytes | bytearray | memoryview
 
 _AREA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def area_name_ok(name: str) -> bool:
+    """An area name: a letter or digit, then letters, digits, '.', '_', '-' (at most
+    MAX_AREA_NAME bytes). No ':', '{', '}' or glob character: an area's keys and ACL
+    patterns on a Redis tier name exactly one area."""
+    return len(name.encode()) <= MAX_AREA_NAME and _AREA_NAME.match(name) is not None
+
+
 _MAX_U32 = (1 << 32) - 1
 _MAX_U64 = (1 << 64) - 1
 
@@ -141,8 +150,7 @@ class Hello(Request):
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
         _check(_is_int(self.version, 0, _MAX_U32), "version is a uint32")
-        _check(type(self.area) is str and len(self.area.encode()) <= MAX_AREA_NAME, "bad area")
-        _check(_AREA_NAME.match(self.area) is not None, f"bad area name {self.area!r}")
+        _check(type(self.area) is str and area_name_ok(self.area), f"bad area name {self.area!r}")
         _check(type(self.token) is str and len(self.token.encode()) <= MAX_TOKEN_SIZE, "bad token")
 
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import nbd
+import pytest
 from netswap.client.hostid import holder_id
 
 from .conftest import free_port
@@ -88,3 +89,19 @@ def wait_listening(proc: subprocess.Popen[bytes]) -> None:
         if isinstance(arg, str) and arg.startswith("127.0.0.1:"):
             wait_for_port(int(arg.rsplit(":", 1)[1]), proc, timeout=60)
             return
+
+
+@pytest.mark.parametrize("name", ["a:b", "a*", "a?", "a[1]", "a}b", "-a", "a" * 65])
+@pytest.mark.parametrize("tier", ["--store=127.0.0.1:1", "--cluster=redis://127.0.0.1:1"])
+def test_an_area_name_that_could_name_another_area_is_refused_in_one_line(
+    name: str, tier: str
+) -> None:
+    """On a Redis tier an area's ACL pattern (`~netswap:{AREA:*`) names exactly one area
+    only when no area name holds ':', '}' or a glob character: area `a` would match
+    area `a:b`'s keys, `a*` every area's. The protocol's rule, for every tier."""
+    done = subprocess.run([NETSWAP, "serve", "--dry-run", "--backend", "remote", tier,
+                           f"--area={name}"], capture_output=True, text=True, timeout=30,
+                          check=False)  # fmt: skip
+    assert done.returncode != 0
+    assert "an area name is a letter or digit" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from netswap.protocol import PAGE_SIZE, SEAL_SIZE
+from netswap.protocol.messages import area_name_ok
 
 CHUNK_PAGES = 255
 GEN_SIZE, TAG_SIZE = 8, 4
@@ -98,9 +99,12 @@ def buckets_of(slots: int) -> int:
 
 
 def check_area_name(area: str) -> None:
-    """A hash tag ends at the first '}': an area name must not hold one."""
-    if "{" in area or "}" in area:
-        raise ValueError(f"area {area!r}: a cluster area name may not contain braces")
+    """The protocol's rule (protocol/messages.py): no '}' to end a hash tag early, and
+    no ':' or glob character to widen an ACL pattern (`~netswap:{AREA:*` names exactly
+    one area only then: area `a` would match area `a:b`'s keys, `a*` every area's)."""
+    if not area_name_ok(area):
+        raise ValueError(f"area {area!r}: an area name is a letter or digit, then letters, "
+                         "digits, '.', '_' or '-' (64 bytes at most)")  # fmt: skip
 
 
 def parse_url(url: str) -> tuple[str, list[tuple[str, int]]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE
+from netswap.protocol.messages import area_name_ok
 from netswap.server.tls import client_context
 from netswap.server.units import format_size, is_loopback, parse_hostport, parse_size, read_secret
 
@@ -189,6 +190,9 @@ class PluginConfig:
             raise ConfigError("backend=remote needs at least one store=HOST:PORT "
                               "(or cluster=redis://HOST:PORT)")  # fmt: skip
         if self.backend == "remote":
+            if not area_name_ok(self.area or ""):
+                raise ConfigError(f"area={self.area!r}: an area name is a letter or digit, then "
+                                  "letters, digits, '.', '_' or '-' (64 bytes at most)")  # fmt: skip
             if self.replicas > len(self.stores):
                 raise ConfigError(f"replicas={self.replicas} needs {self.replicas} store= entries")
             if not 1 <= self.quorum <= self.effective_replicas:
