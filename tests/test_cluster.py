@@ -512,7 +512,13 @@ def test_a_failover_at_redis_default_node_timeout_costs_time_not_a_page() -> Non
               f"failed; {len(kept) + len(truth)} pages verified, {eio} EIO")  # fmt: skip
         assert eio == 0
         assert seen["slowest_read"] > 10  # a read did wait through the failover
-        assert "restarted" not in text and "may have lost" not in text, text[-3000:]
+        # A master whose WAIT came back short (a replica slower than 200 ms: seen under
+        # load) was in doubt at its failover: the cluster then answers as a new boot and
+        # every page is checked -- and here none was missing. Otherwise the boot stays.
+        if "may have lost" in text:
+            assert "restarted" in text and "on no replica" not in text, text[-3000:]
+        else:
+            assert "restarted" not in text, text[-3000:]
         assert "is back" in text
 
 
