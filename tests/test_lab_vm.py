@@ -185,21 +185,27 @@ def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
     assert "FAIL attach-failed undo=ok" in out, out[-3000:]
 
 
-def test_the_drills_verdict_needs_every_adoption_done() -> None:
+def test_the_drills_verdict_needs_every_adoption_done_and_every_kill_cold() -> None:
     """The lab's verdict on a drill (in process, from the lines a guest prints): a
-    supervisor killed -9 that no new one adopted, or adopted without its checks,
-    fails the run even when swap moved again after every event."""
+    supervisor killed -9 that no new one adopted, or adopted without its checks, fails
+    the run even when swap moved again after every event; so does a kill whose
+    supervisor log was still in RAM (the drill did not test what it claims), a takeover
+    reported stuck, and a --stall-stores that never happened."""
     import argparse
 
     from netswap.lab.hostguest import Run, drill_failure, parse
 
-    def verdict(*lines: str) -> str:
+    def verdict(*lines: str, stall: float = 0) -> str:
         run = Run("defaults", oom_kills=0)
         for line in lines:
             parse(line, run, 0.0)
-        return drill_failure(argparse.Namespace(kills=2, restarts=0), run, 768)
+        args = argparse.Namespace(kills=2, restarts=0, stall_stores=stall)
+        return drill_failure(args, run, 768)
 
-    kills = ("NETSWAP-KILL n=1 kind=kill phase=write outage=1.9s served=2.0s stall=2.1s pid=9",
+    cold = "NETSWAP-COLD n={} files=5 pages=9 in_ram=0 supervisor_log=2/2 took=0.3s"
+    kills = (cold.format(1),
+             "NETSWAP-KILL n=1 kind=kill phase=write outage=1.9s served=2.0s stall=2.1s pid=9",
+             cold.format(2),
              "NETSWAP-KILL n=2 kind=adopt phase=verify outage=4.4s served=4.5s stall=5.5s pid=9",
              "NETSWAP-DMESG block nbd0: reconnected socket",
              "NETSWAP-DMESG block nbd0: reconnected socket")  # fmt: skip
@@ -207,3 +213,9 @@ def test_the_drills_verdict_needs_every_adoption_done() -> None:
     assert verdict(*kills, adopted) == ""
     assert "was not adopted" in verdict(*kills)
     assert "was not adopted" in verdict(*kills, adopted.replace("ok=yes", "ok=no"))
+    warm = [k.replace("supervisor_log=2/2", "supervisor_log=2/1") for k in kills]
+    assert "log was not cold" in verdict(*warm, adopted)
+    assert "log was not cold" in verdict(*kills[1:], adopted)  # no page-out before the first
+    stuck = "NETSWAP-STUCK n=1 supervisor_pid=7 fd1=/x fd2=/var/log/netswap/supervise-nbd0.log"
+    assert "a takeover stuck" in verdict(*kills, adopted, stuck)
+    assert "never stopped" in verdict(*kills, adopted, stall=20)
