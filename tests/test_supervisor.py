@@ -23,12 +23,13 @@ from .conftest import free_port
 from .nbdserver import netswap_serve
 
 NBD_REQUEST_MAGIC, NBD_REPLY_MAGIC = 0x25609513, 0x67446698
+LOOPBACK = (socket.AF_INET, "127.0.0.1")
 
 
 def test_the_handshake_leaves_a_socket_the_kernel_could_use(tmp_path: Path) -> None:
     with netswap_serve("--size", "16M") as uri:
         port = int(uri.split(":")[2].split("/")[0])
-        sock, export = nbd_connect("127.0.0.1", port, "swap", 10)
+        sock, export = nbd_connect(LOOPBACK, port, "swap", 10)
         with sock:
             assert export.size == 16 << 20
             assert export.flags & 1  # NBD_FLAG_HAS_FLAGS, and the rest the plugin declares
@@ -54,7 +55,7 @@ def test_a_server_that_is_not_nbd_is_one_clear_error() -> None:
 
     threading.Thread(target=talk, daemon=True).start()
     with pytest.raises(HandshakeError, match="not a newstyle NBD server"):
-        nbd_connect("127.0.0.1", port, "swap", 5)
+        nbd_connect(LOOPBACK, port, "swap", 5)
     listener.close()
 
 
@@ -178,9 +179,9 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
                         f"{spare.child.alive()}; log: {log.read_text()!r}"
                     )
             with pytest.raises(HandshakeError, match="in time"):
-                nbd_connect("127.0.0.1", port, "swap", 1.0)  # listening, not serving
+                nbd_connect(LOOPBACK, port, "swap", 1.0)  # listening, not serving
             spare.go(7)
-            sock, export = nbd_connect("127.0.0.1", port, "swap", 60)
+            sock, export = nbd_connect(LOOPBACK, port, "swap", 60)
             sock.close()
             assert export.size == 16 << 20
             h = connect(f"nbd://127.0.0.1:{port}/swap")
