@@ -132,7 +132,10 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
 ) -> None:
     """The standby path, kernel aside: a real nbdkit with standby=FD builds its device and
     says ready but answers no handshake; after `go EPOCH` it rebuilds the area from real
-    stores and serves every page the killed agent had written."""
+    stores and serves every page the killed agent had written; and from ready to serving
+    (its ops endpoint started too) it imported no module and opened no file, which on a
+    diskless host could sit on the device it takes over (without takeover.preload: uvloop,
+    the ops endpoint's modules and its dashboard.html, the idna codec)."""
     import select
 
     from netswap.client.agent.keys import drop_key
@@ -162,12 +165,14 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
             "--replicas",
             "2",
             *[f"--store={p.address}" for p in procs],
+            f"--http=127.0.0.1:{free_port()}",
             "--print-command",
         ]
         command = json.loads(subprocess.run(cmd, capture_output=True, text=True,
                                             check=True).stdout)  # fmt: skip
         log = tmp_path / "spare.log"
-        spare = Spare.spawn(command["argv"], {**os.environ, **command["env"]}, str(log), port)
+        env = {**os.environ, **command["env"], "NETSWAP_TAKEOVER_AUDIT": "1"}
+        spare = Spare.spawn(command["argv"], env, str(log), port)
         try:
             deadline = time.monotonic() + 60
             while not spare.ready:
@@ -188,7 +193,14 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
             for slot, data in truth.items():
                 assert h.pread(PAGE, slot * PAGE) == data, slot
             h.shutdown()
-            assert "50 pages proven" in log.read_text()
+            # The go path, from ready to serving, imported and opened nothing (the
+            # plugin's audit hook; the ring's writer says so a moment later).
+            deadline = time.monotonic() + 10
+            while "takeover audit:" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            text = log.read_text()
+            assert "50 pages proven" in text
+            assert "takeover audit: 0 imports or opens from ready to serving" in text, text
         finally:
             spare.discard()
             drop_key(AREA)

@@ -284,6 +284,50 @@ def test_a_takeover_under_a_stuck_log_serves_every_page_and_imports_or_opens_not
             drop_key(AREA)
 
 
+def test_the_plugins_logging_never_waits_on_its_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside nbdkit every logger's warnings go through takeover.RingHandler: with stderr
+    stuck (a pipe nobody empties: a supervisor stopped, or a file on a page swap holds),
+    the agent's loop thread logging a warning returns at once. The control: logging's
+    own stream handler on the same stuck stderr blocks."""
+    import logging
+
+    from netswap.client.nbd import takeover
+
+    with log_pipe() as (read, write):
+        fill(write)
+        logs = Logs("netswap plugin")
+        logs.sinks[0] = (logs.own, write)
+        monkeypatch.setattr(takeover, "LOGS", logs)
+        logs.start()
+        logger = logging.getLogger("netswap.test-takeover")
+        monkeypatch.setattr(logger, "propagate", False)
+        stuck = os.fdopen(os.dup(write), "w")
+        control = logging.StreamHandler(stuck)
+        logger.addHandler(control)
+        done = threading.Event()
+        threading.Thread(target=lambda: (logger.warning("blocks"), done.set()), daemon=True).start()
+        assert not done.wait(1.0), "the control: a stream handler on stuck stderr returned"
+        logger.removeHandler(control)
+        ring = takeover.RingHandler(logging.WARNING)
+        logger.addHandler(ring)
+        try:
+            began = time.monotonic()
+            for i in range(2000):
+                logger.warning("slab %d: every replica lost its pages", i)
+            assert time.monotonic() - began < 5.0  # a stuck stream would block forever
+            assert logs.own.dropped_total > 0  # the ring is bounded: the rest dropped, counted
+        finally:
+            logger.removeHandler(ring)
+            text = read_all(read)  # the control's thread and the writer go on
+            assert done.wait(5)
+            stuck.close()
+        deadline = time.monotonic() + 10
+        while b"dropped here" not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text += read_all(read)
+        assert b"slab 0: every replica lost its pages\n" in text and b"dropped here" in text
+
+
 def test_an_adopted_nbdkits_pipe_is_followed_again(tmp_path: Path) -> None:
     """A supervisor that dies takes its end of nbdkit's pipe along (nbdkit's writes then
     fail EPIPE, never kill it: SIGPIPE is ignored); the one that adopts nbdkit opens the
