@@ -110,16 +110,22 @@ def host_lab(*args: str) -> subprocess.CompletedProcess[str]:
 # from a slow run by the lab's stall deadline (no progress for 240 s), so this one
 # only bounds a run that keeps crawling.
 HOST_DEADLINE_S = "1300"
+# make test's drill swaps 2x the guest's RAM (the campaign, `lab vm --host-in-guest`
+# alone, 3x): every event still lands mid-storm (kills at 40 % of the writes and 30 %
+# of the reads, the restart at 70 %) with RAM's worth swapped out, at two thirds of
+# the storm's time.
+DRILL_MIB = 2 * HOST_RAM_MIB
 
 
 @HOST_IN_GUEST
 @pytest.mark.timeout(1500)
-def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_undoes_it() -> None:
+def test_host_in_guest_attach_swaps_2x_ram_with_every_protection_then_detach_undoes_it() -> None:
     """attach, nbdkit and the agent in a 256 MiB guest; the stores on this host."""
     shot = ARTIFACTS / "dashboard-host-in-guest.png"
     shot.unlink(missing_ok=True)
-    result = host_lab("--ram", str(HOST_RAM_MIB), "--timeout", HOST_DEADLINE_S,
-                      "--screenshot", str(shot), "--kills", "2", "--restarts", "1")  # fmt: skip
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", str(DRILL_MIB),
+                      "--timeout", HOST_DEADLINE_S, "--screenshot", str(shot),
+                      "--kills", "2", "--restarts", "1")  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
     row = re.search(r"^defaults\s+(\d+)\s+1\s+1\s+0\s+0\s+([\d.]+)", out, re.M)
@@ -128,7 +134,7 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
         for check in ("mlock", "footprint", "oom_score_adj", "io_flusher"):
             assert f"check {when} {check}: ok" in out, (when, check, out[-3000:])
     pswpout = int(re.search(r"NETSWAP-SWAP.* pswpout=(\d+)", log_of(out)).group(1))  # type: ignore[union-attr]
-    assert pswpout >= 2 * HOST_RAM_MIB * 256, pswpout  # pattern 3x RAM: 2x RAM must go out
+    assert pswpout >= (DRILL_MIB - HOST_RAM_MIB) * 256, pswpout  # 2x RAM: 1x must go out
     # Where the storm's time went: the guest's CPU split, nbdkit's and the verifier's.
     cpu = re.search(r"guest CPU in the storm: user=(\d+)% sys=(\d+)%.* nbdkit=([\d.]+)s", out)
     assert cpu and float(cpu.group(3)) > 0, out[-2000:]
@@ -159,6 +165,26 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     ), out[-3000:]
     for when in ("attached", "adopted", "stormed"):
         assert f"check {when} supervisor-resident: ok" in out, out[-3000:]
+    # Before each event every file a takeover could touch was paged out to the device
+    # about to lose its server (#29: the supervisor blocked in write(2) to its log page,
+    # swapped out there, until the kernel failed the device and init died of SIGBUS).
+    cold = re.findall(r"drill: cold pages: n=\d files=\d+ pages=\d+ in_ram=\d+ "
+                      r"supervisor_log=(\d+)/(\d+)", out)  # fmt: skip
+    assert len(cold) == 3 and all(t == c != "0" for t, c in cold[:2]), cold
+
+
+@HOST_IN_GUEST
+@pytest.mark.timeout(1500)
+@pytest.mark.skip(reason="#29: today's agent loses pages when every store stalls 20 s; on "
+                  "once the replica logic's rewrite lands")  # fmt: skip
+def test_host_in_guest_swap_survives_every_store_stopped_20s_mid_storm() -> None:
+    """The stores on this host stopped (SIGSTOP) for 20 s half way through the reads and
+    let go on: a stall costs time, never a page (the issue's promise P2)."""
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", str(DRILL_MIB),
+                      "--timeout", HOST_DEADLINE_S, "--stall-stores", "20")  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    assert re.search(r"^    2 stores stopped for 2\d\.\ds at verify 50%", out, re.M), out[-3000:]
 
 
 @SHORT_GUEST
