@@ -76,9 +76,10 @@ SCREENSHOT_AFTER_S = 20
 # Serial lines that show the guest moving: its stages, its checks and the verifier's
 # progress (every 10 % of the pattern). Anything else (the vitals loop) does not count.
 PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ", "NETSWAP-KILL ", "NETSWAP-COLD ")
-# Where in the storm --stall-stores stops the stores: half way through the reads, between
-# the drill's adoption (30 %) and its restart (70 %), while every read needs a store.
-STALL_AT = "SWAPTEST progress verify 5"
+# Where in the storm --stall-stores stops the stores: half way through the reads (the
+# verifier says 9 %, 19 %, ... 49 %), between the drill's adoption (30 %) and its
+# restart (70 %), while every read needs a store.
+STALL_PHASE, STALL_PERCENT = "verify", 45
 # The guest's ops endpoint listens on its NIC (QEMU forwards it to this host's
 # loopback only), so it needs a bearer token like any endpoint off loopback.
 OPS_TOKEN = secrets.token_hex(16)
@@ -209,20 +210,29 @@ class StoreStall:
         self.stopped = False
 
     def seen(self, line: str) -> None:
-        if self.seconds and self.thread is None and line.startswith(STALL_AT):
-            self.thread = threading.Thread(target=self.stall, daemon=True)
+        parts = line.split()
+        if not (self.seconds and self.thread is None and parts[:3] == ["SWAPTEST", "progress",
+                                                                       STALL_PHASE]):  # fmt: skip
+            return
+        percent = int(parts[3].rstrip("%"))
+        if percent >= STALL_PERCENT:
+            self.thread = threading.Thread(target=self.stall, args=(percent,), daemon=True)
             self.thread.start()
 
-    def stall(self) -> None:
+    def stall(self, percent: int) -> None:
         began = time.monotonic()
         self.signal(signal.SIGSTOP)
         self.stopped = True
+        print(f"    stall: {len(self.stores)} stores stopped at {STALL_PHASE} {percent}%",
+              flush=True)  # fmt: skip
+        self.run.stalls.append(f"{len(self.stores)} stores stopped at {STALL_PHASE} {percent}%, "
+                               "not let go on (the run ended first)")  # fmt: skip
         time.sleep(self.seconds)
         self.resume()
-        what = (f"{len(self.stores)} stores stopped for {time.monotonic() - began:.1f}s "
-                f"at {STALL_AT.split(' ', 2)[2]}0%")  # fmt: skip
-        self.run.stalls.append(what)
-        print(f"    stall: {what}", flush=True)
+        took = time.monotonic() - began
+        self.run.stalls[-1] = (f"{len(self.stores)} stores stopped for {took:.1f}s at "
+                               f"{STALL_PHASE} {percent}%")  # fmt: skip
+        print(f"    stall: {self.run.stalls[-1]}", flush=True)
 
     def resume(self) -> None:
         if self.stopped:

@@ -184,7 +184,7 @@ def test_host_in_guest_swap_survives_every_store_stopped_20s_mid_storm() -> None
                       "--timeout", HOST_DEADLINE_S, "--stall-stores", "20")  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
-    assert re.search(r"^    2 stores stopped for 2\d\.\ds at verify 50%", out, re.M), out[-3000:]
+    assert re.search(r"^    2 stores stopped for 2\d\.\ds at verify \d+%", out, re.M), out[-3000:]
 
 
 @SHORT_GUEST

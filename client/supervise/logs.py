@@ -118,7 +118,7 @@ class Logs:
         self.serve: Ring | None = None
         self.pipes: list[int] = []
         self.pipe_write = -1  # nbdkit's stdout and stderr
-        self._chunk = bytearray(CHUNK)
+        self._chunk = bytearray()  # the pipe reader's buffer, made in serve_log()
         self._wake = _thread.allocate_lock()
         self._wake.acquire()  # locked: no wake-up pending
         self._added_r, self._added_w = -1, -1
@@ -151,6 +151,7 @@ class Logs:
         with contextlib.suppress(OSError):  # else the default size, the same on Linux
             fcntl.fcntl(read, F_SETPIPE_SZ, PIPE_SIZE)
         self.serve = Ring(SERVE_RING)
+        self._chunk = bytearray(CHUNK)
         self.sinks.append((self.serve, fd))
         self.pipes.append(read)
         self._added_r, self._added_w = os.pipe2(os.O_CLOEXEC)
