@@ -27,8 +27,10 @@ a diskless host -- paged out to the very device whose server it then kills, and
 says how many left RAM (NETSWAP-COLD, lab/cold.py): a supervisor or spare that
 writes its log or reads a file on its way to serving then waits on the dead device
 (#29). The logs are files; a thread copies their new lines to the console between
-events, never during one. A takeover not done after TAKEOVER_S is reported with
-where the supervisor and the spare wait (NETSWAP-STUCK) and sysrq-w.
+events, never during one. A takeover not done after TAKEOVER_S gets sysrq-w from
+the host (lab/hostguest.py: NETSWAP-EVENT without its NETSWAP-KILL), and from here,
+if this process can still run (memory may be out for all but the real-time ones),
+where the supervisor and nbdkit wait (NETSWAP-STUCK).
 """
 
 from __future__ import annotations
@@ -579,7 +581,9 @@ def tail_logs() -> None:
                         data = f.read(TAIL_BYTES)
                 except OSError:
                     continue
-                whole = data[: data.rfind(b"\n") + 1]
+                # Whole lines; a line longer than a read goes as it is.
+                end = data.rfind(b"\n") + 1 or (len(data) if len(data) == TAIL_BYTES else 0)
+                whole = data[:end]
                 offsets[log] = offsets.get(log, 0) + len(whole)
                 name = log.stem.split("-")[0]
                 for line in whole.decode(errors="replace").splitlines():

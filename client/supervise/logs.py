@@ -49,7 +49,7 @@ F_SETPIPE_SZ = 1031  # <fcntl.h>
 # Each thread runs one flat loop (Python 3.11 keeps Python frames off the C stack):
 # 64 KiB is ample, where glibc's default (RLIMIT_STACK, 8 MiB) would all be locked.
 THREAD_STACK = 64 * 1024
-# What the reader takes from the pipe at a time (it reads again until it is empty).
+# What the reader takes from the pipe at a time (select wakes it again while more waits).
 CHUNK = 16 * 1024
 # A writer that finds nothing to do looks again this often (drop notes, a missed wake).
 IDLE_S = 1.0
