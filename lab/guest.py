@@ -20,6 +20,17 @@ and a NETSWAP-KILL line says how long swap stalled. Before the second kill the
 supervisor itself is killed -9 and `netswap adopt` starts a new one, which must
 adopt the nbdkit serving, start its own spare, hold the supervisor's checks, and
 then be the one that brings the killed nbdkit back (NETSWAP-ADOPT).
+
+Before each event the drill makes the pages of every file a takeover could touch
+cold -- the logs in /var/log/netswap and the files in /run/netswap, tmpfs here as on
+a diskless host -- paged out to the very device whose server it then kills, and
+says how many left RAM (NETSWAP-COLD, lab/cold.py): a supervisor or spare that
+writes its log or reads a file on its way to serving then waits on the dead device
+(#29). The logs are files; a thread copies their new lines to the console between
+events, never during one. A takeover not done after TAKEOVER_S gets sysrq-w from
+the host (lab/hostguest.py: NETSWAP-EVENT without its NETSWAP-KILL), and from here,
+if this process can still run (memory may be out for all but the real-time ones),
+where the supervisor and nbdkit wait (NETSWAP-STUCK).
 """
 
 from __future__ import annotations
@@ -44,7 +55,10 @@ from netswap.client.nbd.attach import (
     supervisor_log,
     supervisor_state,
 )
+from netswap.client.nbd.standby import CUSHION
 from netswap.client.supervise.protect import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, lock_all
+
+from .cold import make_cold
 
 PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000
@@ -58,6 +72,10 @@ LOCKED_SHARE = 0.95
 # most 1 MiB, two stores here. (Measured: 41.9 MiB attached, 46.7 after a storm.)
 FOOTPRINT_KIB = 48 * 1024
 STORM_FOOTPRINT_KIB = FOOTPRINT_KIB + 4 * 1024 * 2
+# An nbdkit that was the supervisor's spare also holds the heap cushion it grew and locked
+# before it said ready (nbd/standby.py): after the drill, the one serving is such a spare
+# (measured: 58.3-61.7 MiB locked, 6afe607 included, over the 56 MiB above).
+SPARE_STORM_FOOTPRINT_KIB = STORM_FOOTPRINT_KIB + CUSHION // 1024
 # The supervisor's own bound (#23): Python and the few modules it runs, locked.
 SUPERVISOR_KIB = 16 * 1024
 # Where in the storm the drill acts: (kind, the verifier's phase, at what percent).
@@ -68,6 +86,22 @@ KILLS = ("kill", "adopt")  # the events --kills counts
 PULSE_S = 5.0
 # How long the drill waits for swap to move again after an event before it says so.
 RECOVERY_S = 300
+# A takeover not done after this long is stuck, and said so with where it waits: the
+# slowest seen took 17 s (an adoption under a busy machine's storm); the kernel fails the
+# device's IO at attach's 120 s dead-connection timeout.
+TAKEOVER_S = 60
+# How long the drill waits for the cold pages to leave RAM (written to swap, then freed
+# under the storm's pressure; seen: well under a second) before it kills anyway.
+COLD_S = 15
+# What the drill makes cold before each event: tmpfs here, as on a diskless host. The
+# supervisor's state page stays resident (it maps and locks it: supervise/state.py).
+COLD_DIRS = (Path("/var/log/netswap"), Path("/run/netswap"))
+# Serialises the log tail and the drill: no tail read warms a page between the drill's
+# page-out and the end of its event.
+TAIL_LOCK = threading.Lock()
+# The tail's pace, and the most it copies at a time (a storm's agent says a few lines a
+# second; the serial console at 115200 baud takes ~11 KiB/s).
+TAIL_S, TAIL_BYTES = 1.0, 64 * 1024
 # What the kernel says of nbd0 that the drill's checks count; at most so many lines of it
 # (3 events of ~4 lines each, and room for errors to be seen).
 KERNEL_SAYS = ("reconnected socket", "Dead connection", "Receive control failed", "I/O error",
@@ -170,7 +204,7 @@ def nbdkit_pid() -> int:
     raise LookupError(f"no nbdkit child of serve pid {serve}")
 
 
-def check_protections(pid: int, when: str) -> bool:
+def check_protections(pid: int, when: str, spare: bool = False) -> bool:
     """One NETSWAP-CHECK line per protection, and the footprint; True when all hold.
 
     Locked memory: with mlockall(MCL_ONFAULT) VmLck counts whole locked areas
@@ -184,6 +218,8 @@ def check_protections(pid: int, when: str) -> bool:
     locked, pss, rss = kib(rollup, "Locked"), kib(rollup, "Pss"), kib(rollup, "Rss")
     vmlck = kib(Path(f"/proc/{pid}/status"), "VmLck")
     limit = FOOTPRINT_KIB if when == "attached" else STORM_FOOTPRINT_KIB
+    if spare:  # a former spare: its cushion too
+        limit = SPARE_STORM_FOOTPRINT_KIB
     oom = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
     flags = task_flags(pid)
     missing = [tid for tid, f in flags.items() if f & IO_FLUSHER_FLAGS != IO_FLUSHER_FLAGS]
@@ -237,32 +273,82 @@ def drill_event(kind: str, phase: str, number: int) -> None:
     and stall (death to the first swap IO the kernel completes after it)."""
     if kind == "adopt":
         adopt_supervisor()
-    before = supervised()
-    restarts = int(before.get("restarts", 0))  # type: ignore[call-overload]
-    began = time.monotonic()
-    if kind in KILLS:
-        os.kill(nbdkit_pid(), 9)
-    else:  # `netswap restart`'s own code, run in this process (locked, already loaded):
-        # a new Python started mid-storm at 256 MiB waited 75 s to get going, its pages
-        # taken as fast as it faulted them (seen: D in swap_readpage till the storm ended)
-        threading.Thread(target=restart, daemon=True).start()
-    served = 0.0
-    moved = -1.0
-    last_io = swap_io()
-    while time.monotonic() - began < RECOVERY_S:
-        time.sleep(0.05)
-        if served and STORM_OVER.is_set():
-            break  # no swap will move: the stall stays unmeasured (-1), which fails the run
-        now = supervised()
-        if not served and int(now.get("restarts", 0)) > restarts:  # type: ignore[call-overload]
-            served = time.monotonic() - began
-            last_io = swap_io()
-        elif served and swap_io() > last_io:
-            moved = time.monotonic() - began
-            break
+    with TAIL_LOCK:  # no tail read warms a page from here to the event's end
+        cold(number)
+        before = supervised()
+        restarts = int(before.get("restarts", 0))  # type: ignore[call-overload]
+        began = time.monotonic()
+        say(f"NETSWAP-EVENT n={number} kind={kind}")  # the host dumps the blocked tasks if
+        if kind in KILLS:  # no NETSWAP-KILL follows in time (this process may be starved)
+            os.kill(nbdkit_pid(), 9)
+        else:  # `netswap restart`'s own code, run in this process (locked, already loaded):
+            # a new Python started mid-storm at 256 MiB waited 75 s to get going, its pages
+            # taken as fast as it faulted them (seen: D in swap_readpage till the storm ended)
+            threading.Thread(target=restart, daemon=True).start()
+        served = 0.0
+        moved = -1.0
+        stuck = False
+        last_io = swap_io()
+        while time.monotonic() - began < RECOVERY_S:
+            time.sleep(0.05)
+            if served and STORM_OVER.is_set():
+                break  # no swap will move: the stall stays unmeasured (-1), which fails the run
+            now = supervised()
+            if not served and int(now.get("restarts", 0)) > restarts:  # type: ignore[call-overload]
+                served = time.monotonic() - began
+                last_io = swap_io()
+            elif served and swap_io() > last_io:
+                moved = time.monotonic() - began
+                break
+            if not served and not stuck and time.monotonic() - began > TAKEOVER_S:
+                stuck = True
+                report_stuck(number)
     outage = supervised().get("last_outage_s", -1)
     say(f"NETSWAP-KILL n={number} kind={kind} phase={phase} outage={outage}s "
         f"served={served:.2f}s stall={moved:.2f}s pid={nbdkit_pid()}")  # fmt: skip
+
+
+def cold(number: int) -> None:
+    """Every file a takeover could touch, paged out to the device about to lose its
+    server: NETSWAP-COLD says how many pages each has and how many are still in RAM."""
+    paths = sorted(p for d in COLD_DIRS if d.is_dir() for p in d.iterdir()
+                   if p.is_file() and p != supervisor_state(DEVICE))  # fmt: skip
+    began = time.monotonic()
+    try:
+        counts = make_cold(paths, COLD_S)
+    except OSError as exc:
+        say(f"NETSWAP-COLD n={number} error={exc}".replace(" ", "_"))
+        return
+    pages = sum(total for total, _ in counts.values())
+    warm = sum(left for _, left in counts.values())
+    log = counts.get(supervisor_log(DEVICE), (0, 0))
+    say(f"NETSWAP-COLD n={number} files={len(counts)} pages={pages} in_ram={warm} "
+        f"supervisor_log={log[0]}/{log[0] - log[1]} took={time.monotonic() - began:.1f}s "
+        + " ".join(f"{p.name}={t - w}/{t}" for p, (t, w) in counts.items()))  # fmt: skip
+
+
+def report_stuck(number: int) -> None:
+    """Where the supervisor and nbdkit wait, TAKEOVER_S into an event: each thread's
+    wait channel and system call (number and first argument: a write's descriptor),
+    what its descriptors 1 and 2 are, and the kernel's blocked tasks (sysrq-w)."""
+    state = supervised()
+    for role in ("supervisor_pid", "serve_pid"):
+        pid = state.get(role)
+        if not isinstance(pid, int):
+            continue
+        try:
+            fds = {n: os.readlink(f"/proc/{pid}/fd/{n}") for n in (1, 2)}
+            threads = []
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                call = (task / "syscall").read_text().split()[:2]
+                threads.append(f"{task.name}:{(task / 'wchan').read_text() or '-'}:"
+                               f"{'/'.join(call)}")  # fmt: skip
+        except OSError as exc:
+            say(f"NETSWAP-STUCK n={number} {role}={pid} gone ({exc.strerror})")
+            continue
+        say(f"NETSWAP-STUCK n={number} {role}={pid} fd1={fds[1]} fd2={fds[2]} "
+            f"threads={','.join(threads)}")  # fmt: skip
+    Path("/proc/sysrq-trigger").write_text("w")
 
 
 def adopt_supervisor() -> None:
@@ -400,12 +486,12 @@ def run(args: argparse.Namespace) -> str:
     for store in args.store:
         serve += ["--store", store]
     serve += args.serve_arg
-    # The server attach starts logs to a file; here that file is the serial console,
-    # so the host keeps the agent's log even when the guest hangs.
+    # The logs are files on tmpfs, as on a diskless host (the drill pages them out); a
+    # thread copies their lines to the console between the drill's events.
     for log in (serve_log(DEVICE), supervisor_log(DEVICE)):
         log.parent.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)
-        log.symlink_to("/dev/console")
+    threading.Thread(target=tail_logs, daemon=True).start()
     attach = netswap("attach", *args.attach_arg, "--", *serve)
     if attach.returncode != 0:
         say(f"NETSWAP-ATTACH rc={attach.returncode} {attach.stderr.strip()[-300:]!r}")
@@ -433,7 +519,8 @@ def run(args: argparse.Namespace) -> str:
             ticks = {**ticks, "nbdkit": 0}  # them; the one serving now counts from its start
         say(cpu_line(ticks, cpu_ticks(nbdkit_pid()), _children_cpu() - children))
         swapped = "" if rc == 0 else f"swaptest-rc-{rc}"
-        protected = check_protections(nbdkit_pid(), "stormed") and protected
+        replaced = nbdkit_pid() != pid  # the drill's events: a spare serves now
+        protected = check_protections(nbdkit_pid(), "stormed", replaced) and protected
         if supervised():
             protected = check_supervisor("stormed") and protected
         kernel_log()
@@ -478,6 +565,29 @@ def pulse(stop: threading.Event) -> None:
             f"free={mem['MemFree'].split()[0]}k avail={mem['MemAvailable'].split()[0]}k "
             f"min_free={MIN_FREE.read_text().strip()}k psi_full={full} {' '.join(procs)}"
         )
+
+
+def tail_logs() -> None:
+    """The supervisor's and nbdkit's logs, line by line to the console (`  [name] ...`),
+    every TAIL_S; not while the drill holds TAIL_LOCK (its cold pages must stay cold)."""
+    offsets: dict[Path, int] = {}
+    while True:
+        time.sleep(TAIL_S)
+        with TAIL_LOCK:
+            for log in (supervisor_log(DEVICE), serve_log(DEVICE)):
+                try:
+                    with open(log, "rb") as f:
+                        f.seek(offsets.get(log, 0))
+                        data = f.read(TAIL_BYTES)
+                except OSError:
+                    continue
+                # Whole lines; a line longer than a read goes as it is.
+                end = data.rfind(b"\n") + 1 or (len(data) if len(data) == TAIL_BYTES else 0)
+                whole = data[:end]
+                offsets[log] = offsets.get(log, 0) + len(whole)
+                name = log.stem.split("-")[0]
+                for line in whole.decode(errors="replace").splitlines():
+                    say(f"  [{name}] {line}")
 
 
 def pin_self() -> None:

@@ -11,6 +11,11 @@ thread, swaps, detaches and checks that attach was undone. The agent's ops
 endpoint is forwarded to 127.0.0.1 here, so `netswap stats` and the dashboard
 watch the guest thrash; a screenshot is taken mid-storm when asked.
 
+`--stall-stores S` stops the stores on this host (SIGSTOP) for S seconds
+mid-storm, as a GC pause, a VM migration or a network blip would, and lets
+them go on (SIGCONT): every page must still verify (#29's stall; today's agent
+loses pages to it, so make test leaves it off).
+
 `--runs N` over `--configs` is the hang campaign: one row per configuration,
 PASS / FAIL (a wrong or lost page, or a check) / HANG (deadline passed, the
 guest's blocked tasks dumped into its kept serial log), with the MiB/s as a
@@ -21,9 +26,12 @@ ratio to the kernel-only baseline (nbd-client straight to a host-side
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import secrets
 import shlex
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cpio import newc_archive
+from .guest import KILLS, TAKEOVER_S
 from .kernel import child, run_lab
 from .ports import free_port
 from .qemu import CACHE, REPO, run_guest
@@ -66,7 +75,11 @@ GUEST_HTTP = 9178  # the agent's ops endpoint inside the guest, forwarded to the
 SCREENSHOT_AFTER_S = 20
 # Serial lines that show the guest moving: its stages, its checks and the verifier's
 # progress (every 10 % of the pattern). Anything else (the vitals loop) does not count.
-PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ", "NETSWAP-KILL ")
+PROGRESS = ("NETSWAP-STAGE ", "NETSWAP-CHECK ", "SWAPTEST ", "NETSWAP-KILL ", "NETSWAP-COLD ")
+# Where in the storm --stall-stores stops the stores: half way through the reads (the
+# verifier says 9 %, 19 %, ... 49 %), between the drill's adoption (30 %) and its
+# restart (70 %), while every read needs a store.
+STALL_PHASE, STALL_PERCENT = "verify", 45
 # The guest's ops endpoint listens on its NIC (QEMU forwards it to this host's
 # loopback only), so it needs a bearer token like any endpoint off loopback.
 OPS_TOKEN = secrets.token_hex(16)
@@ -88,6 +101,10 @@ class Run:
     screenshot: str = ""
     kills: list[dict[str, str]] = field(default_factory=list)  # the drill's NETSWAP-KILL lines
     adoptions: list[dict[str, str]] = field(default_factory=list)  # its NETSWAP-ADOPT lines
+    colds: list[dict[str, str]] = field(default_factory=list)  # its NETSWAP-COLD lines
+    stuck: list[str] = field(default_factory=list)  # its NETSWAP-STUCK lines
+    stalls: list[str] = field(default_factory=list)  # what --stall-stores did
+    events: dict[str, float] = field(default_factory=dict)  # drill events not yet done
     dmesg: list[str] = field(default_factory=list)
     oom_kills: int = -1
 
@@ -136,12 +153,21 @@ def parse(line: str, run: Run, start: float) -> None:
         kv = dict(_KV.findall(line))
         run.swap_seconds = float(kv.get("seconds", 0))
         run.pswpin, run.pswpout = int(kv.get("pswpin", 0)), int(kv.get("pswpout", 0))
+    elif line.startswith("NETSWAP-EVENT "):
+        run.events[dict(_KV.findall(line)).get("n", "?")] = time.monotonic()
     elif line.startswith("NETSWAP-KILL "):
         run.kills.append(dict(_KV.findall(line)))
+        run.events.pop(run.kills[-1].get("n", "?"), None)
         print(f"    drill: {line.partition(' ')[2]}", flush=True)
     elif line.startswith("NETSWAP-ADOPT "):
         run.adoptions.append(dict(_KV.findall(line)))
         print(f"    drill: {line.partition(' ')[2]}", flush=True)
+    elif line.startswith("NETSWAP-COLD "):
+        run.colds.append(dict(_KV.findall(line)))
+        print(f"    drill: cold pages: {line.partition(' ')[2]}", flush=True)
+    elif line.startswith("NETSWAP-STUCK "):
+        run.stuck.append(line.partition(" ")[2])
+        print(f"    drill: STUCK {line.partition(' ')[2]}", flush=True)
     elif line.startswith("NETSWAP-DMESG "):
         run.dmesg.append(line.partition(" ")[2])
     elif line.startswith("NETSWAP-OOM "):
@@ -158,6 +184,65 @@ def parse(line: str, run: Run, start: float) -> None:
     elif line.startswith("NETSWAP-RESULT "):
         run.verdict = line.split()[1]
         run.reason = line.partition("reason=")[2]  # the rest of the line: it may hold spaces
+
+
+def stuck_now(run: Run) -> str:
+    """sysrq keys for run_guest: "w" (the blocked tasks, into the serial log) once for a
+    drill event the guest began TAKEOVER_S ago and has not reported done; the guest's
+    own report may never come, its userspace starved while the device is held."""
+    for n, began in list(run.events.items()):
+        if time.monotonic() - began > TAKEOVER_S:
+            del run.events[n]
+            run.stuck.append(f"takeover {n} not done after {TAKEOVER_S}s: blocked tasks "
+                             f"(sysrq-w) in {run.log}")  # fmt: skip
+            print(f"    drill: STUCK {run.stuck[-1]}", flush=True)
+            return "w"
+    return ""
+
+
+class StoreStall:
+    """--stall-stores: when the guest's storm reaches STALL_AT, every store on this host
+    is stopped (SIGSTOP) for `seconds` and let go on (SIGCONT)."""
+
+    def __init__(self, stores: list[subprocess.Popen[bytes]], seconds: float, run: Run) -> None:
+        self.stores, self.seconds, self.run = stores, seconds, run
+        self.thread: threading.Thread | None = None
+        self.stopped = False
+
+    def seen(self, line: str) -> None:
+        parts = line.split()
+        if not (self.seconds and self.thread is None and parts[:3] == ["SWAPTEST", "progress",
+                                                                       STALL_PHASE]):  # fmt: skip
+            return
+        percent = int(parts[3].rstrip("%"))
+        if percent >= STALL_PERCENT:
+            self.thread = threading.Thread(target=self.stall, args=(percent,), daemon=True)
+            self.thread.start()
+
+    def stall(self, percent: int) -> None:
+        began = time.monotonic()
+        self.signal(signal.SIGSTOP)
+        self.stopped = True
+        print(f"    stall: {len(self.stores)} stores stopped at {STALL_PHASE} {percent}%",
+              flush=True)  # fmt: skip
+        self.run.stalls.append(f"{len(self.stores)} stores stopped at {STALL_PHASE} {percent}%, "
+                               "not let go on (the run ended first)")  # fmt: skip
+        time.sleep(self.seconds)
+        self.resume()
+        took = time.monotonic() - began
+        self.run.stalls[-1] = (f"{len(self.stores)} stores stopped for {took:.1f}s at "
+                               f"{STALL_PHASE} {percent}%")  # fmt: skip
+        print(f"    stall: {self.run.stalls[-1]}", flush=True)
+
+    def resume(self) -> None:
+        if self.stopped:
+            self.signal(signal.SIGCONT)
+            self.stopped = False
+
+    def signal(self, sig: int) -> None:
+        for proc in self.stores:
+            if proc.poll() is None:
+                os.kill(proc.pid, sig)
 
 
 class Watcher(threading.Thread):
@@ -209,12 +294,14 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
     mib = 3 * ram if args.size is None else args.size  # 0: attach, check, detach; no storm
     run = Run(name, log=CACHE / f"serial-host-{name}-{index}.log")
     with ExitStack() as stack:
-        ports = []
+        ports, stores = [], []
         for _ in range(args.stores):
             port = free_port()
-            stack.enter_context(child(["store", "--listen", f"127.0.0.1:{port}",
-                                       "--capacity", f"{mib + 256}M"], port))  # fmt: skip
+            store = ["store", "--listen", f"127.0.0.1:{port}", "--capacity", f"{mib + 256}M"]
+            stores.append(stack.enter_context(child(store, port)))
             ports.append(port)
+        stall = StoreStall(stores, args.stall_stores, run)
+        stack.callback(stall.resume)  # never leave a store stopped
         http = args.http_port or free_port()
         if not config.reachable:
             ports = [free_port() for _ in ports]  # picked, never listened on
@@ -232,15 +319,21 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
         start = time.monotonic()
         virtfs = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
         nic = f"user,model=e1000,hostfwd=tcp:127.0.0.1:{http}-:{GUEST_HTTP}"
-        on_line = lambda line: parse(line, run, start)  # noqa: E731
+
+        def on_line(line: str) -> None:
+            parse(line, run, start)
+            stall.seen(line)
+
         # Two vCPUs on MTTCG: the workload and the agent each get one, as on a real host.
         qemu = ["-virtfs", virtfs, "-smp", str(args.cpus), "-accel", "tcg,thread=multi"]
         # loglevel=7: hung-task reports and sysrq-w/t print their stacks at KERN_INFO.
         boot = run_guest(ram, initrd, "loglevel=7", run.log, args.timeout, on_line, qemu, nic,
                          sysrq="wt", cpu=args.cpu_model, stall_s=args.stall,
-                         progress=PROGRESS)  # fmt: skip
+                         progress=PROGRESS, sysrq_now=lambda: stuck_now(run))  # fmt: skip
     if boot.timed_out:
         run.verdict, run.reason = "HANG", boot.hang_reason(args.timeout, run.log)
+    elif run.stuck and run.verdict != "PASS":  # the guest may have died of it (SIGBUS, panic)
+        run.reason = f"drill: a takeover stuck past {TAKEOVER_S}s: {run.stuck[0]}"
     elif run.verdict == "PASS" and mib and run.pswpout < (mib - ram) * 256:
         run.verdict, run.reason = "FAIL", f"pswpout {run.pswpout} < {(mib - ram) * 256}"
     elif run.verdict == "PASS" and drill_failure(args, run, mib):
@@ -253,8 +346,16 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
 def drill_failure(args: argparse.Namespace, run: Run, mib: int) -> str:
     """Why the drill failed ('' if it did not): every event, each followed by swap
     moving again, and no process killed for memory."""
+    if run.stuck:
+        return f"drill: a takeover stuck past {TAKEOVER_S}s: {run.stuck[0]}"
+    if args.stall_stores and not run.stalls:
+        return "drill: the stores were never stopped (the storm ended first?)"
     if not mib or not (args.kills or args.restarts):
         return ""
+    killed = [c for c, k in zip(run.colds, run.kills, strict=False) if k.get("kind") in KILLS]
+    warm = [c for c in killed if not cold_log(c)]
+    if len(run.colds) != len(run.kills) or warm:
+        return f"drill: the supervisor's log was not cold before every kill: {run.colds}"
     if len(run.kills) != args.kills + args.restarts:
         return f"drill: {len(run.kills)} of {args.kills + args.restarts} events reported"
     adopting = sum(k.get("kind") == "adopt" for k in run.kills)
@@ -272,6 +373,12 @@ def drill_failure(args: argparse.Namespace, run: Run, mib: int) -> str:
     if reconnected < len(run.kills):
         return f"drill: the kernel logged {reconnected} reconnects for {len(run.kills)} events"
     return ""
+
+
+def cold_log(cold: dict[str, str]) -> bool:
+    """Whether a NETSWAP-COLD line had every page of the supervisor's log out of RAM."""
+    total, _, out = cold.get("supervisor_log", "0/0").partition("/")
+    return int(total) > 0 and out == total
 
 
 def baseline(args: argparse.Namespace, ram: int, mib: int) -> float:
@@ -340,6 +447,8 @@ def print_table(rows: list[tuple[str, int, int, float, list[Run]]]) -> None:
                 print(f"    supervisor {a.get('old')} killed -9: `netswap adopt` started "
                       f"{a.get('new')} in {a.get('adopted')}, watching nbdkit "
                       f"{a.get('serving')}, its spare ready after {a.get('spare')}")  # fmt: skip
+            for what in r.stalls:
+                print(f"    {what}")
             for kill in r.kills:
                 print(f"    {kill.get('kind')} #{kill.get('n')} while {kill.get('phase')} "
                       f"dominates: agent serving again after {kill.get('outage')}, swap moving "

@@ -72,9 +72,12 @@ def run_guest(
     cpu: str = "max",
     stall_s: float = 0.0,
     progress: tuple[str, ...] = (),
+    sysrq_now: Callable[[], str] | None = None,
 ) -> Boot:
     """Boot, follow the serial log, stop at the deadline (or after `stall_s` without a
-    line starting with one of `progress`; 0: no stall deadline)."""
+    line starting with one of `progress`; 0: no stall deadline). `sysrq_now`, asked
+    as the log is followed, may name sysrq keys to send at once (e.g. "w" when the
+    caller sees the guest stuck: its own userspace may be too starved to ask)."""
     monitor = free_port()
     cmd = [
         "qemu-system-x86_64", "-machine", "q35", "-cpu", cpu,
@@ -105,6 +108,9 @@ def run_guest(
                 moved = time.monotonic()
         if qemu.poll() is not None:
             break
+        keys = sysrq_now() if sysrq_now is not None else ""
+        if keys:
+            dump_blocked_tasks(monitor, keys)
         idle = time.monotonic() - moved
         if time.monotonic() - start > timeout or (stall_s and idle > stall_s):
             stalled = idle if stall_s and idle > stall_s else 0.0

@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "nbdkit back")  # fmt: skip
     host.add_argument("--restarts", type=int, default=0,
                       help="`netswap restart` mid-storm, an upgrade (0-1)")  # fmt: skip
+    host.add_argument("--stall-stores", type=float, default=0, metavar="SECONDS",
+                      help="stop the stores (SIGSTOP) for this long mid-storm, then let them "
+                      "go on; every page must still verify (0: no stall)")  # fmt: skip
     host.add_argument("--attach-arg", action="append", default=[],
                       help="extra attach option in the guest: --attach-arg=--discard")  # fmt: skip
     host.add_argument("--serve-arg", action="append", default=[],

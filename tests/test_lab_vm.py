@@ -110,16 +110,22 @@ def host_lab(*args: str) -> subprocess.CompletedProcess[str]:
 # from a slow run by the lab's stall deadline (no progress for 240 s), so this one
 # only bounds a run that keeps crawling.
 HOST_DEADLINE_S = "1300"
+# make test's drill swaps 2x the guest's RAM (the campaign, `lab vm --host-in-guest`
+# alone, 3x): every event still lands mid-storm (kills at 40 % of the writes and 30 %
+# of the reads, the restart at 70 %) with RAM's worth swapped out, at two thirds of
+# the storm's time.
+DRILL_MIB = 2 * HOST_RAM_MIB
 
 
 @HOST_IN_GUEST
 @pytest.mark.timeout(1500)
-def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_undoes_it() -> None:
+def test_host_in_guest_attach_swaps_2x_ram_with_every_protection_then_detach_undoes_it() -> None:
     """attach, nbdkit and the agent in a 256 MiB guest; the stores on this host."""
     shot = ARTIFACTS / "dashboard-host-in-guest.png"
     shot.unlink(missing_ok=True)
-    result = host_lab("--ram", str(HOST_RAM_MIB), "--timeout", HOST_DEADLINE_S,
-                      "--screenshot", str(shot), "--kills", "2", "--restarts", "1")  # fmt: skip
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", str(DRILL_MIB),
+                      "--timeout", HOST_DEADLINE_S, "--screenshot", str(shot),
+                      "--kills", "2", "--restarts", "1")  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
     row = re.search(r"^defaults\s+(\d+)\s+1\s+1\s+0\s+0\s+([\d.]+)", out, re.M)
@@ -128,7 +134,7 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
         for check in ("mlock", "footprint", "oom_score_adj", "io_flusher"):
             assert f"check {when} {check}: ok" in out, (when, check, out[-3000:])
     pswpout = int(re.search(r"NETSWAP-SWAP.* pswpout=(\d+)", log_of(out)).group(1))  # type: ignore[union-attr]
-    assert pswpout >= 2 * HOST_RAM_MIB * 256, pswpout  # pattern 3x RAM: 2x RAM must go out
+    assert pswpout >= (DRILL_MIB - HOST_RAM_MIB) * 256, pswpout  # 2x RAM: 1x must go out
     # Where the storm's time went: the guest's CPU split, nbdkit's and the verifier's.
     cpu = re.search(r"guest CPU in the storm: user=(\d+)% sys=(\d+)%.* nbdkit=([\d.]+)s", out)
     assert cpu and float(cpu.group(3)) > 0, out[-2000:]
@@ -159,6 +165,26 @@ def test_host_in_guest_attach_swaps_3x_ram_with_every_protection_then_detach_und
     ), out[-3000:]
     for when in ("attached", "adopted", "stormed"):
         assert f"check {when} supervisor-resident: ok" in out, out[-3000:]
+    # Before each event every file a takeover could touch was paged out to the device
+    # about to lose its server (#29: the supervisor blocked in write(2) to its log page,
+    # swapped out there, until the kernel failed the device and init died of SIGBUS).
+    cold = re.findall(r"drill: cold pages: n=\d files=\d+ pages=\d+ in_ram=\d+ "
+                      r"supervisor_log=(\d+)/(\d+)", out)  # fmt: skip
+    assert len(cold) == 3 and all(t == c != "0" for t, c in cold[:2]), cold
+
+
+@HOST_IN_GUEST
+@pytest.mark.timeout(1500)
+@pytest.mark.skip(reason="#29: today's agent loses pages when every store stalls 20 s; on "
+                  "once the replica logic's rewrite lands")  # fmt: skip
+def test_host_in_guest_swap_survives_every_store_stopped_20s_mid_storm() -> None:
+    """The stores on this host stopped (SIGSTOP) for 20 s half way through the reads and
+    let go on: a stall costs time, never a page (the issue's promise P2)."""
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", str(DRILL_MIB),
+                      "--timeout", HOST_DEADLINE_S, "--stall-stores", "20")  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    assert re.search(r"^    2 stores stopped for 2\d\.\ds at verify \d+%", out, re.M), out[-3000:]
 
 
 @SHORT_GUEST
@@ -185,21 +211,27 @@ def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
     assert "FAIL attach-failed undo=ok" in out, out[-3000:]
 
 
-def test_the_drills_verdict_needs_every_adoption_done() -> None:
+def test_the_drills_verdict_needs_every_adoption_done_and_every_kill_cold() -> None:
     """The lab's verdict on a drill (in process, from the lines a guest prints): a
-    supervisor killed -9 that no new one adopted, or adopted without its checks,
-    fails the run even when swap moved again after every event."""
+    supervisor killed -9 that no new one adopted, or adopted without its checks, fails
+    the run even when swap moved again after every event; so does a kill whose
+    supervisor log was still in RAM (the drill did not test what it claims), a takeover
+    reported stuck, and a --stall-stores that never happened."""
     import argparse
 
     from netswap.lab.hostguest import Run, drill_failure, parse
 
-    def verdict(*lines: str) -> str:
+    def verdict(*lines: str, stall: float = 0) -> str:
         run = Run("defaults", oom_kills=0)
         for line in lines:
             parse(line, run, 0.0)
-        return drill_failure(argparse.Namespace(kills=2, restarts=0), run, 768)
+        args = argparse.Namespace(kills=2, restarts=0, stall_stores=stall)
+        return drill_failure(args, run, 768)
 
-    kills = ("NETSWAP-KILL n=1 kind=kill phase=write outage=1.9s served=2.0s stall=2.1s pid=9",
+    cold = "NETSWAP-COLD n={} files=5 pages=9 in_ram=0 supervisor_log=2/2 took=0.3s"
+    kills = (cold.format(1),
+             "NETSWAP-KILL n=1 kind=kill phase=write outage=1.9s served=2.0s stall=2.1s pid=9",
+             cold.format(2),
              "NETSWAP-KILL n=2 kind=adopt phase=verify outage=4.4s served=4.5s stall=5.5s pid=9",
              "NETSWAP-DMESG block nbd0: reconnected socket",
              "NETSWAP-DMESG block nbd0: reconnected socket")  # fmt: skip
@@ -207,3 +239,9 @@ def test_the_drills_verdict_needs_every_adoption_done() -> None:
     assert verdict(*kills, adopted) == ""
     assert "was not adopted" in verdict(*kills)
     assert "was not adopted" in verdict(*kills, adopted.replace("ok=yes", "ok=no"))
+    warm = [k.replace("supervisor_log=2/2", "supervisor_log=2/1") for k in kills]
+    assert "log was not cold" in verdict(*warm, adopted)
+    assert "log was not cold" in verdict(*kills[1:], adopted)  # no page-out before the first
+    stuck = "NETSWAP-STUCK n=1 supervisor_pid=7 fd1=/x fd2=/var/log/netswap/supervise-nbd0.log"
+    assert "a takeover stuck" in verdict(*kills, adopted, stuck)
+    assert "never stopped" in verdict(*kills, adopted, stall=20)

@@ -23,12 +23,13 @@ from .conftest import free_port
 from .nbdserver import netswap_serve
 
 NBD_REQUEST_MAGIC, NBD_REPLY_MAGIC = 0x25609513, 0x67446698
+LOOPBACK = (socket.AF_INET, "127.0.0.1")
 
 
 def test_the_handshake_leaves_a_socket_the_kernel_could_use(tmp_path: Path) -> None:
     with netswap_serve("--size", "16M") as uri:
         port = int(uri.split(":")[2].split("/")[0])
-        sock, export = nbd_connect("127.0.0.1", port, "swap", 10)
+        sock, export = nbd_connect(LOOPBACK, port, "swap", 10)
         with sock:
             assert export.size == 16 << 20
             assert export.flags & 1  # NBD_FLAG_HAS_FLAGS, and the rest the plugin declares
@@ -54,7 +55,7 @@ def test_a_server_that_is_not_nbd_is_one_clear_error() -> None:
 
     threading.Thread(target=talk, daemon=True).start()
     with pytest.raises(HandshakeError, match="not a newstyle NBD server"):
-        nbd_connect("127.0.0.1", port, "swap", 5)
+        nbd_connect(LOOPBACK, port, "swap", 5)
     listener.close()
 
 
@@ -131,7 +132,10 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
 ) -> None:
     """The standby path, kernel aside: a real nbdkit with standby=FD builds its device and
     says ready but answers no handshake; after `go EPOCH` it rebuilds the area from real
-    stores and serves every page the killed agent had written."""
+    stores and serves every page the killed agent had written; and from ready to serving
+    (its ops endpoint started too) it imported no module and opened no file, which on a
+    diskless host could sit on the device it takes over (without takeover.preload: uvloop,
+    the ops endpoint's modules and its dashboard.html, the idna codec)."""
     import select
 
     from netswap.client.agent.keys import drop_key
@@ -161,12 +165,14 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
             "--replicas",
             "2",
             *[f"--store={p.address}" for p in procs],
+            f"--http=127.0.0.1:{free_port()}",
             "--print-command",
         ]
         command = json.loads(subprocess.run(cmd, capture_output=True, text=True,
                                             check=True).stdout)  # fmt: skip
         log = tmp_path / "spare.log"
-        spare = Spare.spawn(command["argv"], {**os.environ, **command["env"]}, str(log), port)
+        env = {**os.environ, **command["env"], "NETSWAP_TAKEOVER_AUDIT": "1"}
+        spare = Spare.spawn(command["argv"], env, str(log), port)
         try:
             deadline = time.monotonic() + 60
             while not spare.ready:
@@ -178,16 +184,23 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
                         f"{spare.child.alive()}; log: {log.read_text()!r}"
                     )
             with pytest.raises(HandshakeError, match="in time"):
-                nbd_connect("127.0.0.1", port, "swap", 1.0)  # listening, not serving
+                nbd_connect(LOOPBACK, port, "swap", 1.0)  # listening, not serving
             spare.go(7)
-            sock, export = nbd_connect("127.0.0.1", port, "swap", 60)
+            sock, export = nbd_connect(LOOPBACK, port, "swap", 60)
             sock.close()
             assert export.size == 16 << 20
             h = connect(f"nbd://127.0.0.1:{port}/swap")
             for slot, data in truth.items():
                 assert h.pread(PAGE, slot * PAGE) == data, slot
             h.shutdown()
-            assert "50 pages proven" in log.read_text()
+            # The go path, from ready to serving, imported and opened nothing (the
+            # plugin's audit hook; the ring's writer says so a moment later).
+            deadline = time.monotonic() + 10
+            while "takeover audit:" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            text = log.read_text()
+            assert "50 pages proven" in text
+            assert "takeover audit: 0 imports or opens from ready to serving" in text, text
         finally:
             spare.discard()
             drop_key(AREA)

@@ -56,8 +56,10 @@ DEAD_CONN_TIMEOUT_S = 120
 # a TCG guest is slower.
 SERVE_START_S = 120
 STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
-# Logs on disk, not in /run: /run is tmpfs, whose pages swap out, and appending to a
-# log page swapped out to the device a dead agent served would wait on that device.
+# Logs on disk where there is one; on a diskless host /var/log is tmpfs like /run, whose
+# pages swap out, and appending to a log page swapped out to the device a dead agent
+# served waits on that device: the supervisor never writes them on its takeover's path
+# (supervise/logs.py).
 LOG_DIR = Path(os.environ.get("NETSWAP_LOG_DIR", "/var/log/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
 WATERMARK_SCALE = Path("/proc/sys/vm/watermark_scale_factor")

@@ -40,6 +40,7 @@ from typing import Any, TypeVar  # noqa: E402
 import nbdkit  # noqa: E402
 from netswap.client.device import BlockDevice  # noqa: E402
 from netswap.client.hardening import fault_in_swapped, lock_memory, trim_locked_text  # noqa: E402
+from netswap.client.nbd import takeover  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
 from netswap.client.nbd.standby import CUSHION, StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
@@ -52,6 +53,9 @@ from netswap.server.heap import grow_cushion, tune_heap  # noqa: E402
 # again (locks do not cross a fork into the background).
 if os.environ.get("NETSWAP_LOCK_AT_LOAD") == "1":
     print(f"netswap plugin: at load: {lock_memory()}", file=sys.stderr, flush=True)
+
+# Logging through a ring that nothing waits for (takeover.py says why).
+takeover.install()
 
 API_VERSION = 2
 T = TypeVar("T")
@@ -110,6 +114,7 @@ def after_fork() -> None:
     # Build the device here, not at load: threads and sockets must not cross
     # nbdkit's fork into the background.
     global _device
+    takeover.start()  # from here the plugin's lines go through the ring
     frames = os.environ.get("NETSWAP_TRACEMALLOC", "")
     if frames.isdigit():  # the soak's leak hunt: /debug/allocations on the ops endpoint
         import tracemalloc
@@ -118,27 +123,29 @@ def after_fork() -> None:
     tune_heap()  # before the first batch buffer: reused from the heap, never unmapped
     locked = lock_memory() if _config.mlock == "onfault" else None
     if locked is not None:
-        print(f"netswap plugin: {locked}", file=sys.stderr, flush=True)
+        takeover.say(str(locked))
     _device = _config.build_device()
     if locked is not None and locked.ok and "cryptography" in sys.modules:
-        print(f"netswap plugin: {trim_seal_text()}", file=sys.stderr, flush=True)
+        takeover.say(trim_seal_text())
     if _config.backend == "remote":
-        print(f"netswap plugin: {_config.sealing_note()}", file=sys.stderr, flush=True)
+        takeover.say(_config.sealing_note())
     if _config.standby:  # the supervisor's spare: built and locked, serving only when told
+        takeover.say(takeover.preload())  # before the cushion: its modules are not the go's
         cushion = grow_cushion(CUSHION)
         back = fault_in_swapped()  # what swap took while it loaded, back and locked
-        print(f"netswap plugin: {_config.real_time()}", file=sys.stderr, flush=True)
-        print(f"netswap plugin: standby, ready (a {CUSHION >> 20} MiB heap cushion: "
-              f"{'grown' if cushion else 'NOT grown'}; {back} pages back from swap)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        takeover.say(_config.real_time())
+        grown = "grown" if cushion else "NOT grown"
+        takeover.say(f"standby, ready (a {CUSHION >> 20} MiB heap cushion: {grown}; "
+                     f"{back} pages back from swap)")  # fmt: skip
+        takeover.begin_audit()  # the go path: from ready to serving (NETSWAP_TAKEOVER_AUDIT)
         _device.take_over(wait_for_go(_config.standby))
     began = time.monotonic()
     _device.start()  # a restarted agent rebuilds here: the supervisor's outage includes it
-    print(f"netswap plugin: serving after {time.monotonic() - began:.2f}s", file=sys.stderr,
-          flush=True)  # fmt: skip
+    takeover.say(f"serving after {time.monotonic() - began:.2f}s")
     _config.mark_started()
-    print(f"netswap plugin: {_config.place_threads(_device)}", file=sys.stderr, flush=True)
+    takeover.say(_config.place_threads(_device))
     _config.start_ops(_device)
+    takeover.end_audit()
 
 
 def trim_seal_text() -> str:
@@ -155,6 +162,7 @@ def trim_seal_text() -> str:
 def cleanup() -> None:
     if _device is not None:
         _device.close()
+    takeover.LOGS.flush()  # the last lines, for at most logs.FLUSH_S
 
 
 def open(readonly: bool) -> Any:

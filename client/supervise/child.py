@@ -5,6 +5,7 @@ device keeps its connection meanwhile): it is started with serve's
 --no-exit-with-parent, in a session of its own, by a double fork that makes init
 its parent from the start. A pidfd (Linux 5.3) lets the supervisor -- or the one
 that adopts it -- wait on it all the same. The pid comes back through a pipe.
+Its output goes to a file, or (the supervisor's choice, logs.py) to a pipe.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ class Child:
         self.pidfd = os.pidfd_open(pid)
 
     @classmethod
-    def spawn(cls, argv: list[str], env: dict[str, str], log_path: str,
+    def spawn(cls, argv: list[str], env: dict[str, str], output: str | os.PathLike[str] | int,
               ordinary: bool = False) -> Child:  # fmt: skip
-        """`ordinary`: not the supervisor's SCHED_FIFO (a spare loading while the host
-        swaps must not take memory and CPU ahead of the nbdkit serving)."""
+        """`output`: a log file's path, or a descriptor (the supervisor's pipe) that
+        becomes nbdkit's stdout and stderr. `ordinary`: not the supervisor's SCHED_FIFO
+        (a spare loading while the host swaps must not take memory and CPU ahead of
+        the nbdkit serving)."""
         read, write = os.pipe()
         middle = os.fork()
         if middle == 0:  # the middle process: a session of its own, then nbdkit, then gone
@@ -35,7 +38,13 @@ class Child:
                 os.setsid()
                 pid = os.fork()
                 if pid == 0:
-                    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                    if isinstance(output, int):
+                        out = output
+                    else:
+                        out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                    # Ignored, as the supervisor's Python has it: an nbdkit that outlives
+                    # the supervisor's pipe gets EPIPE for a line, not a fatal signal.
+                    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
                     null = os.open(os.devnull, os.O_RDONLY)
                     os.dup2(null, 0)
                     os.dup2(out, 1)

@@ -89,10 +89,31 @@ def negotiate(sock: socket.socket, export: str, deadline: float) -> Export:
             return found
 
 
-def connect(host: str, port: int, export: str, deadline: float) -> tuple[socket.socket, Export]:
-    """A TCP connection to the export, negotiated and ready for the kernel."""
-    sock = socket.create_connection((host, port), timeout=deadline)
+def resolve(host: str) -> tuple[int, str]:
+    """The address family and numeric address of `host`, looked up once, at start: a
+    lookup may read files (/etc/hosts, and socket.getaddrinfo's idna codec imports its
+    modules at its first call), which on a diskless host are tmpfs pages that swap may
+    have put on the very device a takeover brings back. A numeric host (attach's
+    default) needs no lookup at all, and leaves the codec's 1.5 MiB unimported."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family, host
+        except OSError:
+            continue
+    family, _, _, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
+    return family, str(address[0])
+
+
+def connect(address: tuple[int, str], port: int, export: str,
+            deadline: float) -> tuple[socket.socket, Export]:  # fmt: skip
+    """A TCP connection to the export at a resolved `address` (family, numeric host),
+    negotiated and ready for the kernel."""
+    family, host = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        sock.settimeout(deadline)
+        sock.connect((host, port))  # numeric: no lookup (CPython parses it with inet_pton)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, negotiate(sock, export, deadline)
     except BaseException:

@@ -10,9 +10,13 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterator
+
+from .logs import Logs
+
+# The supervisor's log: lines go through a ring a thread writes out (logs.py says why).
+LOGS = Logs("netswap supervise")
 
 # 2 s keeps a restart's stall short without a "possible stuck request" log line per
 # second for requests that are merely slow.
@@ -24,7 +28,7 @@ NBDKIT_BSS_KIB = 192 * 1024 + 32 * 1024
 
 
 def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} netswap supervise: {message}", file=sys.stderr, flush=True)
+    LOGS.say(f"{time.strftime('%H:%M:%S')} netswap supervise: {message}")
 
 
 def set_requeue_period(device: str, ms: int = REQUEUE_MS) -> None:

@@ -10,6 +10,7 @@ the links the kernel found dead.
 from __future__ import annotations
 
 from .handshake import connect as nbd_connect
+from .handshake import resolve
 from .knobs import log, set_requeue_period
 from .netlink import NBD_CMD_LINK_DEAD, Netlink, NetlinkError, device_index
 
@@ -22,11 +23,12 @@ class Link:
                  io_timeout: int) -> None:  # fmt: skip
         self.device, self.host, self.export = device, host, export
         self.dead_conn_timeout, self.io_timeout = dead_conn_timeout, io_timeout
+        self.address = resolve(host)  # at start: a takeover looks nothing up
         self.index = device_index(device)
         self.netlink = Netlink()
 
     def connect(self, port: int, patience: float) -> None:
-        sock, export = nbd_connect(self.host, port, self.export, patience)
+        sock, export = nbd_connect(self.address, port, self.export, patience)
         with sock:
             self.netlink.connect(self.index, sock, export.size, BLOCK_SIZE, export.flags,
                                  self.io_timeout, self.dead_conn_timeout)  # fmt: skip
@@ -36,7 +38,7 @@ class Link:
             f"{self.io_timeout or 'none'})")  # fmt: skip
 
     def reconfigure(self, port: int, patience: float) -> None:
-        sock, _ = nbd_connect(self.host, port, self.export, patience)
+        sock, _ = nbd_connect(self.address, port, self.export, patience)
         with sock:
             self.netlink.reconfigure(self.index, sock)
 

@@ -27,11 +27,12 @@ class Spare:
         self._heard = b""
 
     @classmethod
-    def spawn(cls, argv: list[str], env: dict[str, str], log_path: str, port: int) -> Spare:
+    def spawn(cls, argv: list[str], env: dict[str, str], output: str | int, port: int) -> Spare:
+        """`output`: as Child.spawn's (a log file, or the supervisor's pipe)."""
         ours, theirs = socket.socketpair()
         try:
             os.set_inheritable(theirs.fileno(), True)
-            child = Child.spawn([*argv, f"standby={theirs.fileno()}"], env, log_path,
+            child = Child.spawn([*argv, f"standby={theirs.fileno()}"], env, output,
                                 ordinary=True)  # fmt: skip
         except BaseException:
             ours.close()

@@ -35,6 +35,9 @@ class StatePage:
             raise ValueError(f"supervisor state of {len(data)} bytes does not fit a page")
         self._page[:] = data + b" " * (SIZE - len(data))
 
+    def close(self) -> None:
+        self._page.close()
+
     def remove(self) -> None:
         self._page.close()
         with contextlib.suppress(FileNotFoundError):

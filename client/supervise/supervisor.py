@@ -19,7 +19,11 @@ this package, allocates with libc's malloc (PYTHONMALLOC=malloc: pymalloc's
 1 MiB arenas round up what mlockall pins), touches what it will run at start
 (the handshake and the netlink calls are made once before the watch), then
 mlockall(MCL_CURRENT | MCL_FUTURE) pins everything, and it runs under
-PR_SET_IO_FLUSHER, SCHED_FIFO and oom_score_adj -1000.
+PR_SET_IO_FLUSHER, SCHED_FIFO and oom_score_adj -1000. Nothing a takeover runs
+may wait on a page swap could hold (#29: on a diskless host the log is tmpfs): its
+lines go through a ring a thread writes out, nbdkit's through a pipe it empties
+(logs.py), the server's address was resolved at start, nothing is imported or
+read (tests/test_takeover.py audits it).
 
 Where a new nbdkit's memory comes from while swap is held: the dead one's
 locked pages (~45 MiB, freed at its death) and, below the min watermark, the
@@ -46,13 +50,14 @@ import time
 
 from .child import Child
 from .handshake import HandshakeError
-from .knobs import OVERCOMMIT_FOR_NBDKIT, log
+from .knobs import LOGS, OVERCOMMIT_FOR_NBDKIT, log
 from .link import Link
 from .netlink import NetlinkError
 from .options import Options, UsageError, host_port, parse_args
 from .protect import (
     MCL_CURRENT,
     MCL_FUTURE,
+    libc,
     lock_all,
     protect_from_oom,
     real_time,
@@ -88,6 +93,9 @@ class Supervisor:
         self.dead_conn_timeout = args.dead_conn_timeout
         self.state_path: str = args.state
         self.log_path: str = args.serve_log
+        # nbdkit's output (the one serving, the spare): a pipe this process empties into
+        # the serve log, never a file of theirs (logs.py).
+        self.output = LOGS.serve_log(self.log_path)
         self.argv: list[str] = []
         given: dict[str, str] = {}
         if args.command:  # serve --print-command's JSON: nbdkit's argv and environment
@@ -137,7 +145,7 @@ class Supervisor:
 
     def start_child(self, start: str) -> None:
         with OVERCOMMIT_FOR_NBDKIT.held():
-            self.child = Child.spawn(self._argv(start, self.port), self._env(), self.log_path)
+            self.child = Child.spawn(self._argv(start, self.port), self._env(), self.output)
             self.state["serve_pid"] = self.child.pid
             self.state["port"] = self.port
             self.save()  # before the device connects: attach returns once it has
@@ -154,7 +162,7 @@ class Supervisor:
             # Its cushion serves every object; it loads unlocked (it locks at ready).
             env = {**self._env(), "PYTHONMALLOC": "malloc"}
             env.pop("NETSWAP_LOCK_AT_LOAD", None)
-            self.spare = Spare.spawn(self._argv("rebuild", port), env, self.log_path, port)
+            self.spare = Spare.spawn(self._argv("rebuild", port), env, self.output, port)
         except OSError as exc:
             OVERCOMMIT_FOR_NBDKIT.restore()
             log(f"no spare nbdkit ({exc}); trying again in {SPARE_RETRY_S:.0f}s")
@@ -218,14 +226,31 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 self.child = Child(pid)
                 self.state.update(serve_pid=pid, port=self.port)
-                log(f"adopted nbdkit {pid} serving on port {self.port}")
+                log(f"adopted nbdkit {pid} serving on port {self.port}{self.follow(pid)}")
                 return
         self.restart("nbdkit was gone when this supervisor adopted it", graceful=False)
+
+    def follow(self, pid: int) -> str:
+        """The adopted nbdkit's output: the pipe the dead supervisor emptied, opened again
+        through /proc (a pipe's reader may join at any time), so that its lines reach
+        the serve log and its writes never meet a pipe without a reader."""
+        path = f"/proc/{pid}/fd/2"
+        try:
+            if not os.readlink(path).startswith("pipe:"):
+                return ""  # a file (started by a netswap before the pipe): it writes there
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            return f" (its output is lost: {exc.strerror})"
+        LOGS.follow(fd)
+        return ", its output followed"
 
     def wait_answering(self) -> None:
         deadline = time.monotonic() + START_S
         while True:
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 1):
+            family, host = self.link.address  # resolved at start: nothing looked up now
+            with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1)
+                probe.connect((host, self.port))
                 return
             if self.child is not None and not self.child.alive():
                 raise RuntimeError(f"nbdkit exited at start (its log: {self.log_path})")
@@ -423,17 +448,31 @@ def lock() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The supervisor's life, its log written out by a thread from the first line to
+    the last (at most logs.FLUSH_S more at the end)."""
+    M_ARENA_MAX = -8  # <malloc.h>: one arena, not one per thread, each locked whole
+    libc().mallopt(M_ARENA_MAX, 1)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return supervise(sys.argv[1:] if argv is None else argv)
+    finally:
+        LOGS.flush()
+
+
+def supervise(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
     except UsageError as exc:
         log(f"usage: {exc}")
         return 2
     if args.footprint:
+        LOGS.start()
+        LOGS.serve_log(os.devnull)  # its threads and rings count too
         lock()
         print(json.dumps({"resident_kib": resident_kib(), "modules": sorted(sys.modules)}))
         return 0
     try:
         protect()
+        LOGS.start()  # after protect(): IO_FLUSHER and SCHED_FIFO are per thread, inherited
         supervisor = Supervisor(args)
         if args.adopt:
             supervisor.adopt()
