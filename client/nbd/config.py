@@ -191,8 +191,8 @@ class PluginConfig:
                               "(or cluster=redis://HOST:PORT)")  # fmt: skip
         if self.backend == "remote":
             if not area_name_ok(self.area or ""):
-                raise ConfigError(f"area={self.area!r}: an area name is a letter or digit, "
-                                  "then letters, digits, '.', '_' or '-' (64 bytes at most)")  # fmt: skip
+                why = "a letter or digit, then letters, digits, '.', '_' or '-' (64 B at most)"
+                raise ConfigError(f"area={self.area!r}: an area name is {why}")
             if self.replicas > len(self.stores):
                 raise ConfigError(f"replicas={self.replicas} needs {self.replicas} store= entries")
             if not 1 <= self.quorum <= self.effective_replicas:
