@@ -240,11 +240,23 @@ class Replicas:
                 self.counters["write_refusals"] += 1
             if outcome == errno.ESTALE:
                 self.fenced(store, f"store {self.stores[store].name}: a newer agent holds the area")
+            elif outcome < 0:
+                job.unreachable = True
         job.remaining -= count
         if job.remaining > 0:
             return False
         quorum = min(self.quorum, self.table.replicas)
-        self._finish_write(job, 0 if min(job.acks) >= quorum else (job.refusal or errno.EIO))
+        if min(job.acks) >= quorum:
+            self._finish_write(job, 0)
+        elif job.unreachable and not job.refusal and not self.fenced_out:
+            # A store went quiet under it: it waits (WRITE_WAIT_S) for stores to answer and
+            # goes to every replica again -- a write sent twice is the same write.
+            job.acks[:] = bytes(job.count)
+            job.unreachable = False
+            self._park_write(job)
+            return False
+        else:
+            self._finish_write(job, job.refusal or errno.EIO)
         return True
 
     def _finish_write(self, job: WriteJob, error: int) -> None:
