@@ -274,12 +274,10 @@ def _runs(body: memoryview, n: int) -> tuple[tuple[range, ...], int]:
     return runs, end
 
 
-def _lengths(body: memoryview, flags: int, n: int, at: int) -> tuple[array[int] | None, int, int]:
-    """A batch's lengths where SIZED says they are (at `at`): the lengths (None: whole
-    pages), where they end, and the payloads' size in all. The values are checked by
-    the message (1..PAGE_SIZE each); here only that they are there."""
-    if not flags & SIZED:
-        return None, at, n * PAGE_SIZE
+def _lengths(body: memoryview, n: int, at: int) -> tuple[array[int] | None, int, int]:
+    """A batch's lengths (SIZED says they are at `at`): the lengths, where they end, and
+    the payloads' size in all. The values are checked by the message (1..PAGE_SIZE
+    each); here only that they are there."""
     if len(body) < at + 2 * n:
         raise RemoteProtocolError(f"a batch of {n} payloads without their lengths")
     lengths = _array("H", body[at : at + 2 * n])
@@ -290,7 +288,10 @@ def _swap_out(body: memoryview, flags: int, n: int, rid: int) -> SwapOut:
     if flags & ~(SEALED | SIZED) or not 1 <= n <= MAX_BATCH_PAGES:
         raise RemoteProtocolError(f"SwapOut: flags {flags}, {n} pages")
     runs, at = _runs(body, n)
-    lengths, end, size = _lengths(body, flags, n, at + 12 * n)
+    if flags & SIZED:
+        lengths, end, size = _lengths(body, n, at + 12 * n)
+    else:  # whole pages (no call, no tuple: the common frame)
+        lengths, end, size = None, at + 12 * n, n * PAGE_SIZE
     seals = SEAL_SIZE * n if flags & SEALED else 0
     _sized(body, end + seals + size, "SwapOut")
     gens = _array("Q", body[at : at + 8 * n])
@@ -311,7 +312,10 @@ def _pages(body: memoryview, flags: int, n: int, rid: int) -> Pages:
     if flags & ~(SEALED | SIZED) or not 1 <= n <= MAX_BATCH_PAGES:
         raise RemoteProtocolError(f"Pages: flags {flags}, {n} pages")
     at = HEAD_SIZE
-    lengths, end, size = _lengths(body, flags, n, at + 12 * n)
+    if flags & SIZED:
+        lengths, end, size = _lengths(body, n, at + 12 * n)
+    else:
+        lengths, end, size = None, at + 12 * n, n * PAGE_SIZE
     seals = SEAL_SIZE * n if flags & SEALED else 0
     _sized(body, end + seals + size, "Pages")
     gens = _array("Q", body[at : at + 8 * n])

@@ -293,7 +293,7 @@ class SwapOut(Request):
         _check_request_id(request_id)
         self.runs = _as_runs(slots)
         n = check_runs(self.runs)
-        sized = _sized(lengths, n)
+        sized = _sized(lengths, n) if lengths is not None else None
         _check_pages(n, data, tags, generations, seals, sized)
         if 0 in generations:
             raise LocalProtocolError("generation 0 means never written")
@@ -518,7 +518,7 @@ class Pages(Reply):
         n = len(tags)
         if not 1 <= n <= MAX_BATCH_PAGES:
             raise LocalProtocolError(f"1..{MAX_BATCH_PAGES} pages")
-        sized = _sized(lengths, n)
+        sized = _sized(lengths, n) if lengths is not None else None
         _check_pages(n, data, tags, generations, seals, sized)
         self.request_id = request_id
         self.data = data
@@ -589,7 +589,7 @@ class Held(Reply):
             raise LocalProtocolError("slot out of range")
         if not _ints_within(generations, 0, MAX_GENERATION):
             raise LocalProtocolError("generations are uint64")
-        sized = _sized(lengths, n)
+        sized = _sized(lengths, n) if lengths is not None else None
         if sized is not None:
             _check_lengths(n, sized)
         self.request_id = request_id

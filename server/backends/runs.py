@@ -68,6 +68,17 @@ def is_run(pages: array[int]) -> bool:
     return (lanes[0] + first * lanes[1]).to_bytes(4 * n, "little") == pages.tobytes()
 
 
+def lowest(maps: list[array[int]]) -> int:
+    """The lowest handle of the runs' maps: below UNMAPPED, some slot holds an object (a
+    loop, not min() over a generator: ~0.2 us less a request, compiled)."""
+    low = UNMAPPED
+    for current in maps:
+        least = min(current)
+        if least < low:
+            low = least
+    return low
+
+
 # Per run length: 0, 1, 2, ... and 1, 1, 1, ... as little-endian int32 lanes of one int
 # (at most MAX_BATCH_PAGES pairs of 1 KiB).
 _LANES: dict[int, tuple[int, int]] = {}
@@ -177,7 +188,7 @@ class RunBackend(BackendCore):
         # Slots holding an object (a shorter payload) need a page as fresh ones do, and
         # give back less than a page of quota (counted, kept or not: a bound is enough).
         objects, more = 0, fresh * PAGE_SIZE
-        if fresh < count and min(min(m) for m in maps) < UNMAPPED:
+        if fresh < count and lowest(maps) < UNMAPPED:
             held = [h for m in maps for h in m if h < UNMAPPED]
             objects = len(held)
             more += objects * PAGE_SIZE - self._held_bytes(held)
@@ -355,11 +366,11 @@ class RunBackend(BackendCore):
         """read_runs of checked runs whose handles are `maps`, whole pages only."""
         tags, gens = array("I"), array("Q")
         at = 0
-        for run, current in zip(runs, maps, strict=True):
+        for i, run in enumerate(runs):
             n = len(run)
             seals = seals_out[at * SEAL_SIZE : (at + n) * SEAL_SIZE] if seals_out else None
             view = out[at * PAGE_SIZE : (at + n) * PAGE_SIZE]
-            t, g = self._read_run(area, run, current, view, seals)
+            t, g = self._read_run(area, run, maps[i], view, seals)
             tags.extend(t)
             gens.extend(g)
             at += n
