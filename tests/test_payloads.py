@@ -407,3 +407,20 @@ def test_random_work_against_a_model(kind: str, tmp_path: Path, seed: int) -> No
         assert read(backend, probe) == [model.get(s, bytes(PAGE_SIZE)) for s in probe]
     area = backend.area("a")
     assert area.used == len(model) and area.payload_bytes == sum(map(len, model.values()))
+
+
+def test_a_batch_past_the_object_table_is_refused_whole(kind: str, tmp_path: Path) -> None:
+    """Object ids are bounded (array('i') maps: MAX_OBJECTS): a batch that would pass the
+    bound is ENOSPC before anything lands, not halfway through."""
+    from netswap.server.backends.objects import MAX_OBJECTS
+
+    backend = make(kind, tmp_path, 16)
+    area = backend.activate("a", 100)
+    write(backend, [1], [b"a" * 300])
+    backend.objects.count = MAX_OBJECTS - 1  # as if the table were nearly full
+    with pytest.raises(StoreError) as info:
+        write(backend, [2, 3, 4], [b"b" * 8, b"c" * 300, b"d" * PAGE_SIZE])
+    assert info.value.errno == errno.ENOSPC and "payloads shorter than a page" in info.value.reason
+    assert area.used == 1 and read(backend, [2, 4]) == [bytes(PAGE_SIZE)] * 2
+    write(backend, [2], [b"b" * 8])  # one more fits
+    assert read(backend, [2]) == [b"b" * 8]

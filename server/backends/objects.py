@@ -336,6 +336,8 @@ class Objects:
             return None
         if not self.partial_bits[c] and len(free) < PAGES[c]:
             return None  # the holes went to writes meanwhile, and no page is free: stay
+        if self.count >= MAX_OBJECTS:
+            return None  # no id for the ghost a copy-on-write store keeps: stay
         self.where[obj] = self._take_spot(c, obj, free)
         return old
 

@@ -37,7 +37,7 @@ from netswap.protocol import (
 
 from .base import LOCAL_GENERATION, Buffer
 from .classes import INLINE_MAX, class_of, footprint
-from .objects import handle_of, object_of
+from .objects import MAX_OBJECTS, handle_of, object_of
 from .runs import RunBackend, lowest
 from .slotmap import UNMAPPED, Area
 
@@ -148,7 +148,12 @@ class PageBackend(RunBackend):
             else:
                 c = class_of(length)
                 spots[c] = spots.get(c, 0) + 1
-        return pages + self.objects.pages_needed(spots, inline)
+        objects = self.objects
+        if objects.count + inline + sum(spots.values()) > MAX_OBJECTS:
+            self.counters["enospc"] += 1
+            raise StoreError(errno.ENOSPC, f"store holds {objects.count} payloads shorter than "
+                             f"a page, of the {MAX_OBJECTS} it may")  # fmt: skip
+        return pages + objects.pages_needed(spots, inline)
 
     def _fits(self, handle: int, length: int) -> bool:
         """Whether a payload of `length` may be rewritten where `handle` is."""
