@@ -425,7 +425,9 @@ class StoreClient:
         """Fetch payloads proven end to end to be the slots' at write `counts` (default
         1) or `current()`'s -- a wrong, damaged or stale one is StoreError EIO: back to
         back (whole pages: the pages; swap_in_payloads splits them)."""
-        return bytes((await self._proven(slots, counts, current)).data)
+        reply = await self.read_pages(slots)
+        self._prove(reply, slots, counts, current)
+        return bytes(reply.data)
 
     async def swap_in_payloads(
         self,
@@ -434,21 +436,21 @@ class StoreClient:
         current: Callable[[], array[int]] | None = None,
     ) -> list[bytes]:
         """swap_in, one bytes per payload."""
-        reply = await self._proven(slots, counts, current)
+        reply = await self.read_pages(slots)
+        self._prove(reply, slots, counts, current)
         return [bytes(reply.payload(i)) for i in range(len(reply.tags))]
 
-    async def _proven(
+    def _prove(
         self,
+        reply: Pages,
         slots: Sequence[int],
         counts: Sequence[int] | None,
         current: Callable[[], array[int]] | None,
-    ) -> Pages:
+    ) -> None:
         expected = array("I", list(counts) if counts is not None else [1] * len(slots))
-        reply = await self.read_pages(slots)
         failure = check_pages(self.area_seed, reply, slots, expected, current)
         if failure is not None:
             raise failure
-        return reply
 
     async def inventory(self, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
         """The slots of first..first+count-1 the store holds, their generations, and
