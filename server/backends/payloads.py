@@ -79,18 +79,23 @@ class PageBackend(RunBackend):
                     for i, h in enumerate(current)]  # fmt: skip
         else:
             keep = [True] * count
-        in_place = self._admit_sized(area, slots, current, lengths, keep)
+        # Whether each payload may be rewritten where its slot's is (once: both the
+        # admission and the placement ask).
+        fits = [self._fits(h, lengths[i]) for i, h in enumerate(current)]
+        in_place = self._admit_sized(area, slots, current, lengths, keep, fits)
+        rewrite = in_place or not self.copy_on_write
         at = 0
         for i, slot in enumerate(slots):
             length = lengths[i]
             if keep[i]:
                 view = data[at : at + length]
                 seal = seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] if seals is not None else None
+                there = rewrite and fits[i]
                 if length == PAGE_SIZE:
-                    self._put_page(area, slot, current[i], view, tags[i], gens[i], seal, in_place)
+                    self._put_page(area, slot, current[i], view, tags[i], gens[i], seal, there)
                 else:
                     self._put_object(area, slot, current[i], view, tags[i], gens[i], seal,
-                                     in_place)  # fmt: skip
+                                     there)  # fmt: skip
             at += length
         written = sum(keep)
         self.counters["pages_written"] += written
@@ -107,6 +112,7 @@ class PageBackend(RunBackend):
         current: array[int],
         lengths: array[int],
         keep: list[bool],
+        fits: list[bool],
     ) -> bool:
         """Every check before anything is stored; True when a copy-on-write store with no
         room to spare must rewrite in place."""
@@ -116,12 +122,12 @@ class PageBackend(RunBackend):
                 more += footprint(lengths[i]) - self._footprint(handle)
         self._check_quota(area, more)
         cow = self.copy_on_write
-        needed = self._pages_needed(current, lengths, keep, not cow)
+        needed = self._pages_needed(lengths, keep, fits, not cow)
         if cow and needed > len(self.free):
             self._make_room(needed)
-            needed = self._pages_needed(current, lengths, keep, False)
+            needed = self._pages_needed(lengths, keep, fits, False)
             if needed > len(self.free):  # no room to spare: in place where it can be
-                needed = self._pages_needed(current, lengths, keep, True)
+                needed = self._pages_needed(lengths, keep, fits, True)
                 if needed <= len(self.free):
                     self._take_clusters(area, slots)
                     return True
@@ -133,13 +139,12 @@ class PageBackend(RunBackend):
         return False
 
     def _pages_needed(
-        self, current: array[int], lengths: array[int], keep: list[bool], in_place: bool
+        self, lengths: array[int], keep: list[bool], fits: list[bool], in_place: bool
     ) -> int:
         pages, inline = 0, 0
         spots: dict[int, int] = {}
-        for i, handle in enumerate(current):
-            length = lengths[i]
-            if not keep[i] or (in_place and self._fits(handle, length)):
+        for i, length in enumerate(lengths):
+            if not keep[i] or (in_place and fits[i]):
                 continue
             if length == PAGE_SIZE:
                 pages += 1
@@ -182,9 +187,10 @@ class PageBackend(RunBackend):
         tag: int,
         gen: int,
         seal: Buffer | None,
-        in_place: bool,
+        there: bool,
     ) -> None:
-        if handle >= 0 and (in_place or not self.copy_on_write):
+        """A whole page: rewritten `there`, where the slot's page is, or on a new one."""
+        if there:
             page = handle
         else:
             page = self.free.pop()
@@ -205,10 +211,12 @@ class PageBackend(RunBackend):
         tag: int,
         gen: int,
         seal: Buffer | None,
-        in_place: bool,
+        there: bool,
     ) -> None:
+        """A shorter payload: rewritten `there`, in its slot's object's spot (the same
+        class), or as a new object."""
         objects, length = self.objects, len(view)
-        if (in_place or not self.copy_on_write) and self._fits(handle, length):
+        if there:
             obj = object_of(handle)
             area.small_bytes += length - objects.lengths[obj]  # the same class: same spot
             objects.lengths[obj] = length
