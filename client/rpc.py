@@ -15,9 +15,12 @@ that talk to a store:
   and its reply at a time over a blocking socket, read with recv_into into the
   same kind of buffer; the GIL is free while it waits.
 
-`check_pages` is the end-to-end proof both use: a page is the slot's own when
+`check_pages` is the end-to-end proof both use: a payload is the slot's own when
 its tag, recomputed here over its bytes at its stored generation, matches, and
-that generation's write count is the one the caller last wrote.
+that generation's write count is the one the caller last wrote. A payload is
+what the agent made of a page (protocol/limits.py: the page, compressed, or its
+repeated word), 1..PAGE_SIZE bytes; a batch of whole pages travels without
+lengths, and Pages.payload(i) gives each either way.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from netswap.protocol import (
     Welcome,
     area_seed,
     tags_of,
+    tags_of_sized,
 )
 from netswap.protocol.errors import ConnectionLost
 from netswap.protocol.messages import Buffer
@@ -102,12 +106,9 @@ def check_pages(
     which a page may match instead."""
     if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
         return StoreError(errno.EIO, "store returned the wrong number of pages")
-    if tags_of(reply.data, seed, slots, reply.generations) != reply.tags:
-        bad = next(
-            i
-            for i, t in enumerate(tags_of(reply.data, seed, slots, reply.generations))
-            if t != reply.tags[i]
-        )
+    found_tags = reply_tags(seed, reply, slots)
+    if found_tags != reply.tags:
+        bad = next(i for i, t in enumerate(found_tags) if t != reply.tags[i])
         return StoreError(errno.EIO, f"slot {slots[bad]}: its page does not match its tag")
     found = counts_of(reply.generations)
     if found == counts:
@@ -120,6 +121,15 @@ def check_pages(
     return None
 
 
+def reply_tags(seed: int, reply: Pages, slots: Sequence[int]) -> array[int]:
+    """The tags of a Pages' payloads, recomputed over their bytes at their slots and
+    stored generations (whole pages, or payloads of the lengths the frame said)."""
+    lengths = reply.sized_lengths
+    if lengths is None:
+        return tags_of(reply.data, seed, slots, reply.generations)
+    return tags_of_sized(reply.data, lengths, seed, slots, reply.generations)
+
+
 def _detached(reply: Reply) -> Reply:
     """A reply that outlives the tick it arrived in: its pages and seals copied out of
     the connection's buffer. They are views into it (protocol/connection.py), and an
@@ -128,7 +138,8 @@ def _detached(reply: Reply) -> Reply:
     if not isinstance(reply, Pages):
         return reply
     seals = bytes(reply.seals) if reply.seals is not None else None
-    return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals)
+    return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals,
+                 reply.sized_lengths)  # fmt: skip
 
 
 def _failure(reply: Reply | Exception) -> Exception | None:
@@ -339,15 +350,18 @@ class StoreClient:
         seals: Buffer | None,
         done: Callable[[Exception | None], None],
     ) -> None:
-        """A SwapOut of `pages` (buffers that make up the batch in order, written as
-        they are: they must not change until done(None | error) runs)."""
+        """A SwapOut of `pages`, one payload per slot of `runs` in order (its length is
+        its buffer's: PAGE_SIZE for a whole page), each tagged over the payload as it
+        goes; written as they are: they must not change until done(None | error)
+        runs."""
         conn, rid = self._protocol.conn, self._next_id()
         self._start(rid, lambda: conn.send_swap_out(rid, runs, generations, tags, seals, pages),
                     lambda reply: done(_failure(reply)))  # fmt: skip
 
     def start_swap_in(self, runs: Sequence[range], sealed: bool, done: PagesCallback) -> None:
-        """A SwapIn; done(Pages, None) with its pages as views valid during the call
-        only (not yet proven: the caller checks them), or done(None, error)."""
+        """A SwapIn; done(Pages, None) with its payloads as views valid during the call
+        only (Pages.lengths, Pages.payload(i); not yet proven: the caller checks them),
+        or done(None, error)."""
         rid = self._next_id()
         request = SwapIn(rid, tuple(runs), sealed)
         conn = self._protocol.conn
@@ -378,14 +392,21 @@ class StoreClient:
     async def swap_out(
         self,
         slots: Sequence[int],
-        data: Buffer,
+        data: Buffer | Sequence[Buffer],
         generations: Sequence[int] | None = None,
         seals: Buffer | None = None,
     ) -> None:
-        """Store pages written for generations[i] (default: each slot's first write)."""
+        """Store payloads written for generations[i] (default: each slot's first write):
+        `data` is whole pages back to back, or one buffer per payload of any length."""
         gens = array("Q", list(generations) if generations is not None else [1] * len(slots))
-        tags = tags_of(data, self.area_seed, slots, gens)
-        await self._call(SwapOut(self._next_id(), slots, data, tags, gens, seals))
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            tags = tags_of(data, self.area_seed, slots, gens)
+            await self._call(SwapOut(self._next_id(), slots, data, tags, gens, seals))
+            return
+        lengths = array("H", [len(payload) for payload in data])
+        joined = b"".join(data)
+        tags = tags_of_sized(joined, lengths, self.area_seed, slots, gens)
+        await self._call(SwapOut(self._next_id(), slots, joined, tags, gens, seals, lengths))
 
     async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
         """The store's answer to a SwapIn, unproven, its buffers copied (repair and
@@ -401,21 +422,43 @@ class StoreClient:
         counts: Sequence[int] | None = None,
         current: Callable[[], array[int]] | None = None,
     ) -> bytes:
-        """Fetch pages proven end to end to be the slots' at write `counts` (default 1)
-        or `current()`'s -- a wrong, damaged or stale page is StoreError EIO."""
-        expected = array("I", list(counts) if counts is not None else [1] * len(slots))
+        """Fetch payloads proven end to end to be the slots' at write `counts` (default
+        1) or `current()`'s -- a wrong, damaged or stale one is StoreError EIO: back to
+        back (whole pages: the pages; swap_in_payloads splits them)."""
         reply = await self.read_pages(slots)
+        self._prove(reply, slots, counts, current)
+        return bytes(reply.data)
+
+    async def swap_in_payloads(
+        self,
+        slots: Sequence[int],
+        counts: Sequence[int] | None = None,
+        current: Callable[[], array[int]] | None = None,
+    ) -> list[bytes]:
+        """swap_in, one bytes per payload."""
+        reply = await self.read_pages(slots)
+        self._prove(reply, slots, counts, current)
+        return [bytes(reply.payload(i)) for i in range(len(reply.tags))]
+
+    def _prove(
+        self,
+        reply: Pages,
+        slots: Sequence[int],
+        counts: Sequence[int] | None,
+        current: Callable[[], array[int]] | None,
+    ) -> None:
+        expected = array("I", list(counts) if counts is not None else [1] * len(slots))
         failure = check_pages(self.area_seed, reply, slots, expected, current)
         if failure is not None:
             raise failure
-        return bytes(reply.data)
 
-    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
-        """The slots of first..first+count-1 the store holds, and their generations."""
+    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
+        """The slots of first..first+count-1 the store holds, their generations, and
+        their payloads' lengths (PAGE_SIZE: a whole page)."""
         reply = await self._call(Inventory(self._next_id(), first, count))
         if not isinstance(reply, Held):
             raise StoreError(errno.EIO, f"a {type(reply).__name__} answered Inventory")
-        return reply.slots, reply.generations
+        return reply.slots, reply.generations, reply.lengths
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
         await self._call(Discard(self._next_id(), tuple(ranges)))

@@ -90,13 +90,15 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
         unproven = f"[bold red]{life.unproven_slots:,}[/bold red]" if life.unproven_slots else "0"
         figures.add_row("unproven slots (EIO)", unproven)
     stores = Table(title="page stores")
-    for col in ("store", "state", "used MiB", "capacity MiB", "slabs", "stale", "syncing"):
+    for col in ("store", "state", "used MiB", "capacity MiB", "pages", "payload MiB", "slabs",
+                "stale", "syncing"):  # fmt: skip
         stores.add_column(col)
     for st in now.stores:
         state = "[green]up[/green]" if st.up else "[bold red]DOWN[/bold red]"
         used, cap = st.used_bytes >> 20, st.capacity_bytes >> 20
-        stores.add_row(st.name, state, str(used), str(cap),
-                       str(st.slabs), str(st.stale), str(st.syncing))  # fmt: skip
+        stores.add_row(st.name, state, str(used), str(cap), f"{st.pages:,}",
+                       str(st.payload_bytes >> 20), str(st.slabs), str(st.stale),
+                       str(st.syncing))  # fmt: skip
     if not now.cluster_nodes:
         return Group(figures, stores)
     nodes = Table(title="cluster nodes")

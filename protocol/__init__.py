@@ -9,6 +9,7 @@ from .checksum import (
     page_tag,
     slot_seed,
     tags_of,
+    tags_of_sized,
 )
 from .codec import decode, encode, encode_handshake
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role
@@ -21,7 +22,9 @@ from .limits import (
     MAX_HELLO_FRAME,
     MAX_HOLDER,
     MAX_INVENTORY_SLOTS,
+    MAX_PAYLOAD,
     MAX_SLOTS,
+    MIN_PAYLOAD,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     SEAL_SIZE,
@@ -57,7 +60,9 @@ __all__ = [
     "MAX_HELLO_FRAME",
     "MAX_HOLDER",
     "MAX_INVENTORY_SLOTS",
+    "MAX_PAYLOAD",
     "MAX_SLOTS",
+    "MIN_PAYLOAD",
     "NEED_DATA",
     "NEVER_WRITTEN",
     "PAGE_SIZE",
@@ -99,4 +104,5 @@ __all__ = [
     "runs_of",
     "slot_seed",
     "tags_of",
+    "tags_of_sized",
 ]

@@ -70,10 +70,23 @@ def test_store_metrics_move_when_pages_move() -> None:
         assert metric(after, "netswap_rpc_duration_seconds_count", '{op="swap_out"}') == 1
         assert metric(after, "netswap_batch_pages_sum", '{op="swap_out"}') == 10
         assert metric(after, "netswap_store_used_bytes") == 10 * PAGE
+        assert metric(after, "netswap_store_pages") == 10
+        assert metric(after, "netswap_store_payload_bytes") == 10 * PAGE
         assert 'netswap_build_info{role="store",version="0.1.0"} 1.0' in after
         stats = json.loads(get(f"http://127.0.0.1:{http}/api/stats"))
         assert stats["role"] == "store" and stats["swap_out_pages_total"] == 10
         assert "<canvas" in get(f"http://127.0.0.1:{http}/")
+
+        async def payloads() -> None:  # sixteen 256-B payloads: one page more, in bytes
+            client = await StoreClient.connect("127.0.0.1", store.port, "m")
+            await client.swap_out(list(range(20, 36)), [bytes(256)] * 16)
+            await client.close()
+
+        asyncio.run(payloads())
+        more = get(f"http://127.0.0.1:{http}/metrics")
+        assert metric(more, "netswap_store_used_bytes") == 11 * PAGE
+        assert metric(more, "netswap_store_pages") == 26
+        assert metric(more, "netswap_store_payload_bytes") == 10 * PAGE + 16 * 256
     finally:
         store.kill()
 

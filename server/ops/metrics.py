@@ -126,9 +126,15 @@ class _SnapshotCollector:
             "netswap_store_up", "1 if the page store is reachable", labels=["store"]
         )
         used = GaugeMetricFamily(
-            "netswap_store_used_bytes", "Bytes of pages held", labels=["store"]
+            "netswap_store_used_bytes", "Bytes of capacity in use", labels=["store"]
         )
         cap = GaugeMetricFamily("netswap_store_capacity_bytes", "Store capacity", labels=["store"])
+        held = GaugeMetricFamily(
+            "netswap_store_pages", "Payloads held (a page swapped out each)", labels=["store"]
+        )
+        payload = GaugeMetricFamily(
+            "netswap_store_payload_bytes", "Bytes of the payloads held", labels=["store"]
+        )
         failures = CounterMetricFamily(
             "netswap_store_failures", "Times the store was marked down", labels=["store"]
         )
@@ -139,9 +145,11 @@ class _SnapshotCollector:
             up.add_metric([st.name], 1 if st.up else 0)
             used.add_metric([st.name], st.used_bytes)
             cap.add_metric([st.name], st.capacity_bytes)
+            held.add_metric([st.name], st.pages)
+            payload.add_metric([st.name], st.payload_bytes)
             failures.add_metric([st.name], st.failures)
             reconnects.add_metric([st.name], st.reconnects)
-        yield from (up, used, cap, failures, reconnects)
+        yield from (up, used, cap, held, payload, failures, reconnects)
         yield GaugeMetricFamily(
             "netswap_replication_lag_pages",
             "Written pages whose slab has a replica not in sync",

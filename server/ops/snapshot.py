@@ -45,8 +45,10 @@ class StoreRow:
 
     name: str
     up: bool
-    used_bytes: int
+    used_bytes: int  # capacity in use: whole pages, zspages, what a flush will free
     capacity_bytes: int
+    pages: int = 0  # payloads held (each stands for a page swapped out)
+    payload_bytes: int = 0  # their bytes: used_bytes / payload_bytes is what they cost
     slabs: int = 0
     stale: int = 0
     syncing: int = 0
