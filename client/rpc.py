@@ -15,9 +15,9 @@ that talk to a store:
   and its reply at a time over a blocking socket, read with recv_into into the
   same kind of buffer; the GIL is free while it waits.
 
-`check_pages` is the end-to-end proof both use: a payload is the slot's own when
-its tag, recomputed here over its bytes at its stored generation, matches, and
-that generation's write count is the one the caller last wrote. A payload is
+Both prove what they read with protocol/proof.py: a payload is the slot's own
+when its tag, recomputed over its bytes at its stored generation, matches, and
+that generation (all 64 bits) is the one the caller last wrote. A payload is
 what the agent made of a page (protocol/limits.py: the page, compressed, or its
 repeated word), 1..PAGE_SIZE bytes; a batch of whole pages travels without
 lengths, and Pages.payload(i) gives each either way.
@@ -62,6 +62,7 @@ from netswap.protocol import (
     SwapOut,
     Welcome,
     area_seed,
+    prove_reply,
     tags_of,
     tags_of_sized,
 )
@@ -82,52 +83,6 @@ COUNT_MASK = 0xFFFFFFFF
 
 ReplyCallback = Callable[["Reply | Exception"], None]
 PagesCallback = Callable[[Pages | None, Exception | None], None]
-
-
-def counts_of(generations: array[int]) -> array[int]:
-    """The write counts (low 32 bits) of 64-bit generations, in C: an array('Q')'s
-    bytes read as array('I') are [low, high, low, high, ...] on little-endian."""
-    halves = array("I")
-    halves.frombytes(generations.tobytes())
-    return halves[::2]
-
-
-def check_pages(
-    seed: int,
-    reply: Reply | Exception,
-    slots: Sequence[int],
-    counts: array[int],
-    current: Callable[[], array[int]] | None = None,
-) -> StoreError | None:
-    """A SwapIn answer must be one page per slot, each the slot's own page (its tag
-    matches its bytes at its generation) from the write the caller last made: that
-    generation's count is counts[i]. A write that raced the read (NBD leaves such a
-    read's result to either) moved the count on; `current` gives the one now,
-    which a page may match instead."""
-    if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
-        return StoreError(errno.EIO, "store returned the wrong number of pages")
-    found_tags = reply_tags(seed, reply, slots)
-    if found_tags != reply.tags:
-        bad = next(i for i, t in enumerate(found_tags) if t != reply.tags[i])
-        return StoreError(errno.EIO, f"slot {slots[bad]}: its page does not match its tag")
-    found = counts_of(reply.generations)
-    if found == counts:
-        return None
-    now = current() if current is not None else counts
-    for i, slot in enumerate(slots):
-        if found[i] != counts[i] and found[i] != now[i]:
-            return StoreError(errno.EIO, f"slot {slot}: the store holds write {found[i]}, "
-                              f"not write {counts[i]}")  # fmt: skip
-    return None
-
-
-def reply_tags(seed: int, reply: Pages, slots: Sequence[int]) -> array[int]:
-    """The tags of a Pages' payloads, recomputed over their bytes at their slots and
-    stored generations (whole pages, or payloads of the lengths the frame said)."""
-    lengths = reply.sized_lengths
-    if lengths is None:
-        return tags_of(reply.data, seed, slots, reply.generations)
-    return tags_of_sized(reply.data, lengths, seed, slots, reply.generations)
 
 
 def _detached(reply: Reply) -> Reply:
@@ -419,36 +374,36 @@ class StoreClient:
     async def swap_in(
         self,
         slots: Sequence[int],
-        counts: Sequence[int] | None = None,
+        generations: Sequence[int] | None = None,
         current: Callable[[], array[int]] | None = None,
     ) -> bytes:
-        """Fetch payloads proven end to end to be the slots' at write `counts` (default
+        """Fetch payloads proven end to end to be the slots' at `generations` (default
         1) or `current()`'s -- a wrong, damaged or stale one is StoreError EIO: back to
         back (whole pages: the pages; swap_in_payloads splits them)."""
         reply = await self.read_pages(slots)
-        self._prove(reply, slots, counts, current)
+        self._prove(reply, slots, generations, current)
         return bytes(reply.data)
 
     async def swap_in_payloads(
         self,
         slots: Sequence[int],
-        counts: Sequence[int] | None = None,
+        generations: Sequence[int] | None = None,
         current: Callable[[], array[int]] | None = None,
     ) -> list[bytes]:
         """swap_in, one bytes per payload."""
         reply = await self.read_pages(slots)
-        self._prove(reply, slots, counts, current)
+        self._prove(reply, slots, generations, current)
         return [bytes(reply.payload(i)) for i in range(len(reply.tags))]
 
     def _prove(
         self,
         reply: Pages,
         slots: Sequence[int],
-        counts: Sequence[int] | None,
+        generations: Sequence[int] | None,
         current: Callable[[], array[int]] | None,
     ) -> None:
-        expected = array("I", list(counts) if counts is not None else [1] * len(slots))
-        failure = check_pages(self.area_seed, reply, slots, expected, current)
+        gens = list(generations) if generations is not None else [1] * len(slots)
+        failure = prove_reply(self.area_seed, reply, slots, array("Q", gens), current)
         if failure is not None:
             raise failure
 

@@ -90,8 +90,9 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
         unproven = f"[bold red]{life.unproven_slots:,}[/bold red]" if life.unproven_slots else "0"
         figures.add_row("unproven slots (EIO)", unproven)
     stores = Table(title="page stores")
-    for col in ("store", "state", "used MiB", "capacity MiB", "pages", "payload MiB", "slabs",
-                "stale", "syncing"):  # fmt: skip
+    stores.add_column("store", no_wrap=True)  # an address or "this store": never cut
+    for col in ("state", "used MiB", "capacity MiB", "pages", "payload MiB", "slabs", "stale",
+                "syncing"):  # fmt: skip
         stores.add_column(col)
     for st in now.stores:
         state = "[green]up[/green]" if st.up else "[bold red]DOWN[/bold red]"

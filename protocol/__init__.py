@@ -49,6 +49,7 @@ from .messages import (
     SwapOut,
     Welcome,
 )
+from .proof import prove_pages, prove_reply
 from .runs import runs_of
 
 __all__ = [
@@ -101,6 +102,8 @@ __all__ = [
     "encode_handshake",
     "page_crc",
     "page_tag",
+    "prove_pages",
+    "prove_reply",
     "runs_of",
     "slot_seed",
     "tags_of",

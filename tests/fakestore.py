@@ -172,9 +172,11 @@ class FakeClient:
             raise StoreError(errno.ESTALE, f"a newer agent (epoch {self.store.floor})")
         self.store.floor = epoch
 
-    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
+    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
         held = sorted(s for s in self.store.pages if first <= s < first + count)
-        return array("Q", held), array("Q", [self.store.pages[s][2] for s in held])
+        pages = self.store.pages
+        return (array("Q", held), array("Q", [pages[s][2] for s in held]),
+                array("H", [len(pages[s][0]) for s in held]))  # fmt: skip
 
     async def stats(self) -> dict[str, Any]:
         return {"used_pages": len(self.store.pages)}

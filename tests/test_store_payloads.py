@@ -15,7 +15,7 @@ from array import array
 from pathlib import Path
 
 import pytest
-from netswap.client.rpc import BlockingClient, StoreClient, check_pages
+from netswap.client.rpc import BlockingClient, StoreClient
 from netswap.protocol import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
@@ -31,6 +31,7 @@ from netswap.protocol import (
     area_seed,
     encode,
     page_tag,
+    prove_reply,
     tags_of_sized,
 )
 from netswap.server.backends.objects import SLACK
@@ -103,9 +104,9 @@ async def test_a_payload_whose_tag_does_not_match_is_eio_at_the_store_and_the_cl
         reply = await client.read_pages([6])
         forged = Pages(reply.request_id, b"X" + bytes(reply.data)[1:], reply.tags,
                        reply.generations, None, reply.lengths)  # fmt: skip
-        failure = check_pages(client.area_seed, forged, [6], array("I", [1]))
+        failure = prove_reply(client.area_seed, forged, [6], array("Q", [1]))
         assert failure is not None and failure.errno == errno.EIO
-        assert check_pages(client.area_seed, reply, [6], array("I", [1])) is None
+        assert prove_reply(client.area_seed, reply, [6], array("Q", [1])) is None
         await client.close()
     finally:
         store.kill()
@@ -258,7 +259,7 @@ def test_the_direct_path_sends_payloads_and_proves_them() -> None:
                                               None, views), 10)  # fmt: skip
         assert isinstance(client.reply(time.monotonic() + 10), Ok)
         reply = client.call(SwapIn(client.next_id(), range(3, 6)), 10)
-        assert check_pages(seed, reply, range(3, 6), array("I", [1, 1, 1])) is None
+        assert prove_reply(seed, reply, range(3, 6), array("Q", [1, 1, 1])) is None
         assert isinstance(reply, Pages) and [bytes(reply.payload(i)) for i in range(3)] == sent
         client.close()
     finally:

@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from netswap.client.rpc import BlockingClient, StoreClient, check_pages
-from netswap.protocol import PAGE_SIZE, SwapIn, area_seed
+from netswap.client.rpc import BlockingClient, StoreClient
+from netswap.protocol import PAGE_SIZE, SwapIn, area_seed, prove_reply
 from netswap.server.backends import MemoryBackend
 from netswap.server.heap import tune_heap
 
@@ -157,7 +157,7 @@ def blocking_round_trips(port: int) -> tuple[float, float]:
 
     def once() -> None:
         reply = client.call(SwapIn(client.next_id(), slots), 5.0)
-        assert check_pages(seed, reply, slots, counts) is None
+        assert prove_reply(seed, reply, slots, array("Q", counts)) is None
 
     try:
         return timed(once)
