@@ -117,7 +117,7 @@ class FakeClient:
     ) -> None:
         store = self.store
         store.swap_outs += 1
-        data = b"".join(pages)  # copied now, as sent
+        payloads = [bytes(p) for p in pages]  # copied now, as sent
         slots = [s for run in runs for s in run]
         tags, generations = list(tags), list(generations)
 
@@ -130,8 +130,7 @@ class FakeClient:
                 held = store.pages.get(slot)
                 if held is not None and held[2] >= generations[i]:
                     continue  # newer-only, as a store
-                page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                store.pages[slot] = (page, tags[i], generations[i])
+                store.pages[slot] = (payloads[i], tags[i], generations[i])
             done(None)
 
         self._reply(reply)
@@ -152,8 +151,10 @@ class FakeClient:
         written: zeros at generation 0); the agent proves them itself."""
         seed = self.area_seed
         held = [self.store.pages.get(s) or (ZERO, page_tag(ZERO, seed, s, 0), 0) for s in slots]
+        lengths = array("H", [len(h[0]) for h in held])
+        sized = None if all(n == PAGE_SIZE for n in lengths) else lengths
         return Pages(0, b"".join(h[0] for h in held), array("I", [h[1] for h in held]),
-                     array("Q", [h[2] for h in held]))  # fmt: skip
+                     array("Q", [h[2] for h in held]), None, sized)  # fmt: skip
 
     async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
         return self._pages(slots)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 import signal
 import threading
@@ -201,7 +202,7 @@ def test_a_store_away_costs_time_and_one_back_empty_makes_only_its_lost_pages_ei
     with it -- and the store back empty makes that page EIO (never zeros, never a hang)."""
     with stores(1) as (s1,), agent_serve([s1], "16M", "--slab", "1M") as (uri, _):
         h = connect(uri)
-        h.pwrite(b"a" * PAGE, 0)
+        h.pwrite(os.urandom(PAGE), 0)  # its own page: a same-filled one reads without a store
         s1.kill()
         start = time.monotonic()
         with pytest.raises(nbd.Error) as info:

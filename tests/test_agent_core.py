@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from netswap.client.agent.core import Agent
 from netswap.client.agent.machine.table import IN_SYNC
+from netswap.client.agent.payload import decode
 from netswap.client.agent.remote import RemoteDevice
 from netswap.client.agent.reserve import Reserve
 from netswap.protocol import PAGE_SIZE, StoreError
@@ -34,7 +35,7 @@ def device_over(stores: list[FakeStore], *, replicas: int, quorum: int = 1,
                   slab_slots=SLAB_PAGES, quorum=quorum, io_timeout=io_timeout,
                   connect_store=connect)  # type: ignore[arg-type]  # fmt: skip
     device = RemoteDevice(agent, 4096 * PAGE_SIZE, reserve_wait=io_timeout, write_back=False,
-                          compress=False)  # fmt: skip
+                          compress=True)  # fmt: skip
     device.start()
     return device
 
@@ -48,7 +49,8 @@ def two() -> Iterator[tuple[RemoteDevice, FakeStore, FakeStore]]:
 
 
 def page(n: int) -> memoryview:
-    return memoryview(bytes([n % 251 + 1]) * PAGE_SIZE)
+    """A page of its own (not same-filled: those are read back without a store)."""
+    return memoryview(bytes((n + i) % 251 for i in range(16)) * (PAGE_SIZE // 16))
 
 
 def read(device: RemoteDevice, slot: int, count: int = 1) -> bytes:
@@ -72,8 +74,11 @@ def test_the_last_write_wins_on_every_replica(
         device.pwrite(page(n), 7 * PAGE_SIZE, False)
     assert read(device, 7) == bytes(page(4))
     for store in (a, b):
-        data, _, generation = store.pages[7]
-        assert data == bytes(page(4)) and generation & 0xFFFFFFFF == 5  # five writes
+        payload, _, generation = store.pages[7]
+        out = memoryview(bytearray(PAGE_SIZE))
+        assert decode(memoryview(payload), out) and bytes(out) == bytes(page(4))
+        assert len(payload) < PAGE_SIZE  # compressed on its way (payload.py)
+        assert generation & 0xFFFFFFFF == 5  # five writes
 
 
 def test_one_rule_a_refusal_costs_the_write_only_below_its_quorum() -> None:

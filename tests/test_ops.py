@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import time
@@ -102,8 +103,9 @@ def test_agent_metrics_follow_nbd_traffic_and_store_health() -> None:
     ):
         url = f"http://127.0.0.1:{http}"
         h = connect(uri)
-        h.pwrite(b"m" * (32 * PAGE), 0)  # the loop places the slab: the first write's
-        h.pwrite(b"m" * (8 * PAGE), 0)  # a lone write to a placed slab: direct
+        # Pages of their own: a same-filled one is read back without a store (payload.py).
+        h.pwrite(os.urandom(32 * PAGE), 0)  # the loop places the slab: the first write's
+        h.pwrite(os.urandom(8 * PAGE), 0)  # a lone write to a placed slab: direct
         h.pread(8 * PAGE, 0)
         text = get(url + "/metrics")
         assert metric(text, "netswap_swap_out_pages_total") == 40
@@ -243,8 +245,9 @@ def test_reads_and_writes_loop_send_everything_through_the_agents_loop() -> None
         ) as (uri, _),  # fmt: skip
     ):
         h = connect(uri)
-        h.pwrite(b"q" * (16 * PAGE), 0)
-        assert h.pread(16 * PAGE, 0) == b"q" * (16 * PAGE)
+        sent = os.urandom(16 * PAGE)  # not same-filled: those are read without a store
+        h.pwrite(sent, 0)
+        assert h.pread(16 * PAGE, 0) == sent
         text = get(f"http://127.0.0.1:{http}/metrics")
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="loop"}') == 16
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="direct"}') == 0

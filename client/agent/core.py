@@ -319,7 +319,7 @@ class Agent(Startup, Routes):
             await asyncio.gather(*(store.refresh_usage() for store in self.stores))
             with self.machine.lock:
                 for store in self.stores:
-                    self.machine.stores[store.index].free_pages = store.free_pages
+                    self.machine.stores[store.index].free_bytes = store.free_bytes
 
 
 def _read_page_done(entry: ReadEntry, error: int) -> None:

@@ -63,7 +63,7 @@ class RemoteDevice(Writes, Reads):
         write_back: bool = False,
         direct_reads: bool = False,
         direct_writes: bool = False,
-        compress: bool = False,
+        compress: bool = True,
     ) -> None:
         self.agent = agent
         self.machine = agent.machine
@@ -112,7 +112,7 @@ class RemoteDevice(Writes, Reads):
         key: AreaKey | None = None,
         holder: str = "",
         force: bool = False,
-        compress: bool = False,
+        compress: bool = True,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         token = read_token(token_file or None)

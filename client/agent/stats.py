@@ -102,8 +102,8 @@ def store_rows(agent: Agent) -> list[StoreRow]:
             StoreRow(
                 name=store.name,
                 up=store.up,
-                used_bytes=store.used_pages * PAGE_SIZE,
-                capacity_bytes=store.capacity_pages * PAGE_SIZE,
+                used_bytes=store.used_bytes,
+                capacity_bytes=store.capacity_bytes,
                 slabs=len(states),
                 stale=sum(1 for st in states if st in (STALE, SUSPECT)),
                 syncing=sum(1 for st in states if st == SYNCING),

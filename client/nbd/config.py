@@ -126,7 +126,7 @@ class PluginConfig:
                          choices=START_MODES)  # fmt: skip
     epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
                          "carry (the supervisor's, raised at every restart)")  # fmt: skip
-    compress: str = setting("off", "choice", "remote: a page goes to the stores as its payload: "
+    compress: str = setting("lz4", "choice", "remote: a page goes to the stores as its payload: "
                             "same-filled as its 8-byte word (read back without a store), "
                             "lz4-compressed in 256-B granules when it fits 3 KiB, else whole; "
                             "off: every page whole (the stores learn no page's size)",
