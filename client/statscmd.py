@@ -80,6 +80,13 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
     p = now.pressure
     figures.add_row("memory PSI some / full", f"{p.some_avg10:.1f} % / {p.full_avg10:.1f} %")
     figures.add_row("replication lag (pages)", str(now.replication_lag_pages))
+    kinds = now.swap_out_by_kind
+    written = sum(kinds.values())
+    if written:  # what pages became on the wire (#31)
+        ratio = now.swap_out_payload_bytes / (written * 4096)
+        figures.add_row("pages out: filled / compressed / whole",
+                        f"{kinds.get('filled', 0):,} / {kinds.get('compressed', 0):,} / "
+                        f"{kinds.get('whole', 0):,} ({ratio:.2f} of their bytes sent)")  # fmt: skip
     figures.add_row("checksum errors", str(now.checksum_errors_total))
     if (life := now.lifecycle) is not None:
         started = f"rebuilt {life.rebuild_pages:,} pages" if life.started == "rebuild" else "fresh"

@@ -254,3 +254,24 @@ def test_reads_and_writes_loop_send_everything_through_the_agents_loop() -> None
         assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="loop"}') == 16
         assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="direct"}') == 0
         h.shutdown()
+
+
+def test_the_agent_says_what_its_pages_became_on_the_wire() -> None:
+    """#31: pages out by payload kind (same-filled, compressed, whole) and their bytes."""
+    http = free_port()
+    with stores(1) as procs, agent_serve(procs, "16M", "--http", f"127.0.0.1:{http}") as (uri, _):
+        h = connect(uri)
+        h.pwrite(bytes(4 * PAGE), 0)  # zero pages: filled
+        h.pwrite((b"netswap page text " * 1000)[: 2 * PAGE], 4 * PAGE)  # compressible
+        h.pwrite(os.urandom(3 * PAGE), 8 * PAGE)  # incompressible: whole
+        text = get(f"http://127.0.0.1:{http}/metrics")
+        kinds = {k: metric(text, "netswap_swap_out_pages_by_kind_total", f'{{kind="{k}"}}')
+                 for k in ("filled", "compressed", "whole")}  # fmt: skip
+        assert kinds == {"filled": 4, "compressed": 2, "whole": 3}
+        sent = metric(text, "netswap_swap_out_payload_bytes_total")
+        assert 4 * 8 + 2 * 256 + 3 * PAGE <= sent <= 4 * 8 + 2 * 3072 + 3 * PAGE
+        out = subprocess.run([NETSWAP, "stats", f"http://127.0.0.1:{http}/"],
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "COLUMNS": "160"})  # fmt: skip
+        assert "4 / 2 / 3" in out.stdout, out.stdout
+        h.shutdown()

@@ -175,7 +175,7 @@ class RemoteDevice(Writes, Reads):
 
         from .stats import agent_source
 
-        source = agent_source(self.agent, lambda: self.local_reads, self.direct)
+        source = agent_source(self.agent, lambda: self.local_reads, self.direct, self.figures)
         assert self.agent.loop is not None
         started = start_http(source, host, port, token)
         asyncio.run_coroutine_threadsafe(started, self.agent.loop).result(10)

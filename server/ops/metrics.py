@@ -106,6 +106,20 @@ class _SnapshotCollector:
             for path, n in sorted(paths.items()):
                 by_path.add_metric([path], n)
             yield by_path
+        if s.role == "agent":  # what pages became on the wire (#31)
+            kinds = CounterMetricFamily(
+                "netswap_swap_out_pages_by_kind",
+                "Pages swapped out, by their payload: filled (an 8-byte word), compressed, whole",
+                labels=["kind"],
+            )
+            for kind in ("filled", "compressed", "whole"):
+                kinds.add_metric([kind], s.swap_out_by_kind.get(kind, 0))
+            yield kinds
+            yield CounterMetricFamily(
+                "netswap_swap_out_payload_bytes",
+                "Bytes the pages swapped out came to on the wire (sealed: plus 16 B each)",
+                value=s.swap_out_payload_bytes,
+            )
         yield CounterMetricFamily(
             "netswap_checksum_errors", "Page checksum mismatches", value=s.checksum_errors_total
         )
