@@ -252,6 +252,7 @@ class Proxy:
         self.cut_on: frozenset[int] = frozenset()  # a connection sending one of these stalls
         self.cuts = 0  # connections stalled so far
         self.max_cuts = 1
+        self.partitioned = False  # every frame of every connection is dropped, for good
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -260,24 +261,35 @@ class Proxy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def hold(self, *types: int) -> None:
-        """From now on, keep frames of these types (and every later frame) that the
-        connections open now send."""
-        for link in self.links:
-            link.hold = frozenset(types)
+    def hold(self, *types: int, links: list[Link] | None = None) -> None:
+        """From now on, keep the frames of these types (and every later frame) that these
+        connections (default: those open now) send."""
+        for link in self.links if links is None else links:
+            link.hold |= frozenset(types)
 
-    def held(self) -> int:
-        return sum(len(link.held) for link in self.links)
+    def held(self, links: list[Link] | None = None) -> int:
+        return sum(len(link.held) for link in (self.links if links is None else links))
 
-    def release(self) -> None:
-        """Deliver every kept frame, in order; connections whose agent is gone end."""
-        for link in self.links:
+    def release(self, links: list[Link] | None = None) -> None:
+        """Deliver the kept frames of these connections (default: all), in order; those
+        whose agent is gone end."""
+        for link in list(self.links) if links is None else links:
             with link.lock:
                 frames, link.held, link.hold = link.held, [], frozenset()
                 for frame in frames:
                     link.store.sendall(frame)
                 if link.agent_gone:
                     link.store.shutdown(socket.SHUT_WR)
+
+    def partition(self) -> None:
+        """The store is cut off: nothing of any connection reaches it (nor its answers the
+        agent) until heal(); the connections cut stay dead, new ones after heal() pass."""
+        self.partitioned = True
+        for link in self.links:
+            link.cut = True
+
+    def heal(self) -> None:
+        self.partitioned = False
 
     def close(self) -> None:
         self._closed = True
@@ -327,6 +339,8 @@ class Proxy:
                 _quietly(link.store.shutdown, socket.SHUT_WR)
 
     def _pass(self, link: Link, kind: int, frame: bytes) -> None:
+        if self.partitioned:
+            link.cut = True
         if kind in self.cut_on and self.cuts < self.max_cuts and not link.cut:
             link.cut = True
             self.cuts += 1
