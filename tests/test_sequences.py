@@ -28,6 +28,7 @@ from .faultkit import (
     AgentProc,
     ReadBack,
     file_store,
+    page_of,
     pause,
     read_back,
     resume,
@@ -414,3 +415,54 @@ def test_a_zeroed_range_reads_zeros_after_an_agent_restart() -> None:
             found = read_back(agent.uri, zeros, older_of(w1))
             print(f"\nzeroed while B was cut off, agent restarted: read back {found}")
             assert found.right == len(SLOTS), (str(found), found.first_bad)
+
+
+# -- a direct read gives its connection back before it copies the pages out ------------------
+@pytest.mark.timeout(60)
+def test_a_direct_read_copies_its_pages_out_before_its_connection_serves_another() -> None:
+    """A lone read goes from nbdkit's thread over a connection of the store's pool, and
+    its pages are views into that connection's buffer. Given back to the pool, the
+    connection serves the next thread's request, whose reply lands in the same buffer.
+    Here that next request comes at once (the pool's give is wrapped: another thread's
+    read of slot 9 goes on the connection the moment it is given back): the read of slot
+    5 must still return slot 5's page. Plaintext (no key): nothing is copied in between."""
+    from netswap.client.agent import stores as stores_module
+    from netswap.client.agent.remote import RemoteDevice
+    from netswap.protocol.messages import SwapIn
+
+    store = StoreProc("64M").start()
+    real_give = stores_module.Store.give
+    reused: list[int] = []
+
+    def give_then_reuse(self: stores_module.Store, client: object) -> None:
+        real_give(self, client)  # type: ignore[arg-type]
+        if reused:
+            return
+        again = self.take()  # the pool's last: the connection just given back
+        assert again is client
+        again.call(SwapIn(again.next_id(), (range(9, 10),), False), 5.0)
+        reused.append(1)
+        real_give(self, again)
+
+    with running(store):
+        device = RemoteDevice.open(
+            stores=[store.address], area=AREA, size=4 << 20, replicas=1, quorum=1,
+            reserve=1 << 20, slab=4 << 20, token_file="", batch_pages=64,
+            batch_linger_us=200, write_back=False,
+        )  # fmt: skip
+        device.start()
+        try:
+            for slot in (5, 9):
+                device.pwrite(memoryview(page_of(b"D", slot)), slot * PAGE, False)
+            stores_module.Store.give = give_then_reuse  # type: ignore[method-assign]
+            out = bytearray(PAGE)
+            try:
+                device.pread(memoryview(out), 5 * PAGE)
+            finally:
+                stores_module.Store.give = real_give  # type: ignore[method-assign]
+            print(f"\na direct read whose connection served another read at once: "
+                  f"slot 5 read {bytes(out[:8])!r}")  # fmt: skip
+            assert reused, "the read did not go direct"
+            assert bytes(out) == page_of(b"D", 5)
+        finally:
+            device.close()
