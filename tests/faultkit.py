@@ -30,14 +30,18 @@ from .procs import StoreProc
 
 PAGE = 4096
 BLOCK = 8  # pages per write: the kernel writes clusters of pages
+# A write failing this long in a row is an error, not an outage ridden out: the longest
+# stall here (7 s) plus a write's wait for a replica and its deadline (5 s + 5 s), twice.
+GIVE_UP_S = 40.0
 
 
 class AgentProc:
     """`netswap serve --backend remote` on the stores (or addresses); kill() is kill -9."""
 
-    def __init__(self, area: str, stores: list[StoreProc] | list[str], size: str,
-                 *extra: str) -> None:  # fmt: skip
-        self.port = free_port()
+    def __init__(self, area: str, stores: list[StoreProc] | list[str], size: str, *extra: str,
+                 port: int = 0, env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.port = port or free_port()  # a restart may keep its predecessor's port
+        self.env = {**os.environ, **(env or {})}
         self.log = Path("/tmp") / f"netswap-faults-{self.port}.log"
         self.cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{self.port}", "--size", size,
                     "--backend", "remote", "--no-mlock", "--area", area, *extra]  # fmt: skip
@@ -51,7 +55,8 @@ class AgentProc:
 
     def start(self, timeout: float = 60) -> AgentProc:
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=out)
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=out,
+                                         env=self.env)  # fmt: skip
         wait_for_port(self.port, self.proc, timeout=timeout)
         if "--http" in self.cmd:  # the ops endpoint starts just after nbdkit listens
             http = self.cmd[self.cmd.index("--http") + 1]
@@ -199,12 +204,16 @@ class Writers:
             while not self._stop.is_set():
                 first = (n * stripe + rng.randrange(stripe)) * BLOCK
                 data = rng.randbytes(BLOCK * PAGE)
+                failing = 0.0
                 while True:
                     try:
                         h.pwrite(data, first * PAGE)
                         break
                     except nbd.Error:
                         self.failures += 1
+                        failing = failing or time.monotonic()
+                        if time.monotonic() - failing > GIVE_UP_S:
+                            raise
                         time.sleep(0.1)  # the kernel writes it again later
                 with self._lock:
                     for i in range(BLOCK):

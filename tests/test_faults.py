@@ -15,16 +15,20 @@ reads such a page from the device meanwhile, so neither does the writer here.
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbd
 import pytest
 from netswap.client.agent.keys import drop_key
 from netswap.client.statscmd import fetch
 
 from .conftest import free_port
 from .faultkit import (
+    PAGE,
     AgentProc,
     Writers,
     file_store,
@@ -34,6 +38,7 @@ from .faultkit import (
     running,
     write_pages,
 )
+from .nbdserver import connect
 from .procs import StoreProc, wait_until
 
 # The area, one per test worker: its key and record live in root's keyring, which
@@ -140,3 +145,55 @@ def test_a_rolled_back_replica_and_a_restarted_agent_serve_the_other_replicas_pa
             found = read_back(agent.uri, y, older)
             print(f"B alone after its resync: read back {found}")
             assert found.right == found.pages, (str(found), found.first_bad)
+
+
+# -- found by the soak's nemesis: a store back after a stall ------------------------------
+@pytest.mark.timeout(180)
+def test_a_store_back_after_a_stall_leaves_its_agent_writing() -> None:
+    """One store of two stopped 7 s (past the RPC deadline: marked down) while a writer
+    goes on, then resumed; then a writer and a reader go on at once (each from nbdkit's
+    own thread, over the stores' pooled connections). Every write must be acknowledged
+    and read back: the agent must not take a refusal of its own older connection for
+    a newer agent's fence."""
+    stores = [StoreProc("128M").start() for _ in range(2)]
+    agent = AgentProc(AREA, stores, "64M", "--replicas", "2", "--slab", "4M")
+    with running(*stores, agent):
+        agent.start()
+        with Writers(agent.uri, STALL_SLOTS, threads=1) as w:
+            w.wait_for(2000)
+            pause(stores[0])
+            time.sleep(STALL_S)
+            resume(stores[0])
+            w.wait_for(w.pages_written + 1000)
+        reads, stop = [0, 0], threading.Event()
+
+        def reader() -> None:  # [reads, EIO] of pages written before
+            h = connect(agent.uri)
+            slots = sorted(w.newest)
+            while not stop.is_set():
+                slot = random.choice(slots)
+                try:
+                    reads[0] += bytes(h.pread(PAGE, slot * PAGE)) == w.newest[slot]
+                except nbd.Error:
+                    reads[1] += 1
+            h.shutdown()
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        after = Writers(agent.uri, STALL_SLOTS, threads=1, seed=1)
+        failed = ""
+        try:
+            with after:
+                after.wait_for(2000)
+        except AssertionError as exc:
+            failed = str(exc)
+        finally:
+            stop.set()
+            thread.join(30)
+        fenced = "a newer agent holds the area" in agent.text()
+        print(f"\none store stalled {STALL_S:.0f}s, then a writer and a reader: "
+              f"{after.pages_written} pages written, {after.failures} writes failed, "
+              f"{reads[0]} reads right, {reads[1]} EIO; fenced itself out: {fenced}")  # fmt: skip
+        assert not failed and not fenced and after.failures == 0 and reads[1] == 0, failed
+        found = read_back(agent.uri, {**w.newest, **after.newest})
+        assert found.right == found.pages, (str(found), found.first_bad)

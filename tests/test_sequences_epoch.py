@@ -220,3 +220,23 @@ def test_a_count_that_wraps_raises_an_epoch_the_next_agent_goes_above(mode: str)
         print(f"\nslot 7 at {(zero >> 32) << 32 | 0xFFFFFFFF:#x}: agent B sealed it at "
               f"{first:#x}, agent C at {second:#x}")  # fmt: skip
         assert second > first
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fresh_start_after_the_record_went_goes_above_the_stores_floor(mode: str) -> None:
+    """A reboot (or a detach) takes the keyring -- the key, the epoch, the record -- and
+    the next agent starts fresh on stores that still know the last agent's epoch (their
+    floor): it must go above it."""
+    store = StoreProc("64M").start()
+    with running(store):
+        agent = started(store, mode, "--epoch", "9")
+        with running(agent):
+            first = write_then_trim(agent.uri, b"A", store)
+        drop_key(AREA)  # the reboot
+        fresh = started(store, mode)
+        with running(fresh):
+            second = write_then_trim(fresh.uri, b"B", store)
+        print(f"\nagent A sealed slot 7 at {first:#x}; after the keyring went, a fresh "
+              f"agent at {second:#x}")  # fmt: skip
+        assert second > first
