@@ -9,6 +9,7 @@ what 6afe607's agent and stores understand too, so that the same tests run again
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from .nbdserver import NETSWAP, connect
 from .procs import StoreProc
 
 PAGE = 4096
+_LOGS = itertools.count()
 BLOCK = 8  # pages per write: the kernel writes clusters of pages
 # A write failing this long in a row is an error, not an outage ridden out: the longest
 # stall here (7 s) plus a write's wait for a replica and its deadline (5 s + 5 s), twice.
@@ -42,7 +44,8 @@ class AgentProc:
                  port: int = 0, env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.port = port or free_port()  # a restart may keep its predecessor's port
         self.env = {**os.environ, **(env or {})}
-        self.log = Path("/tmp") / f"netswap-faults-{self.port}.log"
+        # Its own log, also when it takes its predecessor's port (a restart).
+        self.log = Path("/tmp") / f"netswap-faults-{self.port}-{os.getpid()}-{next(_LOGS)}.log"
         self.cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{self.port}", "--size", size,
                     "--backend", "remote", "--no-mlock", "--area", area, *extra]  # fmt: skip
         for s in stores:
