@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from .soak.soak import ARTIFACTS, report, soak
+from .soak.report import report
+from .soak.soak import ARTIFACTS, soak
 
 # A minute of samples cannot resolve the ten-minute run's 1 MiB bound; this catches
 # a leak of a few hundred KiB per second, and the slope is printed either way.

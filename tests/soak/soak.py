@@ -40,6 +40,7 @@ from netswap.lab.ports import free_port
 from ..faultkit import AgentProc
 from ..procs import StoreProc
 from .nemesis import KINDS, Fault, Nemesis
+from .report import SLOPE_BOUND_MIB, draw, report
 from .workload import Workload
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -50,9 +51,6 @@ EVERY_S = 30.0
 FIRST_FAULT_S = 15.0
 # The first stretch fills the reserve, the slab table and the stores' arenas.
 WARMUP_FRACTION = 0.3
-# The bar for the long runs (#22: 0.1 MiB per 10 min, an hour long); the short slice
-# in make test uses a looser one, since a minute of samples cannot resolve it.
-SLOPE_BOUND_MIB = 0.1
 # The slope is judged when the samples it is fitted over (one agent's life after its
 # warm-up) cover at least this share of the run; --kinds without `agent` makes it so.
 JUDGED_FRACTION = 0.4
@@ -149,6 +147,8 @@ class Outcome:
     growth: list[tuple[str, int]] = field(default_factory=list)  # (site, bytes) grown
     traced_growth: int = 0  # bytes of Python memory grown, by tracemalloc
     seed: int = 0  # the nemesis's
+    snapshots: list[float] = field(default_factory=list)  # seconds each held the loop
+    downs: int = 0  # stores the agents found down (logged), whatever the cause
 
     @property
     def repairs(self) -> list[float]:
@@ -158,10 +158,13 @@ class Outcome:
         return {f.kind for f in self.faults}
 
 
-def allocation_sites(http: str) -> tuple[int, dict[str, int]]:
-    """The agent's traced bytes and bytes by allocation site, now."""
+def allocation_sites(http: str, took: list[float]) -> tuple[int, dict[str, int]]:
+    """The agent's traced bytes and bytes by allocation site, now; how long the snapshot
+    took goes to `took` (it runs on the agent's loop, which waits for it)."""
+    began = time.monotonic()
     with urllib.request.urlopen(f"http://{http}/debug/allocations", timeout=60) as r:
         body = json.loads(r.read())
+    took.append(time.monotonic() - began)
     return body["traced_bytes"], {s["where"]: s["bytes"] for s in body["sites"]}
 
 
@@ -173,6 +176,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
     growth: list[tuple[str, int]] = []
     traced_growth = 0
     logs: list[Path] = []
+    snapshots: list[float] = []  # seconds each tracemalloc snapshot held the agent's loop
     with ExitStack() as stack:
         files = tempfile.mkdtemp(prefix="netswap-soak-")
         stack.callback(shutil.rmtree, files, True)
@@ -220,7 +224,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
             if len(agents) != seen:  # a new agent: its warm-up starts again
                 seen, warm_sites = len(agents), None
             if trace and warm_sites is None and now - life_began[0] >= seconds * WARMUP_FRACTION:
-                warm_sites = allocation_sites(http)
+                warm_sites = allocation_sites(http, snapshots)
             samples.t.append(now - began)
             pid = agents[-1].proc.pid if agents[-1].proc else 0
             samples.agent_pids.append(pid)
@@ -233,7 +237,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
         swept, wrong = work.sweep() if not work.errors else (0, [])
         errors = work.errors + wrong
         if trace and warm_sites is not None:
-            traced, sites = allocation_sites(http)
+            traced, sites = allocation_sites(http, snapshots)
             traced_growth = traced - warm_sites[0]
             before = warm_sites[1]
             grown = {w: b - before.get(w, 0) for w, b in sites.items()}
@@ -253,59 +257,8 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
     return Outcome(samples.t[-1] if samples.t else 0, errors, work.checked, nemesis.faults,
                    slope, window, peaks, chart, swept, work.write_retries,  # type: ignore[arg-type]
                    nemesis.waiting, sum(len(LOST.findall(text)) for text in texts), growth,
-                   traced_growth, seed)  # fmt: skip
-
-
-def draw(chart: Path, samples: Samples, warm: int, slope: float) -> None:
-    """RSS of the agent and each store over the run, the warm-up shaded, the agent's
-    fitted slope in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for name, figures in samples.by_name.items():
-        label = f"{name} (after warm-up {slope:+.2f} MiB/10 min)" if name == "agent" else name
-        ax.plot(samples.t, [f[0] / 1024 for f in figures], label=label,
-                linewidth=1.6 if name == "agent" else 1.0)  # fmt: skip
-    if samples.t and warm:
-        ax.axvspan(0, samples.t[warm], color="0.9", label="warm-up")
-    ax.set_xlabel("time since start (s)")
-    ax.set_ylabel("resident memory, RSS (MiB)")
-    ax.set_title("make soak: RSS of the agent (nbdkit + plugin) and the stores, under the nemesis")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    chart.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(chart, dpi=110)
-
-
-def report(out: Outcome) -> None:
-    kinds = ", ".join(f"{sum(f.kind == k for f in out.faults)} {k}" for k in KINDS)
-    print(f"soak: {out.seconds:.0f}s, {len(out.faults)} faults ({kinds}; seed {out.seed}), "
-          f"{out.pages_checked} pages verified as they went and {out.swept} at the end, "
-          f"{len(out.errors)} errors; {out.write_retries} writes failed during an outage and "
-          f"were written again; agent RSS slope after warm-up {out.slope:+.2f} MiB per "
-          f"10 min over {out.slope_window[0]:.0f}-{out.slope_window[1]:.0f}s (one agent's "
-          f"life; bound {SLOPE_BOUND_MIB}"
-          f"{'' if out.slope_judged else ': not judged, the agent was restarted'})")  # fmt: skip
-    for f in out.faults:
-        repair = f"repaired {f.repair_s:.1f}s after" if f.repair_s >= 0 else "not repaired"
-        print(f"  {f.began:6.1f}s {f.kind:<12} {f.seconds:5.1f}s, {repair}")
-    if out.waiting:
-        print(f"  the last fault was not repaired {out.seconds:.0f}s in: {out.waiting}")
-    print(f"  agent log lines of pages on no replica any more: {out.lost_in_log}")
-    for name, (rss, fds, threads) in out.peaks.items():
-        print(f"  {name:<7} peak RSS {rss / 1024:6.1f} MiB, fds {fds:4d}, threads {threads:3d}")
-    print(f"  RSS chart: {out.chart}")
-    if out.growth:
-        print(f"  agent's Python memory after warm-up: {out.traced_growth / 1024:+.1f} KiB "
-              "(tracemalloc); the sites that grew most:")  # fmt: skip
-        for where, grown in out.growth:
-            print(f"    {grown / 1024:+9.1f} KiB  {where}")
-    for error in out.errors[:5]:
-        print(f"  ERROR {error}")
+                   traced_growth, seed, snapshots,
+                   sum(text.count(" is down: ") for text in texts))  # fmt: skip
 
 
 def main() -> int:
