@@ -92,6 +92,7 @@ class Store:
         self._down.set()
         self.down_since = 0.0
         self.counters = {"reconnects": 0, "failures": 0}
+        self.fenced = 0  # the highest epoch this agent fenced this store with (its floor)
         # The thread path's clients: guarded by `pool_lock`, never held across a call.
         self.pool_lock = threading.Lock()
         self._idle: list[BlockingClient] = []
@@ -193,7 +194,9 @@ class Store:
         try:
             client = self._open_blocking(self.host, self.port, s.area, s.token, s.io_timeout, s.tls)
             try:  # each connection fences on its own: the store refuses an unfenced one's writes
-                client.fence(s.epoch, s.io_timeout)
+                epoch = s.epoch
+                client.fence(epoch, s.io_timeout)
+                self.fenced = max(self.fenced, epoch)
             except BaseException:
                 client.close()
                 raise
