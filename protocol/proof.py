@@ -5,9 +5,10 @@ when its tag, recomputed over its bytes at the generation the store returned
 with it, matches the tag the store returned (the tag binds area, slot and
 generation: checksum.py), and that generation is the one the reader expects --
 all 64 bits of it: a copy from another agent's epoch with the same write count is
-not the page. A read that raced a write of the same slot (NBD leaves such a
-read's result to either) may find the newer generation instead: `current` gives
-the generations now. The agent's every read and copy, and the tools' reads, use
+not the page. A read that raced writes of the same slot (NBD leaves such a read's
+result to any of them) may find a newer generation instead, up to the slot's
+newest now (`current`): every generation in between is a write begun after the
+read was asked, never an older page. The agent's every read and copy, and the tools' reads, use
 this one proof.
 """
 
@@ -49,7 +50,7 @@ def prove_pages(
         return None
     now = current() if current is not None else expected
     for i, slot in enumerate(slots):
-        if generations[i] != expected[i] and generations[i] != now[i]:
+        if not expected[i] <= generations[i] <= max(expected[i], now[i]):
             return StoreError(errno.EIO, f"slot {slot}: the store holds generation "
                               f"{generations[i]:#x}, not {expected[i]:#x}")  # fmt: skip
     return None

@@ -82,6 +82,7 @@ class FakeClient:
                                        clean=False, area_id=store.area_id, holder="",
                                        floor=store.floor)  # fmt: skip
         self.connected = True
+        self.epoch = 0  # what this connection fenced with
         self._on_lost: Callable[[Exception], None] | None = None
 
     def on_lost(self, callback: Callable[[Exception], None]) -> None:
@@ -124,6 +125,8 @@ class FakeClient:
         def reply() -> None:
             if not self.connected:
                 return done(ConnectionLost("gone"))
+            if self.epoch < store.floor:  # a connection below the area's floor: a store's rule
+                return done(StoreError(errno.ESTALE, "a newer agent holds the area"))
             if store.write_error:
                 return done(StoreError(store.write_error, "refused by the test"))
             for i, slot in enumerate(slots):
@@ -171,7 +174,7 @@ class FakeClient:
     async def fence(self, epoch: int) -> None:
         if epoch < self.store.floor:
             raise StoreError(errno.ESTALE, f"a newer agent (epoch {self.store.floor})")
-        self.store.floor = epoch
+        self.store.floor = self.epoch = epoch
 
     async def inventory(self, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
         held = sorted(s for s in self.store.pages if first <= s < first + count)

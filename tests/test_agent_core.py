@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from netswap.client.agent.core import Agent
+from netswap.client.agent.machine.slots import COUNT_MASK
 from netswap.client.agent.machine.table import IN_SYNC
 from netswap.client.agent.payload import decode
 from netswap.client.agent.remote import RemoteDevice
@@ -226,3 +227,28 @@ def test_a_direct_reply_that_arrived_in_time_counts_after_the_deadline() -> None
         with pytest.raises(TimeoutError):
             conn.reply(time.monotonic() - 1)
         assert time.monotonic() - began < 0.5
+
+
+def test_an_epoch_raised_mid_run_fences_every_connection_again(
+    two: tuple[RemoteDevice, FakeStore, FakeStore],
+) -> None:
+    """A slot's write count at 2^32 - 1 takes the next epoch (recorded first, P6). The
+    connections fenced at the old one are fenced again at it: else the first new one
+    (a reconnect) raises a store's floor above them, and the store refuses them as an
+    older agent's -- this agent fenced out by itself."""
+    device, a, b = two
+    machine = device.agent.machine
+    device.pwrite(page(1), 5 * PAGE_SIZE, False)
+    old = machine.epoch
+    with machine.lock:
+        machine.slots.gens[5] = old << 32 | COUNT_MASK
+    device.pwrite(page(2), 5 * PAGE_SIZE, False)
+    assert machine.epoch == old + 1
+    wait(lambda: a.floor == b.floor == old + 1 and all(s.up for s in device.agent.stores))
+    loop = device.agent.loop
+    assert loop is not None
+    loop.call_soon_threadsafe(a.kill)  # a reconnect, fenced at the new epoch
+    for n in range(3, 8):
+        device.pwrite(page(n), n * PAGE_SIZE, False)
+        assert read(device, n) == bytes(page(n))
+    assert not machine.fenced_out
