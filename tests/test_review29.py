@@ -10,16 +10,26 @@ from __future__ import annotations
 import errno
 
 import pytest
+from netswap.client.agent.core import Agent
+from netswap.client.agent.keys import KeyringError
 from netswap.client.agent.machine.bounds import WRITE_WAIT_S
 from netswap.client.agent.machine.slots import DOUBT, LOST, WRITTEN
+from netswap.client.agent.remote import RemoteDevice
+from netswap.client.agent.reserve import Reserve
+from netswap.protocol import PAGE_SIZE, StoreError
 
+from .fakestore import FakeStore
+from .test_agent_core import page
 from .test_machine import World, acked, machine, restarted, write
 
 
-@pytest.mark.xfail(strict=True, reason="record.lost keeps one `below` per slab and is never "
-                   "cleared when a slot is written again: a rewritten slot whose new "
-                   "generation is at or below another unreadable slot's reads LOST after a "
-                   "restart (P2: a page every store holds is EIO)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="record.lost keeps one `below` per slab and is never "
+    "cleared when a slot is written again: a rewritten slot whose new "
+    "generation is at or below another unreadable slot's reads LOST after a "
+    "restart (P2: a page every store holds is EIO)",
+)
 def test_a_slot_written_again_after_a_failed_write_reads_after_a_restart() -> None:
     """An outage fails one write of slots 1 and 2 (slot 1 had been written 5 times, slot 2
     once): both DOUBT, recorded with `below` = slot 1's generation. The kernel writes both
@@ -51,10 +61,13 @@ def test_a_slot_written_again_after_a_failed_write_reads_after_a_restart() -> No
     assert new.slots.state[2] != LOST
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted agent never marks a replica whose store "
-                   "is away at the rebuild STALE (store_down returns early for a store never "
-                   "up): writes are acknowledged without it while the record calls it in sync, "
-                   "and the next restart proves the slab from it alone (P1: an older page)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a restarted agent never marks a replica whose store "
+    "is away at the rebuild STALE (store_down returns early for a store never "
+    "up): writes are acknowledged without it while the record calls it in sync, "
+    "and the next restart proves the slab from it alone (P1: an older page)",
+)
 def test_a_replica_away_at_a_rebuild_is_not_called_in_sync_after_missing_writes() -> None:
     """Two stores, two replicas, quorum 1. Slot 3 is X on both. The agent dies; store 1 is
     away when it restarts (a stall, a partition). The new agent writes Y to slot 3: it goes
@@ -84,3 +97,56 @@ def test_a_replica_away_at_a_rebuild_is_not_called_in_sync_after_missing_writes(
     if not repairs:
         broken.append("P4: store 1's replica missed Y and is never resynced")
     assert not broken, broken
+
+
+class _FailingKeeper:
+    """A keyring that takes the first records and then refuses (its quota reached)."""
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.saved: list[object] = []
+
+    def load(self) -> None:
+        return None
+
+    def save(self, record: object) -> None:
+        if self.fail:
+            raise KeyringError(errno.EDQUOT, "Disk quota exceeded")
+        self.saved.append(record)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core.Agent.settle signals the finished writes even "
+    "when the record that makes them safe could not be saved: a write is "
+    "acknowledged past a replica's STALE mark the keyring never got",
+)
+def test_a_write_is_not_acknowledged_past_a_record_that_could_not_be_written() -> None:
+    """Two fake stores, two replicas, quorum 1. Store b refuses writes (ENOSPC): a write
+    is acknowledged with a's copy alone once b's replica is STALE in the record. The
+    keyring refuses that record (EDQUOT): the write must fail, as the code's own comment
+    says ("acknowledging past an unrecorded change is not"), since a restart would read a
+    record that calls b in sync and could prove the slab from b's older page."""
+    a, b = FakeStore("a"), FakeStore("b")
+    keeper = _FailingKeeper()
+
+    async def connect(host: str, port: int, *args: object) -> object:
+        return await (a, b)[port].connect(host, port, *args)  # type: ignore[arg-type]
+
+    agent = Agent([("fake", 0), ("fake", 1)], "unit", 4096, Reserve(64 * PAGE_SIZE),
+                  replicas=2, slab_slots=256, quorum=1, io_timeout=2.0,
+                  connect_store=connect, keeper=keeper)  # type: ignore[arg-type]  # fmt: skip
+    device = RemoteDevice(agent, 4096 * PAGE_SIZE, reserve_wait=2.0, compress=True)
+    device.start()
+    try:
+        device.pwrite(page(1), 5 * PAGE_SIZE, False)  # placed, on both
+        keeper.fail, b.write_error = True, errno.ENOSPC
+        try:
+            device.pwrite(page(2), 5 * PAGE_SIZE, False)
+            acknowledged = True
+        except StoreError:
+            acknowledged = False
+        assert "record cannot be written" in agent.machine.fenced_out  # the save did fail
+        assert not acknowledged, "acknowledged with b STALE in memory only"
+    finally:
+        device.close()
