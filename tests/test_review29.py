@@ -1,7 +1,6 @@
 """A hostile review of #29's promises: sequences that break them on the current code.
 
-Each test here fails today and is marked a strict xfail (the branch stays green; the
-fix turns it into an XPASS, which fails the run until the mark is taken off). Each
+Each test here failed on 71e6b77 (its assertion fired) and passes since its fix; each
 drives the real machine (client/agent/machine) with the fakes of test_machine.py.
 """
 
@@ -9,7 +8,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 from netswap.client.agent.core import Agent
 from netswap.client.agent.keys import KeyringError
 from netswap.client.agent.machine.bounds import WRITE_WAIT_S
@@ -23,13 +21,6 @@ from .test_agent_core import page
 from .test_machine import World, acked, machine, restarted, write
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="record.lost keeps one `below` per slab and is never "
-    "cleared when a slot is written again: a rewritten slot whose new "
-    "generation is at or below another unreadable slot's reads LOST after a "
-    "restart (P2: a page every store holds is EIO)",
-)
 def test_a_slot_written_again_after_a_failed_write_reads_after_a_restart() -> None:
     """An outage fails one write of slots 1 and 2 (slot 1 had been written 5 times, slot 2
     once): both DOUBT, recorded with `below` = slot 1's generation. The kernel writes both
@@ -61,13 +52,6 @@ def test_a_slot_written_again_after_a_failed_write_reads_after_a_restart() -> No
     assert new.slots.state[2] != LOST
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restarted agent never marks a replica whose store "
-    "is away at the rebuild STALE (store_down returns early for a store never "
-    "up): writes are acknowledged without it while the record calls it in sync, "
-    "and the next restart proves the slab from it alone (P1: an older page)",
-)
 def test_a_replica_away_at_a_rebuild_is_not_called_in_sync_after_missing_writes() -> None:
     """Two stores, two replicas, quorum 1. Slot 3 is X on both. The agent dies; store 1 is
     away when it restarts (a stall, a partition). The new agent writes Y to slot 3: it goes
@@ -115,12 +99,6 @@ class _FailingKeeper:
         self.saved.append(record)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.Agent.settle signals the finished writes even "
-    "when the record that makes them safe could not be saved: a write is "
-    "acknowledged past a replica's STALE mark the keyring never got",
-)
 def test_a_write_is_not_acknowledged_past_a_record_that_could_not_be_written() -> None:
     """Two fake stores, two replicas, quorum 1. Store b refuses writes (ENOSPC): a write
     is acknowledged with a's copy alone once b's replica is STALE in the record. The

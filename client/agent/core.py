@@ -241,16 +241,23 @@ class Agent(Startup, Routes):
     # -- after every event: the record first, then the answers ---------------------------
     def settle(self) -> None:
         m = self.machine
+        unrecorded = False
         with m.lock:
             record = m.take_record()
             if record is not None and self.keeper is not None:
                 try:
                     self.keeper.save(record)
                 except KeyringError as exc:  # acknowledging past an unrecorded change is not
-                    log.error("the area's record could not be written (%s): every write "
-                              "fails until it can", exc)  # fmt: skip
+                    if not m.fenced_out:
+                        log.error("the area's record could not be written (%s): every "
+                                  "write fails until it can", exc)  # fmt: skip
                     m.fenced_out = m.fenced_out or f"the record cannot be written: {exc}"
+                    m.dirty = True  # still unrecorded: the next settle tries again
+                    unrecorded = True
             finished = m.take_finished()
+            if unrecorded:  # what made these writes safe (a replica STALE) is not on record
+                for job in finished:
+                    job.error = job.error or errno.EIO
             failed = m.take_failed_reads()
             notes = list(m.notes)
             m.notes.clear()

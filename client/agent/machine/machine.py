@@ -186,6 +186,8 @@ class Replicas:
             if not table.placed(slab) and not self._place(slab):
                 return self._park_write(job)
             targets = [store for _, store, _ in table.replicas_of(slab) if stores[store].up]
+            if len(targets) < table.replicas:
+                self._missed(slab)
             if not targets:
                 return self._park_write(job)
             sends.extend((store, start, count) for store in targets)
@@ -193,6 +195,14 @@ class Replicas:
         job.remaining = sum(count for _, _, count in sends)
         self.counters["swap_out_pages"] += job.count
         return sends
+
+    def _missed(self, slab: int) -> None:
+        """A write goes without the slab's replicas on stores that are not up: an in-sync
+        one (its store never up since a rebuild: store_down never saw it go) misses it,
+        so it is STALE -- recorded before the write is acknowledged (settle)."""
+        for position, store, state in self.table.replicas_of(slab):
+            if state == IN_SYNC and not self.stores[store].up:
+                self._mark(slab, position, STALE)
 
     def _park_write(self, job: WriteJob) -> list[tuple[int, int, int]]:
         if not job.parked_at:  # its wait is bounded from the first time it parked
@@ -280,6 +290,8 @@ class Replicas:
             for slab, slots_of in doubt.items():  # recorded: no restart serves an older copy
                 self._record_unreadable(slab, slots_of)
             self.counters["writes_failed"] += 1
+        else:
+            recording.written_again(self, job.first, job.generations)
         self.finished.append(job)
 
     def direct_write_stores(self, job: WriteJob) -> list[int] | None:

@@ -82,3 +82,31 @@ def record_unreadable(m: Replicas, slab: int, slots: list[int]) -> None:
     below = max(m.slots.gens[first + o] for o in offsets)
     m.record.lost[slab] = (below, bitmap_of(sorted(offsets), table.slab_size))
     m.dirty = True
+
+
+def written_again(m: Replicas, first: int, generations: Iterable[int]) -> None:
+    """A write of these slots reached its quorum: a slot it left newest is readable
+    again, so it leaves the record's unreadable ones -- in the record before the
+    write is acknowledged (settle), else a restart would still hold it at or below
+    its slab's one `below` (another slot's, maybe above this one's new generation)
+    and make it LOST. A copy of it at or below its old generation never counts
+    again either way: the write went above it."""
+    lost, table, gens = m.record.lost, m.table, m.slots.gens
+    if not lost:
+        return
+    for i, gen in enumerate(generations):
+        slot = first + i
+        slab = table.slab_of(slot)
+        entry = lost.get(slab)
+        if entry is None or gens[slot] != gen:
+            continue
+        offset = slot - table.slab_slots(slab).start
+        bits = bytearray(entry[1])
+        if not bits[offset >> 3] >> (offset & 7) & 1:
+            continue
+        bits[offset >> 3] &= ~(1 << (offset & 7)) & 0xFF
+        if any(bits):
+            lost[slab] = (entry[0], bytes(bits))
+        else:
+            del lost[slab]
+        m.dirty = True
