@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,20 @@ def test_pyproject_lists_every_package_a_wheel_must_carry() -> None:
             rel = init.parent.relative_to(root / folder).parts
             found.add(".".join((name, *rel)))
     assert found - set(config["packages"]) == set()
+
+
+def test_lab_load_against_an_endpoint_that_does_not_answer_is_one_line() -> None:
+    """The compose lab's load container printed a traceback when the agent's ops endpoint
+    refused its first read."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # a port nothing listens on: bound, never listened
+        port = s.getsockname()[1]
+        result = subprocess.run([NETSWAP, "lab", "load", "--server", f"127.0.0.1:{port}",
+                                 "--http", f"http://127.0.0.1:{port}/", "--duration", "1"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"netswap lab: error: cannot read http://127.0.0.1:{port}/api/stats: "
+        "[Errno 111] Connection refused"
+    ), result.stderr
