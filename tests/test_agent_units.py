@@ -1,8 +1,9 @@
-"""Pure parts of the agent: policy, pressure parsing, placement, reserve (the replica
-machine's own: tests/test_machine.py)."""
+"""Pure parts of the agent: policy, pressure parsing, placement, reserve, the keyring
+probe (the replica machine's own: tests/test_machine.py)."""
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
 import time
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from netswap.client.agent import keys
 from netswap.client.agent.machine.table import power_of_two_choices
 from netswap.client.agent.policy import BatchPolicy
 from netswap.client.agent.reserve import Reserve, ReserveTimeout
@@ -120,3 +122,29 @@ def test_reserve_hands_out_and_takes_back_buffers() -> None:
     assert reserve.waits == 2 and reserve.high_water == 60
     with pytest.raises(ValueError):
         Reserve(4096)
+
+
+def test_the_keyring_probe_keeps_an_entry_and_leaves_none() -> None:
+    assert keys.keyring_usable()  # root's keyring on this host keeps entries
+    with pytest.raises(keys.KeyringError) as gone:
+        keys._search(keys.PROBE)
+    assert gone.value.errno == errno.ENOKEY
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.ENOSYS])
+def test_a_keyring_that_refuses_to_keep_entries_is_not_usable(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """podman lets a container search root's keyring but refuses keyctl setperm (EACCES):
+    a probe by search took it for usable, and every write of the area's record failed
+    (EIO for every page of the compose lab's load)."""
+    real_add = keys._add
+
+    def refused(description: str, payload: bytes) -> int:
+        real_add(description, payload)  # the entry is made, as under podman; then refused
+        raise keys.KeyringError(code, f"keyctl setperm: {errno.errorcode[code]}")
+
+    monkeypatch.setattr(keys, "_add", refused)
+    assert not keys.keyring_usable()
+    with pytest.raises(keys.KeyringError):  # and the probe's entry is gone
+        keys._search(keys.PROBE)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,32 @@ def test_dockerfile_builds_from_debian_packages_only() -> None:
     assert len(re.findall(r"^Package: ", show.stdout, re.M)) == len(names)
 
 
+# pyproject's dependencies the compose image leaves out, and why; every other one must be
+# its Debian package python3-NAME in the Dockerfile (the image's pip runs --no-deps).
+NOT_IN_IMAGE = {
+    "isal": "protocol/checksum.py falls back to zlib's crc32 (same values); Debian has none",
+    "zstandard": "only tests/corpus/measure.py, which the image does not carry",
+    "redis": "the cluster tier (cluster=), which the compose lab does not run",
+}
+
+
+def test_the_image_installs_every_dependency_the_containers_import() -> None:
+    """lz4 joined pyproject's dependencies but not the image's packages: the agent's plugin
+    failed to start, and the compose lab waited 180 s for a first page (CI, #31)."""
+    import tomllib
+
+    root = DEPLOY.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~;\s]", d, maxsplit=1)[0].lower() for d in deps}
+    text = (DEPLOY / "compose" / "Dockerfile").read_text()
+    packages = re.search(r"--no-install-recommends\s+(.*?)\s+&&", text, re.S)
+    assert packages is not None
+    installed = set(packages.group(1).replace("\\", " ").split())
+    assert set(NOT_IN_IMAGE) <= names, "a dependency left out that pyproject no longer lists"
+    missing = sorted(n for n in names - set(NOT_IN_IMAGE) if f"python3-{n}" not in installed)
+    assert missing == [], f"the compose image lacks {missing}: add python3-NAME to its apt line"
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd not installed")
 def test_systemd_units_verify(tmp_path: Path) -> None:
     venv_bin = str(Path(sys.executable).parent)
@@ -158,3 +185,20 @@ def test_pyproject_lists_every_package_a_wheel_must_carry() -> None:
             rel = init.parent.relative_to(root / folder).parts
             found.add(".".join((name, *rel)))
     assert found - set(config["packages"]) == set()
+
+
+def test_lab_load_against_an_endpoint_that_does_not_answer_is_one_line() -> None:
+    """The compose lab's load container printed a traceback when the agent's ops endpoint
+    refused its first read."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # a port nothing listens on: bound, never listened
+        port = s.getsockname()[1]
+        result = subprocess.run([NETSWAP, "lab", "load", "--server", f"127.0.0.1:{port}",
+                                 "--http", f"http://127.0.0.1:{port}/", "--duration", "1"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"netswap lab: error: cannot read http://127.0.0.1:{port}/api/stats: "
+        "[Errno 111] Connection refused"
+    ), result.stderr

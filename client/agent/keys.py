@@ -21,6 +21,7 @@ gets one clear line: encryption needs the keyring, or --no-encrypt.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -211,12 +212,22 @@ def _record_parts(area: str) -> list[str]:
     return ["", *(":" + k for k in Record.chunk_keys(parts) + Record.lost_keys(parts))]
 
 
+PROBE = "netswap:probe"
+
+
 def keyring_usable() -> bool:
-    """Can this process keep entries in root's keyring (a container's seccomp may say no)?"""
+    """Can this process keep entries in root's keyring? Probed by doing what the record's
+    writes do -- add_key, then keyctl setperm -- and unlinking the probe: a container may
+    search the keyring but not keep entries in it (Docker's seccomp refuses keyctl: EPERM;
+    podman lets add_key and search through but refuses setperm: EACCES), and a search
+    alone took podman's for usable, so every write of the record failed (EIO)."""
     try:
-        _search("netswap:probe")
+        _add(PROBE, b"\0")  # a user key holds 1 to 32,767 bytes: empty is EINVAL
     except KeyringError as exc:
         return exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES)
+    finally:
+        with contextlib.suppress(KeyringError):
+            _unlink(PROBE)
     return True
 
 

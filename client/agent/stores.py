@@ -110,8 +110,9 @@ class Store:
         self.free_bytes = stats.get("free_bytes", max(0, capacity - used))
 
     # -- the loop's client -------------------------------------------------------
-    async def connect(self) -> None:
-        """Connect, have the agent make the area ready on it, and count it up."""
+    async def connect(self) -> bool:
+        """Connect, have the agent make the area ready on it, and count it up. True when
+        the store kept the area (its pages, from its index or its memory)."""
         s = self.session
         client = await self._connect(self.host, self.port, s.area, s.token, s.io_timeout, s.tls)
         try:
@@ -126,13 +127,14 @@ class Store:
         client.on_lost(self.mark_down)
         self._down.clear()
         self.events.store_up(self, kept)
+        return kept
 
     async def reconnect_forever(self) -> None:
         backoff = BACKOFF_MIN_S
         while True:
             await self._down.wait()
             try:
-                await self.connect()
+                kept = await self.connect()
             except (*TRANSPORT_ERRORS, StoreError) as exc:
                 # The first failure of a streak says why, once; the retries stay quiet.
                 level = logging.WARNING if backoff == BACKOFF_MIN_S else logging.DEBUG
@@ -142,7 +144,9 @@ class Store:
                 continue
             backoff = BACKOFF_MIN_S
             self.counters["reconnects"] += 1
-            log.warning("store %s is back", self.name)
+            # Kept or not tells an operator whether its pages came back (a file store
+            # from its index) or the area starts there anew (a memory store restarted).
+            log.warning("store %s is back%s", self.name, " (kept pages)" if kept else "")
 
     def mark_down(self, why: object) -> None:
         """On the loop: the store is unreachable, whichever path found out."""

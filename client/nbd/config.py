@@ -354,9 +354,11 @@ class PluginConfig:
             try:
                 from ..agent.remote import RemoteDevice
             except ImportError as exc:  # an install without pyproject's dependencies
-                raise ConfigError(f"backend=remote needs the Python package {exc.name}, "
+                # Debian names a Python package python3-NAME (python3-lz4, -msgpack, ...).
+                name = (exc.name or "?").split(".")[0]
+                raise ConfigError(f"backend=remote needs the Python package {name}, "
                                   "which this install lacks (pip install netswap, or "
-                                  "Debian's python3-cryptography)") from None  # fmt: skip
+                                  f"Debian's python3-{name})") from None  # fmt: skip
 
             return RemoteDevice.open(
                 stores=self.stores, cluster=self.cluster, cluster_wait=self.cluster_wait,
