@@ -14,6 +14,11 @@ Same run, same client (fio ioengine=nbd), alternating between:
                    replicas (redis-server here), each write WAITing for 1 replica
   agent-writeback  --cache writeback (acknowledged from the reserve)
   agent-tls        against a TLS store (--store-tls-ca)
+  agent-raw        --compress off: every page whole (#31); fio's buffers are
+                   random bytes, so agent/raw is the cost of trying lz4 on
+                   incompressible pages at every row
+  agent-corpus     with a corpus (`make corpus`): the content rows of
+  agent-corpus-raw content.py, corpus and zero pages, lz4 against off (#31)
   agent-before     with --baseline VENV: that venv's netswap (another checkout,
                    e.g. the last release) against its own store, so a change is
                    measured against what it replaces in the same run
@@ -39,6 +44,7 @@ server without a GIL, runs as it likes.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -48,9 +54,12 @@ from pathlib import Path
 from netswap.lab.cluster import cluster
 
 from ..conftest import free_port
+from ..corpus.generate import DEFAULT_DIR, read_manifest
 from ..pki import make_pki
 from ..procs import StoreProc
 from .bench_nbd import floor_cmd, netswap_cmd, peer_cmd, server
+from .content import Content
+from .content import report as content_report
 from .fio import Result, Workload, fio, prefill
 
 SIZE = "256M"
@@ -80,7 +89,14 @@ def main() -> None:
     parser.add_argument("--servers", default="", help="only these servers (comma list)")
     parser.add_argument("--baseline", help="a venv whose netswap is agent-before")
     parser.add_argument("--chart", help="draw the agent against the floors into this PNG")
+    parser.add_argument("--content", choices=("auto", "on", "off"), default="auto",
+                        help="the corpus rows (auto: when .cache/corpus/ exists)")  # fmt: skip
+    parser.add_argument("--replay-procs", type=int, default=1,
+                        help="processes writing corpus pages (replay.py)")  # fmt: skip
     args = parser.parse_args()
+    corpus = bool(read_manifest(DEFAULT_DIR))
+    if args.content == "on" and not corpus:
+        parser.error(f"--content on: no corpus in {DEFAULT_DIR}: run `make corpus` (as root)")
     workloads = [w for w in WORKLOADS if args.only in w.name]
     with ExitStack() as stack:
         commands = server_commands(stack, args)
@@ -93,6 +109,10 @@ def main() -> None:
             uris[name] = stack.enter_context(server(command(port), port))
         for uri in uris.values():
             prefill(uri, SIZE)
+        rows = None
+        if corpus and args.content != "off":
+            rows = Content(stack, pin(args), args.runtime, args.replay_procs)
+            rows.prefill()
         results: dict[str, dict[str, list[Result]]] = {name: {} for name in uris}
         for _ in range(args.rounds):
             for work in workloads:
@@ -100,11 +120,29 @@ def main() -> None:
                     results[name].setdefault(work.name, []).append(
                         fio(uri, work, SIZE, args.runtime)
                     )
+            if rows is not None:
+                rows.round(results)
+        if rows is not None:
+            rows.finish()
     placement = f"Python servers on CPU {args.cpus}" if args.cpus else "default placement"
-    medians = report(results, workloads, args.rounds, f"{placement}, agents --sched {args.sched}")
+    load = "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    medians = report(results, workloads, args.rounds,
+                     f"{placement}, agents --sched {args.sched}; at the end, {load}")  # fmt: skip
+    if rows is not None:
+        content_report(rows, lambda name, row: median_of(results[name][row]))
     if args.chart:
         chart(medians, workloads, Path(args.chart))
         print(f"chart: {args.chart}")
+
+
+def pin(args: argparse.Namespace) -> list[str]:
+    """What every agent gets of --cpus and --sched."""
+    return [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
+
+
+def median_of(runs: list[Result]) -> tuple[float, float, float]:
+    return tuple(statistics.median(getattr(r, f) for r in runs)  # type: ignore[return-value]
+                 for f in ("iops", "p50_us", "p99_us"))  # fmt: skip
 
 
 def server_commands(
@@ -117,11 +155,11 @@ def server_commands(
     s4 = StoreProc("1G", tls).start()
     for s in (s1, s2, s3, s4):
         stack.callback(s.kill)
-    pin = [*(["--cpus", args.cpus] if args.cpus else []), "--sched", args.sched]
+    pin_args = pin(args)
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
-    one = ["--backend", "remote", "--store", s1.address, *pin]
+    one = ["--backend", "remote", "--store", s1.address, *pin_args]
     two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
-           "--replicas", "2", "--area", "bench2", *pin]  # fmt: skip
+           "--replicas", "2", "--area", "bench2", *pin_args]  # fmt: skip
 
     def agent(area: str, *extra: str) -> Callable[[int], list[str]]:
         return lambda port: netswap_cmd(port, [*one, "--area", area, *extra])
@@ -144,12 +182,13 @@ def server_commands(
         "agent-unbatched": agent("bench1u", "--batch-pages", "1"),
         "agent-2x": lambda port: netswap_cmd(port, two),
         "agent-cluster": lambda port: netswap_cmd(
-            port, ["--backend", "remote", "--cluster", redis.url, "--area", "bench1c", *pin]
+            port, ["--backend", "remote", "--cluster", redis.url, "--area", "bench1c", *pin_args]
         ),
         "agent-writeback": agent("bench1w", "--cache", "writeback"),
+        "agent-raw": agent("bench1r", "--compress", "off"),
     }
     tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
-               "--area", "bench1t", *pin]  # fmt: skip
+               "--area", "bench1t", *pin_args]  # fmt: skip
     commands["agent-tls"] = lambda port: netswap_cmd(port, tls_one)
     if args.baseline:
         venv = Path(args.baseline)
@@ -157,7 +196,7 @@ def server_commands(
         stack.callback(old.kill)
         commands["agent-before"] = lambda port: netswap_cmd(
             port,
-            ["--backend", "remote", "--store", old.address, "--area", "bench0", *pin],
+            ["--backend", "remote", "--store", old.address, "--area", "bench0", *pin_args],
             netswap=str(venv / "bin" / "netswap"),
         )
     commands.update({
@@ -184,13 +223,8 @@ def report(
     medians: Medians = {}
     for work in workloads:
         pages = int(work.bs.rstrip("k")) // 4
-        med = {
-            name: tuple(
-                statistics.median(getattr(r, f) for r in runs[work.name])
-                for f in ("iops", "p50_us", "p99_us")
-            )
-            for name, runs in results.items()
-        }
+        med = {name: median_of(runs[work.name]) for name, runs in results.items()
+               if work.name in runs}  # fmt: skip
         for name, (iops, p50, p99) in med.items():
             medians.setdefault(name, {})[work.name] = (iops, p50, p99)
             print(f"{work.name:<20}{name:<17}{iops:>10,.0f}{iops * pages:>10,.0f}"
@@ -217,13 +251,15 @@ def ratios(med: dict[str, tuple[float, ...]], work: Workload) -> dict[str, float
         if work.iodepth == 1:
             out["p50 cluster/agent"] = med["agent-cluster"][1] / agent[1]
     for name, label in (("agent-2x", "2 replicas/agent"), ("agent-unbatched", "agent/unbatched"),
-                        ("agent-plain", "agent/plain"),
+                        ("agent-plain", "agent/plain"), ("agent-raw", "agent/compress off"),
                         ("agent-before", "agent/before"), ("agent-spread", "agent/spread"),
                         ("agent-loop", "agent/loop"), ("nbdkit-memory", "agent/nbdkit-memory"),
                         ("py-parallel", "agent/py-parallel")):  # fmt: skip
         if name in med:
             other = med[name][0]
             out[label] = (other / agent[0]) if name == "agent-2x" else agent[0] / other
+    if "agent-raw" in med and "agent-before" in med:  # #29: the machine, like for like
+        out["compress off/before"] = med["agent-raw"][0] / med["agent-before"][0]
     if "agent-before" in med and work.iodepth == 1:
         out["p50 agent/before"] = agent[1] / med["agent-before"][1]
     if "agent-plain" in med and work.iodepth == 1:  # #24: at most 10 us added at 4K QD1
