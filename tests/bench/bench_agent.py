@@ -47,8 +47,9 @@ import argparse
 import os
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from netswap.lab.cluster import cluster
@@ -57,9 +58,9 @@ from ..conftest import free_port
 from ..corpus.generate import DEFAULT_DIR, read_manifest
 from ..pki import make_pki
 from ..procs import StoreProc
-from .bench_nbd import floor_cmd, netswap_cmd, peer_cmd, server
+from . import targets
+from .bench_nbd import BEHIND, floor_cmd, measured, netswap_cmd, peer_cmd, server
 from .content import Content
-from .content import report as content_report
 from .fio import Result, Workload, fio, prefill
 
 SIZE = "256M"
@@ -98,15 +99,17 @@ def main() -> None:
     if args.content == "on" and not corpus:
         parser.error(f"--content on: no corpus in {DEFAULT_DIR}: run `make corpus` (as root)")
     workloads = [w for w in WORKLOADS if args.only in w.name]
+    wanted = set(args.servers.split(",")) if args.servers else set()
     with ExitStack() as stack:
-        commands = server_commands(stack, args)
-        if args.servers:
-            wanted = set(args.servers.split(","))
+        commands, stores = server_commands(stack, args, wanted)
+        if wanted:
             commands = {k: v for k, v in commands.items() if k in wanted}
         uris = {}
         for name, command in commands.items():
             port = free_port()
             uris[name] = stack.enter_context(server(command(port), port))
+            if name in stores:  # one store behind this server alone (in turn, for s1)
+                BEHIND[uris[name]] = stores[name]
         for uri in uris.values():
             prefill(uri, SIZE)
         rows = None
@@ -114,22 +117,25 @@ def main() -> None:
             rows = Content(stack, pin(args), args.runtime, args.replay_procs)
             rows.prefill()
         results: dict[str, dict[str, list[Result]]] = {name: {} for name in uris}
-        for _ in range(args.rounds):
+        load = [os.getloadavg()[0]]
+        for n in range(args.rounds):
+            order = list(uris.items())[:: -1 if n % 2 else 1]  # neither side always first
             for work in workloads:
-                for name, uri in uris.items():
-                    results[name].setdefault(work.name, []).append(
-                        fio(uri, work, SIZE, args.runtime)
-                    )
+                for name, uri in order:
+                    run = partial(fio, uri, work, SIZE, args.runtime)
+                    results[name].setdefault(work.name, []).append(measured(uri, run, args.runtime))
             if rows is not None:
-                rows.round(results)
+                rows.round(results, reverse=bool(n % 2))
+            load.append(os.getloadavg()[0])
         if rows is not None:
             rows.finish()
     placement = f"Python servers on CPU {args.cpus}" if args.cpus else "default placement"
-    load = "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    loads = "load average (1 min) at the start and after each round: " + " ".join(
+        f"{x:.1f}" for x in load
+    )
     medians = report(results, workloads, args.rounds,
-                     f"{placement}, agents --sched {args.sched}; at the end, {load}")  # fmt: skip
-    if rows is not None:
-        content_report(rows, lambda name, row: median_of(results[name][row]))
+                     f"{placement}, agents --sched {args.sched}; {loads}")  # fmt: skip
+    targets.report(results, workloads, rows)
     if args.chart:
         chart(medians, workloads, Path(args.chart))
         print(f"chart: {args.chart}")
@@ -141,59 +147,74 @@ def pin(args: argparse.Namespace) -> list[str]:
 
 
 def median_of(runs: list[Result]) -> tuple[float, float, float]:
-    return tuple(statistics.median(getattr(r, f) for r in runs)  # type: ignore[return-value]
-                 for f in ("iops", "p50_us", "p99_us"))  # fmt: skip
+    med = statistics.median
+    return med(r.iops for r in runs), med(r.p50_us for r in runs), med(r.p99_us for r in runs)
 
 
 def server_commands(
-    stack: ExitStack, args: argparse.Namespace
-) -> dict[str, Callable[[int], list[str]]]:
-    pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory())))
-    tls = ("--tls-cert", str(pki.store_cert), "--tls-key", str(pki.store_key))
-    s1 = StoreProc("2G").start()  # five agents of 256 MiB each share it
-    s2, s3 = (StoreProc("1G").start() for _ in range(2))
-    s4 = StoreProc("1G", tls).start()
-    for s in (s1, s2, s3, s4):
+    stack: ExitStack, args: argparse.Namespace, wanted: set[str]
+) -> tuple[dict[str, Callable[[int], list[str]]], dict[str, int]]:
+    """Every server's command, and the pid of the one store behind each agent that
+    has one (the agents on s1 take turns on it); the stores and the cluster are
+    started only for the servers wanted (none: all)."""
+
+    def want(name: str) -> bool:
+        return not wanted or name in wanted
+
+    def store(capacity: str, *extra: str) -> StoreProc:
+        s = StoreProc(capacity, extra).start()
         stack.callback(s.kill)
+        return s
+
+    s1 = store("2G")  # seven agents of 256 MiB each share it
     pin_args = pin(args)
     taskset = ["taskset", "-c", args.cpus] if args.cpus else []
     one = ["--backend", "remote", "--store", s1.address, *pin_args]
-    two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
-           "--replicas", "2", "--area", "bench2", *pin_args]  # fmt: skip
 
     def agent(area: str, *extra: str) -> Callable[[int], list[str]]:
         return lambda port: netswap_cmd(port, [*one, "--area", area, *extra])
 
-    redis = stack.enter_context(cluster(3, 1, maxmemory="1gb"))
-    empty = redis.used_memory()
-
-    def per_page() -> None:
-        held = (redis.used_memory() - empty) / PAGES
-        print(f"cluster memory per stored page: {held:,.0f} B, {held / 4096:.3f}x a page "
-              "(the masters' used_memory after the prefill and the run, less the empty "
-              "cluster's)")  # fmt: skip
-
-    stack.callback(per_page)
     commands: dict[str, Callable[[int], list[str]]] = {
         "agent": agent("bench1"),
         "agent-plain": agent("bench1p", "--no-encrypt"),
         "agent-spread": agent("bench1s", "--cpus", "all"),
         "agent-loop": agent("bench1l", "--reads", "loop", "--writes", "loop"),
         "agent-unbatched": agent("bench1u", "--batch-pages", "1"),
-        "agent-2x": lambda port: netswap_cmd(port, two),
-        "agent-cluster": lambda port: netswap_cmd(
-            port, ["--backend", "remote", "--cluster", redis.url, "--area", "bench1c", *pin_args]
-        ),
         "agent-writeback": agent("bench1w", "--cache", "writeback"),
         "agent-raw": agent("bench1r", "--compress", "off"),
     }
-    tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
-               "--area", "bench1t", *pin_args]  # fmt: skip
-    commands["agent-tls"] = lambda port: netswap_cmd(port, tls_one)
-    if args.baseline:
+    behind = dict.fromkeys(commands, s1.pid)  # these take turns on s1
+    if want("agent-2x"):
+        s2, s3 = store("1G"), store("1G")
+        two = ["--backend", "remote", "--store", s2.address, "--store", s3.address,
+               "--replicas", "2", "--area", "bench2", *pin_args]  # fmt: skip
+        commands["agent-2x"] = lambda port: netswap_cmd(port, two)
+    if want("agent-cluster"):
+        redis = stack.enter_context(cluster(3, 1, maxmemory="1gb"))
+        empty = redis.used_memory()
+
+        def per_page() -> None:
+            held = (redis.used_memory() - empty) / PAGES
+            print(f"cluster memory per stored page: {held:,.0f} B, {held / 4096:.3f}x a page "
+                  "(the masters' used_memory after the prefill and the run, less the empty "
+                  "cluster's)")  # fmt: skip
+
+        stack.callback(per_page)
+        commands["agent-cluster"] = lambda port: netswap_cmd(
+            port, ["--backend", "remote", "--cluster", redis.url, "--area", "bench1c", *pin_args]
+        )
+    if want("agent-tls"):
+        pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        s4 = store("1G", "--tls-cert", str(pki.store_cert), "--tls-key", str(pki.store_key))
+        tls_one = ["--backend", "remote", "--store", s4.address, "--store-tls-ca", str(pki.ca),
+                   "--area", "bench1t", *pin_args]  # fmt: skip
+        commands["agent-tls"] = lambda port: netswap_cmd(port, tls_one)
+        behind["agent-tls"] = s4.pid
+    if args.baseline and want("agent-before"):
         venv = Path(args.baseline)
         old = StoreProc("1G", netswap=str(venv / "bin" / "netswap")).start()
         stack.callback(old.kill)
+        behind["agent-before"] = old.pid
         commands["agent-before"] = lambda port: netswap_cmd(
             port,
             ["--backend", "remote", "--store", old.address, "--area", "bench0", *pin_args],
@@ -207,7 +228,7 @@ def server_commands(
                                     *floor_cmd(port, "model=parallel", "handoff=combine")],
         "py-rpc": lambda port: [*taskset, *floor_cmd(port, "model=parallel", "handoff=rpc")],
     })  # fmt: skip
-    return commands
+    return commands, behind
 
 
 def report(
@@ -233,7 +254,7 @@ def report(
     return medians
 
 
-def ratios(med: dict[str, tuple[float, ...]], work: Workload) -> dict[str, float]:
+def ratios(med: Mapping[str, tuple[float, ...]], work: Workload) -> dict[str, float]:
     """What the issues track, for the servers this run has."""
     out: dict[str, float] = {}
     agent = med.get("agent")

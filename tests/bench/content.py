@@ -22,14 +22,14 @@ import json
 import re
 import subprocess
 import urllib.request
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 
 from ..conftest import free_port
 from ..procs import StoreProc
 from . import replay
-from .bench_nbd import netswap_cmd, server
+from .bench_nbd import BEHIND, measured, netswap_cmd, server
 from .fio import Result, Workload, fio
 
 PAGE = 4096
@@ -94,6 +94,7 @@ class Content:
             cmd = netswap_cmd(port, ["--backend", "remote", "--store", store.address,
                                      "--area", f"c{len(self.uris)}", *pin, *extra])  # fmt: skip
             self.uris[name] = stack.enter_context(server(cmd, port))
+            BEHIND[self.uris[name]] = store.pid
 
     def stats(self, name: str) -> dict[str, int]:
         _, http = self.stores[name]
@@ -110,66 +111,36 @@ class Content:
             pages = replay.prefill(uri, "corpus")
             got1, _ = sockets(port)
             st = self.stats(name)
-            fig.update(wire_out=(got1 - got0) / pages, used=st["used_bytes"] / st["pages"],
-                       payload=st["payload_bytes"] / st["pages"])  # fmt: skip
+            # per page swapped: a same-filled page is a payload of its own (the
+            # store's pages count it), but divide by what was written all the same
+            fig.update(wire_out=(got1 - got0) / pages, used=st["used_bytes"] / pages,
+                       payload=st["payload_bytes"] / pages, held=st["pages"] / pages)  # fmt: skip
             replay.prefill(uri, "zero", CORPUS_PAGES)
             _, sent2 = sockets(port)
             readback(uri)
             _, sent3 = sockets(port)
             fig["wire_in"] = (sent3 - sent2) / CORPUS_PAGES
 
-    def round(self, results: dict[str, dict[str, list[Result]]]) -> None:
+    def round(self, results: dict[str, dict[str, list[Result]]], reverse: bool) -> None:
+        """Every row on both agents back to back (`reverse`: off first)."""
+        order = list(self.uris.items())[:: -1 if reverse else 1]
         for row in ROWS:
-            for name, uri in self.uris.items():
-                if row.replay:
-                    pages = int(row.work.bs.rstrip("k")) // 4
-                    job = replay.Job(uri, pages, row.work.iodepth, self.runtime,
-                                     count=CORPUS_PAGES, procs=self.procs)  # fmt: skip
-                    o = replay.run(job)
-                    res = Result(o.iops, o.p50_us, o.p99_us, o.cpu_us)
-                else:
-                    res = fio(uri, row.work, f"{row.size}M", self.runtime, f"{row.offset}M")
+            for name, uri in order:
+                res = measured(uri, partial(self.one, row, uri), self.runtime)
                 results.setdefault(name, {}).setdefault(row.name, []).append(res)
 
+    def one(self, row: Row, uri: str) -> Result:
+        if not row.replay:
+            return fio(uri, row.work, f"{row.size}M", self.runtime, f"{row.offset}M")
+        pages = int(row.work.bs.rstrip("k")) // 4
+        job = replay.Job(uri, pages, row.work.iodepth, self.runtime,
+                         count=CORPUS_PAGES, procs=self.procs)  # fmt: skip
+        o = replay.run(job)
+        return Result(o.iops, o.p50_us, o.p99_us, o.cpu_us)
+
     def finish(self) -> None:
+        """The stores' bytes after the rounds' rewrites, per slot written (the
+        corpus span and the zero tail)."""
         for name in self.uris:
             st = self.stats(name)
-            self.figures[name]["used_end"] = st["used_bytes"] / st["pages"]
-
-
-def report(content: Content, med: Callable[[str, str], tuple[float, float, float]]) -> None:
-    """Each target of #31 with its figure from this run: met or missed."""
-    lz4, raw = (content.figures[n] for n in SERVERS)
-    print("\ncontent rows (#31): the agent at its default (lz4) against --compress off, "
-          "same run; corpus writes by tests/bench/replay.py, reads by fio")  # fmt: skip
-
-    def line(what: str, value: float, target: str, ok: bool) -> None:
-        print(f"  {what:<58}{value:>8.2f}x  target {target:<7}{'met' if ok else 'MISSED'}")
-
-    print(f"  {'row':<28}{'server':<18}{'IOPS':>9}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
-    for row in ROWS:
-        pages = int(row.work.bs.rstrip("k")) // 4
-        for name in SERVERS:
-            iops, p50, p99 = med(name, row.name)
-            print(f"  {row.name:<28}{name:<18}{iops:>9,.0f}{iops * pages:>10,.0f}"
-                  f"{p50:>9.1f}{p99:>9.1f}")  # fmt: skip
-    for row in ROWS[:4]:
-        pages = int(row.work.bs.rstrip("k")) // 4
-        a, b = med("agent-corpus", row.name)[0], med("agent-corpus-raw", row.name)[0]
-        line(f"{row.name}, lz4 / off", a / b, ">= 0.85", a / b >= 0.85)
-    zero = med("agent-corpus", "zero 4K randread QD1")[1]
-    for stored, p50 in (("a corpus page", med("agent-corpus", "corpus 4K randread QD1")[1]),
-                        ("a random page", med("agent", "4K randread QD1")[1])):  # fmt: skip
-        print(f"  p50 swap-in QD1: zero page {zero:.1f} us, {stored} {p50:.1f} us")
-        line(f"p50 swap-in of a zero page / {stored}", zero / p50, "<= 0.3", zero / p50 <= 0.3)
-    used = lz4["used"] / raw["used"]
-    print(f"  store bytes per page after the fill: {lz4['used']:,.0f} (payloads "
-          f"{lz4['payload']:,.0f}) / {raw['used']:,.0f}; after the rounds "
-          f"{lz4['used_end']:,.0f} / {raw['used_end']:,.0f}")  # fmt: skip
-    line("store bytes per page (used_bytes), lz4 / off", used, "<= 0.45", used <= 0.45)
-    end = lz4["used_end"] / raw["used_end"]
-    line("the same after the rounds' rewrites", end, "<= 0.45", end <= 0.45)
-    for way in ("wire_out", "wire_in"):
-        a, b = lz4[way], raw[way]
-        print(f"  wire bytes per page {way[5:]}: {a:,.0f} / {b:,.0f} ({a / b:.2f}x); "
-              f"10 GbE carries {LINK_BPS / a:,.0f} / {LINK_BPS / b:,.0f} pages/s")  # fmt: skip
+            self.figures[name]["used_end"] = st["used_bytes"] / (SIZE_MIB << 20 >> 12)

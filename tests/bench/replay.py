@@ -28,17 +28,19 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import nbd
 
 from ..corpus.generate import DEFAULT_DIR, read_manifest
+from .fio import RAMP_S
 
 PAGE = 4096
 # Pages each worker holds ready (64 MiB): a uniform draw large enough that its mean
 # lz4 cost is the corpus's, small enough for three workers beside the servers.
 POOL_PAGES = 16384
-RAMP_S = 0.5  # as fio's --ramp_time in fio.py
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _span(h: nbd.NBD, job: Job) -> tuple[int, int]:
     return job.first, count // job.pages
 
 
-def _worker(job: Job, index: int, ready: mp.Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _worker(job: Job, index: int, ready: Barrier, out: Queue[tuple[list[float], float]]) -> None:
     bufs = pool(job.content, job.pages, job.seed * 1000 + index)
     depth = job.depth // job.procs + (index < job.depth % job.procs)
     h = nbd.NBD()
