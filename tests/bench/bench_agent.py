@@ -39,6 +39,12 @@ agent-before. With --chart PNG it draws the agent, the floors and
 nbdkit-memory per workload (matplotlib). --cpus LIST pins every Python
 server there (serve --cpus, taskset for the floors); nbdkit-memory, a C
 server without a GIL, runs as it likes.
+
+Then targets.py: #31's and #29's targets, each against its peer in this run,
+with its noise and the CPU per page that holds it. Issue 31 and 29's rows in
+about 9 minutes (agent, agent-raw, agent-before and the corpus rows):
+  make bench-agent BENCH_ARGS="--servers agent,agent-raw,agent-before
+                               --baseline ../base/.venv --rounds 5 --runtime 2"
 """
 
 from __future__ import annotations

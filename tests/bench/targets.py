@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import lz4.block
+from netswap.client.agent.payload import decode, encode
 
 from .content import LINK_BPS, ROWS, Content
 from .fio import Result, Workload
@@ -37,6 +38,19 @@ def pages_of(row: str) -> int:
 def per_round(results: Results, a: str, b: str, row: str, field: str = "iops") -> list[float]:
     """a's figure over b's, one ratio per round."""
     return [getattr(x, field) / getattr(y, field)
+            for x, y in zip(results[a][row], results[b][row], strict=True)]  # fmt: skip
+
+
+def cpu_ratio(results: Results, a: str, b: str, row: str) -> list[float]:
+    """b's CPU per request over a's, per round, all of it: agent, store and client
+    (fio's or replay's). On 2 vCPUs kept busy, a CPU-bound row's throughput ratio
+    tends to this; and CPU time is little moved by other processes' load, where
+    throughput is moved a lot."""
+
+    def total(r: Result) -> float:
+        return r.server_cpu_us + r.store_cpu_us + r.cpu_us
+
+    return [total(y) / total(x)
             for x, y in zip(results[a][row], results[b][row], strict=True)]  # fmt: skip
 
 
@@ -63,8 +77,9 @@ def line(results: Results, a: str, b: str, row: str, bound: float, label: str = 
     for f in ("server_cpu_us", "store_cpu_us"):
         x, y = cpu_per_page(results, a, row, f), cpu_per_page(results, b, row, f)
         cpu += f"{x:6.1f} /{y:6.1f}  "
+    c = statistics.median(cpu_ratio(results, a, row))
     target = f">= {bound:.2f} {verdict(r, bound, True)}" if bound else "(no target)"
-    print(f"  {label or row:<28}{shown(r):<22}{cpu:<30}{target}")
+    print(f"  {label or row:<28}{shown(r):<22}{cpu}{c:5.2f}x  {target}")
 
 
 def report(results: Results, workloads: Sequence[Workload], content: Content | None) -> None:
@@ -73,7 +88,9 @@ def report(results: Results, workloads: Sequence[Workload], content: Content | N
         f"\ntargets: ratios within each round, median [min-max] over {rounds} rounds; then CPU "
         "us per page (user + system) of the two agents' process trees, then of their stores"
     )
-    print(f"  {'row':<28}{'ratio [range]':<22}{'agent a / b':<15}{'store a / b':<15}target")
+    print(
+        f"  {'row':<28}{'ratio [range]':<22}{'agent a / b':<16}{'store a / b':<16}CPU b/a  target"
+    )
     names = [w.name for w in workloads]
     if "agent-raw" in results:
         print("#31 random content (fio's buffers): agent (lz4) / agent-raw (--compress off)")
@@ -158,11 +175,18 @@ def budget(with_corpus: bool) -> None:
             times.append(time.process_time() - t)
         return min(times) / len(pages) * 1e6
 
-    parts = []
+    parts, out = [], memoryview(bytearray(4096))
     for name, pages in pools.items():
         packed = [lz4.block.compress(p, store_size=False) for p in pages]
         c = best(lambda p: lz4.block.compress(p, store_size=False), pages)
         d = best(lambda q: lz4.block.decompress(q, uncompressed_size=4096), packed)
-        parts.append(f"{name} page: compress {c:.1f} us, decompress {d:.1f} us")
-    print("budget: lz4 in this process, per page (CPU, best of 3 passes over "
-          f"{BUDGET_PAGES:,} pages): " + "; ".join(parts))  # fmt: skip
+        e = best(lambda p: encode(memoryview(p), out), pages)
+        payloads = []
+        for p in pages:
+            payloads.append(bytes(out[: encode(memoryview(p), out)]))
+        back = best(lambda q: decode(memoryview(q), out), payloads)
+        raw = best(lambda p: encode(memoryview(p), out, compress=False), pages)
+        parts.append(f"{name} page: lz4 {c:.1f} / {d:.1f} us, the agent's encode {e:.1f} "
+                     f"(compress=off {raw:.1f}) / decode {back:.1f} us")  # fmt: skip
+    print("budget per page, in this process (CPU, best of 3 passes over "
+          f"{BUDGET_PAGES:,} pages; compress / decompress): " + "; ".join(parts))  # fmt: skip
