@@ -70,6 +70,7 @@ from .content import Content
 from .fio import Result, Workload, fio, prefill
 
 SIZE = "256M"
+LAST = Path(".cache/bench-agent-last.json")  # every run's figures, for --report
 PAGES = 256 << 20 >> 12  # what the prefill writes
 # 4 KiB is the worst case; 64-128 KiB at depth is what the kernel's swap-out
 # sends (writes merge to ~18-20 pages, at most 32).
@@ -100,7 +101,15 @@ def main() -> None:
                         help="the corpus rows (auto: when .cache/corpus/ exists)")  # fmt: skip
     parser.add_argument("--replay-procs", type=int, default=1,
                         help="processes writing corpus pages (replay.py)")  # fmt: skip
+    parser.add_argument("--report", type=Path, help=f"print a saved run's targets (see {LAST})")
     args = parser.parse_args()
+    if args.report:
+        try:
+            saved = targets.load(args.report)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--report {args.report}: not a saved run ({exc})")
+        targets.report(*saved)
+        return
     corpus = bool(read_manifest(DEFAULT_DIR))
     if args.content == "on" and not corpus:
         parser.error(f"--content on: no corpus in {DEFAULT_DIR}: run `make corpus` (as root)")
@@ -141,7 +150,9 @@ def main() -> None:
     )
     medians = report(results, workloads, args.rounds,
                      f"{placement}, agents --sched {args.sched}; {loads}")  # fmt: skip
-    targets.report(results, workloads, rows)
+    figures = rows.figures if rows is not None else {}
+    targets.save(LAST, results, workloads, figures)
+    targets.report(results, workloads, figures)
     if args.chart:
         chart(medians, workloads, Path(args.chart))
         print(f"chart: {args.chart}")

@@ -13,19 +13,23 @@ line that holds a missed target.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import lz4.block
 from netswap.client.agent.payload import decode, encode
 
-from .content import LINK_BPS, ROWS, Content
+from .content import LINK_BPS, ROWS
 from .fio import Result, Workload
 
 Results = dict[str, dict[str, list[Result]]]  # server -> row -> one Result per round
+Figures = dict[str, dict[str, float]]  # content server -> bytes per page and the like
 BUDGET_PAGES = 4096  # pages compressed for the budget line: ~20 ms of lz4, 3 passes
 
 
@@ -68,7 +72,7 @@ def shown(ratios: Sequence[float]) -> str:
 
 
 def cpu_per_page(results: Results, name: str, row: str, field: str = "server_cpu_us") -> float:
-    return statistics.median(getattr(r, field) for r in results[name][row]) / pages_of(row)
+    return float(statistics.median(getattr(r, field) for r in results[name][row])) / pages_of(row)
 
 
 def line(results: Results, a: str, b: str, row: str, bound: float, label: str = "") -> None:
@@ -77,17 +81,34 @@ def line(results: Results, a: str, b: str, row: str, bound: float, label: str = 
     for f in ("server_cpu_us", "store_cpu_us"):
         x, y = cpu_per_page(results, a, row, f), cpu_per_page(results, b, row, f)
         cpu += f"{x:6.1f} /{y:6.1f}  "
-    c = statistics.median(cpu_ratio(results, a, row))
+    c = statistics.median(cpu_ratio(results, a, b, row))
     target = f">= {bound:.2f} {verdict(r, bound, True)}" if bound else "(no target)"
     print(f"  {label or row:<28}{shown(r):<22}{cpu}{c:5.2f}x  {target}")
 
 
-def report(results: Results, workloads: Sequence[Workload], content: Content | None) -> None:
+def save(path: Path, results: Results, workloads: Sequence[Workload], figures: Figures) -> None:
+    """The run's figures as JSON: `--report PATH` prints them again."""
+    doc = {"results": {name: {row: [dataclasses.asdict(r) for r in runs]
+                              for row, runs in rows.items()} for name, rows in results.items()},
+           "workloads": [dataclasses.asdict(w) for w in workloads], "figures": figures}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def load(path: Path) -> tuple[Results, list[Workload], Figures]:
+    doc = json.loads(path.read_text())
+    results = {name: {row: [Result(**r) for r in runs] for row, runs in rows.items()}
+               for name, rows in doc["results"].items()}  # fmt: skip
+    return results, [Workload(**w) for w in doc["workloads"]], doc["figures"]
+
+
+def report(results: Results, workloads: Sequence[Workload], figures: Figures) -> None:
+    """figures: the content rows' bytes (Content.figures), or empty without them."""
     rounds = len(next(iter(next(iter(results.values())).values())))
-    print(
-        f"\ntargets: ratios within each round, median [min-max] over {rounds} rounds; then CPU "
-        "us per page (user + system) of the two agents' process trees, then of their stores"
-    )
+    print(f"\ntargets: throughput a / b within each round, median [min-max] over {rounds} rounds; "
+          "CPU us per page (user + system) of the two agents' process trees and of their "
+          "stores; CPU b/a: all CPU per request, the client's included, b's over a's (what the "
+          "throughput ratio tends to where CPU is the limit)")  # fmt: skip
     print(
         f"  {'row':<28}{'ratio [range]':<22}{'agent a / b':<16}{'store a / b':<16}CPU b/a  target"
     )
@@ -96,8 +117,8 @@ def report(results: Results, workloads: Sequence[Workload], content: Content | N
         print("#31 random content (fio's buffers): agent (lz4) / agent-raw (--compress off)")
         for row in names:
             line(results, "agent", "agent-raw", row, 0.9)
-    if content is not None:
-        corpus(results, content)
+    if figures:
+        corpus(results, figures)
     if "agent-before" in results:
         print("#29 the agent / 6afe607's agent (agent-before), random content, must not fall")
         for row in names:
@@ -109,11 +130,11 @@ def report(results: Results, workloads: Sequence[Workload], content: Content | N
         for row in (n for n in names if n.endswith("QD1")):
             r = per_round(results, "agent", "agent-before", row, "p50_us")
             print(f"  p50 {row:<24}{shown(r)}  (latency: lower is better)")
-    budget(content is not None)
+    budget(bool(figures))
 
 
-def corpus(results: Results, content: Content) -> None:
-    lz4, raw = content.figures["agent-corpus"], content.figures["agent-corpus-raw"]
+def corpus(results: Results, figures: Figures) -> None:
+    lz4, raw = figures["agent-corpus"], figures["agent-corpus-raw"]
     print("#31 corpus content (tests/corpus, .cache/corpus): agent (lz4) / --compress off; "
           "writes by replay.py, reads by fio")  # fmt: skip
     print(f"  {'row':<28}{'server':<18}{'IOPS':>9}{'pages/s':>10}{'p50 us':>9}{'p99 us':>9}")
