@@ -83,6 +83,8 @@ def line(results: Results, a: str, b: str, row: str, bound: float, label: str = 
         cpu += f"{x:6.1f} /{y:6.1f}  "
     c = statistics.median(cpu_ratio(results, a, b, row))
     target = f">= {bound:.2f} {verdict(r, bound, True)}" if bound else "(no target)"
+    if bound and c < bound:  # the steadier figure says the same row misses
+        target += " (CPU b/a misses it)"
     print(f"  {label or row:<28}{shown(r):<22}{cpu}{c:5.2f}x  {target}")
 
 
