@@ -29,6 +29,11 @@ class StoreProc:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the store is not running"
+        return self.proc.pid
+
     def start(self) -> StoreProc:
         cmd = [self.netswap, "store", "--listen", self.address, "--capacity", self.capacity]
         self.proc = subprocess.Popen([*cmd, *self.extra], stderr=subprocess.DEVNULL)

@@ -10,20 +10,25 @@ netswap / nbdkit-memory (medians over rounds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
 import subprocess
 import sys
 import sysconfig
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..conftest import free_port, wait_for_port
-from .fio import WORKLOADS, Result, fio, prefill
+from .fio import RAMP_S, WORKLOADS, Result, fio, prefill
 
 SIZE = "256M"
+PIDS: dict[str, int] = {}  # a served URI -> its server's pid (for tree_cpu)
+BEHIND: dict[str, int] = {}  # a served URI -> the pid of the one store behind it, if any
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -31,10 +36,48 @@ def server(cmd: list[str], port: int) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
-        yield f"nbd://127.0.0.1:{port}/swap"
+        uri = f"nbd://127.0.0.1:{port}/swap"
+        PIDS[uri] = proc.pid
+        yield uri
     finally:
         proc.terminate()
         proc.wait()
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants alive now:
+    a server's nbdkit, its plugin's threads and whatever it started."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
+    tree, grown = {pid}, True
+    while grown:  # pids wrap, so a child's may be lower than its parent's
+        more = {child for child, (parent, _) in stats.items() if parent in tree}
+        grown = not more <= tree
+        tree |= more
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def measured(uri: str, run: Callable[[], Result], runtime: float) -> Result:
+    """run()'s result with its server's CPU per request (and its store's, when
+    BEHIND names one): the CPU over the run, ramp included, over the requests the
+    run's rate makes in that time."""
+    pids = [PIDS[uri], *([BEHIND[uri]] if uri in BEHIND else [])]
+    before = [tree_cpu(p) for p in pids]
+    res = run()
+    spent = [tree_cpu(p) - b for p, b in zip(pids, before, strict=True)]
+    done = res.iops * (runtime + RAMP_S) / 1e6  # millions of requests
+    if not done:
+        return res
+    store = spent[1] / done if len(spent) > 1 else 0.0
+    return dataclasses.replace(res, server_cpu_us=spent[0] / done, store_cpu_us=store)
 
 
 def netswap_cmd(port: int, extra: list[str], netswap: str = "") -> list[str]:
