@@ -113,7 +113,8 @@ class Reads:
         # 5.2k when two of them at a time went direct).
         direct = self.direct
         lo, n = indexes[0], len(indexes)
-        if direct is not None and direct.reads and self._readers == 1 and indexes[-1] - lo == n - 1:
+        alone = self._readers == 1 and indexes[-1] - lo == n - 1
+        if direct is not None and direct.reads and alone and 0 not in expected:  # 0: unproven
             run = range(first + lo, first + lo + n)
             into = buf[lo * PAGE_SIZE : (lo + n) * PAGE_SIZE]
             if direct.read(run, expected, lambda: machine.slots.gens[run.start : run.stop], into):

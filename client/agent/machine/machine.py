@@ -323,7 +323,11 @@ class Replicas:
         generation now). The caller serves NEVER as zeros, fails LOST/DOUBT, and asks
         the stores for WRITTEN (and UNPROVEN: route_read parks it)."""
         state, gens = self.slots.state, self.slots.gens
-        return [(state[s], gens[s]) for s in range(first, first + count)]
+        # An unproven slot's generation is no proof of anything (a rebuild may have
+        # restored it from a rolled-back store): its read waits for the proof and takes
+        # the generation the proof finds (0 here: route_read), never this one.
+        return [(state[s], gens[s] if state[s] != UNPROVEN else 0)
+                for s in range(first, first + count)]  # fmt: skip
 
     def route_read(self, entry: ReadEntry) -> int:
         """The store to ask for this page next, PARKED (it waits for a store to come back)
@@ -332,6 +336,8 @@ class Replicas:
         state = self.slots.state[slot]
         slab = self.table.slab_of(slot)
         if state == WRITTEN:
+            if entry.gen == 0:  # asked while its slot was unproven: what the proof found
+                entry.gen = self.slots.gens[slot]
             best = later = -1
             for _, store, rstate in self.table.replicas_of(slab):
                 if not self.stores[store].up:
