@@ -20,12 +20,26 @@ whole: the store learns nothing but that a page was written).
 
 An incompressible page costs one lz4 call (its output is longer than the
 threshold): no probe, which wrongly sent 0.7 % of real pages whole for 0.6 us.
+
+The compress call is the system liblz4's (the same block format python-lz4 bundles)
+through ctypes.PyDLL, which keeps the GIL for the call: python-lz4 releases it
+around every page, and with the device's writers and the agent's loop waiting
+for it each release is a hand-off (a futex wake and a switch, and the page's
+thread waits to get it back). Measured on 128 KiB random writes at QD8, agent
+CPU per page, same machine and load: 11.9 us with python-lz4 against 7.3 with
+compress=off, of which lz4 itself is 1.2. It also compresses into buffers made
+once (the reserve's and a scratch per thread), not a new bytes per page, and
+stops at THRESHOLD (an incompressible page costs less than a full block).
+Without liblz4 (another libc, a trimmed image) python-lz4's call does it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import lz4.block
@@ -42,12 +56,52 @@ _WORDS = PAGE_SIZE // FILL
 _ZEROS = bytes(GRANULE)
 
 
+def _liblz4() -> Callable[[int, int, int, int], int] | None:
+    """liblz4's LZ4_compress_default(src, dst, size, capacity) -> bytes (0: it does not
+    fit), called with the GIL held (PyDLL); None where the library is not found."""
+    name = ctypes.util.find_library("lz4")
+    try:
+        fn = ctypes.PyDLL(name or "liblz4.so.1").LZ4_compress_default
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    compress: Callable[[int, int, int, int], int] = fn
+    return compress
+
+
+_COMPRESS = _liblz4()
+_local = threading.local()
+
+
+def _scratch() -> tuple[memoryview, int]:
+    """This thread's buffer for an lz4 block (made once per thread, as seal.py's)."""
+    found: tuple[memoryview, int] | None = getattr(_local, "scratch", None)
+    if found is None:
+        buf = bytearray(THRESHOLD)
+        found = _local.scratch = (memoryview(buf), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    return found
+
+
 def encode(page: memoryview, out: memoryview, compress: bool = True) -> int:
-    """Write page's payload into out (a PAGE_SIZE buffer); its length."""
+    """Write page's payload into out (a writable PAGE_SIZE buffer); its length."""
     head = page[:FILL]
     if head == page[FILL : 2 * FILL] and page == bytes(head) * _WORDS:
         out[:FILL] = head
         return FILL
+    if compress and _COMPRESS is not None:
+        n = len(page)
+        out[:n] = page  # whole unless it compresses; out is ours to read from
+        scratch, at = _scratch()
+        src = ctypes.addressof(ctypes.c_char.from_buffer(out))
+        size: int = _COMPRESS(src, at, n, THRESHOLD - HEADER)
+        if size == 0:
+            return PAGE_SIZE
+        length = -(-(size + HEADER) // GRANULE) * GRANULE
+        out[:HEADER] = size.to_bytes(HEADER, "little")
+        out[HEADER : HEADER + size] = scratch[:size]
+        out[HEADER + size : length] = _ZEROS[: length - HEADER - size]
+        return length
     if compress:
         packed = lz4.block.compress(page, store_size=False)
         size = len(packed)
