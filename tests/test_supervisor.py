@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,6 +107,41 @@ def test_nbdkit_is_started_detached_and_outlives_its_watcher(tmp_path: Path) -> 
     finally:
         child.close()
         subprocess.run(["pkill", "-f", f"-p {port} memory"], check=False)
+
+
+# Child.spawn with a middle process that lingers after its fork, as a loaded machine's
+# scheduler makes it do; then whether that nbdkit serves, or died without a line.
+LINGERING_MIDDLE = """
+import os, socket, sys, time
+from netswap.client.supervise.child import Child
+from netswap.lab.ports import ExitedEarly, wait_port
+# In the middle, after it forks nbdkit's process (and here, after the first fork).
+os.register_at_fork(after_in_parent=lambda: time.sleep(1))
+port = int(sys.argv[1])
+argv = ["/usr/bin/nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "1M"]
+child = Child.spawn(argv, dict(os.environ), sys.argv[2])
+try:
+    wait_port(port, child.alive, timeout=30)
+    time.sleep(2)  # a SIGTERM'd nbdkit may still answer for a moment: later, then
+    wait_port(port, child.alive, timeout=30)
+    print("serving")
+except ExitedEarly:
+    print("died")
+finally:
+    child.kill()
+    child.close()
+"""
+
+
+def test_nbdkit_outlives_a_middle_process_that_exits_late(tmp_path: Path) -> None:
+    """nbdkit sets PR_SET_PDEATHSIG (SIGTERM) as it starts, even without
+    --exit-with-parent: started while the double fork's middle process still lived,
+    it died of the middle's exit before a line (the takeover tests' flake under
+    load). Here the middle lingers a second after its fork, every time."""
+    log = tmp_path / "serve.log"
+    run = subprocess.run([sys.executable, "-c", LINGERING_MIDDLE, str(free_port()), str(log)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.stdout.strip() == "serving", (run.stdout, run.stderr, log.read_text())
 
 
 def test_the_supervisor_runs_lean_within_its_16_mib() -> None:

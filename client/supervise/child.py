@@ -6,6 +6,14 @@ device keeps its connection meanwhile): it is started with serve's
 its parent from the start. A pidfd (Linux 5.3) lets the supervisor -- or the one
 that adopts it -- wait on it all the same. The pid comes back through a pipe.
 Its output goes to a file, or (the supervisor's choice, logs.py) to a pipe.
+
+nbdkit (1.32, strace: with or without --exit-with-parent) sets PR_SET_PDEATHSIG
+to SIGTERM as it starts, so it must not exec while the middle process is still
+its parent: under load the middle's exit came after nbdkit's prctl, and its
+exit sent nbdkit SIGTERM before nbdkit wrote a line (ftrace's signal_generate:
+sig=15 from the middle's pid to the spare's). So the grandchild waits, on a
+pidfd of the middle, until the middle has exited -- by then the kernel has
+reparented it -- and only then execs.
 """
 
 from __future__ import annotations
@@ -36,8 +44,15 @@ class Child:
             try:
                 os.close(read)
                 os.setsid()
+                middle_fd = os.pidfd_open(os.getpid())
                 pid = os.fork()
                 if pid == 0:
+                    # Readable once the middle is a zombie, which is after the kernel
+                    # made init our parent: nbdkit's PDEATHSIG is then init's, not the
+                    # middle's. No timeout: the middle only writes the pid and exits,
+                    # and the supervisor's waitpid(middle) already waits for the same.
+                    select.select([middle_fd], [], [])
+                    os.close(middle_fd)
                     if isinstance(output, int):
                         out = output
                     else:
