@@ -40,7 +40,11 @@ IN_FLIGHT = 4  # workload operations at once (each on its own slots)
 # The longest an operation may take, by the machine's own bounds (never a hang): a write
 # waits for a replica, then for its answer or the deadline that marks its store down;
 # a read waits for a store that may hold its page, then for the last one it asks.
-BOUND_S = {"write": WRITE_WAIT_S + 2 * IO_TIMEOUT + 1, "read": READ_WAIT_S + 2 * IO_TIMEOUT + 1}
+BOUND_S = {
+    "write": WRITE_WAIT_S + 2 * IO_TIMEOUT + 1,
+    "read": READ_WAIT_S + 2 * IO_TIMEOUT + 1,
+    "trim": 2 * IO_TIMEOUT + 1,
+}  # a discard waits for its store's deadline at most
 
 
 @dataclass
@@ -175,10 +179,10 @@ class Run:
         first = self._free_run(2)
         if first < 0:
             return
-        self.ops += 1
+        release = self._hold(first, 2, "trim")  # as NBD: a write after it, not beside it
         for slot in (first, first + 1):
             self.model.trimmed(slot)
-        self.agent.trim(first, 2)
+        self.agent.trim(first, 2, release)
 
     def _flush(self) -> None:
         self.ops += 1

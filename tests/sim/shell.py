@@ -282,10 +282,23 @@ class SimAgent:
         for entry in self.m.take_failed_reads():
             self._read_done(entry, None)
 
-    def trim(self, first: int, count: int) -> None:
+    def trim(self, first: int, count: int, done: Callable[[], None]) -> None:
+        """As the device's trim: it answers once every discard it sent was answered
+        (or its store went down), so a write the kernel sends after it cannot be
+        overtaken by it."""
         self.m.now = self.world.now
-        for store, ranges in self.m.trim(first, count):
-            self._send(store, ("discard", ranges), lambda _: None)
+        sends = self.m.trim(first, count)
+        left = [len(sends)]
+
+        def answered(_: Any) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                done()
+
+        if not sends:
+            self.world.after(0, done)
+        for store, ranges in sends:
+            self._send(store, ("discard", ranges), answered)
 
     def flush(self) -> None:
         for index in range(len(self.stores)):
