@@ -372,8 +372,21 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
     elif run.verdict == "PASS" and drill_failure(args, run, mib):
         run.verdict, run.reason = "FAIL", drill_failure(args, run, mib)
     elif not run.reason and run.verdict != "PASS":
-        run.reason = boot.qemu_error or "guest stopped without a result"
+        run.reason = boot.qemu_error or stopped_why(run.log)
     return run
+
+
+def stopped_why(log: Path) -> str:
+    """A guest that stopped without its verdict: the kernel's panic, if it left one, and
+    the last line that says what killed a process (init's death panics it: panic=-1)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    panic = re.findall(r"Kernel panic - not syncing: (.*)", text)
+    if not panic:
+        return "guest stopped without a result"
+    cause = re.findall(r"(Read-error on swap-device.*|I/O error, dev nbd0.*|Killed process.*|"
+                       r"Out of memory.*)", text)  # fmt: skip
+    last = f" (last: {cause[-1].strip()})" if cause else ""
+    return f"guest stopped without a result: kernel panic: {panic[-1].strip()}{last}"
 
 
 def drill_failure(args: argparse.Namespace, run: Run, mib: int) -> str:

@@ -98,6 +98,9 @@ def run_guest(
     moved = start
     stalled = 0.0
     while True:
+        # Asked before the read: the last read follows QEMU's exit, so the guest's last
+        # lines (its verdict, printed just before it powers off) are never left unread.
+        exited = qemu.poll() is not None
         text = log.read_text(errors="replace") if log.exists() else ""
         for line in text[seen:].splitlines(keepends=True):
             if not line.endswith("\n"):
@@ -106,7 +109,7 @@ def run_guest(
             on_line(line.strip())
             if line.startswith(progress):
                 moved = time.monotonic()
-        if qemu.poll() is not None:
+        if exited:
             break
         keys = sysrq_now() if sysrq_now is not None else ""
         if keys:

@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from .nbdserver import NETSWAP
 
@@ -122,3 +125,63 @@ def test_adopt_refuses_what_it_cannot_take_over_in_one_line(tmp_path: Path) -> N
         alive.kill()
         for path in (attached, supervised, options):
             path.unlink(missing_ok=True)
+
+
+# A supervisor as detach sees it (its command line names the package): SIGUSR1 drops its
+# spare (the state file says standby none), SIGUSR2 is noted beside the state file.
+FAKE_SUPERVISOR = """
+import json, signal, sys, time
+path = sys.argv[1]
+def usr1(*_): open(path, "w").write(json.dumps({"spares": False, "standby": "none"}))
+def usr2(*_): open(path + ".usr2", "w").write("asked")
+signal.signal(signal.SIGUSR1, usr1)
+signal.signal(signal.SIGUSR2, usr2)
+open(path + ".up", "w").write("up")
+time.sleep(60)  # supervise.supervisor
+"""
+
+
+def test_detach_drops_the_spare_and_leaves_a_device_that_stays_swap_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before swapoff, which reads every swapped page back into RAM, detach has the
+    supervisor drop its spare nbdkit (~60 MiB locked). swapoff may still fail when RAM
+    cannot hold the pages (ENOMEM, or the OOM killer takes swapoff): undo must then
+    stop, not disconnect the device and stop its supervisor and nbdkit -- every page
+    still there would read EIO, SIGBUS for its process (the drill's guest: init, a
+    panic) -- and the spare comes back. Here swapoff is a script that fails."""
+    from netswap.client.nbd import attach
+
+    (tmp_path / "swapoff").write_text("#!/bin/sh\necho 'swapoff: /dev/nbd6: swapoff failed: "
+                                      "Cannot allocate memory' >&2\nexit 255\n")  # fmt: skip
+    (tmp_path / "swapoff").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(attach, "is_active_swap", lambda device: True)
+    supervised = tmp_path / "supervise-nbd6.json"
+    supervised.write_text(json.dumps({"spares": True, "standby": "ready"}))
+    monkeypatch.setattr(attach, "supervisor_state", lambda device: supervised)
+    supervisor = subprocess.Popen([sys.executable, "-c", FAKE_SUPERVISOR, str(supervised)])
+    try:
+        while not Path(f"{supervised}.up").exists():  # its handlers are set
+            assert supervisor.poll() is None
+            time.sleep(0.01)
+        state = attach.AttachState("/dev/nbd6", steps=["supervisor", "swapon"],
+                                   supervisor_pid=supervisor.pid)  # fmt: skip
+        try:
+            attach.undo(state)
+            raised = ""
+        except attach.AttachError as exc:
+            raised = str(exc)
+        assert raised == ("swapoff /dev/nbd6 failed (swapoff: /dev/nbd6: swapoff failed: "
+                          "Cannot allocate memory): it stays swap, attached and served; "
+                          "free memory, then detach again")  # fmt: skip
+        assert json.loads(supervised.read_text())["standby"] == "none"  # dropped first
+        for _ in range(50):  # the spare is wanted again
+            if Path(f"{supervised}.usr2").exists():
+                break
+            time.sleep(0.1)
+        assert Path(f"{supervised}.usr2").exists()
+        assert supervisor.poll() is None  # not stopped: it keeps the device served
+    finally:
+        supervisor.kill()
+        supervisor.wait()

@@ -234,3 +234,22 @@ def test_the_drills_verdict_needs_every_adoption_done_and_every_kill_cold() -> N
     stuck = "NETSWAP-STUCK n=1 supervisor_pid=7 fd1=/x fd2=/var/log/netswap/supervise-nbd0.log"
     assert "a takeover stuck" in verdict(*kills, adopted, stuck)
     assert "never stopped" in verdict(*kills, adopted, stall=20)
+
+
+def test_a_guest_that_died_says_why(tmp_path: Path) -> None:
+    """A guest that stopped without its verdict: the lab's reason carries the kernel's
+    panic and the last line that says what killed a process (seen: init killed by a
+    swap read error, a panic with panic=-1, which QEMU's -no-reboot turns into an exit)."""
+    from netswap.lab.hostguest import stopped_why
+
+    log = tmp_path / "serial.log"
+    log.write_text("NETSWAP-OOM kills=0\n")
+    assert stopped_why(log) == "guest stopped without a result"
+    log.write_text("[ 645.2] Read-error on swap-device (43:0:131520)\n"
+                   "[ 645.3] Read-error on swap-device (43:0:791744)\n"
+                   "[ 645.5] Kernel panic - not syncing: Attempted to kill init! "
+                   "exitcode=0x0000000b\n")  # fmt: skip
+    assert stopped_why(log) == (
+        "guest stopped without a result: kernel panic: Attempted to kill init! "
+        "exitcode=0x0000000b (last: Read-error on swap-device (43:0:791744))"
+    )

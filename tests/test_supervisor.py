@@ -259,3 +259,49 @@ def test_the_supervisor_reads_the_command_line_attach_writes() -> None:
     for bad, why in bad_lines:
         with pytest.raises(UsageError, match=why):
             parse_args(bad)
+
+
+def test_sigusr1_drops_the_spare_and_none_starts_till_sigusr2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Detach's swapoff needs the spare's locked memory: SIGUSR1 stops the spare and
+    keeps any from starting (a takeover meanwhile plans one: start_spare refuses it),
+    the state file saying so; SIGUSR2 starts one again. The spare, its spawning and the
+    state page are fakes (this kernel has no nbd device for a whole supervisor: the lab
+    runs one)."""
+    from netswap.client.supervise import supervisor as module
+
+    class FakeSpare:
+        def __init__(self, pid: int) -> None:
+            self.ready, self.discarded = True, False
+            self.child = type("Child", (), {"pid": pid})()
+
+        def discard(self) -> None:
+            self.discarded = True
+
+    spawned: list[FakeSpare] = []
+
+    def spawn(*_: object) -> FakeSpare:
+        spawned.append(FakeSpare(5000 + len(spawned)))
+        return spawned[-1]
+
+    monkeypatch.setattr(module.Spare, "spawn", spawn)
+    monkeypatch.setattr(module, "OVERCOMMIT_FOR_NBDKIT", type("O", (), {
+        "allow": lambda self: None, "restore": lambda self: None})())  # fmt: skip
+    saved: list[dict[str, object]] = []
+    sup = module.Supervisor.__new__(module.Supervisor)
+    first = FakeSpare(4242)
+    sup.spare, sup.spare_due, sup.spares = first, 0.0, True  # type: ignore[assignment]
+    sup.state = {"spares": True, "standby": "ready", "standby_pid": 4242, "epoch": 3}
+    sup.page = type("Page", (), {"write": lambda self, state: saved.append(dict(state))})()  # type: ignore[assignment]
+    sup.ports, sup.port, sup.argv, sup.env = (10809, 10810), 10809, ["nbdkit"], {}
+    sup.state_path, sup.output = "/nonexistent/state.json", 1
+    sup.want_spares(False)
+    assert first.discarded and sup.spare is None and sup.spare_due == 0.0
+    assert saved[-1]["standby"] == "none" and saved[-1]["spares"] is False
+    assert "standby_pid" not in saved[-1]
+    sup.start_spare()  # a takeover's planned spare, while detach's swapoff runs
+    assert spawned == [] and sup.spare is None
+    sup.want_spares(True)  # swapoff failed: the device stays, its spare comes back
+    assert [s.child.pid for s in spawned] == [5000] and sup.spare is spawned[0]
+    assert saved[-1]["spares"] is True and saved[-1]["standby_pid"] == 5000

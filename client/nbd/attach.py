@@ -55,6 +55,9 @@ DEAD_CONN_TIMEOUT_S = 120
 # to each store, then the spare's start. About 3 s each on this machine; a starved host or
 # a TCG guest is slower.
 SERVE_START_S = 120
+# How long detach waits for the supervisor to drop its spare: it stops it within twice
+# its 10 s grace (supervise/child.py: SIGTERM, then SIGKILL).
+SPARE_DROP_S = 25
 STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 # Logs on disk where there is one; on a diskless host /var/log is tmpfs like /run, whose
 # pages swap out, and appending to a log page swapped out to the device a dead agent
@@ -228,13 +231,21 @@ def run_attach(args: argparse.Namespace) -> int:
         if state.supervisor_pid and state.area and not args.no_standby:
             wait_for_spare(args.device)
     except BaseException:
-        undo(state)
+        try:
+            undo(state)
+        except AttachError:  # still swap: what attach did stays, for detach to undo
+            save_state(state)
+            raise
         raise
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    state_path(args.device).write_text(json.dumps(asdict(state)))
+    save_state(state)
     print(f"netswap: {args.device} is swap on nbd://{host}:{port}/{args.export}")
     return 0
+
+
+def save_state(state: AttachState) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    state_path(state.device).write_text(json.dumps(asdict(state)))
 
 
 def check_supervisable(args: argparse.Namespace) -> None:
@@ -408,9 +419,16 @@ def run_restart(args: argparse.Namespace) -> int:
 
 
 def undo(state: AttachState) -> None:
-    """Reverse what attach did, newest first; keep going past failures."""
+    """Reverse what attach did, newest first; keep going past failures, bar a swapoff's:
+    a device that is still swap stays attached and served (swapoff raises)."""
     if "swapon" in state.steps and is_active_swap(state.device):
-        run(["swapoff", state.device], check=False)
+        spare = running_supervisor(state.supervisor_pid) and drop_spare(state)
+        try:
+            swapoff(state.device)
+        except AttachError:
+            if spare:  # the device stays: so does its protection against a slow takeover
+                os.kill(state.supervisor_pid, signal.SIGUSR2)
+            raise
     if "nbd-client" in state.steps:
         run(["nbd-client", "-d", state.device], check=False)
     if state.supervisor_pid:  # it disconnects the device and stops its nbdkit
@@ -426,6 +444,47 @@ def undo(state: AttachState) -> None:
                   file=sys.stderr)  # fmt: skip
     restore(SYSCTL, state.old_min_free_kbytes, state.new_min_free_kbytes)
     restore(WATERMARK_SCALE, state.old_watermark_scale, state.new_watermark_scale)
+
+
+def drop_spare(state: AttachState) -> bool:
+    """Ask the supervisor to stop its spare nbdkit and start none (SIGUSR1), and wait
+    until it has: the spare holds ~60 MiB locked (nbdkit, the agent, its heap cushion)
+    that swapoff needs. Seen in the lab's 256 MiB guest after its storm: with the spare,
+    143 MiB locked left swapoff 14 MiB short, and the OOM killer took swapoff. True if
+    a spare was there to drop."""
+    path = supervisor_state(state.device)
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    # "spares": a supervisor that knows SIGUSR1 (to an older one it is a kill -- no spare).
+    if "spares" not in before or before.get("standby") in (None, "none"):
+        return False
+    os.kill(state.supervisor_pid, signal.SIGUSR1)
+    deadline = time.monotonic() + SPARE_DROP_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("standby") == "none":
+                break
+        time.sleep(0.1)
+    return True
+
+
+def swapoff(device: str) -> None:
+    """Take the device off swap, or raise AttachError and leave everything serving it.
+    swapoff reads every page still swapped there back into RAM first, and fails when
+    RAM cannot hold them (ENOMEM; or the OOM killer takes swapoff itself, the first it
+    picks while swapoff runs). A device torn down then fails the reads of those pages:
+    their processes die of SIGBUS (seen in the lab: the guest's init, so a panic)."""
+    try:
+        done = subprocess.run(["swapoff", device], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise AttachError("swapoff is not installed (apt-get install util-linux)") from None
+    if is_active_swap(device):
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        why = lines[-1] if lines else f"exit status {done.returncode}"
+        raise AttachError(f"swapoff {device} failed ({why}): it stays swap, attached and "
+                          "served; free memory, then detach again")  # fmt: skip
 
 
 def running_supervisor(pid: object) -> bool:

@@ -10,7 +10,9 @@ NBD handshake itself and hands the kernel the new socket (NBD_CMD_RECONFIGURE).
 Requests the kernel had sent to the dead connection go again once their
 timer finds the socket replaced (knobs.REQUEUE_MS); requests issued meanwhile
 waited for the reconnect. SIGHUP (`netswap restart`) replaces a live nbdkit
-the same way: an upgrade without draining swap.
+the same way: an upgrade without draining swap. SIGUSR1 (detach, before its
+swapoff) drops the spare and starts none until SIGUSR2: swapoff reads every
+swapped page back into a RAM the spare's locked ~60 MiB would leave too small.
 
 It lives inside a host that may be out of memory, so it keeps the swap path's
 discipline in RESIDENT_BOUND_KIB: it runs without site (`python3 -S`, attach's
@@ -105,7 +107,7 @@ class Supervisor:
         inherited = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
         self.env: dict[str, str] = {**inherited, **given}
         self.state: dict[str, object] = {"supervisor_pid": os.getpid(), "device": self.device}
-        self.state.update({"restarts": 0, "last_outage_s": 0.0, "epoch": 1})
+        self.state.update({"restarts": 0, "last_outage_s": 0.0, "epoch": 1, "spares": True})
         self.state.update(self._saved())
         self.page = StatePage(self.state_path)
         self.child: Child | None = None
@@ -113,6 +115,7 @@ class Supervisor:
         self.ports = (self.port, args.standby_port) if args.standby_port else (self.port,)
         self.spare: Spare | None = None
         self.spare_due = 0.0  # monotonic time the next spare starts (0: none planned)
+        self.spares = True  # False from SIGUSR1 to SIGUSR2: detach's swapoff needs the RAM
         self.link = Link(args.device, self.host, args.export, args.dead_conn_timeout,
                          args.io_timeout)  # fmt: skip
         self._wake_read, self._wake_write = os.pipe()
@@ -120,7 +123,8 @@ class Supervisor:
         self._signals: list[int] = []
         # From the start: a SIGTERM while nbdkit starts (attach undoing a failed swapon)
         # is handled at the watch's first turn, by a stop that disconnects the device.
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                    signal.SIGUSR2):  # fmt: skip
             signal.signal(sig, self.on_signal)
 
     # -- state -------------------------------------------------------------------
@@ -154,7 +158,7 @@ class Supervisor:
     # -- the spare -----------------------------------------------------------------
     def start_spare(self) -> None:
         self.spare_due = 0.0
-        if len(self.ports) < 2 or not self.argv or self.spare is not None:
+        if len(self.ports) < 2 or not self.argv or self.spare is not None or not self.spares:
             return
         port = self.ports[1] if self.port == self.ports[0] else self.ports[0]
         OVERCOMMIT_FOR_NBDKIT.allow()  # until it is ready or gone (drop_spare)
@@ -194,6 +198,19 @@ class Supervisor:
             self.spare = None
         self.state.pop("standby_pid", None)
         self.state["standby"] = "none"
+
+    def want_spares(self, wanted: bool) -> None:
+        """SIGUSR1 (False): no spare, now or after a takeover, till SIGUSR2 (True)."""
+        self.spares = self.state["spares"] = wanted
+        if wanted:
+            self.start_spare()
+        else:
+            if self.spare is not None:
+                log(f"spare nbdkit {self.spare.child.pid} dropped: its memory is wanted "
+                    "(detach)")  # fmt: skip
+            self.drop_spare()
+            self.spare_due = 0.0
+        self.save()
 
     def spare_in_time(self, deadline: float) -> Spare | None:
         """The spare, once ready (waiting for it up to `deadline`), or None."""
@@ -293,6 +310,10 @@ class Supervisor:
             if self._wake_read in ready:
                 os.read(self._wake_read, 64)
             for signum in self._drain_signals():
+                if signum in (signal.SIGUSR1, signal.SIGUSR2):
+                    self.want_spares(signum == signal.SIGUSR2)
+                    spare = None  # dropped, or a new one not yet heard from
+                    continue
                 if signum != signal.SIGHUP:
                     return self.stop()
                 if self.child is not None:
