@@ -6,7 +6,8 @@ It adopts the nbdkit the state file names (as `netswap adopt` does: nothing was
 connected at its start, so whatever a takeover would import or look up is still to
 come), starts its spare and says `ready`; on `kill` it kills nbdkit -9 and takes
 over under an audit hook, then says one JSON line: what was imported or opened, the
-port serving, the sockets the kernel's side got. On `stop` it stops everything.
+socket serving, the sockets the kernel's side got (their paths and the pid each one's
+peer was checked against). On `stop` it stops everything.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ import time
 
 sys.path.append(sys.argv[1])
 from supervise import knobs, supervisor
-from supervise.handshake import connect, resolve
+from supervise.handshake import Endpoint, connect
 from supervise.options import parse_args
 
 
 class KernelSide:
     """What nbd.ko does with the socket the supervisor hands it: keeps it."""
 
-    def __init__(self, device: str, host: str, export: str, *_: int) -> None:
-        self.address, self.export = resolve(host), export
-        self.ports: list[int] = []
+    def __init__(self, device: str, export: str, *_: int) -> None:
+        self.export = export
+        self.paths: list[str] = []
         self.sockets: list[socket.socket] = []
 
-    def connect(self, port: int, patience: float) -> None:
-        self.sockets.append(connect(self.address, port, self.export, patience)[0])
-        self.ports.append(port)
+    def connect(self, where: Endpoint, patience: float, pid: int) -> None:
+        self.sockets.append(connect(where, self.export, patience, pid)[0])
+        self.paths.append(where.path)
 
     reconfigure = connect
 
@@ -83,8 +84,8 @@ def main() -> int:
         time.sleep(0.01)
     sup.restart("nbdkit died", graceful=False)
     RECORDING[0] = False
-    print(json.dumps({"seen": SEEN, "port": sup.port, "restarts": sup.state["restarts"],
-                      "kernel": getattr(sup.link, "ports", [])}), flush=True)  # fmt: skip
+    print(json.dumps({"seen": SEEN, "socket": sup.where.path, "restarts": sup.state["restarts"],
+                      "kernel": getattr(sup.link, "paths", [])}), flush=True)  # fmt: skip
     sys.stdin.readline()
     sup.stop()
     logs.flush()
