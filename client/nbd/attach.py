@@ -69,6 +69,13 @@ STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 # (supervise/logs.py).
 LOG_DIR = Path(os.environ.get("NETSWAP_LOG_DIR", "/var/log/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
+# The least RAM (MemTotal) that holds a spare: ~57 MiB locked (nbd/standby.py's cushion
+# included) beside the nbdkit serving (~50 MiB) and the supervisor (16 MiB), with the
+# kernel's own (~20 MiB of slab here) and the 16 MiB min_free_kbytes floor, and room for
+# the host's work. Measured: a 256 MiB guest (MemTotal 205 MiB) holds one through the
+# drill; a 224 MiB guest (MemTotal 173 MiB) OOM-killed attach while its spare loaded,
+# with 124 MiB unevictable and free memory at the min watermark.
+SPARE_MIN_MEMTOTAL_KIB = 192 * 1024
 WATERMARK_SCALE = Path("/proc/sys/vm/watermark_scale_factor")
 
 
@@ -226,6 +233,8 @@ def run_attach(args: argparse.Namespace) -> int:
     require_root()
     os.umask(0o077)  # what attach and its children make is root's alone
     require_nbd(args.device)
+    if not (args.no_standby or args.no_supervisor or args.no_serve) and not spare_fits():
+        args.no_standby = True
     if not args.no_supervisor:
         check_supervisable(args)
         if args.io_timeout and args.io_timeout < args.dead_conn_timeout:
@@ -267,6 +276,19 @@ def run_attach(args: argparse.Namespace) -> int:
     print(f"netswap: {args.device} is swap on {server or 'a root-only socket'}, export "
           f"{args.export}")  # fmt: skip
     return 0
+
+
+def spare_fits(meminfo: Path = Path("/proc/meminfo")) -> bool:
+    """Whether this host's RAM holds a spare nbdkit beside the one serving; says why not."""
+    total = next((int(line.split()[1]) for line in meminfo.read_text().splitlines()
+                  if line.startswith("MemTotal:")), 0)  # fmt: skip
+    if total >= SPARE_MIN_MEMTOTAL_KIB:
+        return True
+    print(f"netswap: no spare nbdkit: {total // 1024} MiB of RAM cannot hold one (~57 MiB "
+          f"locked) beside the nbdkit serving and the supervisor (it takes "
+          f"{SPARE_MIN_MEMTOTAL_KIB // 1024} MiB): a restart is a cold start (--no-standby)",
+          file=sys.stderr)  # fmt: skip
+    return False
 
 
 def check_server(args: argparse.Namespace) -> str | None:
@@ -363,7 +385,7 @@ def supervisor_options(args: argparse.Namespace, server: str,
     if command is not None:
         opts += ["--command", str(command)]
         if not args.no_standby:  # the spare listens on the other socket; the two alternate
-            opts += ["--standby-socket", str(serve_socket(device, 2))]
+            opts += ["--standby-socket", str(serve_socket(device, 2)), "--spare-after-swapon"]
     return opts
 
 

@@ -12,7 +12,8 @@ class Options:
     """What attach passes; the defaults are attach's."""
 
     __slots__ = ("adopt", "command", "dead_conn_timeout", "device", "export", "footprint",
-                 "io_timeout", "serve_log", "server", "standby_socket", "state")  # fmt: skip
+                 "io_timeout", "serve_log", "server", "spare_after_swapon", "standby_socket",
+                 "state")  # fmt: skip
 
     def __init__(self) -> None:
         # server: unix:PATH where the nbdkit it starts serves (--command), or the server
@@ -22,9 +23,13 @@ class Options:
         self.dead_conn_timeout, self.io_timeout = 120, 0
         self.standby_socket = ""  # the spare's socket path; "": no spare
         self.adopt = self.footprint = False  # --adopt: watch the nbdkit already running
+        # --spare-after-swapon (attach's): the spare loads once the device is swap, when
+        # the host can make room for it by swapping others out (a 224 MiB host cannot
+        # hold nbdkit, the spare and the supervisor, all locked, before).
+        self.spare_after_swapon = False
 
 
-FLAGS = ("adopt", "footprint")
+FLAGS = ("adopt", "footprint", "spare_after_swapon")
 NUMBERS = ("dead_conn_timeout", "io_timeout")
 REQUIRED = ("device", "server", "state", "serve_log")
 

@@ -23,7 +23,9 @@ PR_SET_IO_FLUSHER, SCHED_FIFO and oom_score_adj -1000. Nothing a takeover runs
 may wait on a page swap could hold (#29: on a diskless host the log is tmpfs): its
 lines go through a ring a thread writes out, nbdkit's through a pipe it empties
 (logs.py), the server's address was resolved at start, nothing is imported or
-read (tests/test_takeover.py audits it).
+read (tests/test_takeover.py audits it), and the files nbdkit reads as it loads
+(tokens, TLS) are handed down from memfds it holds locked (held.py): even a cold
+start reads none from a page swap could hold.
 
 Where a new nbdkit's memory comes from while swap is held: the dead one's
 locked pages (~45 MiB, freed at its death) and, below the min watermark, the
@@ -55,6 +57,7 @@ import time
 
 from .child import Child
 from .handshake import Endpoint, HandshakeError, PeerError, endpoint, open_checked
+from .held import HeldFiles
 from .knobs import LOGS, OVERCOMMIT_FOR_NBDKIT, log
 from .link import Link
 from .netlink import NetlinkError
@@ -86,6 +89,9 @@ RESIDENT_BOUND_KIB = 16 * 1024
 SPARE_DELAY_S = 5.0
 # A spare that died or never said ready is tried again this much later.
 SPARE_RETRY_S = 30.0
+# How often a spare that waits for swapon (--spare-after-swapon) looks at /proc/swaps:
+# attach runs mkswap and swapon right after the device connects (well under a second).
+SWAPON_POLL_S = 0.5
 # The environment nbdkit must not inherit from the supervisor: the allocator the
 # supervisor chose for its own small footprint would slow the agent.
 NOT_INHERITED = ("PYTHONMALLOC",)
@@ -111,10 +117,12 @@ class Supervisor:
         self.output = LOGS.serve_log(self.log_path)
         self.argv: list[str] = []
         given: dict[str, str] = {}
+        # The files nbdkit reads as it loads, read now into locked memory (held.py).
+        self.held = HeldFiles()
         if args.command:  # serve --print-command's JSON: nbdkit's argv and environment
             with open(args.command) as f:
                 command = json.load(f)
-            self.argv, given = command["argv"], command["env"]
+            self.argv, given = self.held.hold(command["argv"]), command["env"]
         if self.argv:  # the nbdkit it starts: on a socket only root reaches
             for place in self.places:
                 private_socket(place)
@@ -128,6 +136,7 @@ class Supervisor:
         self.child: Child | None = None
         self.spare: Spare | None = None
         self.spare_due = 0.0  # monotonic time the next spare starts (0: none planned)
+        self.spare_after_swapon = args.spare_after_swapon and not args.adopt
         self.link = Link(args.device, args.export, args.dead_conn_timeout, args.io_timeout)
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
@@ -171,6 +180,11 @@ class Supervisor:
         self.spare_due = 0.0
         if len(self.places) < 2 or not self.argv or self.spare is not None:
             return
+        if self.spare_after_swapon:
+            if not is_swap(self.device):
+                self.spare_due = time.monotonic() + SWAPON_POLL_S
+                return
+            self.spare_after_swapon = False
         where = self.places[1] if self.where is self.places[0] else self.places[0]
         OVERCOMMIT_FOR_NBDKIT.allow()  # until it is ready or gone (drop_spare)
         try:
@@ -465,6 +479,15 @@ def free_socket(where: Endpoint) -> None:
         os.unlink(where.path)
 
 
+def is_swap(device: str) -> bool:
+    """Whether `device` is swap now (attach's swapon done)."""
+    try:
+        with open("/proc/swaps") as f:
+            return any(line.split()[:1] == [device] for line in f)
+    except OSError:
+        return False
+
+
 def is_nbdkit(pid: int) -> bool:
     """Whether `pid` is an nbdkit now (a pid in an old state file may have been reused)."""
     try:
@@ -528,8 +551,9 @@ def supervise(argv: list[str]) -> int:
                 supervisor.start_child("fresh")
             supervisor.save()  # whoever sees the device connected finds the state
             supervisor.connect_device()
-        # The spare loads while attach runs swapon (it locks as it loads: swap may take
-        # others' pages, never its own); attach waits for it to be ready.
+        # The spare loads once attach has run swapon (--spare-after-swapon: it locks as
+        # it loads, and swap may then take others' pages to make room, never its own);
+        # attach waits for it to be ready.
         supervisor.start_spare()
         lock()
         what = f"nbdkit {supervisor.state['serve_pid']}" if supervisor.argv else "the link"
