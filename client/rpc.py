@@ -15,9 +15,12 @@ that talk to a store:
   and its reply at a time over a blocking socket, read with recv_into into the
   same kind of buffer; the GIL is free while it waits.
 
-`check_pages` is the end-to-end proof both use: a page is the slot's own when
-its tag, recomputed here over its bytes at its stored generation, matches, and
-that generation's write count is the one the caller last wrote.
+Both prove what they read with protocol/proof.py: a payload is the slot's own
+when its tag, recomputed over its bytes at its stored generation, matches, and
+that generation (all 64 bits) is the one the caller last wrote. A payload is
+what the agent made of a page (protocol/limits.py: the page, compressed, or its
+repeated word), 1..PAGE_SIZE bytes; a batch of whole pages travels without
+lengths, and Pages.payload(i) gives each either way.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ from netswap.protocol import (
     SwapOut,
     Welcome,
     area_seed,
+    prove_reply,
     tags_of,
+    tags_of_sized,
 )
 from netswap.protocol.errors import ConnectionLost
 from netswap.protocol.messages import Buffer
@@ -80,46 +85,6 @@ ReplyCallback = Callable[["Reply | Exception"], None]
 PagesCallback = Callable[[Pages | None, Exception | None], None]
 
 
-def counts_of(generations: array[int]) -> array[int]:
-    """The write counts (low 32 bits) of 64-bit generations, in C: an array('Q')'s
-    bytes read as array('I') are [low, high, low, high, ...] on little-endian."""
-    halves = array("I")
-    halves.frombytes(generations.tobytes())
-    return halves[::2]
-
-
-def check_pages(
-    seed: int,
-    reply: Reply | Exception,
-    slots: Sequence[int],
-    counts: array[int],
-    current: Callable[[], array[int]] | None = None,
-) -> StoreError | None:
-    """A SwapIn answer must be one page per slot, each the slot's own page (its tag
-    matches its bytes at its generation) from the write the caller last made: that
-    generation's count is counts[i]. A write that raced the read (NBD leaves such a
-    read's result to either) moved the count on; `current` gives the one now,
-    which a page may match instead."""
-    if not isinstance(reply, Pages) or len(reply.tags) != len(slots):
-        return StoreError(errno.EIO, "store returned the wrong number of pages")
-    if tags_of(reply.data, seed, slots, reply.generations) != reply.tags:
-        bad = next(
-            i
-            for i, t in enumerate(tags_of(reply.data, seed, slots, reply.generations))
-            if t != reply.tags[i]
-        )
-        return StoreError(errno.EIO, f"slot {slots[bad]}: its page does not match its tag")
-    found = counts_of(reply.generations)
-    if found == counts:
-        return None
-    now = current() if current is not None else counts
-    for i, slot in enumerate(slots):
-        if found[i] != counts[i] and found[i] != now[i]:
-            return StoreError(errno.EIO, f"slot {slot}: the store holds write {found[i]}, "
-                              f"not write {counts[i]}")  # fmt: skip
-    return None
-
-
 def _detached(reply: Reply) -> Reply:
     """A reply that outlives the tick it arrived in: its pages and seals copied out of
     the connection's buffer. They are views into it (protocol/connection.py), and an
@@ -128,7 +93,8 @@ def _detached(reply: Reply) -> Reply:
     if not isinstance(reply, Pages):
         return reply
     seals = bytes(reply.seals) if reply.seals is not None else None
-    return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals)
+    return Pages(reply.request_id, bytes(reply.data), reply.tags, reply.generations, seals,
+                 reply.sized_lengths)  # fmt: skip
 
 
 def _failure(reply: Reply | Exception) -> Exception | None:
@@ -339,15 +305,18 @@ class StoreClient:
         seals: Buffer | None,
         done: Callable[[Exception | None], None],
     ) -> None:
-        """A SwapOut of `pages` (buffers that make up the batch in order, written as
-        they are: they must not change until done(None | error) runs)."""
+        """A SwapOut of `pages`, one payload per slot of `runs` in order (its length is
+        its buffer's: PAGE_SIZE for a whole page), each tagged over the payload as it
+        goes; written as they are: they must not change until done(None | error)
+        runs."""
         conn, rid = self._protocol.conn, self._next_id()
         self._start(rid, lambda: conn.send_swap_out(rid, runs, generations, tags, seals, pages),
                     lambda reply: done(_failure(reply)))  # fmt: skip
 
     def start_swap_in(self, runs: Sequence[range], sealed: bool, done: PagesCallback) -> None:
-        """A SwapIn; done(Pages, None) with its pages as views valid during the call
-        only (not yet proven: the caller checks them), or done(None, error)."""
+        """A SwapIn; done(Pages, None) with its payloads as views valid during the call
+        only (Pages.lengths, Pages.payload(i); not yet proven: the caller checks them),
+        or done(None, error)."""
         rid = self._next_id()
         request = SwapIn(rid, tuple(runs), sealed)
         conn = self._protocol.conn
@@ -378,14 +347,21 @@ class StoreClient:
     async def swap_out(
         self,
         slots: Sequence[int],
-        data: Buffer,
+        data: Buffer | Sequence[Buffer],
         generations: Sequence[int] | None = None,
         seals: Buffer | None = None,
     ) -> None:
-        """Store pages written for generations[i] (default: each slot's first write)."""
+        """Store payloads written for generations[i] (default: each slot's first write):
+        `data` is whole pages back to back, or one buffer per payload of any length."""
         gens = array("Q", list(generations) if generations is not None else [1] * len(slots))
-        tags = tags_of(data, self.area_seed, slots, gens)
-        await self._call(SwapOut(self._next_id(), slots, data, tags, gens, seals))
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            tags = tags_of(data, self.area_seed, slots, gens)
+            await self._call(SwapOut(self._next_id(), slots, data, tags, gens, seals))
+            return
+        lengths = array("H", [len(payload) for payload in data])
+        joined = b"".join(data)
+        tags = tags_of_sized(joined, lengths, self.area_seed, slots, gens)
+        await self._call(SwapOut(self._next_id(), slots, joined, tags, gens, seals, lengths))
 
     async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
         """The store's answer to a SwapIn, unproven, its buffers copied (repair and
@@ -398,24 +374,46 @@ class StoreClient:
     async def swap_in(
         self,
         slots: Sequence[int],
-        counts: Sequence[int] | None = None,
+        generations: Sequence[int] | None = None,
         current: Callable[[], array[int]] | None = None,
     ) -> bytes:
-        """Fetch pages proven end to end to be the slots' at write `counts` (default 1)
-        or `current()`'s -- a wrong, damaged or stale page is StoreError EIO."""
-        expected = array("I", list(counts) if counts is not None else [1] * len(slots))
+        """Fetch payloads proven end to end to be the slots' at `generations` (default
+        1) or `current()`'s -- a wrong, damaged or stale one is StoreError EIO: back to
+        back (whole pages: the pages; swap_in_payloads splits them)."""
         reply = await self.read_pages(slots)
-        failure = check_pages(self.area_seed, reply, slots, expected, current)
-        if failure is not None:
-            raise failure
+        self._prove(reply, slots, generations, current)
         return bytes(reply.data)
 
-    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
-        """The slots of first..first+count-1 the store holds, and their generations."""
+    async def swap_in_payloads(
+        self,
+        slots: Sequence[int],
+        generations: Sequence[int] | None = None,
+        current: Callable[[], array[int]] | None = None,
+    ) -> list[bytes]:
+        """swap_in, one bytes per payload."""
+        reply = await self.read_pages(slots)
+        self._prove(reply, slots, generations, current)
+        return [bytes(reply.payload(i)) for i in range(len(reply.tags))]
+
+    def _prove(
+        self,
+        reply: Pages,
+        slots: Sequence[int],
+        generations: Sequence[int] | None,
+        current: Callable[[], array[int]] | None,
+    ) -> None:
+        gens = list(generations) if generations is not None else [1] * len(slots)
+        failure = prove_reply(self.area_seed, reply, slots, array("Q", gens), current)
+        if failure is not None:
+            raise failure
+
+    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
+        """The slots of first..first+count-1 the store holds, their generations, and
+        their payloads' lengths (PAGE_SIZE: a whole page)."""
         reply = await self._call(Inventory(self._next_id(), first, count))
         if not isinstance(reply, Held):
             raise StoreError(errno.EIO, f"a {type(reply).__name__} answered Inventory")
-        return reply.slots, reply.generations
+        return reply.slots, reply.generations, reply.lengths
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
         await self._call(Discard(self._next_id(), tuple(ranges)))

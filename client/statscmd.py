@@ -80,6 +80,13 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
     p = now.pressure
     figures.add_row("memory PSI some / full", f"{p.some_avg10:.1f} % / {p.full_avg10:.1f} %")
     figures.add_row("replication lag (pages)", str(now.replication_lag_pages))
+    kinds = now.swap_out_by_kind
+    written = sum(kinds.values())
+    if written:  # what pages became on the wire (#31)
+        ratio = now.swap_out_payload_bytes / (written * 4096)
+        figures.add_row("pages out: filled / compressed / whole",
+                        f"{kinds.get('filled', 0):,} / {kinds.get('compressed', 0):,} / "
+                        f"{kinds.get('whole', 0):,} ({ratio:.2f} of their bytes sent)")  # fmt: skip
     figures.add_row("checksum errors", str(now.checksum_errors_total))
     if (life := now.lifecycle) is not None:
         started = f"rebuilt {life.rebuild_pages:,} pages" if life.started == "rebuild" else "fresh"
@@ -90,13 +97,16 @@ def render(now: Snapshot, prev: Snapshot | None) -> Group:
         unproven = f"[bold red]{life.unproven_slots:,}[/bold red]" if life.unproven_slots else "0"
         figures.add_row("unproven slots (EIO)", unproven)
     stores = Table(title="page stores")
-    for col in ("store", "state", "used MiB", "capacity MiB", "slabs", "stale", "syncing"):
+    stores.add_column("store", no_wrap=True)  # an address or "this store": never cut
+    for col in ("state", "used MiB", "capacity MiB", "pages", "payload MiB", "slabs", "stale",
+                "syncing"):  # fmt: skip
         stores.add_column(col)
     for st in now.stores:
         state = "[green]up[/green]" if st.up else "[bold red]DOWN[/bold red]"
         used, cap = st.used_bytes >> 20, st.capacity_bytes >> 20
-        stores.add_row(st.name, state, str(used), str(cap),
-                       str(st.slabs), str(st.stale), str(st.syncing))  # fmt: skip
+        stores.add_row(st.name, state, str(used), str(cap), f"{st.pages:,}",
+                       str(st.payload_bytes >> 20), str(st.slabs), str(st.stale),
+                       str(st.syncing))  # fmt: skip
     if not now.cluster_nodes:
         return Group(figures, stores)
     nodes = Table(title="cluster nodes")

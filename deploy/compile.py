@@ -31,6 +31,8 @@ COMPILED: dict[str, str] = {
     "protocol/runs.py": "runs of slots",
     "server/backends/base.py": "the store's bookkeeping (its subclasses must be compiled)",
     "server/backends/runs.py": "the store's page I/O",
+    "server/backends/payloads.py": "shorter payloads' I/O (a subclass of runs.py's)",
+    "server/backends/objects.py": "the size classes' bookkeeping",
     "server/backends/memory.py": "the memory store",
     "server/backends/file.py": "the file store",
     "server/backends/slotmap.py": "the store's slot maps",

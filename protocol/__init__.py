@@ -9,6 +9,7 @@ from .checksum import (
     page_tag,
     slot_seed,
     tags_of,
+    tags_of_sized,
 )
 from .codec import decode, encode, encode_handshake
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role
@@ -21,7 +22,9 @@ from .limits import (
     MAX_HELLO_FRAME,
     MAX_HOLDER,
     MAX_INVENTORY_SLOTS,
+    MAX_PAYLOAD,
     MAX_SLOTS,
+    MIN_PAYLOAD,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     SEAL_SIZE,
@@ -46,6 +49,7 @@ from .messages import (
     SwapOut,
     Welcome,
 )
+from .proof import prove_pages, prove_reply
 from .runs import runs_of
 
 __all__ = [
@@ -57,7 +61,9 @@ __all__ = [
     "MAX_HELLO_FRAME",
     "MAX_HOLDER",
     "MAX_INVENTORY_SLOTS",
+    "MAX_PAYLOAD",
     "MAX_SLOTS",
+    "MIN_PAYLOAD",
     "NEED_DATA",
     "NEVER_WRITTEN",
     "PAGE_SIZE",
@@ -96,7 +102,10 @@ __all__ = [
     "encode_handshake",
     "page_crc",
     "page_tag",
+    "prove_pages",
+    "prove_reply",
     "runs_of",
     "slot_seed",
     "tags_of",
+    "tags_of_sized",
 ]

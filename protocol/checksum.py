@@ -10,6 +10,9 @@ for the same bytes (a CRC's initial value shifts it by an invertible
 function), so a misdirected read or write, or a copy from before the last
 write of that slot, fails its check and is EIO.
 
+A page travels as a payload (limits.py: the page, or what the agent made of it);
+the tag is over the payload's bytes, whatever their length (tags_of_sized).
+
 The writer (the agent) picks the generation, a 64-bit number (limits.py): 0
 means "never written". The seed costs one more CRC over 16 bytes. It is not a
 defence against a malicious store: that is the seal's job (encrypted pages).
@@ -81,6 +84,26 @@ def tags_of(
     for i, slot in enumerate(slots):
         out[i] = crc32(view[at : at + PAGE_SIZE], seed(pack(slot, generations[i]), area))
         at += PAGE_SIZE
+    return out
+
+
+def tags_of_sized(
+    data: bytes | bytearray | memoryview,
+    lengths: Sequence[int],
+    area: int,
+    slots: Sequence[int],
+    generations: Sequence[int],
+) -> array[int]:
+    """One tag per payload of `data`, payloads back to back of lengths[i] bytes each:
+    the tag covers the payload as stored (compressed, sealed), not the page it stands
+    for. For payloads all PAGE_SIZE long tags_of gives the same tags, a little faster."""
+    view, crc32, seed, pack = memoryview(data), _page_crc32, zlib.crc32, _IDENTITY.pack
+    out = array("I", bytes(4 * len(slots)))
+    at = 0
+    for i, slot in enumerate(slots):
+        end = at + lengths[i]
+        out[i] = crc32(view[at:end], seed(pack(slot, generations[i]), area))
+        at = end
     return out
 
 

@@ -12,11 +12,16 @@ After the handshake every body starts with an 8-byte head -- type (u8), flags
 (u8), count (u16), request id (u32), little-endian -- and then:
 
   SwapOut  the number of runs (u64); the runs (u64 each: first slot << 16 | count,
-           runs.py); generations (u64 x count); tags (u32 x count); seals
-           (16 B x count) if flags has SEALED; the pages.
+           runs.py); generations (u64 x count); tags (u32 x count); lengths
+           (u16 x count) if flags has SIZED; seals (16 B x count) if flags has
+           SEALED; the payloads back to back.
   SwapIn   the number of runs, the runs. SEALED asks for the seals.
-  Pages    generations, tags, seals if SEALED, the pages.
-  Held     slots (u64 x count), generations (u64 x count).
+  Pages    generations, tags, lengths if SIZED, seals if SEALED, the payloads.
+  Held     slots (u64 x count), generations (u64 x count), lengths (u16 x count).
+
+A payload is 1..PAGE_SIZE bytes (limits.py). Without SIZED every payload is a
+whole page, and the frame is protocol 3's: a batch of whole pages carries no
+lengths and costs what it did.
   Ok       nothing.
   others   a msgpack array of the message's fields after its request id.
 
@@ -44,6 +49,8 @@ from .limits import (
     MAX_DISCARD_RANGES,
     MAX_FRAME_SIZE,
     MAX_INVENTORY_SLOTS,
+    MAX_PAYLOAD,
+    MIN_PAYLOAD,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     SEAL_SIZE,
@@ -68,6 +75,7 @@ HEAD = struct.Struct("<BBHI")  # type, flags, count, request id
 FIRST = struct.Struct("<Q")
 HEAD_SIZE = HEAD.size
 SEALED = 2  # flags: a seal per page follows the tags (SwapIn: send them back)
+SIZED = 4  # flags: a length per payload follows the tags (without it: whole pages)
 HANDSHAKE = (Hello.TYPE, Welcome.TYPE, Failed.TYPE)
 _CONTROL_FIELDS: dict[int, tuple[str, ...]] = {
     code: tuple(f.name for f in dataclasses.fields(cls)[1:])  # type: ignore[arg-type]
@@ -102,19 +110,43 @@ def swap_out_parts(
     seals: Buffer | None,
     pages: Sequence[Buffer],
 ) -> list[Buffer]:
-    """The frame of a SwapOut as buffers to send in order, the pages as given (the
-    agent's reserve views): no join, no per-page copy. Checks the shape a store
-    checks; the caller vouches for the values, as it made them."""
+    """The frame of a SwapOut as buffers to send in order, one payload per buffer as
+    given (the agent's views): no join, no per-payload copy. A payload's length is its
+    buffer's (bytes); when every one is a whole page the frame carries no lengths.
+    Checks the shape a store checks; the caller vouches for the values, as it made
+    them."""
     n = sum(len(run) for run in runs)
-    size = sum(len(page) for page in pages)
-    if not 1 <= n <= MAX_BATCH_PAGES or size != n * PAGE_SIZE:
-        raise LocalProtocolError(f"a SwapOut of {n} slots with {size} bytes of pages")
+    sizes = list(map(len, pages))
+    size = sum(sizes)
+    if not 1 <= n <= MAX_BATCH_PAGES or len(sizes) != n:
+        raise LocalProtocolError(f"a SwapOut of {n} slots with {len(sizes)} payloads")
+    if min(sizes) < MIN_PAYLOAD or max(sizes) > MAX_PAYLOAD:
+        raise LocalProtocolError(f"a payload is {MIN_PAYLOAD}..{MAX_PAYLOAD} bytes")
+    # Each at most a page, and n pages in all: each a whole page (no lengths).
+    lengths = None if size == n * PAGE_SIZE else array("H", sizes)
+    return _swap_out_frame(request_id, runs, n, generations, tags, seals, lengths, pages, size)
+
+
+def _swap_out_frame(
+    request_id: int,
+    runs: Sequence[range],
+    n: int,
+    generations: array[int],
+    tags: array[int],
+    seals: Buffer | None,
+    lengths: array[int] | None,
+    payloads: Sequence[Buffer],
+    size: int,
+) -> list[Buffer]:
     sealed = seals is not None and len(seals) != n * SEAL_SIZE
     if len(tags) != n or len(generations) != n or sealed:
         raise LocalProtocolError("one tag, generation and seal per page")
-    head = HEAD.pack(SwapOut.TYPE, SEALED if seals is not None else 0, n, request_id)
+    flags = (SEALED if seals is not None else 0) | (SIZED if lengths is not None else 0)
+    head = HEAD.pack(SwapOut.TYPE, flags, n, request_id)
     head += _runs_field(runs) + generations.tobytes() + tags.tobytes()
-    body = [seals, *pages] if seals is not None else pages
+    if lengths is not None:
+        head += lengths.tobytes()
+    body = [seals, *payloads] if seals is not None else payloads
     return _frame(head, body, size + (len(seals) if seals is not None else 0))
 
 
@@ -122,13 +154,17 @@ def encode_parts(message: Message) -> list[Buffer]:
     """The message's frame as buffers to write in order; a batch's pages are their
     own buffer (transport.writelines, socket.sendmsg)."""
     if isinstance(message, SwapOut):
-        return swap_out_parts(message.request_id, message.runs, message.generations,
-                              message.tags, message.seals, [message.data])  # fmt: skip
+        n = len(message.tags)
+        return _swap_out_frame(message.request_id, message.runs, n, message.generations,
+                               message.tags, message.seals, message.sized_lengths,
+                               [message.data], len(message.data))  # fmt: skip
     if isinstance(message, Pages):
-        sealed = message.seals is not None
-        head = HEAD.pack(Pages.TYPE, SEALED if sealed else 0, len(message.tags),
-                         message.request_id)  # fmt: skip
+        sealed, lengths = message.seals is not None, message.sized_lengths
+        flags = (SEALED if sealed else 0) | (SIZED if lengths is not None else 0)
+        head = HEAD.pack(Pages.TYPE, flags, len(message.tags), message.request_id)
         head += message.generations.tobytes() + message.tags.tobytes()
+        if lengths is not None:
+            head += lengths.tobytes()
         if message.seals is not None:
             return _frame(head, [message.seals, message.data],
                           len(message.seals) + len(message.data))  # fmt: skip
@@ -154,6 +190,7 @@ def encode(message: Message) -> bytes:
     elif isinstance(message, Held):
         body = HEAD.pack(Held.TYPE, 0, len(message.slots), rid)
         body += message.slots.tobytes() + message.generations.tobytes()
+        body += message.lengths.tobytes()
     else:
         fields = [getattr(message, name) for name in _CONTROL_FIELDS[message.TYPE]]
         body = HEAD.pack(message.TYPE, 0, 0, rid) + msgpack.packb(fields, use_bin_type=True)
@@ -237,17 +274,30 @@ def _runs(body: memoryview, n: int) -> tuple[tuple[range, ...], int]:
     return runs, end
 
 
+def _lengths(body: memoryview, n: int, at: int) -> tuple[array[int] | None, int, int]:
+    """A batch's lengths (SIZED says they are at `at`): the lengths, where they end, and
+    the payloads' size in all. The values are checked by the message (1..PAGE_SIZE
+    each); here only that they are there."""
+    if len(body) < at + 2 * n:
+        raise RemoteProtocolError(f"a batch of {n} payloads without their lengths")
+    lengths = _array("H", body[at : at + 2 * n])
+    return lengths, at + 2 * n, sum(lengths)
+
+
 def _swap_out(body: memoryview, flags: int, n: int, rid: int) -> SwapOut:
-    if flags & ~SEALED or not 1 <= n <= MAX_BATCH_PAGES:
+    if flags & ~(SEALED | SIZED) or not 1 <= n <= MAX_BATCH_PAGES:
         raise RemoteProtocolError(f"SwapOut: flags {flags}, {n} pages")
     runs, at = _runs(body, n)
+    if flags & SIZED:
+        lengths, end, size = _lengths(body, n, at + 12 * n)
+    else:  # whole pages (no call, no tuple: the common frame)
+        lengths, end, size = None, at + 12 * n, n * PAGE_SIZE
     seals = SEAL_SIZE * n if flags & SEALED else 0
-    _sized(body, at + 12 * n + seals + n * PAGE_SIZE, "SwapOut")
+    _sized(body, end + seals + size, "SwapOut")
     gens = _array("Q", body[at : at + 8 * n])
     tags = _array("I", body[at + 8 * n : at + 12 * n])
-    at += 12 * n
-    seal = body[at : at + seals] if seals else None
-    return SwapOut(rid, runs, body[at + seals :], tags, gens, seal)
+    seal = body[end : end + seals] if seals else None
+    return SwapOut(rid, runs, body[end + seals :], tags, gens, seal, lengths)
 
 
 def _swap_in(body: memoryview, flags: int, n: int, rid: int) -> SwapIn:
@@ -259,24 +309,29 @@ def _swap_in(body: memoryview, flags: int, n: int, rid: int) -> SwapIn:
 
 
 def _pages(body: memoryview, flags: int, n: int, rid: int) -> Pages:
-    if flags & ~SEALED or not 1 <= n <= MAX_BATCH_PAGES:
+    if flags & ~(SEALED | SIZED) or not 1 <= n <= MAX_BATCH_PAGES:
         raise RemoteProtocolError(f"Pages: flags {flags}, {n} pages")
-    seals = SEAL_SIZE * n if flags & SEALED else 0
-    _sized(body, HEAD_SIZE + 12 * n + seals + n * PAGE_SIZE, "Pages")
     at = HEAD_SIZE
+    if flags & SIZED:
+        lengths, end, size = _lengths(body, n, at + 12 * n)
+    else:
+        lengths, end, size = None, at + 12 * n, n * PAGE_SIZE
+    seals = SEAL_SIZE * n if flags & SEALED else 0
+    _sized(body, end + seals + size, "Pages")
     gens = _array("Q", body[at : at + 8 * n])
     tags = _array("I", body[at + 8 * n : at + 12 * n])
-    at += 12 * n
-    seal = body[at : at + seals] if seals else None
-    return Pages(rid, body[at + seals :], tags, gens, seal)
+    seal = body[end : end + seals] if seals else None
+    return Pages(rid, body[end + seals :], tags, gens, seal, lengths)
 
 
 def _held(body: memoryview, n: int, rid: int) -> Held:
     if n > MAX_INVENTORY_SLOTS:
         raise RemoteProtocolError(f"Held: {n} slots")
-    _sized(body, HEAD_SIZE + 16 * n, "Held")
-    slots = _array("Q", body[HEAD_SIZE : HEAD_SIZE + 8 * n])
-    return Held(rid, slots, _array("Q", body[HEAD_SIZE + 8 * n :]))
+    _sized(body, HEAD_SIZE + 18 * n, "Held")
+    at = HEAD_SIZE
+    slots = _array("Q", body[at : at + 8 * n])
+    gens = _array("Q", body[at + 8 * n : at + 16 * n])
+    return Held(rid, slots, gens, _array("H", body[at + 16 * n :]))
 
 
 def _control(body: memoryview, kind: int, rid: int) -> Message:

@@ -223,8 +223,10 @@ class Connection:
         seals: Buffer | None,
         pages: Sequence[Buffer],
     ) -> list[Buffer]:
-        """A client's SwapOut straight from its page buffers (codec.swap_out_parts):
-        the frame as buffers to write in order; the pages are not copied."""
+        """A client's SwapOut straight from its payload buffers, one per slot of `runs`
+        (codec.swap_out_parts: each buffer's length is its payload's; all PAGE_SIZE,
+        the frame carries no lengths): the frame as buffers to write in order; the
+        payloads are not copied."""
         if self.role is not Role.CLIENT or not self.handshaken:
             raise LocalProtocolError("SwapOut is a client's, after the handshake")
         if request_id in self._in_flight:

@@ -15,7 +15,9 @@ from __future__ import annotations
 # 4: the Welcome says which store answers and which life of it (store_id, boot,
 #    prev_boot, clean) and the area's record (area_id, holder, floor); Fence raises an
 #    area's floor and a session below it changes nothing; Swapfile carries the area's
-#    id, its holder and force; a SwapOut no newer than the page a slot holds is skipped.
+#    id, its holder and force; a SwapOut no newer than the page a slot holds is skipped;
+#    a page travels and is stored as a payload of 1..PAGE_SIZE bytes (what the agent made
+#    of it: compressed, or one repeated word) with its length, and Held says the lengths.
 PROTOCOL_VERSION = 4
 
 # The kernel swaps in units of its base page; x86-64 and arm64 (4K kernels) use 4096.
@@ -27,13 +29,21 @@ PAGE_SIZE = 4096
 # (~43 us on loopback here) and small enough that one frame never pins more than 1 MiB.
 MAX_BATCH_PAGES = 256
 
+# A payload is what the agent made of one page: the page itself (PAGE_SIZE), the page
+# compressed (fewer bytes) or its repeated word (8 bytes). The store keeps it as it is and
+# never looks inside; an empty payload or one larger than the page it stands for is a
+# protocol error. A length travels as a u16.
+MIN_PAYLOAD = 1
+MAX_PAYLOAD = PAGE_SIZE
+
 # A seal is the AEAD tag of an encrypted page (AES-GCM's 16 bytes): the store keeps it
 # beside the page and never looks inside.
 SEAL_SIZE = 16
 
-# One page's metadata on the wire at most: its slot (8 B), generation (8 B), tag (4 B)
-# and seal (16 B); 64 KiB of headroom covers the headers and any control message.
-PAGE_META_MAX = 8 + 8 + 4 + SEAL_SIZE
+# One page's metadata on the wire at most: its slot (8 B), generation (8 B), tag (4 B),
+# payload length (2 B) and seal (16 B); 64 KiB of headroom covers the headers and any
+# control message. A batch's payloads are at most MAX_BATCH_PAGES x PAGE_SIZE = 1 MiB.
+PAGE_META_MAX = 8 + 8 + 4 + 2 + SEAL_SIZE
 MAX_FRAME_SIZE = MAX_BATCH_PAGES * (PAGE_SIZE + PAGE_META_MAX) + 64 * 1024
 
 # Before a peer has authenticated, the only frame it may send is a Hello: type, id and
@@ -53,7 +63,8 @@ MAX_SLOTS = 1 << 40
 MAX_DISCARD_RANGES = 1024
 
 # An Inventory covers at most one default slab (64 MiB of swap): its answer is at most
-# 16,384 x 16 B = 256 KiB, and the store walks at most 64 of its 256-slot clusters.
+# 16,384 x 18 B (slot, generation, length) = 288 KiB, and the store walks at most 64
+# of its 256-slot clusters.
 MAX_INVENTORY_SLOTS = 1 << 14
 
 # Area names are identifiers chosen by operators (hostname, "swap0", ...); 64 bytes

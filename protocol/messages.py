@@ -9,8 +9,11 @@ Control messages (Hello, Swapfile, Discard, ...) are frozen dataclasses. The
 batches -- SwapOut, SwapIn, Pages, Held -- are slotted classes whose fields are
 packed arrays, not lists of small objects: a batch's slots are runs of
 consecutive slots (runs.py), its generations an array('Q'), its tags an
-array('I'), its pages one buffer of PAGE_SIZE bytes per slot and, when the
-writer encrypts, one SEAL_SIZE seal per page.
+array('I'), its pages one buffer of payloads back to back and, when the writer
+encrypts, one SEAL_SIZE seal per payload. A payload is 1..PAGE_SIZE bytes that
+only the agent understands (limits.py); `lengths` (array('H')) says how long
+each is, and a batch of whole pages keeps none (`sized` is False: the common
+case costs no lengths, on the wire or here).
 A page's tag is a CRC32 bound to the area, the slot and the generation
 (checksum.py). Off the wire, `data` and `seals` are views into the receiving
 connection's buffer (connection.py says how long they stay valid).
@@ -19,6 +22,7 @@ connection's buffer (connection.py says how long they stay valid).
 from __future__ import annotations
 
 import errno
+import itertools
 import re
 from array import array
 from collections.abc import Mapping, Sequence
@@ -33,12 +37,14 @@ from .limits import (
     MAX_GENERATION,
     MAX_HOLDER,
     MAX_INVENTORY_SLOTS,
+    MAX_PAYLOAD,
     MAX_REASON_SIZE,
     MAX_REQUEST_ID,
     MAX_SLOTS,
     MAX_STAT_NAME,
     MAX_STATS_ENTRIES,
     MAX_TOKEN_SIZE,
+    MIN_PAYLOAD,
     PAGE_SIZE,
     SEAL_SIZE,
 )
@@ -86,16 +92,62 @@ def _check_request_id(request_id: object) -> None:
 
 
 def _check_pages(
-    n: int, data: Buffer, tags: Sequence[int], gens: Sequence[int], seals: Buffer | None
+    n: int,
+    data: Buffer,
+    tags: Sequence[int],
+    gens: Sequence[int],
+    seals: Buffer | None,
+    lengths: array[int] | None,
 ) -> None:
-    if len(data) != n * PAGE_SIZE:
-        raise LocalProtocolError(f"data must be {n} x {PAGE_SIZE} bytes, not {len(data)}")
+    if lengths is None:
+        if len(data) != n * PAGE_SIZE:
+            raise LocalProtocolError(f"data must be {n} x {PAGE_SIZE} bytes, not {len(data)}")
+    else:
+        _check_lengths(n, lengths)
+        if sum(lengths) != len(data):
+            raise LocalProtocolError(f"payloads of {sum(lengths)} bytes in all, data of "
+                                     f"{len(data)}")  # fmt: skip
     if len(tags) != n or len(gens) != n:
         raise LocalProtocolError("one tag and one generation per page")
     if seals is not None and len(seals) != n * SEAL_SIZE:
         raise LocalProtocolError(f"seals must be {n} x {SEAL_SIZE} bytes")
     if not _ints_within(tags, 0, _MAX_U32) or not _ints_within(gens, 0, MAX_GENERATION):
         raise LocalProtocolError("tags are uint32 and generations uint64")
+
+
+def _check_lengths(n: int, lengths: array[int]) -> None:
+    if len(lengths) != n:
+        raise LocalProtocolError(f"{len(lengths)} lengths for {n} payloads")
+    if not _ints_within(lengths, MIN_PAYLOAD, MAX_PAYLOAD):
+        bad = min(lengths) if min(lengths) < MIN_PAYLOAD else max(lengths)
+        raise LocalProtocolError(f"a payload is {MIN_PAYLOAD}..{MAX_PAYLOAD} bytes, not {bad}")
+
+
+def _sized(lengths: Sequence[int] | None, n: int) -> array[int] | None:
+    """n lengths as an array('H'), or None when every payload is a whole page (the form
+    a batch of whole pages keeps: no lengths). A value beyond a u16 is refused here."""
+    if lengths is None:
+        return None
+    try:
+        packed = _packed("H", lengths)
+    except OverflowError:
+        raise LocalProtocolError("a payload length is a u16") from None
+    if len(packed) != n:
+        raise LocalProtocolError(f"{len(packed)} lengths for {n} payloads")
+    if n and min(packed) == PAGE_SIZE == max(packed):
+        return None
+    return packed
+
+
+def _whole(n: int) -> array[int]:
+    return array("H", [PAGE_SIZE]) * n
+
+
+def _offsets(n: int, lengths: array[int] | None) -> array[int]:
+    """Where each payload starts in `data`, and (last) where they end: n + 1 offsets."""
+    if lengths is None:
+        return array("Q", range(0, (n + 1) * PAGE_SIZE, PAGE_SIZE))
+    return array("Q", itertools.accumulate(lengths, initial=0))
 
 
 def _packed(typecode: str, values: Sequence[int]) -> array[int]:
@@ -203,14 +255,17 @@ def _batch_key(message: Message) -> tuple[Any, ...]:
     classes of single inheritance)."""
     if isinstance(message, SwapOut):
         return (message.request_id, tuple(message.slots), bytes(message.data),
-                tuple(message.tags), tuple(message.generations), _bytes(message.seals))  # fmt: skip
+                tuple(message.tags), tuple(message.generations), _bytes(message.seals),
+                tuple(message.lengths))  # fmt: skip
     if isinstance(message, SwapIn):
         return (message.request_id, tuple(message.slots), message.sealed)
     if isinstance(message, Pages):
         return (message.request_id, bytes(message.data), tuple(message.tags),
-                tuple(message.generations), _bytes(message.seals))  # fmt: skip
+                tuple(message.generations), _bytes(message.seals),
+                tuple(message.lengths))  # fmt: skip
     assert isinstance(message, Held)
-    return (message.request_id, tuple(message.slots), tuple(message.generations))
+    return (message.request_id, tuple(message.slots), tuple(message.generations),
+            tuple(message.lengths))  # fmt: skip
 
 
 def _same(message: Message, other: object) -> bool:
@@ -226,11 +281,12 @@ def _shown(message: Message) -> str:
 
 
 class SwapOut(Request):
-    """Store a batch of pages: the i-th page of `data` goes to the i-th slot of `runs`,
-    written for generations[i] (nonzero), tagged tags[i]; seals[i] is kept beside it."""
+    """Store a batch of payloads: the i-th payload of `data` (lengths[i] bytes; without
+    lengths, each a whole page) goes to the i-th slot of `runs`, written for
+    generations[i] (nonzero), tagged tags[i]; seals[i] is kept beside it."""
 
     TYPE: ClassVar[int] = 3
-    __slots__ = ("data", "generations", "request_id", "runs", "seals", "tags")
+    __slots__ = ("_lengths", "data", "generations", "request_id", "runs", "seals", "tags")
 
     def __init__(
         self,
@@ -240,10 +296,13 @@ class SwapOut(Request):
         tags: Sequence[int],
         generations: Sequence[int],
         seals: Buffer | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         _check_request_id(request_id)
         self.runs = _as_runs(slots)
-        _check_pages(check_runs(self.runs), data, tags, generations, seals)
+        n = check_runs(self.runs)
+        sized = _sized(lengths, n) if lengths is not None else None
+        _check_pages(n, data, tags, generations, seals, sized)
         if 0 in generations:
             raise LocalProtocolError("generation 0 means never written")
         self.request_id = request_id
@@ -251,10 +310,30 @@ class SwapOut(Request):
         self.tags = _u32s(tags)
         self.generations = _u64s(generations)
         self.seals = seals
+        self._lengths = sized
 
     @property
     def slots(self) -> range | array[int]:
         return flat(self.runs)
+
+    @property
+    def sized(self) -> bool:
+        """Whether some payload is not a whole page (the frame then carries lengths)."""
+        return self._lengths is not None
+
+    @property
+    def lengths(self) -> array[int]:
+        """Each payload's length (a new array of PAGE_SIZE when all are whole pages)."""
+        return self._lengths if self._lengths is not None else _whole(len(self.tags))
+
+    @property
+    def sized_lengths(self) -> array[int] | None:
+        """The lengths, or None when every payload is a whole page."""
+        return self._lengths
+
+    def offsets(self) -> array[int]:
+        """Where each payload starts in `data`, then where the last ends (n + 1)."""
+        return _offsets(len(self.tags), self._lengths)
 
     def __eq__(self, other: object) -> bool:
         return _same(self, other)
@@ -426,12 +505,13 @@ class Welcome(Reply):
 
 
 class Pages(Reply):
-    """Answer to SwapIn: the pages in request order with their stored generations and
-    tags (a slot never written reads as zeros at generation 0), and their seals when
-    the SwapIn asked for them (zeros for a page stored without one)."""
+    """Answer to SwapIn: the payloads in request order, back to back in `data`, with
+    their stored generations, tags and lengths (a slot never written reads as a page
+    of zeros at generation 0), and their seals when the SwapIn asked for them (zeros
+    for a payload stored without one). payload(i) is the i-th payload's view."""
 
     TYPE: ClassVar[int] = 67
-    __slots__ = ("data", "generations", "request_id", "seals", "tags")
+    __slots__ = ("_lengths", "_offsets", "data", "generations", "request_id", "seals", "tags")
 
     def __init__(
         self,
@@ -440,17 +520,49 @@ class Pages(Reply):
         tags: Sequence[int],
         generations: Sequence[int],
         seals: Buffer | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         _check_request_id(request_id)
         n = len(tags)
         if not 1 <= n <= MAX_BATCH_PAGES:
             raise LocalProtocolError(f"1..{MAX_BATCH_PAGES} pages")
-        _check_pages(n, data, tags, generations, seals)
+        sized = _sized(lengths, n) if lengths is not None else None
+        _check_pages(n, data, tags, generations, seals, sized)
         self.request_id = request_id
         self.data = data
         self.tags = _u32s(tags)
         self.generations = _u64s(generations)
         self.seals = seals
+        self._lengths = sized
+        self._offsets: array[int] | None = None
+
+    @property
+    def sized(self) -> bool:
+        """Whether some payload is not a whole page (the frame carried lengths)."""
+        return self._lengths is not None
+
+    @property
+    def lengths(self) -> array[int]:
+        """Each payload's length (a new array of PAGE_SIZE when all are whole pages)."""
+        return self._lengths if self._lengths is not None else _whole(len(self.tags))
+
+    @property
+    def sized_lengths(self) -> array[int] | None:
+        """The lengths, or None when every payload is a whole page."""
+        return self._lengths
+
+    def offsets(self) -> array[int]:
+        """Where each payload starts in `data`, then where the last ends (n + 1)."""
+        if self._offsets is None:
+            self._offsets = _offsets(len(self.tags), self._lengths)
+        return self._offsets
+
+    def payload(self, i: int) -> memoryview:
+        """The i-th payload, a view of `data` (valid as long as `data` is)."""
+        if self._lengths is None:
+            return memoryview(self.data)[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        offsets = self.offsets()
+        return memoryview(self.data)[offsets[i] : offsets[i + 1]]
 
     def __eq__(self, other: object) -> bool:
         return _same(self, other)
@@ -463,22 +575,35 @@ class Pages(Reply):
 
 
 class Held(Reply):
-    """Answer to Inventory: the slots held, ascending, each with its generation."""
+    """Answer to Inventory: the slots held, ascending, each with its generation and its
+    payload's length (PAGE_SIZE: a whole page; a rebuild learns the rest without
+    reading them). Without lengths, every payload is a whole page."""
 
     TYPE: ClassVar[int] = 69
-    __slots__ = ("generations", "request_id", "slots")
+    __slots__ = ("generations", "lengths", "request_id", "slots")
 
-    def __init__(self, request_id: int, slots: Sequence[int], generations: Sequence[int]) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        slots: Sequence[int],
+        generations: Sequence[int],
+        lengths: Sequence[int] | None = None,
+    ) -> None:
         _check_request_id(request_id)
-        if len(slots) > MAX_INVENTORY_SLOTS or len(generations) != len(slots):
+        n = len(slots)
+        if n > MAX_INVENTORY_SLOTS or len(generations) != n:
             raise LocalProtocolError("one generation per slot, at most MAX_INVENTORY_SLOTS")
         if not _ints_within(slots, 0, MAX_SLOTS - 1):
             raise LocalProtocolError("slot out of range")
         if not _ints_within(generations, 0, MAX_GENERATION):
             raise LocalProtocolError("generations are uint64")
+        sized = _sized(lengths, n) if lengths is not None else None
+        if sized is not None:
+            _check_lengths(n, sized)
         self.request_id = request_id
         self.slots = _u64s(slots)
         self.generations = _u64s(generations)
+        self.lengths = sized if sized is not None else _whole(n)
 
     def __eq__(self, other: object) -> bool:
         return _same(self, other)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from netswap.protocol import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
-    SEAL_SIZE,
     Discard,
     Failed,
     Fence,
@@ -155,24 +154,20 @@ class Session:
             area = backend.area(self.area_name)
             data = memoryview(request.data)
             backend.write_runs(area, request.runs, data, request.tags, request.generations,
-                               request.seals)  # fmt: skip
+                               request.seals, request.sized_lengths)  # fmt: skip
             self._observe("swap_out", len(request.tags), began)
             return Ok(rid)
         if isinstance(request, SwapIn):
             began = time.perf_counter()
             area = backend.area(self.area_name)
-            n = sum(len(run) for run in request.runs)
-            out = bytearray(n * PAGE_SIZE)
-            seals = bytearray(n * SEAL_SIZE) if request.sealed else None
-            views = memoryview(seals) if seals is not None else None
-            tags, gens = backend.read_runs(area, request.runs, memoryview(out), views)
-            self._observe("swap_in", n, began)
+            out, lengths, tags, gens, seals = backend.read_payloads(area, request.runs,
+                                                                    request.sealed)  # fmt: skip
+            self._observe("swap_in", len(tags), began)
             # The bytearray goes out as is (codec.encode_parts), without a copy into bytes.
-            return Pages(rid, out, tags, gens, seals)
+            return Pages(rid, out, tags, gens, seals, lengths)
         if isinstance(request, Inventory):
             area = backend.area(self.area_name)
-            slots, gens = backend.inventory(area, request.first, request.count)
-            return Held(rid, slots, gens)
+            return Held(rid, *backend.inventory(area, request.first, request.count))
         if isinstance(request, Discard):
             self._current()
             area = backend.area(self.area_name)
@@ -191,8 +186,7 @@ class Session:
             mine = backend.areas.get(self.area_name)
             own = backend.area_stats(mine) if mine is not None else {}
             if not self.admin:  # other areas' load is not this client's business
-                own = own or {"capacity_pages": backend.capacity_pages,
-                              "used_pages": backend.used_pages}  # fmt: skip
+                own = own or backend.space()
                 return StatsReply.from_mapping(rid, own)
             return StatsReply.from_mapping(rid, {**self.service.stats(), **own})
         raise StoreError(errno.EOPNOTSUPP, f"unsupported request {type(request).__name__}")

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"address to listen on (default {DEFAULT_LISTEN})",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="memory")
-    parser.add_argument("--capacity", default="1G", help="pages this store holds, as bytes (4G)")
+    parser.add_argument("--capacity", default="1G", help="bytes this store holds (4G): whole "
+                        "pages, and shorter payloads in size classes")  # fmt: skip
     parser.add_argument("--path", help="directory for the file backend")
     parser.add_argument(
         "--area-quota",
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         backend = open_backend(args.backend, capacity // PAGE_SIZE, args.path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    backend.area_quota = quota // PAGE_SIZE
+    backend.area_quota = quota
 
     def ready(store: StoreServer) -> None:
         logging.getLogger("netswap.store").info(

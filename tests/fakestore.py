@@ -82,6 +82,7 @@ class FakeClient:
                                        clean=False, area_id=store.area_id, holder="",
                                        floor=store.floor)  # fmt: skip
         self.connected = True
+        self.epoch = 0  # what this connection fenced with
         self._on_lost: Callable[[Exception], None] | None = None
 
     def on_lost(self, callback: Callable[[Exception], None]) -> None:
@@ -117,21 +118,22 @@ class FakeClient:
     ) -> None:
         store = self.store
         store.swap_outs += 1
-        data = b"".join(pages)  # copied now, as sent
+        payloads = [bytes(p) for p in pages]  # copied now, as sent
         slots = [s for run in runs for s in run]
         tags, generations = list(tags), list(generations)
 
         def reply() -> None:
             if not self.connected:
                 return done(ConnectionLost("gone"))
+            if self.epoch < store.floor:  # a connection below the area's floor: a store's rule
+                return done(StoreError(errno.ESTALE, "a newer agent holds the area"))
             if store.write_error:
                 return done(StoreError(store.write_error, "refused by the test"))
             for i, slot in enumerate(slots):
                 held = store.pages.get(slot)
                 if held is not None and held[2] >= generations[i]:
                     continue  # newer-only, as a store
-                page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                store.pages[slot] = (page, tags[i], generations[i])
+                store.pages[slot] = (payloads[i], tags[i], generations[i])
             done(None)
 
         self._reply(reply)
@@ -152,8 +154,10 @@ class FakeClient:
         written: zeros at generation 0); the agent proves them itself."""
         seed = self.area_seed
         held = [self.store.pages.get(s) or (ZERO, page_tag(ZERO, seed, s, 0), 0) for s in slots]
+        lengths = array("H", [len(h[0]) for h in held])
+        sized = None if all(n == PAGE_SIZE for n in lengths) else lengths
         return Pages(0, b"".join(h[0] for h in held), array("I", [h[1] for h in held]),
-                     array("Q", [h[2] for h in held]))  # fmt: skip
+                     array("Q", [h[2] for h in held]), None, sized)  # fmt: skip
 
     async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
         return self._pages(slots)
@@ -170,11 +174,13 @@ class FakeClient:
     async def fence(self, epoch: int) -> None:
         if epoch < self.store.floor:
             raise StoreError(errno.ESTALE, f"a newer agent (epoch {self.store.floor})")
-        self.store.floor = epoch
+        self.store.floor = self.epoch = epoch
 
-    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
+    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
         held = sorted(s for s in self.store.pages if first <= s < first + count)
-        return array("Q", held), array("Q", [self.store.pages[s][2] for s in held])
+        pages = self.store.pages
+        return (array("Q", held), array("Q", [pages[s][2] for s in held]),
+                array("H", [len(pages[s][0]) for s in held]))  # fmt: skip
 
     async def stats(self) -> dict[str, Any]:
         return {"used_pages": len(self.store.pages)}

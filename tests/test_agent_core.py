@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 from netswap.client.agent.core import Agent
+from netswap.client.agent.machine.slots import COUNT_MASK
 from netswap.client.agent.machine.table import IN_SYNC
+from netswap.client.agent.payload import decode
 from netswap.client.agent.remote import RemoteDevice
 from netswap.client.agent.reserve import Reserve
 from netswap.protocol import PAGE_SIZE, StoreError
@@ -34,7 +36,7 @@ def device_over(stores: list[FakeStore], *, replicas: int, quorum: int = 1,
                   slab_slots=SLAB_PAGES, quorum=quorum, io_timeout=io_timeout,
                   connect_store=connect)  # type: ignore[arg-type]  # fmt: skip
     device = RemoteDevice(agent, 4096 * PAGE_SIZE, reserve_wait=io_timeout, write_back=False,
-                          compress=False)  # fmt: skip
+                          compress=True)  # fmt: skip
     device.start()
     return device
 
@@ -48,7 +50,8 @@ def two() -> Iterator[tuple[RemoteDevice, FakeStore, FakeStore]]:
 
 
 def page(n: int) -> memoryview:
-    return memoryview(bytes([n % 251 + 1]) * PAGE_SIZE)
+    """A page of its own (not same-filled: those are read back without a store)."""
+    return memoryview(bytes((n + i) % 251 for i in range(16)) * (PAGE_SIZE // 16))
 
 
 def read(device: RemoteDevice, slot: int, count: int = 1) -> bytes:
@@ -72,8 +75,11 @@ def test_the_last_write_wins_on_every_replica(
         device.pwrite(page(n), 7 * PAGE_SIZE, False)
     assert read(device, 7) == bytes(page(4))
     for store in (a, b):
-        data, _, generation = store.pages[7]
-        assert data == bytes(page(4)) and generation & 0xFFFFFFFF == 5  # five writes
+        payload, _, generation = store.pages[7]
+        out = memoryview(bytearray(PAGE_SIZE))
+        assert decode(memoryview(payload), out) and bytes(out) == bytes(page(4))
+        assert len(payload) < PAGE_SIZE  # compressed on its way (payload.py)
+        assert generation & 0xFFFFFFFF == 5  # five writes
 
 
 def test_one_rule_a_refusal_costs_the_write_only_below_its_quorum() -> None:
@@ -221,3 +227,28 @@ def test_a_direct_reply_that_arrived_in_time_counts_after_the_deadline() -> None
         with pytest.raises(TimeoutError):
             conn.reply(time.monotonic() - 1)
         assert time.monotonic() - began < 0.5
+
+
+def test_an_epoch_raised_mid_run_fences_every_connection_again(
+    two: tuple[RemoteDevice, FakeStore, FakeStore],
+) -> None:
+    """A slot's write count at 2^32 - 1 takes the next epoch (recorded first, P6). The
+    connections fenced at the old one are fenced again at it: else the first new one
+    (a reconnect) raises a store's floor above them, and the store refuses them as an
+    older agent's -- this agent fenced out by itself."""
+    device, a, b = two
+    machine = device.agent.machine
+    device.pwrite(page(1), 5 * PAGE_SIZE, False)
+    old = machine.epoch
+    with machine.lock:
+        machine.slots.gens[5] = old << 32 | COUNT_MASK
+    device.pwrite(page(2), 5 * PAGE_SIZE, False)
+    assert machine.epoch == old + 1
+    wait(lambda: a.floor == b.floor == old + 1 and all(s.up for s in device.agent.stores))
+    loop = device.agent.loop
+    assert loop is not None
+    loop.call_soon_threadsafe(a.kill)  # a reconnect, fenced at the new epoch
+    for n in range(3, 8):
+        device.pwrite(page(n), n * PAGE_SIZE, False)
+        assert read(device, n) == bytes(page(n))
+    assert not machine.fenced_out

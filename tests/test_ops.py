@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import time
@@ -70,10 +71,23 @@ def test_store_metrics_move_when_pages_move() -> None:
         assert metric(after, "netswap_rpc_duration_seconds_count", '{op="swap_out"}') == 1
         assert metric(after, "netswap_batch_pages_sum", '{op="swap_out"}') == 10
         assert metric(after, "netswap_store_used_bytes") == 10 * PAGE
+        assert metric(after, "netswap_store_pages") == 10
+        assert metric(after, "netswap_store_payload_bytes") == 10 * PAGE
         assert 'netswap_build_info{role="store",version="0.1.0"} 1.0' in after
         stats = json.loads(get(f"http://127.0.0.1:{http}/api/stats"))
         assert stats["role"] == "store" and stats["swap_out_pages_total"] == 10
         assert "<canvas" in get(f"http://127.0.0.1:{http}/")
+
+        async def payloads() -> None:  # sixteen 256-B payloads: one page more, in bytes
+            client = await StoreClient.connect("127.0.0.1", store.port, "m")
+            await client.swap_out(list(range(20, 36)), [bytes(256)] * 16)
+            await client.close()
+
+        asyncio.run(payloads())
+        more = get(f"http://127.0.0.1:{http}/metrics")
+        assert metric(more, "netswap_store_used_bytes") == 11 * PAGE
+        assert metric(more, "netswap_store_pages") == 26
+        assert metric(more, "netswap_store_payload_bytes") == 10 * PAGE + 16 * 256
     finally:
         store.kill()
 
@@ -89,8 +103,9 @@ def test_agent_metrics_follow_nbd_traffic_and_store_health() -> None:
     ):
         url = f"http://127.0.0.1:{http}"
         h = connect(uri)
-        h.pwrite(b"m" * (32 * PAGE), 0)  # the loop places the slab: the first write's
-        h.pwrite(b"m" * (8 * PAGE), 0)  # a lone write to a placed slab: direct
+        # Pages of their own: a same-filled one is read back without a store (payload.py).
+        h.pwrite(os.urandom(32 * PAGE), 0)  # the loop places the slab: the first write's
+        h.pwrite(os.urandom(8 * PAGE), 0)  # a lone write to a placed slab: direct
         h.pread(8 * PAGE, 0)
         text = get(url + "/metrics")
         assert metric(text, "netswap_swap_out_pages_total") == 40
@@ -230,11 +245,33 @@ def test_reads_and_writes_loop_send_everything_through_the_agents_loop() -> None
         ) as (uri, _),  # fmt: skip
     ):
         h = connect(uri)
-        h.pwrite(b"q" * (16 * PAGE), 0)
-        assert h.pread(16 * PAGE, 0) == b"q" * (16 * PAGE)
+        sent = os.urandom(16 * PAGE)  # not same-filled: those are read without a store
+        h.pwrite(sent, 0)
+        assert h.pread(16 * PAGE, 0) == sent
         text = get(f"http://127.0.0.1:{http}/metrics")
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="loop"}') == 16
         assert metric(text, "netswap_swap_in_pages_by_path_total", '{path="direct"}') == 0
         assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="loop"}') == 16
         assert metric(text, "netswap_swap_out_pages_by_path_total", '{path="direct"}') == 0
+        h.shutdown()
+
+
+def test_the_agent_says_what_its_pages_became_on_the_wire() -> None:
+    """#31: pages out by payload kind (same-filled, compressed, whole) and their bytes."""
+    http = free_port()
+    with stores(1) as procs, agent_serve(procs, "16M", "--http", f"127.0.0.1:{http}") as (uri, _):
+        h = connect(uri)
+        h.pwrite(bytes(4 * PAGE), 0)  # zero pages: filled
+        h.pwrite((b"netswap page text " * 1000)[: 2 * PAGE], 4 * PAGE)  # compressible
+        h.pwrite(os.urandom(3 * PAGE), 8 * PAGE)  # incompressible: whole
+        text = get(f"http://127.0.0.1:{http}/metrics")
+        kinds = {k: metric(text, "netswap_swap_out_pages_by_kind_total", f'{{kind="{k}"}}')
+                 for k in ("filled", "compressed", "whole")}  # fmt: skip
+        assert kinds == {"filled": 4, "compressed": 2, "whole": 3}
+        sent = metric(text, "netswap_swap_out_payload_bytes_total")
+        assert 4 * 8 + 2 * 256 + 3 * PAGE <= sent <= 4 * 8 + 2 * 3072 + 3 * PAGE
+        out = subprocess.run([NETSWAP, "stats", f"http://127.0.0.1:{http}/"],
+                             capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "COLUMNS": "160"})  # fmt: skip
+        assert "4 / 2 / 3" in out.stdout, out.stdout
         h.shutdown()

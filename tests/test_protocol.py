@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import random
 import struct
 from array import array
@@ -32,23 +33,40 @@ crc = st.integers(0, 2**32 - 1)
 gen = st.integers(1, 2**64 - 1)
 
 
+# A payload's length: a whole page, a granule class, a same-filled word, or any other.
+payload_lengths = st.one_of(
+    st.just(PAGE_SIZE), st.sampled_from([256 * g for g in range(1, 13)]), st.just(8),
+    st.integers(p.MIN_PAYLOAD, p.MAX_PAYLOAD),
+)  # fmt: skip
+
+
+@st.composite
+def payloads(draw: st.DrawFn, n: int) -> tuple[bytes, list[int] | None]:
+    """n payloads back to back, and their lengths (None: whole pages, no lengths)."""
+    if draw(st.booleans()):
+        return draw(st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE)), None
+    lengths = [draw(payload_lengths) for _ in range(n)]
+    return draw(st.binary(min_size=sum(lengths), max_size=sum(lengths))), lengths
+
+
 @st.composite
 def swap_outs(draw: st.DrawFn) -> p.SwapOut:
     slots = draw(slot_lists)
     n = len(slots)
-    data = draw(st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE))
+    data, lengths = draw(payloads(n))
     seals = draw(st.one_of(st.none(), st.binary(min_size=16 * n, max_size=16 * n)))
     tags = [draw(crc) for _ in range(n)]
-    return p.SwapOut(draw(ids), slots, data, tags, [draw(gen) for _ in range(n)], seals)
+    gens = [draw(gen) for _ in range(n)]
+    return p.SwapOut(draw(ids), slots, data, tags, gens, seals, lengths)
 
 
 @st.composite
 def pages_replies(draw: st.DrawFn) -> p.Pages:
     n = draw(st.integers(1, 4))
-    data = draw(st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE))
+    data, lengths = draw(payloads(n))
     seals = draw(st.one_of(st.none(), st.binary(min_size=16 * n, max_size=16 * n)))
     gens = [draw(st.integers(0, 2**64 - 1)) for _ in range(n)]
-    return p.Pages(draw(ids), data, [draw(crc) for _ in range(n)], gens, seals)
+    return p.Pages(draw(ids), data, [draw(crc) for _ in range(n)], gens, seals, lengths)
 
 
 area_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
@@ -94,10 +112,12 @@ replies = st.one_of(
             st.tuples(st.text(min_size=1, max_size=10), st.integers(0, 2**64 - 1)), max_size=5
         ).map(tuple),
     ),
-    st.builds(lambda rid, pairs: p.Held(rid, sorted({s for s, _ in pairs}),
-                                        [g for _, g in sorted(dict(pairs).items())]),
-              ids, st.lists(st.tuples(st.integers(0, 2**40 - 1), st.integers(0, 2**64 - 1)),
-                            max_size=6)),
+    st.builds(lambda rid, held: p.Held(rid, sorted(held),
+                                       [g for g, _ in (held[s] for s in sorted(held))],
+                                       [n for _, n in (held[s] for s in sorted(held))]),
+              ids, st.dictionaries(st.integers(0, 2**40 - 1),
+                                   st.tuples(st.integers(0, 2**64 - 1), payload_lengths),
+                                   max_size=6)),
 )  # fmt: skip
 
 
@@ -155,9 +175,106 @@ def test_a_swap_out_from_page_buffers_is_the_same_frame(n: int, seed: int, cut: 
     client, _ = handshaken()
     parts = client.send_swap_out(seed, message.runs, gens, tags, None, views)
     assert b"".join(parts) == p.encode(message)
-    with pytest.raises(p.LocalProtocolError):  # a page short: refused, nothing sent
-        handshaken()[0].send_swap_out(seed, message.runs, gens, tags, None,
-                                      [*views[:-1], views[-1][:-cut]])  # fmt: skip
+    assert len(b"".join(parts)) == 4 + 8 + 8 + 8 * len(message.runs) + 12 * n + n * PAGE_SIZE
+    # A payload a little short is a payload: the frame then says every length.
+    short = [*views[:-1], views[-1][:-cut]]
+    parts = handshaken()[0].send_swap_out(seed, message.runs, gens, tags, None, short)
+    lengths = [PAGE_SIZE] * (n - 1) + [PAGE_SIZE - cut]
+    sized = p.SwapOut(seed, slots, data[:-cut], tags, gens, None, lengths)
+    assert sized.sized and b"".join(parts) == p.encode(sized)
+    for wrong in ([*views[:-1], b""], [*views[:-1], bytes(PAGE_SIZE + cut)], views[:-1]):
+        with pytest.raises(p.LocalProtocolError):  # empty, over a page, one missing
+            handshaken()[0].send_swap_out(seed, message.runs, gens, tags, None, wrong)
+
+
+@given(st.lists(payload_lengths, min_size=1, max_size=p.MAX_BATCH_PAGES), st.booleans())
+def test_payloads_of_any_length_travel_with_their_lengths(lengths: list[int], sealed: bool) -> None:
+    n = len(lengths)
+    data = random.Random(n).randbytes(sum(lengths))
+    views, at = [], 0
+    for length in lengths:
+        views.append(memoryview(data)[at : at + length])
+        at += length
+    seals = bytes(range(16)) * n if sealed else None
+    tags, gens = array("I", range(n)), array("Q", range(1, n + 1))
+    client, server = handshaken()
+    for part in client.send_swap_out(5, (range(100, 100 + n),), gens, tags, seals, views):
+        server.receive_data(part)
+    got = server.next_event()
+    assert isinstance(got, p.SwapOut) and list(got.lengths) == lengths
+    assert got.sized == (lengths != [PAGE_SIZE] * n) and bytes(got.data) == data
+    assert [bytes(got.data[a:b]) for a, b in itertools.pairwise(got.offsets())] == [
+        bytes(v) for v in views
+    ]
+    reply = p.Pages(5, data, tags, gens, seals, lengths)
+    for part in server.send_parts(reply):
+        client.receive_data(part)
+    back = client.next_event()
+    assert back == reply and isinstance(back, p.Pages)
+    assert [bytes(back.payload(i)) for i in range(n)] == [bytes(v) for v in views]
+
+
+def test_a_batch_of_whole_pages_carries_no_lengths() -> None:
+    whole = p.SwapOut(1, range(4), bytes(4 * PAGE_SIZE), range(4), [1] * 4)
+    same = p.SwapOut(1, range(4), bytes(4 * PAGE_SIZE), range(4), [1] * 4, None, [PAGE_SIZE] * 4)
+    assert not whole.sized and not same.sized and p.encode(whole) == p.encode(same)
+    assert list(whole.lengths) == [PAGE_SIZE] * 4 and whole.sized_lengths is None
+    reply = p.Pages(1, bytes(2 * PAGE_SIZE), (1, 2), (1, 1))
+    assert len(p.encode(reply)) == 4 + 8 + 2 * 12 + 2 * PAGE_SIZE  # no lengths
+    assert list(reply.offsets()) == [0, PAGE_SIZE, 2 * PAGE_SIZE]
+    sized = p.Pages(1, bytes(PAGE_SIZE + 8), (1, 2), (1, 1), None, [PAGE_SIZE, 8])
+    assert len(p.encode(sized)) == 4 + 8 + 2 * 14 + PAGE_SIZE + 8
+    assert bytes(sized.payload(1)) == bytes(8) and list(sized.offsets()) == [0, 4096, 4104]
+    held = p.Held(1, [3, 9], [1, 2], [PAGE_SIZE, 768])
+    assert len(p.encode(held)) == 4 + 8 + 2 * 18
+    assert p.decode(memoryview(p.encode(held))[4:]) == held
+    assert list(p.Held(1, [3], [1]).lengths) == [PAGE_SIZE]
+
+
+@pytest.mark.parametrize("bad", [0, PAGE_SIZE + 1, 0xFFFF])
+def test_a_payload_of_length_zero_or_over_a_page_on_the_wire_is_a_remote_error(bad: int) -> None:
+    """The lengths are the peer's: a frame whose lengths add up to its size but say a
+    payload of 0 or more than a page is refused before anything is kept."""
+    lengths = [bad, PAGE_SIZE] if bad else [0, PAGE_SIZE]
+    data = bytes(sum(lengths))
+    good = p.SwapOut(1, [3, 4], bytes(16), [1, 2], [1, 1], None, [8, 8])
+    frame = bytearray(p.encode(good))
+    at = 4 + 8 + 8 + 8 + 2 * 12  # length, head, runs' count, one run, gens and tags
+    assert struct.unpack_from("<HH", frame, at) == (8, 8)
+    struct.pack_into("<HH", frame, at, *lengths)
+    frame = frame[: at + 4] + data
+    frame[:4] = struct.pack(">I", len(frame) - 4)
+    conn = server_past_hello()
+    conn.receive_data(bytes(frame))
+    with pytest.raises(RemoteProtocolError, match=r"a payload is 1\.\.4096 bytes"):
+        conn.next_event()
+    pages = bytearray(p.encode(p.Pages(1, bytes(16), [1, 2], [1, 1], None, [8, 8])))
+    struct.pack_into("<HH", pages, 4 + 8 + 24, *lengths)
+    pages = pages[: 4 + 8 + 24 + 4] + data
+    pages[:4] = struct.pack(">I", len(pages) - 4)
+    client, _ = handshaken()
+    client.send(p.SwapIn(1, [3, 5]))
+    client.receive_data(bytes(pages))
+    with pytest.raises(RemoteProtocolError, match=r"a payload is 1\.\.4096 bytes"):
+        client.next_event()
+
+
+def test_lengths_that_disagree_with_the_frame_are_a_remote_error() -> None:
+    frame = bytearray(p.encode(p.SwapOut(1, [3], bytes(100), [1], [1], None, [100])))
+    at = 4 + 8 + 8 + 8 + 12
+    struct.pack_into("<H", frame, at, 101)  # one byte more than the frame carries
+    conn = server_past_hello()
+    conn.receive_data(bytes(frame))
+    with pytest.raises(RemoteProtocolError, match="head says"):
+        conn.next_event()
+    cut = p.encode(p.SwapOut(1, range(200), bytes(200 * 8), range(200), [1] * 200, None,
+                             [8] * 200))  # fmt: skip
+    short = bytearray(cut[: 4 + 8 + 8 + 8 + 12 * 200 + 100])  # the lengths cut off
+    short[:4] = struct.pack(">I", len(short) - 4)
+    conn = server_past_hello()
+    conn.receive_data(bytes(short))
+    with pytest.raises(RemoteProtocolError, match="without their lengths"):
+        conn.next_event()
 
 
 def test_slots_travel_as_runs_of_consecutive_slots() -> None:
@@ -302,6 +419,15 @@ def test_eof_inside_a_frame_is_a_remote_error_and_clean_eof_is_closed() -> None:
         lambda: p.Failed(1, 0, "no errno"),
         lambda: p.Inventory(1, 0, p.MAX_INVENTORY_SLOTS + 1),
         lambda: p.Held(1, [1, 2], [1]),
+        lambda: p.Held(1, [1, 2], [1, 1], [PAGE_SIZE]),  # a length short
+        lambda: p.Held(1, [1], [1], [0]),  # a held payload is never empty
+        lambda: p.Held(1, [1], [1], [PAGE_SIZE + 1]),
+        lambda: p.SwapOut(1, (1,), bytes(9), (0,), (1,), None, (8,)),  # lengths say 8
+        lambda: p.SwapOut(1, (1, 2), bytes(9), (0, 0), (1, 1), None, (9, 0)),  # empty
+        lambda: p.SwapOut(1, (1,), bytes(5000), (0,), (1,), None, (5000,)),  # over a page
+        lambda: p.SwapOut(1, (1,), bytes(8), (0,), (1,), None, (8, 8)),  # one length more
+        lambda: p.SwapOut(1, (1,), bytes(8), (0,), (1,), None, (1 << 16,)),  # not a u16
+        lambda: p.Pages(1, bytes(10), (0,), (1,), None, (11,)),
         lambda: p.Fence(1, -1),
         lambda: p.Fence(1, 2**64),
         lambda: p.Swapfile(1, True, 10, PAGE_SIZE, 2**64),  # area_id is a u64
@@ -437,6 +563,24 @@ def test_a_batch_whose_head_disagrees_with_its_length_is_a_remote_error() -> Non
     conn.receive_data(bytes(frame))
     with pytest.raises(RemoteProtocolError, match="head says"):
         conn.next_event()
+
+
+def test_sized_tags_cover_each_payload_as_stored() -> None:
+    seed = p.area_seed("swap0")
+    data = bytes(range(256)) * 16 + b"12345678" + bytes(range(200))
+    tags = p.tags_of_sized(data, [PAGE_SIZE, 8, 200], seed, (1, 2, 3), (5, 6, 7))
+    assert list(tags) == [
+        p.page_tag(data[:PAGE_SIZE], seed, 1, 5),
+        p.page_tag(b"12345678", seed, 2, 6),
+        p.page_tag(bytes(range(200)), seed, 3, 7),
+    ]
+    whole = bytes(range(256)) * 32
+    assert p.tags_of_sized(whole, [PAGE_SIZE] * 2, seed, (4, 9), (1, 2)) == p.tags_of(
+        whole, seed, (4, 9), (1, 2)
+    )
+    # The same word at another slot, or a payload one byte longer: another tag.
+    assert p.page_tag(b"12345678", seed, 3, 6) != tags[1]
+    assert p.page_tag(b"12345678\0", seed, 2, 6) != tags[1]
 
 
 def test_tags_are_crc32_bound_to_area_slot_and_generation() -> None:

@@ -56,9 +56,9 @@ async def test_a_newer_epoch_refuses_an_older_sessions_changes(memory_store: Sto
     await refused(old.fence(6), errno.ESTALE)  # an older Fence: refused, still unfenced
     await refused(old.swap_out([0], page(2), [5 << 32 | 2]), errno.ESTALE)
     await refused(never.swap_out([0], page(3), [9 << 32 | 1]), errno.ESTALE)  # epoch 0
-    assert await old.swap_in([0, 1], [1, 1]) == page(1) * 2  # reads are not changes
+    assert await old.swap_in([0, 1], [5 << 32 | 1] * 2) == page(1) * 2  # reads change nothing
     await new.swap_out([0], page(4), [7 << 32 | 2])
-    assert await new.swap_in([0, 1], [2, 1]) == page(4) + page(1)
+    assert await new.swap_in([0, 1], [7 << 32 | 2, 5 << 32 | 1]) == page(4) + page(1)
     assert (await connect(memory_store)).welcome.floor == 7  # type: ignore[union-attr]
     # The thread path's client fences on its own connection the same way.
     blocking = BlockingClient.open("127.0.0.1", memory_store.port, "h", "", 10)

@@ -494,7 +494,7 @@ async def test_unfinished_frames_share_one_budget_and_a_stalled_one_is_closed() 
 
 def test_an_area_quota_stops_one_area_not_the_others() -> None:
     backend = MemoryBackend(64)
-    backend.area_quota = 16
+    backend.area_quota = 16 * PAGE_SIZE  # bytes: sixteen whole pages
     greedy, other = backend.activate("greedy", 64), backend.activate("other", 64)
     page = memoryview(bytes(PAGE_SIZE) * 16)
     backend.write(greedy, list(range(16)), page, None)

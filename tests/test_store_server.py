@@ -167,7 +167,7 @@ async def test_batch_calls_complete_through_callbacks(store: StoreServer) -> Non
     pages = [bytes([n]) * PAGE_SIZE for n in range(1, 9)]
     wrote: asyncio.Future[Exception | None] = loop.create_future()
     data, gens = b"".join(pages), array("Q", [1] * 8)
-    client.start_swap_out((range(8),), [data], tags_of(data, client.area_seed, range(8), gens),
+    client.start_swap_out((range(8),), pages, tags_of(data, client.area_seed, range(8), gens),
                           gens, None, wrote.set_result)  # fmt: skip
     assert await asyncio.wait_for(wrote, 5) is None
     read: asyncio.Future[tuple[bytes, Exception | None]] = loop.create_future()

@@ -4,6 +4,7 @@ reserve, durable at flush, and a write-back no store took is an error, never old
 from __future__ import annotations
 
 import errno
+import os
 import signal
 
 import nbd
@@ -56,7 +57,7 @@ def test_a_full_store_fails_the_next_flush_once_and_lost_pages_read_eio() -> Non
     try:
         with agent_serve([store], "16M", *WRITEBACK) as (uri, _):
             h = connect(uri)
-            pages = {n: bytes([n % 251 + 1]) * PAGE for n in range(512)}
+            pages = {n: os.urandom(PAGE) for n in range(512)}  # incompressible: whole pages
             for first in range(0, 512, 32):
                 h.pwrite(b"".join(pages[first + i] for i in range(32)), first * PAGE)
             with pytest.raises(nbd.Error) as failed:

@@ -6,7 +6,7 @@ reason to wait), when the linger timer fires, or at once when the policy says
 pressure is high. At most MAX_INFLIGHT batches per store are on the wire. A
 batch's pages go from the reserve's buffers to the socket without a copy
 (writelines over the reserve's views). Answers go back to the routing: every
-run of a SwapOut, and every page of a SwapIn, proven (machine/proof.py) before
+run of a SwapOut, and every page of a SwapIn, proven (protocol/proof.py) before
 it is copied into the job that asked for it.
 """
 
@@ -18,11 +18,10 @@ import time
 from array import array
 from typing import Protocol
 
-from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, SEAL_SIZE, Pages, StoreError
+from netswap.protocol import MAX_BATCH_PAGES, PAGE_SIZE, SEAL_SIZE, Pages, StoreError, prove_pages
 from netswap.protocol.runs import runs_of
 
 from .jobs import ReadEntry, WriteJob
-from .machine.proof import prove_pages
 from .payload import lengths_of, reveal, split
 from .policy import Decision
 from .reserve import Reserve

@@ -120,6 +120,8 @@ class Agent(Startup, Routes):
         self.held_elsewhere = ""  # a store's refusal: another host holds this area
         self._stop: asyncio.Event | None = None
         self.rebuilt_seconds = 0.0
+        self._serving = False  # set once started: later epoch raises re-fence the stores
+        self._fenced_at = 0  # the epoch every connection was last fenced at
         self.pressure = Pressure.calm()
         self.decisions: Counter[str] = Counter()
         self.rpc_latency = {op: Recorder(LATENCY_BUCKETS) for op in ("swap_out", "swap_in")}
@@ -182,6 +184,8 @@ class Agent(Startup, Routes):
             self._background(coro)
         for store in self.stores:
             self._background(store.reconnect_forever())
+        self._serving = True
+        self._refence()  # a rebuild that found a later epoch on a store raised it
         self._started.set()
         await self._stop.wait()
         for task in list(self.tasks):
@@ -256,6 +260,20 @@ class Agent(Startup, Routes):
             job.signal()
         for entry in failed:
             self.on_read_done(entry, errno.EIO)
+        if self._serving and m.epoch > self._fenced_at and self.loop is not None:
+            self._fenced_at = m.epoch
+            self.loop.call_soon_threadsafe(self._refence)
+
+    def _refence(self) -> None:
+        """On the loop: the epoch rose while serving (a write count at 2^32 - 1 took the
+        next one): every connection fenced below it goes and comes back fenced at it --
+        else the agent's own new connections, fenced higher, would make the store refuse
+        its older ones (ESTALE), read as a newer agent's."""
+        epoch = self.machine.epoch
+        self._fenced_at = max(self._fenced_at, epoch)
+        for store in self.stores:
+            if store.client is not None and store.fenced < epoch:
+                store.mark_down(f"the agent's epoch rose to {epoch}: it fences again")
 
     # -- stores (stores.StoreEvents) -----------------------------------------------------
     def store_up(self, store: Store, kept: bool) -> None:
@@ -319,7 +337,7 @@ class Agent(Startup, Routes):
             await asyncio.gather(*(store.refresh_usage() for store in self.stores))
             with self.machine.lock:
                 for store in self.stores:
-                    self.machine.stores[store.index].free_pages = store.free_pages
+                    self.machine.stores[store.index].free_bytes = store.free_bytes
 
 
 def _read_page_done(entry: ReadEntry, error: int) -> None:

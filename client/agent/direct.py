@@ -5,7 +5,7 @@ the agent's loop thread and back cost about a third of its latency; a lone
 write-through write likewise. So a lone read goes straight to one in-sync
 replica, and a lone write to every replica of its slab, over blocking clients
 the thread takes from each Store's pool (stores.py) -- the GIL is free while
-the socket waits. Reads are proven as on the loop's path (rpc.check_pages),
+the socket waits. Reads are proven as on the loop's path (protocol/proof.py),
 and their pages copied straight from the client's buffer into the caller's.
 A write's pages go from the reserve's views (sendmsg, no copy): all sends
 first, then all answers, so the waits overlap.
@@ -37,6 +37,7 @@ from netswap.protocol import (
     RemoteProtocolError,
     StoreError,
     SwapIn,
+    prove_pages,
 )
 from netswap.server.ops.recorder import BATCH_BUCKETS, LATENCY_BUCKETS, Recorder
 
@@ -44,7 +45,6 @@ from ..rpc import BlockingClient
 from .batches import payloads_of
 from .core import Agent
 from .jobs import WriteJob
-from .machine.proof import prove_pages
 from .payload import lengths_of, reveal, split
 from .stores import Store
 

@@ -115,7 +115,7 @@ class Driver:
         if store is None or store.client is None:
             return UNREACHABLE
         try:
-            slots, gens = await store.client.inventory(step.first, step.count)
+            slots, gens, _ = await store.client.inventory(step.first, step.count)
         except StoreError as exc:
             return exc.errno
         except TRANSPORT_ERRORS as exc:

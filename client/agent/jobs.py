@@ -65,7 +65,7 @@ class WriteJob:
 
     __slots__ = ("acks", "bufs", "complete", "count", "direct", "done", "error", "fills",
                  "first", "generations", "lengths", "on_done", "parked_at", "refusal",
-                 "remaining", "seals", "tags")  # fmt: skip
+                 "remaining", "seals", "tags", "unreachable")  # fmt: skip
 
     def __init__(self, first: int, count: int, bufs: list[int]) -> None:
         # Plain values first: mypyc counts an attribute set after a call in __init__ as
@@ -77,6 +77,7 @@ class WriteJob:
         self.error = 0
         self.refusal = 0  # the errno a replica refused it with (the job's error if it fails)
         self.parked_at = 0.0  # when it began to wait for a replica to answer (0: not)
+        self.unreachable = False  # a replica it went to did not answer (it may be back)
         self.complete = False  # the machine decided its outcome (machine._finish_write)
         self.fills: dict[int, int] | None = None  # page index -> word, of same-filled pages
         self.bufs = bufs  # each page's payload (payload.py), encrypted in place if sealed

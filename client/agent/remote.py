@@ -29,6 +29,7 @@ from .direct import DirectPath
 from .fills import Fills, PayloadFigures
 from .jobs import ControlJob, WriteJob
 from .keys import AreaKey, KeyringEntry, RecordKeeper, cluster_name, keyring_usable
+from .machine.bounds import WRITE_WAIT_S
 from .machine.slots import NEVER
 from .machine.table import slab_slots_for
 from .policy import BatchPolicy
@@ -62,7 +63,7 @@ class RemoteDevice(Writes, Reads):
         write_back: bool = False,
         direct_reads: bool = False,
         direct_writes: bool = False,
-        compress: bool = False,
+        compress: bool = True,
     ) -> None:
         self.agent = agent
         self.machine = agent.machine
@@ -84,7 +85,7 @@ class RemoteDevice(Writes, Reads):
         self.local_reads = 0  # pages served from the reserve or as zeros, under _lock
         self._readers = 0  # preads under way, under _lock
         self._writers = 0  # pwrites under way, under _lock
-        self._hard_timeout = agent.io_timeout * HARD_TIMEOUT_FACTOR
+        self._hard_timeout = WRITE_WAIT_S + agent.io_timeout * HARD_TIMEOUT_FACTOR
 
     @classmethod
     def open(
@@ -111,7 +112,7 @@ class RemoteDevice(Writes, Reads):
         key: AreaKey | None = None,
         holder: str = "",
         force: bool = False,
-        compress: bool = False,
+        compress: bool = True,
     ) -> RemoteDevice:
         """The device for validated plugin settings (`netswap.client.nbd.config`)."""
         token = read_token(token_file or None)
@@ -152,7 +153,9 @@ class RemoteDevice(Writes, Reads):
             keeper=RecordKeeper(area) if keyring_usable() else None,
             **extra,
         )
-        return cls(agent, size, reserve_wait=agent.io_timeout * 2, write_back=write_back,
+        # Writers wait for reserve buffers as long as the writes holding them may wait.
+        reserve_wait = WRITE_WAIT_S + 2 * agent.io_timeout
+        return cls(agent, size, reserve_wait=reserve_wait, write_back=write_back,
                    direct_reads=direct_reads, direct_writes=direct_writes,
                    compress=compress)  # fmt: skip
 
@@ -172,7 +175,7 @@ class RemoteDevice(Writes, Reads):
 
         from .stats import agent_source
 
-        source = agent_source(self.agent, lambda: self.local_reads, self.direct)
+        source = agent_source(self.agent, lambda: self.local_reads, self.direct, self.figures)
         assert self.agent.loop is not None
         started = start_http(source, host, port, token)
         asyncio.run_coroutine_threadsafe(started, self.agent.loop).result(10)

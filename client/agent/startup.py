@@ -161,9 +161,11 @@ class Startup:
         if theirs and not (self.force and not self.rebuild):
             raise StoreError(errno.EEXIST, f"area {self.area} is held by {welcome.holder} "
                              f"on {store.name}")  # fmt: skip
-        if welcome.floor >= m.epoch and not self.rebuild:
+        if welcome.floor >= m.epoch and welcome.floor > store.fenced and not self.rebuild:
             # A fresh area after its record went (detach, a reboot): a store's floor
             # outlives the area, so this agent goes above it, recorded before it fences.
+            # Not above a floor it set itself (a store back after a stall, a file store
+            # restarted): its other connections, fenced at its epoch, would be refused.
             with m.lock:
                 m.raise_epoch(welcome.floor + 1)
             self.settle()
@@ -171,6 +173,7 @@ class Startup:
                 self.key.record_epoch(m.epoch)
         try:
             await client.fence(m.epoch)
+            store.fenced = max(store.fenced, m.epoch)
         except StoreError as exc:
             if exc.errno == errno.ESTALE:
                 with m.lock:

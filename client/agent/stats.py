@@ -28,6 +28,7 @@ from netswap.server.ops.sources import Source, empty, histogram, quantiles_us
 
 from .core import Agent
 from .direct import DirectPath
+from .fills import PayloadFigures
 from .machine.slots import UNPROVEN
 from .machine.table import STALE, SUSPECT, SYNCING
 from .policy import REASONS
@@ -40,7 +41,10 @@ SUPERVISOR_STATE_ENV = "NETSWAP_SUPERVISOR_STATE"
 
 
 def agent_source(
-    agent: Agent, local_reads: Callable[[], int], direct: DirectPath | None = None
+    agent: Agent,
+    local_reads: Callable[[], int],
+    direct: DirectPath | None = None,
+    payloads: PayloadFigures | None = None,
 ) -> Source:
     """local_reads: pages the device served itself (reserve copies, zeros); direct: the
     swap-ins and lone swap-outs done on nbdkit's threads, merged into the swap_in and
@@ -87,6 +91,8 @@ def agent_source(
             lifecycle=lifecycle(agent),
             cluster_nodes=cluster_nodes(agent),
             cluster_counters=cluster_counters(agent),
+            swap_out_by_kind=dict(payloads.kinds) if payloads is not None else {},
+            swap_out_payload_bytes=payloads.payload_bytes if payloads is not None else 0,
         )
 
     return snapshot
@@ -102,8 +108,8 @@ def store_rows(agent: Agent) -> list[StoreRow]:
             StoreRow(
                 name=store.name,
                 up=store.up,
-                used_bytes=store.used_pages * PAGE_SIZE,
-                capacity_bytes=store.capacity_pages * PAGE_SIZE,
+                used_bytes=store.used_bytes,
+                capacity_bytes=store.capacity_bytes,
                 slabs=len(states),
                 stale=sum(1 for st in states if st in (STALE, SUSPECT)),
                 syncing=sum(1 for st in states if st == SYNCING),

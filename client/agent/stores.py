@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from netswap.protocol import StoreError
+from netswap.protocol import PAGE_SIZE, StoreError
 from netswap.protocol.errors import ConnectionLost
 
 from ..rpc import BlockingClient, StoreClient
@@ -83,12 +83,16 @@ class Store:
         self.session, self.events = session, events
         self._connect, self._open_blocking = connect, open_blocking
         self.client: StoreClient | None = None
-        self.capacity_pages = 0
-        self.used_pages = 0
+        # What the store says of its room (Stats, protocol 4: bytes, as payloads vary in
+        # size); placement takes the freer of two stores by free_bytes.
+        self.capacity_bytes = 0
+        self.used_bytes = 0
+        self.free_bytes = 0
         self._down = asyncio.Event()
         self._down.set()
         self.down_since = 0.0
         self.counters = {"reconnects": 0, "failures": 0}
+        self.fenced = 0  # the highest epoch this agent fenced this store with (its floor)
         # The thread path's clients: guarded by `pool_lock`, never held across a call.
         self.pool_lock = threading.Lock()
         self._idle: list[BlockingClient] = []
@@ -99,9 +103,11 @@ class Store:
     def up(self) -> bool:
         return self.client is not None and self.client.connected
 
-    @property
-    def free_pages(self) -> int:
-        return max(0, self.capacity_pages - self.used_pages)
+    def _room(self, stats: dict[str, int], capacity_pages: int) -> None:
+        capacity = stats.get("capacity_bytes", capacity_pages * PAGE_SIZE)
+        used = stats.get("used_bytes", stats.get("used_pages", 0) * PAGE_SIZE)
+        self.capacity_bytes, self.used_bytes = capacity, used
+        self.free_bytes = stats.get("free_bytes", max(0, capacity - used))
 
     # -- the loop's client -------------------------------------------------------
     async def connect(self) -> None:
@@ -115,8 +121,7 @@ class Store:
         except BaseException:
             client.abort()
             raise
-        self.capacity_pages = client.welcome.capacity_pages
-        self.used_pages = stats.get("used_pages", 0)
+        self._room(stats, client.welcome.capacity_pages)
         self.client = client
         client.on_lost(self.mark_down)
         self._down.clear()
@@ -155,7 +160,7 @@ class Store:
     async def refresh_usage(self) -> None:
         if self.client is not None:
             with contextlib.suppress(*TRANSPORT_ERRORS, StoreError):
-                self.used_pages = (await self.client.stats()).get("used_pages", self.used_pages)
+                self._room(await self.client.stats(), self.capacity_bytes // PAGE_SIZE)
 
     async def call(self, fn: Callable[[StoreClient], Awaitable[None]]) -> int:
         """Run one control RPC; 0, an errno, or -1 when the store is unreachable."""
@@ -189,7 +194,9 @@ class Store:
         try:
             client = self._open_blocking(self.host, self.port, s.area, s.token, s.io_timeout, s.tls)
             try:  # each connection fences on its own: the store refuses an unfenced one's writes
-                client.fence(s.epoch, s.io_timeout)
+                epoch = s.epoch
+                client.fence(epoch, s.io_timeout)
+                self.fenced = max(self.fenced, epoch)
             except BaseException:
                 client.close()
                 raise

@@ -38,8 +38,9 @@ log = logging.getLogger("netswap.agent")
 # Pages per job: a kernel request is at most 32 pages; bigger NBD requests (nbdcopy,
 # qemu-img) are cut so one job never pins more than this much of the reserve.
 CHUNK_PAGES = 64
-# The loop completes every write within its RPC deadlines; this is a last-resort
-# guard against a bug, after which the job's reserve buffers are leaked, not reused.
+# The loop completes every write within its wait for replicas (WRITE_WAIT_S) and two
+# RPC deadlines; this is a last-resort guard against a bug past that, after which the
+# job's reserve buffers are leaked, not reused.
 HARD_TIMEOUT_FACTOR = 6
 _NOT_IN_FLIGHT = (None, 0)
 

@@ -133,7 +133,7 @@ class PluginConfig:
                          choices=START_MODES)  # fmt: skip
     epoch: int = setting(0, "count", "remote: the lowest epoch this agent's generations may "
                          "carry (the supervisor's, raised at every restart)")  # fmt: skip
-    compress: str = setting("off", "choice", "remote: a page goes to the stores as its payload: "
+    compress: str = setting("lz4", "choice", "remote: a page goes to the stores as its payload: "
                             "same-filled as its 8-byte word (read back without a store), "
                             "lz4-compressed in 256-B granules when it fits 3 KiB, else whole; "
                             "off: every page whole (the stores learn no page's size)",
@@ -375,8 +375,7 @@ class PluginConfig:
                 direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
                 epoch=self.epoch, key=self.area_key(), holder=holder_id(self.area),
                 force=self.force == "on",
-                # The cluster tier's layout holds whole pages (README: the cluster tier).
-                compress=self.compress == "lz4" and not self.cluster,
+                compress=self.compress == "lz4",
             )  # fmt: skip
         from netswap.server.backends import open_backend
 

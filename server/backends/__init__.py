@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .file import FileBackend
 from .memory import MemoryBackend
-from .runs import PageBackend
+from .payloads import PageBackend
 from .slotmap import UNMAPPED, Area
 
 BACKENDS = ("memory", "file")

@@ -2,13 +2,19 @@
 
 A store holds `capacity` pages in one arena (an mmap or a file); an area is a
 named swap area whose slot map (slotmap.py: sparse by cluster, bounded by the
-store's capacity, not by the area's declared size) says which arena page holds
-each slot. Per arena page the store keeps the page's tag (4 B: a CRC32 bound
-to area, slot and write generation -- protocol/checksum.py) and generation
-(8 B); the free stack adds 4 B: 16 bytes per 4 KiB page, plus ~4.4 bytes per
-mapped slot in clusters. A page written sealed (encrypted by its agent) has its
-16-byte seal kept too, in an array made on the first such write and backed by
-memory only where written.
+store's capacity, not by the area's declared size) says where each slot's
+payload is. A whole page has an arena page of its own; per arena page the store
+keeps the page's tag (4 B: a CRC32 bound to area, slot and write generation --
+protocol/checksum.py) and generation (8 B); the free stack adds 4 B: 16 bytes
+per 4 KiB page, plus ~4.4 bytes per mapped slot in clusters. A page written
+sealed (encrypted by its agent) has its 16-byte seal kept too, in an array made
+on the first such write and backed by memory only where written. A shorter
+payload is an object (objects.py) in a size class (classes.py), with its tag,
+generation, length and seal in the object table.
+
+Capacity counts bytes: the arena's pages in use, whatever holds them (whole
+pages, zspages of objects, the pages reserved for inline payloads), against
+the arena's size; `used_pages` counts payloads, as it counted pages.
 
 Reads verify the tag against the slot asked for, so a slot map pointing at the
 wrong page is EIO, never another slot's data (runs.py reads and writes pages,
@@ -35,6 +41,8 @@ from netswap.protocol import (
     page_tag,
 )
 
+from .classes import footprint
+from .objects import Objects, object_of
 from .records import MAX_FLOORS, new_id
 from .slotmap import CLUSTER_SLOTS, MAX_AREAS, UNMAPPED, Area, ClusterBudget
 
@@ -72,11 +80,12 @@ class BackendCore:
         self._seals: mmap.mmap | None = None  # made on the first sealed write
         # A stack of free arena pages; popping from the end hands out 0, 1, 2, ...
         self.free = array("i", range(capacity_pages - 1, -1, -1))
+        self.objects = Objects()  # payloads shorter than a page
         # Set when slot maps were lost (a corrupt index record): a slot with no page
         # may then be one whose page was forgotten, so it reads as EIO, not zeros.
         self.damaged = False
-        # Pages one area may hold (0: no bound but the capacity), so that one host
-        # cannot fill a store that others share.
+        # Bytes of capacity one area may take (0: no bound but the capacity), so that
+        # one host cannot fill a store that others share (Area.held_bytes).
         self.area_quota = 0
         # Set by the store's service (not the embedded device, whose every write is
         # LOCAL_GENERATION): a page no newer than the one its slot holds is not
@@ -99,6 +108,7 @@ class BackendCore:
             "checksum_errors": 0,
             "enospc": 0,
             "quota_refusals": 0,
+            "compaction_moves": 0,
         }
 
     # -- arena I/O, per backend -------------------------------------------------
@@ -116,9 +126,33 @@ class BackendCore:
         for i in range(count):
             self._load(page + i, out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
 
-    def _retire(self, page: int) -> None:
-        """A page is no longer referenced; by default it is free at once."""
-        self.free.append(page)
+    def _store_at(self, offset: int, data: memoryview) -> None:
+        """Bytes at an arena offset (an object's piece)."""
+        raise NotImplementedError
+
+    def _load_at(self, offset: int, out: memoryview) -> None:
+        raise NotImplementedError
+
+    def _retire(self, handle: int) -> None:
+        """A page or object is no longer referenced; by default it is free at once."""
+        if handle >= 0:
+            self.free.append(handle)
+        else:
+            self._release(handle)
+
+    def _release(self, handle: int) -> None:
+        """Free an object, its spot, and any page that frees."""
+        pages = self.objects.release(object_of(handle))
+        if pages:
+            self.free.extend(pages)
+
+    def _compact_steps(self) -> Iterator[int]:
+        """Compaction's moves, as work units (payloads.py)."""
+        return iter(())
+
+    def _compact(self) -> None:
+        for _ in self._compact_steps():
+            pass
 
     def _released(self) -> None:
         """The store holds no area any more (memory hands its arena back to the kernel)."""
@@ -189,8 +223,9 @@ class BackendCore:
         """The pages of an area no longer in `areas`, handed back cluster by cluster."""
         for index in list(area.clusters):
             freed = area.unmap_span(index, 0, CLUSTER_SLOTS)
-            self._retire_all(freed)
-            yield HELD_CLUSTER_UNITS + len(freed)
+            self._retire_all(area, freed)
+            yield HELD_CLUSTER_UNITS + len(freed) * (1 + self._small_share(freed))
+        yield from self._compact_steps()
         if not self.areas:
             self.damaged = False  # no area left for a lost map to be wrong about
             self._released()
@@ -245,26 +280,60 @@ class BackendCore:
     def _make_room(self, needed: int) -> None:
         """Called when the free stack is short: reclaim what can be (file: flush)."""
 
-    def _check_quota(self, area: Area, fresh: int) -> None:
+    def _check_quota(self, area: Area, more: int) -> None:
+        """Refuse a write that takes the area past its quota (`more` bytes of capacity)."""
         quota = self.area_quota
-        if quota and area.used + fresh > quota:
+        if quota and more > 0 and area.held_bytes + more > quota:
             self.counters["enospc"] += 1
             self.counters["quota_refusals"] += 1
-            raise StoreError(errno.ENOSPC, f"area {area.name} is at its quota of {quota} pages "
-                             f"(--area-quota): {area.used} held, {fresh} more asked")  # fmt: skip
+            raise StoreError(errno.ENOSPC, f"area {area.name} is at its quota of {quota} bytes "
+                             f"(--area-quota): {area.held_bytes} held, {more} more "
+                             "asked")  # fmt: skip
 
-    def inventory(self, area: Area, first: int, count: int) -> tuple[array[int], array[int]]:
-        """The slots of first..first+count-1 that hold a page, and its generations."""
+    def _unmapped(self, area: Area, handles: Iterable[int]) -> None:
+        """Objects that left the area's slots: its figures of shorter payloads."""
+        lengths = self.objects.lengths
+        for handle in handles:
+            if handle < UNMAPPED:
+                length = lengths[object_of(handle)]
+                area.small -= 1
+                area.small_bytes -= length
+                area.small_held -= footprint(length)
+
+    def _mapped(self, area: Area, length: int) -> None:
+        """An object of `length` bytes came to one of the area's slots."""
+        area.small += 1
+        area.small_bytes += length
+        area.small_held += footprint(length)
+
+    def held_generation(self, handle: int) -> int:
+        if handle >= 0:
+            return self.generations[handle]
+        if handle == UNMAPPED:
+            return 0
+        return self.objects.generations[object_of(handle)]
+
+    def inventory(
+        self, area: Area, first: int, count: int
+    ) -> tuple[array[int], array[int], array[int]]:
+        """The slots of first..first+count-1 that hold a payload, its generation and its
+        length (PAGE_SIZE: a whole page)."""
         if first + count > area.pages:
             raise StoreError(errno.EINVAL, f"inventory beyond area end ({area.pages} slots)")
-        slots, gens = array("Q"), array("Q")
+        slots, gens, lengths = array("Q"), array("Q"), array("H")
         run = area.run(first, count)
-        generations = self.generations
-        for i, page in enumerate(run):
-            if page != UNMAPPED:
+        generations, objects = self.generations, self.objects
+        for i, handle in enumerate(run):
+            if handle >= 0:
                 slots.append(first + i)
-                gens.append(generations[page])
-        return slots, gens
+                gens.append(generations[handle])
+                lengths.append(PAGE_SIZE)
+            elif handle != UNMAPPED:
+                obj = object_of(handle)
+                slots.append(first + i)
+                gens.append(objects.generations[obj])
+                lengths.append(objects.lengths[obj])
+        return slots, gens, lengths
 
     def _verified(self, area: Area, slot: int, page: int, view: memoryview) -> int:
         """The page's tag, once it is proven to be `slot`'s page of `area` (else EIO)."""
@@ -284,23 +353,51 @@ class BackendCore:
                 yield 1  # a cluster not held, passed over
                 continue
             freed = area.unmap_span(*span)
-            self._retire_all(freed)
+            self._retire_all(area, freed)
             area.discarded += len(freed)
-            yield HELD_CLUSTER_UNITS + len(freed)
+            yield HELD_CLUSTER_UNITS + len(freed) * (1 + self._small_share(freed))
+        yield from self._compact_steps()
 
     def discard(self, area: Area, start: int, count: int) -> None:
         for _ in self.discard_steps(area, start, count):
             pass
 
-    def _retire_all(self, pages: list[int]) -> None:
-        for page in pages:
-            self._retire(page)
-        self.counters["pages_discarded"] += len(pages)
+    def _retire_all(self, area: Area, handles: list[int]) -> None:
+        if handles and min(handles) < UNMAPPED:
+            self._unmapped(area, handles)
+        for handle in handles:
+            self._retire(handle)
+        self.counters["pages_discarded"] += len(handles)
+
+    @staticmethod
+    def _small_share(handles: list[int]) -> int:
+        """A unit more per handle when some are objects (freeing a spot costs ~2)."""
+        return 1 if handles and min(handles) < UNMAPPED else 0
 
     # -- accounting ---------------------------------------------------------
     @property
     def used_pages(self) -> int:
-        return self.capacity_pages - len(self.free)
+        """Payloads held (each stands for a page of some area)."""
+        return sum(area.used for area in self.areas.values())
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity_pages * PAGE_SIZE
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of capacity in use: arena pages holding anything (whole pages, zspages,
+        the reservation for inline payloads, pages a file store keeps until a flush)."""
+        return (self.capacity_pages - len(self.free)) * PAGE_SIZE
+
+    @property
+    def free_bytes(self) -> int:
+        return len(self.free) * PAGE_SIZE
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the payloads held: used_bytes / payload_bytes is what they cost."""
+        return sum(area.payload_bytes for area in self.areas.values())
 
     def metadata_bytes(self) -> int:
         """Bytes of index kept per store: what 'overhead per page' measures."""
@@ -308,30 +405,48 @@ class BackendCore:
         total += self.generations.itemsize * len(self.generations)
         total += self.free.itemsize * self.free.buffer_info()[1]
         total += sum(4 * len(c) for a in self.areas.values() for c in a.clusters.values())
+        total += self.objects.metadata_bytes()
         return total + (len(self._seals) if self._seals is not None else 0)
+
+    def space(self) -> dict[str, int]:
+        """The store's size and use, in payloads and in bytes: what placement needs."""
+        return {
+            "capacity_pages": self.capacity_pages,
+            "used_pages": self.used_pages,
+            "capacity_bytes": self.capacity_bytes,
+            "used_bytes": self.used_bytes,
+            "free_bytes": self.free_bytes,
+            "payload_bytes": self.payload_bytes,
+        }
 
     def area_stats(self, area: Area) -> dict[str, int]:
         """What one area's client may see: its own figures, and the store's size and
         use, which placement needs."""
         return {
-            "capacity_pages": self.capacity_pages,
-            "used_pages": self.used_pages,
+            **self.space(),
             "area_pages": area.pages,
             "area_used_pages": area.used,
+            "area_used_bytes": area.held_bytes,
+            "area_payload_bytes": area.payload_bytes,
             "area_pages_written": area.written,
             "area_pages_read": area.read,
             "area_pages_discarded": area.discarded,
             "area_pages_superseded": area.superseded,
-            "area_quota_pages": self.area_quota,
+            "area_quota_pages": self.area_quota // PAGE_SIZE,
+            "area_quota_bytes": self.area_quota,
         }
 
     def stats(self) -> dict[str, int]:
+        objects = self.objects
         return {
             **self.counters,
-            "capacity_pages": self.capacity_pages,
-            "used_pages": self.used_pages,
+            **self.space(),
             "areas": len(self.areas),
             "clusters": self.budget.held,
             "clusters_limit": self.budget.limit,
             "metadata_bytes": self.metadata_bytes(),
+            "objects": objects.count,
+            "inline_payloads": objects.inline,
+            "zspages": objects.zspages,
+            "zspage_pages": objects.zspage_pages,
         }

@@ -1,15 +1,18 @@
 """File backend: pages in one file, the index persisted atomically on flush.
 
 Layout under --path DIR: `pages` (capacity x 4 KiB, sparse, pread/pwrite at
-page * 4096) and `index` (slot maps, tags and generations in checksummed
-records, and each area's life and holder: index.py; replaced by rename), and
-the store's small records (records.py): `id`, `boot`, `clean` and `floors`.
+page * 4096: whole pages and the zspages of shorter payloads, payloads.py) and
+`index` (slot maps, lengths, tags, generations and where each payload is, in
+checksummed records, and each area's life and holder: index.py; replaced by
+rename), and the store's small records (records.py): `id`, `boot`, `clean` and
+`floors`.
 
 Crash rule: a store restarted on the same path serves every page it had
 acknowledged before the last completed Flush. To make that true without a
-journal, writes are copy-on-write: a rewritten slot gets a fresh arena page and
-the old one is only reused once a flush begun after that completes, so the
-persisted index never points at data newer than itself. Flush = write
+journal, writes are copy-on-write: a rewritten slot gets a fresh arena page (or
+spot) and the old one is only reused once a flush begun after that completes,
+so the persisted index never points at data newer than itself; compaction
+copies a payload to a new spot and keeps the old one the same way. Flush = write
 index.tmpN (a step per cluster record, between other clients' requests), then,
 in a thread off the loop, fsync(pages), fsync(index.tmpN), rename, fsync(dir).
 When the free stack runs dry the backend flushes on its own to reclaim retired
@@ -33,12 +36,18 @@ from netswap.protocol import PAGE_SIZE, SEAL_SIZE, StoreError
 
 from . import index, records
 from .base import Step
-from .runs import PageBackend
+from .classes import INLINE_MAX
+from .objects import handle_of, object_of
+from .payloads import PageBackend
 from .slotmap import CLUSTER_SLOTS, UNMAPPED, Area
 
-# Work units (service.py's slices) for one cluster record: building and writing its
-# 8,208 bytes costs ~20-40 us here, a hundred-odd times the 0.2 us unit.
-RECORD_UNITS = 100
+# Work units (service.py's slices) for one cluster record: building its 13,072 bytes
+# costs 55 us compiled for whole pages (42 us for format 3's 8,208) and 110 us for a
+# cluster of mixed payloads, some 500 times the 0.2 us unit.
+RECORD_UNITS = 500
+# Retired pages and objects freed per step after a flush: an object's spot costs 0.41 us
+# compiled (2 units), a page's far less; 1,024 of them are at most ~0.4 ms.
+RELEASE_BATCH = 1024
 
 
 def _nothing() -> None:
@@ -89,6 +98,22 @@ class FileBackend(PageBackend):
         if written != count * PAGE_SIZE:
             raise StoreError(errno.EIO, "short write to the page file")
 
+    def _store_at(self, offset: int, data: memoryview) -> None:
+        try:
+            written = os.pwrite(self._fd, data, offset)
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"page file write: {exc.strerror}") from None
+        if written != len(data):
+            raise StoreError(errno.EIO, "short write to the page file")
+
+    def _load_at(self, offset: int, out: memoryview) -> None:
+        try:
+            got = os.preadv(self._fd, [out], offset)
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"page file read: {exc.strerror}") from None
+        if got != len(out):
+            raise StoreError(errno.EIO, "short read from the page file")
+
     def _load_run(self, page: int, count: int, out: memoryview) -> None:
         try:
             got = os.preadv(self._fd, [out], page * PAGE_SIZE)
@@ -97,8 +122,22 @@ class FileBackend(PageBackend):
         if got != count * PAGE_SIZE:
             raise StoreError(errno.EIO, "short read from the page file")
 
-    def _retire(self, page: int) -> None:
-        self._retired.append(page)
+    def _retire(self, handle: int) -> None:
+        self._retired.append(handle)
+        if handle < UNMAPPED:
+            self.objects.retire(object_of(handle))
+
+    def _release_steps(self, handles: list[int]) -> Iterator[int]:
+        """Free retired pages and objects no index names any more, RELEASE_BATCH at a
+        time (an object's spot costs ~2 units, a page's a fraction)."""
+        for at in range(0, len(handles), RELEASE_BATCH):
+            chunk = handles[at : at + RELEASE_BATCH]
+            for handle in chunk:
+                if handle >= 0:
+                    self.free.append(handle)
+                else:
+                    self._release(handle)
+            yield 2 * len(chunk)
 
     def _make_room(self, needed: int) -> None:
         # Pages rewritten since the last flush come back after one. Not while a sliced
@@ -136,13 +175,16 @@ class FileBackend(PageBackend):
             commit = self._io.submit(self._commit, tmp)
             yield commit
             commit.result()  # a failed fsync raises its StoreError here
-            if self._flushing is me:
-                self.free.extend(self._retired[:retired])
+            done: list[int] = []
+            if self._flushing is me:  # no index names them now: out of the list at once
+                done = self._retired[:retired]
                 del self._retired[:retired]
         finally:
             tmp.unlink(missing_ok=True)  # gone already once committed
             if self._flushing is me:
                 self._flushing = None
+        yield from self._release_steps(done)
+        yield from self._compact_steps()  # the spots freed may leave a class holes
 
     def floor_steps(self, name: str, epoch: int) -> Iterator[Step]:
         """The floor raised in memory at once, and then in DIR/floors: the Fence is
@@ -191,20 +233,31 @@ class FileBackend(PageBackend):
 
     def _record(self, number: int, area: Area, index_: int) -> index.Cluster:
         """One cluster's record as it is now (empty if its slots went meanwhile)."""
+        n, place = CLUSTER_SLOTS, index.PLACE
         cluster = area.clusters.get(index_)
-        pages = (
-            cluster[:CLUSTER_SLOTS]
-            if cluster is not None
-            else array("i", [UNMAPPED]) * CLUSTER_SLOTS
-        )
-        t, g = array("I", [0]) * CLUSTER_SLOTS, array("Q", [0]) * CLUSTER_SLOTS
-        seals = memoryview(bytearray(CLUSTER_SLOTS * SEAL_SIZE))
-        tags, gens = self.tags, self.generations
-        for i, p in enumerate(pages):
-            if p != UNMAPPED:
-                t[i], g[i] = tags[p], gens[p]
-                self.seals_into(p, 1, seals, i)
-        return index.Cluster(number, index_, pages, t, g, bytes(seals))
+        handles = cluster[:n] if cluster is not None else array("i", [UNMAPPED]) * n
+        lengths, t, g = array("H", [0]) * n, array("I", [0]) * n, array("Q", [0]) * n
+        spots, places = bytearray(n), array("i", [UNMAPPED]) * (n * place)
+        seals = memoryview(bytearray(n * SEAL_SIZE))
+        tags, gens, objects = self.tags, self.generations, self.objects
+        for i, h in enumerate(handles):
+            if h >= 0:
+                lengths[i], t[i], g[i], places[i * place] = PAGE_SIZE, tags[h], gens[h], h
+                self.seals_into(h, 1, seals, i)
+            elif h != UNMAPPED:
+                obj = object_of(h)
+                length = lengths[i] = objects.lengths[obj]
+                t[i], g[i] = objects.tags[obj], objects.generations[obj]
+                seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE] = objects.seal(obj)
+                where = objects.where[obj]
+                if length <= INLINE_MAX:
+                    word = array("i")
+                    word.frombytes(where.to_bytes(8, "little"))
+                    places[i * place : i * place + 2] = word
+                    continue
+                pages, spots[i] = objects.location(obj)
+                places[i * place : i * place + len(pages)] = pages
+        return index.Cluster(number, index_, lengths, t, g, bytes(spots), places, bytes(seals))
 
     def _load_index(self) -> None:
         path = self.path / "index"
@@ -218,23 +271,43 @@ class FileBackend(PageBackend):
             raise index.UnusableIndex(f"{path}: corrupt index ({type(exc).__name__})") from None
         areas = [self.activate(name, pages, *loaded.ids.get(name, (0, "")))
                  for name, pages in loaded.areas]  # fmt: skip
-        used: set[int] = set()
+        objects, place = self.objects, index.PLACE
+        zspages = {first: objects.adopt_zspage(c, held)
+                   for first, (c, held, _) in loaded.claims.zspages.items()}  # fmt: skip
         for c in loaded.clusters:
-            if all(page == UNMAPPED for page in c.pages):
+            if not any(c.lengths):
                 continue  # its slots went while that flush ran
             area = areas[c.area]
             self.budget.take(area.new_clusters([c.index * CLUSTER_SLOTS]))
-            for i, page in enumerate(c.pages):
-                if page != UNMAPPED:
-                    area.map(c.index * CLUSTER_SLOTS + i, page)
+            for i, length in enumerate(c.lengths):
+                if not length:
+                    continue
+                slot = c.index * CLUSTER_SLOTS + i
+                seal = c.seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE]
+                if length == PAGE_SIZE:
+                    page = c.places[i * place]
+                    area.map(slot, page)
                     self.tags[page], self.generations[page] = c.tags[i], c.generations[i]
-                    seal = c.seals[i * SEAL_SIZE : (i + 1) * SEAL_SIZE]
                     if any(seal):
                         self._keep_seal(page, seal, 0)
-                    used.add(page)
+                    continue
+                if length <= INLINE_MAX:
+                    word = c.places[i * place : i * place + 2].tobytes()
+                    obj = objects.adopt_inline(length, int.from_bytes(word, "little"))
+                else:
+                    zs = zspages[c.places[i * place]]
+                    obj = objects.adopt(length, zs, c.spots[i])
+                objects.tags[obj], objects.generations[obj] = c.tags[i], c.generations[i]
+                if any(seal):
+                    objects.keep_seal(obj, memoryview(seal))
+                area.map(slot, handle_of(obj))
+                self._mapped(area, length)
         self.damaged = loaded.damaged
         self.counters["index_records_lost"] = loaded.lost
+        used = loaded.claims.pages
         self.free = array("i", (p for p in range(self.capacity_pages - 1, -1, -1) if p not in used))
+        objects.reserve_inline(self.free)
+        self._compact()  # the holes the zspages had at that flush
 
     def close(self) -> None:
         if self._fd >= 0:

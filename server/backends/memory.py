@@ -1,4 +1,5 @@
-"""Memory backend: one anonymous mmap arena of `capacity` pages.
+"""Memory backend: one anonymous mmap arena of `capacity` pages (whole pages and
+the zspages of shorter payloads, payloads.py).
 
 The arena is reserved up front (MAP_NORESERVE: the kernel backs a page only
 when it is first written), so a store's RSS follows its high-water mark and a
@@ -13,7 +14,7 @@ import mmap
 
 from netswap.protocol import PAGE_SIZE
 
-from .runs import PageBackend
+from .payloads import PageBackend
 
 
 class MemoryBackend(PageBackend):
@@ -40,6 +41,12 @@ class MemoryBackend(PageBackend):
     def _load_run(self, page: int, count: int, out: memoryview) -> None:
         offset = page * PAGE_SIZE
         out[:] = self._view[offset : offset + count * PAGE_SIZE]
+
+    def _store_at(self, offset: int, data: memoryview) -> None:
+        self._view[offset : offset + len(data)] = data
+
+    def _load_at(self, offset: int, out: memoryview) -> None:
+        out[:] = self._view[offset : offset + len(out)]
 
     def _released(self) -> None:
         self._arena.madvise(mmap.MADV_DONTNEED)

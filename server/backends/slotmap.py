@@ -6,8 +6,9 @@ the declared size but a dict of clusters of CLUSTER_SLOTS slots, created on a
 cluster's first write and dropped when its last page goes -- activating or
 releasing an area costs the same at any declared size, and a store's metadata
 is bounded by the clusters it holds (`ClusterBudget`), never by what a client
-declares. Each cluster is one array('i') of arena pages (UNMAPPED: never
-written, or discarded) with its mapped count kept in one extra element.
+declares. Each cluster is one array('i') of handles -- an arena page (a whole
+page), UNMAPPED (never written, or discarded), or below it an object (a
+shorter payload: objects.py) -- with its mapped count kept in one extra element.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import errno
 from array import array
 from collections.abc import Iterable, Iterator
 
-from netswap.protocol import StoreError, area_seed
+from netswap.protocol import PAGE_SIZE, StoreError, area_seed
 
 UNMAPPED = -1
 # The kernel hands out swap slots in clusters of SWAPFILE_CLUSTER = 256 (mm/swapfile.c),
@@ -59,7 +60,8 @@ class Area:
     """One swap area: slot -> arena page, by cluster."""
 
     __slots__ = ("area_id", "budget", "clusters", "discarded", "holder", "name", "pages", "read",
-                 "seed", "superseded", "used", "written")  # fmt: skip
+                 "seed", "small", "small_bytes", "small_held", "superseded", "used",
+                 "written")  # fmt: skip
 
     def __init__(
         self, name: str, pages: int, budget: ClusterBudget, area_id: int = 0, holder: str = ""
@@ -75,7 +77,21 @@ class Area:
         self.used = 0
         self.written = self.read = self.discarded = 0  # pages, for this area's own Stats
         self.superseded = 0  # pages not written: no newer than what their slot held
+        # Of the `used` slots, how many hold a payload shorter than a page (an object),
+        # their bytes, and the bytes of capacity they take (classes.footprint): a whole
+        # page's are PAGE_SIZE each.
+        self.small = self.small_bytes = self.small_held = 0
         self.budget = budget
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the payloads this area's slots hold."""
+        return (self.used - self.small) * PAGE_SIZE + self.small_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the store's capacity they take (what --area-quota bounds)."""
+        return (self.used - self.small) * PAGE_SIZE + self.small_held
 
     def page(self, slot: int) -> int:
         cluster = self.clusters.get(slot >> _SHIFT)

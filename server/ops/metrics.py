@@ -106,6 +106,20 @@ class _SnapshotCollector:
             for path, n in sorted(paths.items()):
                 by_path.add_metric([path], n)
             yield by_path
+        if s.role == "agent":  # what pages became on the wire (#31)
+            kinds = CounterMetricFamily(
+                "netswap_swap_out_pages_by_kind",
+                "Pages swapped out, by their payload: filled (an 8-byte word), compressed, whole",
+                labels=["kind"],
+            )
+            for kind in ("filled", "compressed", "whole"):
+                kinds.add_metric([kind], s.swap_out_by_kind.get(kind, 0))
+            yield kinds
+            yield CounterMetricFamily(
+                "netswap_swap_out_payload_bytes",
+                "Bytes the pages swapped out came to on the wire (sealed: plus 16 B each)",
+                value=s.swap_out_payload_bytes,
+            )
         yield CounterMetricFamily(
             "netswap_checksum_errors", "Page checksum mismatches", value=s.checksum_errors_total
         )
@@ -126,9 +140,15 @@ class _SnapshotCollector:
             "netswap_store_up", "1 if the page store is reachable", labels=["store"]
         )
         used = GaugeMetricFamily(
-            "netswap_store_used_bytes", "Bytes of pages held", labels=["store"]
+            "netswap_store_used_bytes", "Bytes of capacity in use", labels=["store"]
         )
         cap = GaugeMetricFamily("netswap_store_capacity_bytes", "Store capacity", labels=["store"])
+        held = GaugeMetricFamily(
+            "netswap_store_pages", "Payloads held (a page swapped out each)", labels=["store"]
+        )
+        payload = GaugeMetricFamily(
+            "netswap_store_payload_bytes", "Bytes of the payloads held", labels=["store"]
+        )
         failures = CounterMetricFamily(
             "netswap_store_failures", "Times the store was marked down", labels=["store"]
         )
@@ -139,9 +159,11 @@ class _SnapshotCollector:
             up.add_metric([st.name], 1 if st.up else 0)
             used.add_metric([st.name], st.used_bytes)
             cap.add_metric([st.name], st.capacity_bytes)
+            held.add_metric([st.name], st.pages)
+            payload.add_metric([st.name], st.payload_bytes)
             failures.add_metric([st.name], st.failures)
             reconnects.add_metric([st.name], st.reconnects)
-        yield from (up, used, cap, failures, reconnects)
+        yield from (up, used, cap, held, payload, failures, reconnects)
         yield GaugeMetricFamily(
             "netswap_replication_lag_pages",
             "Written pages whose slab has a replica not in sync",

@@ -45,8 +45,10 @@ class StoreRow:
 
     name: str
     up: bool
-    used_bytes: int
+    used_bytes: int  # capacity in use: whole pages, zspages, what a flush will free
     capacity_bytes: int
+    pages: int = 0  # payloads held (each stands for a page swapped out)
+    payload_bytes: int = 0  # their bytes: used_bytes / payload_bytes is what they cost
     slabs: int = 0
     stale: int = 0
     syncing: int = 0
@@ -131,6 +133,11 @@ class Snapshot:
     lifecycle: Lifecycle | None = None  # agents only
     cluster_nodes: list[ClusterNode] = field(default_factory=list)  # agents on a cluster
     cluster_counters: dict[str, int] = field(default_factory=dict)
+    # agents: pages written by what they became on the wire (#31) -- "filled" (same-
+    # filled: an 8-byte word), "compressed" (lz4, in 256-B granules), "whole" -- and the
+    # bytes those payloads came to
+    swap_out_by_kind: dict[str, int] = field(default_factory=dict)
+    swap_out_payload_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -172,4 +179,6 @@ class Snapshot:
             lifecycle=Lifecycle(**raw["lifecycle"]) if raw.get("lifecycle") else None,
             cluster_nodes=[ClusterNode(**n) for n in raw.get("cluster_nodes", [])],
             cluster_counters=dict(raw.get("cluster_counters", {})),
+            swap_out_by_kind=dict(raw.get("swap_out_by_kind", {})),
+            swap_out_payload_bytes=raw.get("swap_out_payload_bytes", 0),
         )

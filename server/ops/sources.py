@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from netswap.protocol import PAGE_SIZE
-
 from ..backends import PageBackend
 from .hoststats import host_figures
 from .recorder import Recorder
@@ -50,8 +48,10 @@ def backend_source(backend: PageBackend, role: str = "embedded") -> Source:
         row = StoreRow(
             name=f"{backend.kind} (embedded)",
             up=True,
-            used_bytes=backend.used_pages * PAGE_SIZE,
-            capacity_bytes=backend.capacity_pages * PAGE_SIZE,
+            used_bytes=backend.used_bytes,
+            capacity_bytes=backend.capacity_bytes,
+            pages=backend.used_pages,
+            payload_bytes=backend.payload_bytes,
         )
         return replace(
             empty(role),

@@ -115,9 +115,9 @@ seed = p.area_seed("a")
 from netswap.protocol import tags_of
 reply = p.Pages(1, bytes(32 * PAGE), tags_of(bytes(32 * PAGE), seed, range(64, 96), [1] * 32),
                 [1] * 32)
-from netswap.client.agent.machine.proof import prove_pages
+from netswap.protocol import prove_pages
 gens = array("Q", [1] * 32)
-out["client/agent/machine/proof.py: prove 32 pages"] = best(
+out["client/agent/protocol/proof.py: prove 32 pages"] = best(
     lambda: prove_pages(seed, reply.data, reply.tags, reply.generations, range(64, 96), gens),
     5000)
 

@@ -2,7 +2,10 @@
 
 Pages/s: steady-state pages/s and MiB/s (medians of PASSES, after a pass that
 faults the arena in) for one page per RPC against batches of 32 (both with 32
-requests in flight), through StoreClient against a store process.
+requests in flight), through StoreClient against a store process; then the
+same with payloads of the corpus's lengths (CORPUS_LENGTHS: what the agent
+sends of real memory, compressed, a same-filled page as its word), a page per
+payload in pages/s and the payloads' bytes in MiB/s.
 
 Round trips: one 4 KiB SwapIn at a time, p50/p99 of ROUND_TRIPS, through
 StoreClient (the agent's loop path) and through BlockingClient (the path of
@@ -18,8 +21,10 @@ placement. Then the memory backend's bytes of index per page.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -30,8 +35,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from netswap.client.rpc import BlockingClient, StoreClient, check_pages
-from netswap.protocol import PAGE_SIZE, SwapIn, area_seed
+from netswap.client.rpc import BlockingClient, StoreClient
+from netswap.protocol import PAGE_SIZE, SwapIn, area_seed, prove_reply
 from netswap.server.backends import MemoryBackend
 from netswap.server.heap import tune_heap
 
@@ -41,6 +46,12 @@ PAGES = 32768  # 128 MiB moved per run
 IN_FLIGHT = 32
 PASSES = 5
 ROUND_TRIPS = 4000  # ~0.5 s each: enough for a steady p99 on loopback
+# Payload lengths the agent sends for the corpus of real memory, and how many pages of
+# its 81,920 had each (python -m tests.bench.size_classes: lz4, 256-B granules, whole
+# above 3,072 B, a same-filled page as its 8-byte word).
+CORPUS_LENGTHS = {8: 1796, 256: 2755, 512: 3144, 768: 4079, 1024: 7919, 1280: 8812,
+                  1536: 9506, 1792: 10653, 2048: 9083, 2304: 10202, 2560: 6908, 2816: 4043,
+                  3072: 1248, 4096: 1772}  # fmt: skip
 REQUEST = 4 + 8 + 8  # a one-slot SwapIn frame: length, head, first slot (a run)
 REPLY = 4 + 8 + 8 + 4 + PAGE_SIZE  # a one-page Pages frame: length, head, gen, tag, page
 # The floor's server: a uvloop asyncio.Protocol that answers every REQUEST-byte
@@ -63,11 +74,15 @@ uvloop.run(main())
 """
 
 
-async def run(port: int, batch: int) -> tuple[float, float]:
-    client = await StoreClient.connect("127.0.0.1", port, f"bench{batch}")
+async def run(port: int, batch: int, mixed: bool = False) -> tuple[float, float]:
+    client = await StoreClient.connect("127.0.0.1", port, f"bench{batch}{'m' * mixed}")
     await client.swapfile(True, PAGES)
-    data = os.urandom(batch * PAGE_SIZE)
+    data: bytes | list[bytes] = os.urandom(batch * PAGE_SIZE)
     sem = asyncio.Semaphore(IN_FLIGHT)
+    if mixed:  # a batch's payloads drawn from the corpus's lengths
+        rng = random.Random(batch)
+        lengths = rng.sample(list(CORPUS_LENGTHS), batch, counts=list(CORPUS_LENGTHS.values()))
+        data = [os.urandom(n) for n in lengths]
 
     async def one(op: str, first: int, write: int) -> None:
         async with sem:
@@ -142,7 +157,7 @@ def blocking_round_trips(port: int) -> tuple[float, float]:
 
     def once() -> None:
         reply = client.call(SwapIn(client.next_id(), slots), 5.0)
-        assert check_pages(seed, reply, slots, counts) is None
+        assert prove_reply(seed, reply, slots, array("Q", counts)) is None
 
     try:
         return timed(once)
@@ -196,6 +211,15 @@ def print_round_trips(placements: dict[str, dict[str, tuple[float, float]]]) -> 
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench_store", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--no-mixed",
+        dest="mixed",
+        action="store_false",
+        help="whole pages only (a store of protocol 4 before payloads)",
+    )
+    parser.add_argument("--no-round-trips", dest="round_trips", action="store_false")
+    args = parser.parse_args()
     tune_heap()  # as the agent does in nbdkit (server/heap.py); the store does its own
     port = free_port()
     netswap = str(Path(sys.executable).parent / "netswap")
@@ -208,10 +232,11 @@ def main() -> None:
         import uvloop
 
         results = {b: uvloop.run(run(port, b)) for b in (1, 32)}
+        mixed = {b: uvloop.run(run(port, b, True)) for b in (1, 32)} if args.mixed else {}
     finally:
         proc.terminate()
         proc.wait()
-    placements = round_trips(netswap)
+    placements = round_trips(netswap) if args.round_trips else {}
     mib = PAGE_SIZE / 2**20
     print(
         f"{'batch':>6} {'swap_out pages/s':>17} {'MiB/s':>8} {'swap_in pages/s':>16} {'MiB/s':>8}"
@@ -221,7 +246,13 @@ def main() -> None:
     o1, i1 = results[1]
     o32, i32 = results[32]
     print(f"batch 32 / batch 1: swap_out {o32 / o1:.1f}x, swap_in {i32 / i1:.1f}x")
-    print_round_trips(placements)
+    mean = sum(n * c for n, c in CORPUS_LENGTHS.items()) / sum(CORPUS_LENGTHS.values()) / 2**20
+    for batch, (out, inn) in mixed.items():
+        print(f"{f'{batch} mix':>6} {out:>17,.0f} {out * mean:>8.1f} {inn:>16,.0f} "
+              f"{inn * mean:>8.1f}   (payloads of the corpus's lengths, mean "
+              f"{mean * 2**20:,.0f} B)")  # fmt: skip
+    if placements:
+        print_round_trips(placements)
 
     n = 1 << 20
     backend = MemoryBackend(n)

@@ -51,7 +51,7 @@ SHAPES = (
 # the first frame that matches any rule names the sample's stage.
 STAGES: tuple[tuple[str, str], ...] = (
     ("tag", r"^(page_tag|batch_tags|page_crc|slot_seed|tag_run|tags_of|crc32)$"),
-    ("check", r"^(check_pages|_verified|check_run|prove|_prove\w*)$"),
+    ("check", r"^(prove_pages|prove_reply|_verified|check_run|prove|_prove\w*)$"),
     ("copy", r"^(copy_in|copy_out|_copy_\w+)$"),
     ("reserve", r"^Reserve\.|^(acquire|release)$"),
     ("hand-off, wake", r"^(Completion\.|Agent\.submit$|Agent\._drain_inbox|Inbox\.|Hand\w*\.)"),

@@ -4,11 +4,14 @@ A store process on 127.0.0.1 (token file, --area-quota) takes frames from
 FUZZERS connections at once, built to be almost right: valid messages with
 edge-case fields (slots past the area, 2**40-slot areas, 1,024-range
 discards, wrong page sizes, inventories past the area, fences at and past
-other connections' floors, areas of other lives and holders, forced or not),
+other connections' floors, areas of other lives and holders, forced or not,
+payloads of every length from 1 byte to a page),
 valid frames with a byte flipped,
-truncated, extended or given a wrong length prefix, msgpack of the wrong
-shape, and raw noise; now and then a Hello with a wrong token. Meanwhile one
-well-behaved client writes tagged pages and reads every one back, verified.
+truncated, extended or given a wrong length prefix, lengths of 0, over a page
+or not adding up to the frame, msgpack of the wrong shape, and raw noise; now
+and then a Hello with a wrong token. Meanwhile one well-behaved client writes
+tagged payloads of every class (whole pages, compressed-sized, same-filled
+words) and reads every one back, verified.
 
 It passes when: every connection the store closed was one that had sent a
 malformed frame or a wrong token; the well-behaved client never saw an error
@@ -52,6 +55,7 @@ from netswap.protocol import (
     Swapfile,
     SwapIn,
     SwapOut,
+    Welcome,
     encode,
 )
 
@@ -92,10 +96,11 @@ def valid_message(rng: random.Random, rid: int) -> Message:
         n = rng.choice([1, 2, 8, 256])
         slots = tuple(sorted({slot + i * rng.choice([1, 256]) for i in range(n)}))
         slots = tuple(s for s in slots if s < 1 << 40)
-        data = rng.randbytes(len(slots) * PAGE_SIZE)
+        lengths = [payload_length(rng) for _ in slots] if rng.random() < 0.5 else None
+        size = sum(lengths) if lengths is not None else len(slots) * PAGE_SIZE
         gens = bytes(rng.randrange(1, 256) for _ in slots)
         tags = tuple(rng.randrange(1 << 32) for _ in slots)
-        return SwapOut(rid, slots, data, tags, gens)
+        return SwapOut(rid, slots, rng.randbytes(size), tags, gens, None, lengths)
     if kind == 2:
         return SwapIn(rid, tuple(sorted({slot, rng.randrange(1 << 12)})))
     if kind == 3:
@@ -108,10 +113,35 @@ def valid_message(rng: random.Random, rid: int) -> Message:
     return Inventory(rid, slot, rng.choice([1, 256, MAX_INVENTORY_SLOTS]))
 
 
+def payload_length(rng: random.Random) -> int:
+    """A payload's length: what the agent sends (whole, granules, a word) or any other."""
+    edge = rng.choice([1, 9, 255, 257, 3841, 4095])
+    return rng.choice([PAGE_SIZE, PAGE_SIZE, 8, 256 * rng.randint(1, 12), edge,
+                       rng.randint(1, PAGE_SIZE)])  # fmt: skip
+
+
+def bad_lengths(rng: random.Random, rid: int) -> bytes:
+    """A SwapOut whose lengths are wrong: 0, over a page, or not the frame's size."""
+    n = rng.randint(1, 8)
+    lengths = [payload_length(rng) for _ in range(n)]
+    if set(lengths) == {PAGE_SIZE}:  # whole pages carry no lengths: make one shorter
+        lengths[-1] = 100
+    good = encode(SwapOut(rid, range(n), bytes(sum(lengths)), [0] * n, [1] * n, None, lengths))
+    frame = bytearray(good)
+    at = 4 + 8 + 8 + 8 + 12 * n  # length, head, runs' count, the run, generations, tags
+    i = rng.randrange(n)
+    (held,) = struct.unpack_from("<H", frame, at + 2 * i)
+    wrong = rng.choice([0, PAGE_SIZE + 1, 0xFFFF, held + 1])
+    struct.pack_into("<H", frame, at + 2 * i, wrong)
+    return bytes(frame)
+
+
 def malformed_frame(rng: random.Random, rid: int) -> bytes:
     """A frame the store must refuse, by closing this connection only."""
     frame = bytearray(encode(valid_message(rng, rid)))
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
+    if kind == 7:
+        return bad_lengths(rng, rid)
     if kind == 0 and len(frame) > 5:  # one flipped bit in the body
         frame[rng.randrange(4, len(frame))] ^= 1 << rng.randrange(8)
         return bytes(frame)
@@ -197,6 +227,7 @@ def is_malformed(frame: bytes) -> bool:
     conn = Connection(Role.SERVER)
     conn.receive_data(encode(Hello(1, PROTOCOL_VERSION, "x", TOKEN)))
     conn.next_event()
+    conn.send(Welcome(1, PROTOCOL_VERSION, 0, 0))  # batches' layout from here, as a store's
     conn.receive_data(frame)
     conn.receive_data(b"")
     try:
@@ -220,7 +251,8 @@ async def _closed(reader: asyncio.StreamReader, seconds: float) -> bool:
 
 
 async def good_client(port: int, tally: Tally, stop: asyncio.Event) -> None:
-    """Writes and verifies pages the whole time; any error ends the run as a failure."""
+    """Writes and verifies payloads the whole time, batches of whole pages and of
+    payloads of every length; any error ends the run as a failure."""
     rng = random.Random(0)
     client = await StoreClient.connect("127.0.0.1", port, "good", GOOD_TOKEN, deadline=30)
     await client.swapfile(True, GOOD_SLOTS)
@@ -228,16 +260,20 @@ async def good_client(port: int, tally: Tally, stop: asyncio.Event) -> None:
     truth: dict[int, bytes] = {}
     while not stop.is_set():
         slots = rng.sample(range(GOOD_SLOTS), 8)
-        data = rng.randbytes(8 * PAGE_SIZE)
+        whole = rng.random() < 0.5
+        payloads = [rng.randbytes(PAGE_SIZE if whole else payload_length(rng)) for _ in slots]
         for s in slots:
             gens[s] += 1
-        await client.swap_out(slots, data, [gens[s] for s in slots])  # it tags them
-        for i, s in enumerate(slots):
-            truth[s] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        written = [gens[s] for s in slots]
+        if whole:
+            await client.swap_out(slots, b"".join(payloads), written)  # it tags them
+        else:
+            await client.swap_out(slots, payloads, written)
+        truth.update(zip(slots, payloads, strict=True))
         check = rng.sample(sorted(truth), min(8, len(truth)))
-        got = await client.swap_in(check, [gens[s] for s in check])
-        for i, s in enumerate(check):
-            if got[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] != truth[s]:
+        got = await client.swap_in_payloads(check, [gens[s] for s in check])
+        for s, payload in zip(check, got, strict=True):
+            if payload != truth[s]:
                 raise AssertionError(f"good client: slot {s} read back wrong")
         tally.good_pages += len(check)
         await asyncio.sleep(0.002)

@@ -22,7 +22,6 @@ from typing import Any
 
 from netswap.client.agent.jobs import ReadEntry, ReadJob, WriteJob
 from netswap.client.agent.machine.machine import FAILED, PARKED, Replicas
-from netswap.client.agent.machine.proof import prove_pages
 from netswap.client.agent.machine.rebuild import prove, rebuild
 from netswap.client.agent.machine.record import Record, StoreMark
 from netswap.client.agent.machine.resync import resync
@@ -40,7 +39,7 @@ from netswap.client.agent.machine.steps import (
     Write,
 )
 from netswap.client.agent.payload import FILL, split
-from netswap.protocol import PAGE_SIZE, area_seed, page_tag
+from netswap.protocol import PAGE_SIZE, area_seed, page_tag, prove_pages
 
 from .model import Model, content_of, page_of
 from .network import UNREACHABLE, Link, Network

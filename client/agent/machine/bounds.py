@@ -7,10 +7,13 @@ from __future__ import annotations
 # partitioned or failing over costs the kernel nothing but time, and attach holds the
 # device's IO through 120 s of outage (--dead-conn-timeout). Just under that.
 READ_WAIT_S = 110.0
-# How long a write waits for a replica to take it when no store of its slab answers:
-# the RPC deadline. Past it the write fails and the kernel keeps the page in memory
-# (mm/page_io.c re-dirties a page whose swap write failed) and writes it again later.
-WRITE_WAIT_S = 5.0
+# How long a write waits for its replicas when too few answer (every store of its slab
+# away, or one that went quiet under it): stalls of 1-30 s (a GC pause, a VM
+# migration, SIGSTOP), and a Redis failover at its default 15 s node timeout plus the
+# election, cost time and not a write. A failed swap write costs the kernel more than
+# time: the page stays in memory (mm/page_io.c re-dirties it) while reclaim needs it
+# gone. Past it the write fails and the kernel writes the page again later.
+WRITE_WAIT_S = 30.0
 # A store away this long has its replicas copied to a spare store (when one is up and
 # the slab has an in-sync replica to copy from): long enough to ride out a restart,
 # short enough to shrink the window in which a second fault finds one copy.

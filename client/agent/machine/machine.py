@@ -58,7 +58,7 @@ PARKED, FAILED = -1, -2  # route_read's answers besides a store index
 class StoreView:
     """What the machine believes of one store."""
 
-    __slots__ = ("boot", "down_since", "free_pages", "index", "name", "store_id", "up")
+    __slots__ = ("boot", "down_since", "free_bytes", "index", "name", "store_id", "up")
 
     def __init__(self, index: int, name: str) -> None:
         self.index, self.name = index, name
@@ -66,7 +66,7 @@ class StoreView:
         self.store_id = 0
         self.boot = 0  # the boot it answered as last
         self.down_since = 0.0
-        self.free_pages = 0
+        self.free_bytes = 0  # placement takes the freer of two (the shell refreshes it)
 
 
 class Replicas:
@@ -213,7 +213,7 @@ class Replicas:
             left = [s for s in up if s not in chosen]
             if not left:
                 break
-            store = power_of_two_choices(left, lambda s: self.stores[s].free_pages, self.rng)
+            store = power_of_two_choices(left, lambda s: self.stores[s].free_bytes, self.rng)
             chosen.append(store)
             table.set_replica(slab, position, store, IN_SYNC)
         self.dirty = True
@@ -240,11 +240,23 @@ class Replicas:
                 self.counters["write_refusals"] += 1
             if outcome == errno.ESTALE:
                 self.fenced(store, f"store {self.stores[store].name}: a newer agent holds the area")
+            elif outcome < 0:
+                job.unreachable = True
         job.remaining -= count
         if job.remaining > 0:
             return False
         quorum = min(self.quorum, self.table.replicas)
-        self._finish_write(job, 0 if min(job.acks) >= quorum else (job.refusal or errno.EIO))
+        if min(job.acks) >= quorum:
+            self._finish_write(job, 0)
+        elif job.unreachable and not job.refusal and not self.fenced_out:
+            # A store went quiet under it: it waits (WRITE_WAIT_S) for stores to answer and
+            # goes to every replica again -- a write sent twice is the same write.
+            job.acks[:] = bytes(job.count)
+            job.unreachable = False
+            self._park_write(job)
+            return False
+        else:
+            self._finish_write(job, job.refusal or errno.EIO)
         return True
 
     def _finish_write(self, job: WriteJob, error: int) -> None:

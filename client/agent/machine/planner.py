@@ -75,7 +75,7 @@ def spare(m: Replicas, slab: int) -> int:
     spare = [s.index for s in m.stores if s.up and not m.table.holds(slab, s.index)]
     if not spare:
         return -1
-    return power_of_two_choices(spare, lambda s: m.stores[s].free_pages, m.rng)
+    return power_of_two_choices(spare, lambda s: m.stores[s].free_bytes, m.rng)
 
 
 def take_leftovers(m: Replicas, store: int) -> list[int]:
