@@ -54,7 +54,11 @@ def others_reach(path: Path) -> bool:
 def check_socket_dir(path: Path) -> None:
     """A directory others may write (and not sticky) lets them replace a socket in it
     under its clients: refused."""
-    mode = path.stat().st_mode
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist (make it root's alone: mkdir -m 0700 "
+                         f"{path})") from None  # fmt: skip
     if mode & 0o022 and not mode & stat.S_ISVTX:
         raise UsageError(f"others may write {path} (mode {mode & 0o7777:o}): they could "
                          "put a socket of theirs in place of the export's")  # fmt: skip
