@@ -2,7 +2,8 @@
 
 As `nobody` with no groups and no capabilities (lab/unprivileged.py, through
 setpriv), on the guest's own attach: connecting to the export and to its spare
-(both sockets of the supervisor), reading or listing anything under /run/netswap
+(both sockets of the supervisor), reaching anything on the TCP ports they used
+before (10809, 10810: refused, nothing listens), reading or listing anything under /run/netswap
 and /var/log/netswap (state, the serve command, the ops token, the logs that name
 the area), reading the device itself, and seeing the area's key in /proc/keys must
 all be refused; and
@@ -37,6 +38,9 @@ from .unprivileged import as_nobody, run_as_nobody
 # How long the restart and the next spare may take under TCG (a spare loads in 10-30 s
 # here; the next one starts supervisor.SPARE_DELAY_S after the takeover).
 RESTART_S = 240
+# Where attach's export and spare listened before #30 (nbdkit's default port and the
+# next): nothing may answer there now.
+OLD_PORTS = (10809, 10810)
 
 
 def check(device: str, say: Callable[[str], None]) -> bool:
@@ -46,6 +50,7 @@ def check(device: str, say: Callable[[str], None]) -> bool:
     argv = ["check", *(a for s in sockets for a in ("--connect", s))]
     argv += [a for f in files for a in ("--read", f)]
     argv += ["--read", device, "--list", str(STATE_DIR), "--list", str(LOG_DIR)]
+    argv += [a for port in OLD_PORTS for a in ("--tcp", f"127.0.0.1:{port}")]
     try:
         report = run_as_nobody(*argv)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
@@ -58,6 +63,7 @@ def check(device: str, say: Callable[[str], None]) -> bool:
         ("nobody-who", nobody, f"uid={who['euid']} groups={who['groups']} "
                                f"CapEff={who['cap_eff']}"),
         *_refused("connect", attempts, "connect"),
+        *_refused("tcp", attempts, "tcp", errno="ECONNREFUSED"),
         *_refused("read", attempts, "read", "list"),
         ("nobody-keys", report["keys"] == [] and nobody, f"visible={report['keys']}"),
     ]  # fmt: skip
@@ -67,11 +73,11 @@ def check(device: str, say: Callable[[str], None]) -> bool:
     return all(ok for _, ok, _ in results)
 
 
-def _refused(name: str, attempts: list[dict[str, str]],
-             *whats: str) -> list[tuple[str, bool, str]]:  # fmt: skip
+def _refused(name: str, attempts: list[dict[str, str]], *whats: str,
+             errno: str = "EACCES") -> list[tuple[str, bool, str]]:  # fmt: skip
     mine = [a for a in attempts if a["what"] in whats]
     got = sorted({a["got"] for a in mine})
-    return [(f"nobody-{name}", bool(mine) and got == ["EACCES"],
+    return [(f"nobody-{name}", bool(mine) and got == [errno],
              f"attempts={len(mine)} got={','.join(got)}")]  # fmt: skip
 
 

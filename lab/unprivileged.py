@@ -118,7 +118,7 @@ def netswap_keys() -> list[str]:
 def check(args: argparse.Namespace) -> dict[str, object]:
     tries: list[tuple[str, str, Callable[[str], object]]] = [
         *(("connect", p, connect) for p in args.connect),
-        *(("connect", a, connect_tcp) for a in args.tcp),
+        *(("tcp", a, connect_tcp) for a in args.tcp),
         *(("read", p, read) for p in args.read),
         *(("list", d, os.listdir) for d in args.list),
     ]

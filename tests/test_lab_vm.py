@@ -201,7 +201,7 @@ def test_host_in_guest_nobody_reaches_the_export_its_files_or_a_restart() -> Non
                       "--timeout", "700")  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
-    for check in ("who", "connect", "read", "keys", "squat"):
+    for check in ("who", "connect", "tcp", "read", "keys", "squat"):
         assert re.search(rf"check attached nobody-{check}: ok", out), (check, out[-3000:])
     assert re.search(r"nobody-connect: ok attempts=2 got=EACCES", out), out[-3000:]
     assert re.search(r"nobody-squat: ok served again after [\d.]+s; spare ready", out), out[-3000:]

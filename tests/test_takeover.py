@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from netswap.client.agent.keys import drop_key
 from netswap.client.supervise.logs import Logs, Ring
-from netswap.lab.ports import wait_socket
+from netswap.lab.ports import ExitedEarly, wait_socket
 
 from .conftest import free_port
 from .nbdserver import NETSWAP, connect
@@ -198,7 +198,11 @@ def test_a_takeover_under_a_stuck_log_serves_every_page_and_imports_or_opens_not
         os.close(dead_write)
         sup: subprocess.Popen[str] | None = None
         try:
-            wait_socket(first, served.alive)
+            try:
+                wait_socket(first, served.alive)
+            except ExitedEarly:
+                os.set_blocking(dead_read, False)
+                raise AssertionError(f"nbdkit exited at start: {os.read(dead_read, 8192)!r}")
             h = connect(f"nbd+unix:///swap?socket={first}")
             truth = {slot: os.urandom(PAGE) for slot in range(0, 4096, 37)}
             for slot, data in truth.items():
