@@ -200,9 +200,10 @@ def test_a_takeover_under_a_stuck_log_serves_every_page_and_imports_or_opens_not
         try:
             try:
                 wait_socket(first, served.alive)
-            except ExitedEarly:
+            except ExitedEarly as exc:
                 os.set_blocking(dead_read, False)
-                raise AssertionError(f"nbdkit exited at start: {os.read(dead_read, 8192)!r}")
+                said = os.read(dead_read, 8192)
+                raise AssertionError(f"nbdkit exited at start: {said!r}") from exc
             h = connect(f"nbd+unix:///swap?socket={first}")
             truth = {slot: os.urandom(PAGE) for slot in range(0, 4096, 37)}
             for slot, data in truth.items():
