@@ -35,9 +35,10 @@ from netswap.client.nbd.attach import (
 
 from .unprivileged import as_nobody, run_as_nobody
 
-# How long the restart and the next spare may take under TCG (a spare loads in 10-30 s
-# here; the next one starts supervisor.SPARE_DELAY_S after the takeover).
-RESTART_S = 240
+# How long the restart and the next spare may take under TCG (measured: served again
+# after 8.7 s, the next spare ready after 21.8 s; it starts supervisor.SPARE_DELAY_S
+# after the takeover), below the lab's stall deadline (240 s without a progress line).
+RESTART_S = 180
 # Where attach's export and spare listened before #30 (nbdkit's default port and the
 # next): nothing may answer there now.
 OLD_PORTS = (10809, 10810)
@@ -67,10 +68,11 @@ def check(device: str, say: Callable[[str], None]) -> bool:
         *_refused("read", attempts, "read", "list"),
         ("nobody-keys", report["keys"] == [] and nobody, f"visible={report['keys']}"),
     ]  # fmt: skip
-    results.append(squat_through_restart(device, sockets))
-    for name, ok, detail in results:
+    for name, ok, detail in results:  # said now: the lab counts them as progress
         say(f"NETSWAP-CHECK attached {name} {'ok' if ok else 'FAIL'} {detail}")
-    return all(ok for _, ok, _ in results)
+    name, squat_ok, detail = squat_through_restart(device, sockets)
+    say(f"NETSWAP-CHECK attached {name} {'ok' if squat_ok else 'FAIL'} {detail}")
+    return squat_ok and all(ok for _, ok, _ in results)
 
 
 def _refused(name: str, attempts: list[dict[str, str]], *whats: str,
