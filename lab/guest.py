@@ -59,6 +59,7 @@ from netswap.client.nbd.attach import (
 from netswap.client.nbd.standby import CUSHION
 from netswap.client.supervise.protect import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, lock_all
 
+from . import guestprivate
 from .cold import make_cold
 
 PF_MEMALLOC_NOIO = 0x00080000
@@ -77,6 +78,10 @@ STORM_FOOTPRINT_KIB = FOOTPRINT_KIB + 4 * 1024 * 2
 # before it said ready (nbd/standby.py): after the drill, the one serving is such a spare
 # (measured: 58.3-61.7 MiB locked, 6afe607 included, over the 56 MiB above).
 SPARE_STORM_FOOTPRINT_KIB = STORM_FOOTPRINT_KIB + CUSHION // 1024
+# Locked is proportional: with a spare beside it, nbdkit counts half of the libraries
+# both map; alone (no spare: --no-standby, a host too small for one) it counts them
+# whole. Measured at attach: 44.9 MiB with a spare (256 MiB guest), 51.4 alone (224).
+ALONE_KIB = 8 * 1024
 # The supervisor's own bound (#23): Python and the few modules it runs, locked.
 SUPERVISOR_KIB = 16 * 1024
 # Where in the storm the drill acts: (kind, the verifier's phase, at what percent).
@@ -221,6 +226,8 @@ def check_protections(pid: int, when: str, spare: bool = False) -> bool:
     limit = FOOTPRINT_KIB if when == "attached" else STORM_FOOTPRINT_KIB
     if spare:  # a former spare: its cushion too
         limit = SPARE_STORM_FOOTPRINT_KIB
+    if supervised().get("standby", "none") == "none":  # no spare shares its libraries
+        limit += ALONE_KIB
     oom = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
     flags = task_flags(pid)
     missing = [tid for tid, f in flags.items() if f & IO_FLUSHER_FLAGS != IO_FLUSHER_FLAGS]
@@ -502,10 +509,17 @@ def run(args: argparse.Namespace) -> str:
         return f"attach-failed undo={'ok' if undone == 'undone' else undone}"
     stage("attached")
     say(f"NETSWAP-MINFREE before={before_min_free} attached={MIN_FREE.read_text().strip()}")
-    pid = nbdkit_pid()
+    first = pid = nbdkit_pid()
     protected = check_protections(pid, "attached")
     if supervised():
         protected = check_supervisor("attached") and protected
+    if supervised() and args.private:
+        # As nobody: no connection, no file, no bind through a restart (#30). The
+        # restart leaves a former spare serving (its footprint: check_protections).
+        # Only when asked: the drill's own restart is mid-storm, and this one costs
+        # it a spare's load (~30 s under TCG).
+        protected = guestprivate.check(DEVICE, say) and protected
+        pid = nbdkit_pid()
     swapped = ""
     if args.mib:
         stage("storm")
@@ -521,7 +535,7 @@ def run(args: argparse.Namespace) -> str:
             ticks = {**ticks, "nbdkit": 0}  # them; the one serving now counts from its start
         say(cpu_line(ticks, cpu_ticks(nbdkit_pid()), _children_cpu() - children))
         swapped = "" if rc == 0 else f"swaptest-rc-{rc}"
-        replaced = nbdkit_pid() != pid  # the drill's events: a spare serves now
+        replaced = nbdkit_pid() != first  # a restart or the drill's events: a spare serves now
         protected = check_protections(nbdkit_pid(), "stormed", replaced) and protected
         if supervised():
             protected = check_supervisor("stormed") and protected
@@ -614,6 +628,7 @@ def main() -> None:
                         help="kill -9 nbdkit mid-storm (0-2; the second after the supervisor "
                         "was killed -9 and adopted)")  # fmt: skip
     parser.add_argument("--restarts", type=int, default=0, help="netswap restart mid-storm (0-1)")
+    parser.add_argument("--private", action="store_true", help="as nobody, after attach (#30)")
     parser.add_argument("--attach-arg", action="append", default=[])
     parser.add_argument("--serve-arg", action="append", default=[])
     args = parser.parse_args()

@@ -129,6 +129,7 @@ def guest_script(args: argparse.Namespace, stores: list[int], attach: list[str],
            "--http", f"0.0.0.0:{GUEST_HTTP}", f"--http-token={OPS_TOKEN}",
            f"--kills={args.kills}", f"--restarts={args.restarts}",
            f"--content={getattr(args, 'content', 'random')}"]  # fmt: skip
+    cmd += ["--private"] if getattr(args, "private", False) else []
     cmd += [f"--store=10.0.2.2:{port}" for port in stores]
     cmd += [f"--attach-arg={a}" for a in [*attach, *args.attach_arg]]
     cmd += [f"--serve-arg={a}" for a in [*serve, *args.serve_arg]]

@@ -83,7 +83,7 @@ def plan_archive(port: int) -> bytes:
         min_free_kbytes=MIN_FREE_KBYTES_FLOOR,
     )  # fmt: skip
     lines = ["#!/bin/sh", "set -e"]
-    lines += [" ".join(cmd) for cmd in plan(ns, "10.0.2.2", port)]
+    lines += [" ".join(cmd) for cmd in plan(ns, f"10.0.2.2:{port}")]
     return newc_archive({"plan.sh": ("\n".join(lines) + "\n").encode()}, mode=0o100755)
 
 

@@ -1,7 +1,9 @@
-"""Loopback ports for the labs and the tests: pick a free one, wait until one answers."""
+"""Loopback ports and Unix sockets for the labs and the tests: pick a free port, wait
+until one (or a socket) answers."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -34,3 +36,20 @@ def wait_port(port: int, running: Callable[[], bool] = lambda: True, timeout: fl
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing answered on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def wait_socket(path: str | os.PathLike[str], running: Callable[[], bool] = lambda: True,
+                timeout: float = 30.0) -> None:  # fmt: skip
+    """Return once the Unix socket `path` accepts a connection (as wait_port)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not running():
+            raise ExitedEarly(f"the process exited before {path} answered")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect(os.fspath(path))
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing answered on {path} after {timeout:.0f}s")

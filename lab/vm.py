@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="what the storm writes: random pages, or pages like real memory's "
                       "(zero, same-filled, random, text-like: netswap compresses them); the "
                       "stores' bytes are reported against the pages swapped")  # fmt: skip
+    host.add_argument("--private", action="store_true",
+                      help="after attach, as nobody: connect to the export and its spare, "
+                      "read /run/netswap and /var/log/netswap, bind the sockets' paths "
+                      "through a `netswap restart` -- each must be refused (#30)")  # fmt: skip
     host.add_argument("--attach-arg", action="append", default=[],
                       help="extra attach option in the guest: --attach-arg=--discard")  # fmt: skip
     host.add_argument("--serve-arg", action="append", default=[],

@@ -72,7 +72,14 @@ def test_detach_of_a_device_netswap_did_not_attach_is_refused() -> None:
 
 def test_attach_plan_is_the_documented_sequence() -> None:
     result = netswap(
-        "attach", "--print-plan", "--server", "10.0.2.2:10809", "--priority", "3", "--discard"
+        "attach",
+        "--print-plan",
+        "--no-serve",
+        "--server",
+        "10.0.2.2:10809",
+        "--priority",
+        "3",
+        "--discard",
     )
     assert result.returncode == 0
     assert result.stdout.splitlines() == [

@@ -190,6 +190,25 @@ def test_host_in_guest_protection_check_fails_without_mlock() -> None:
 
 
 @SHORT_GUEST
+@pytest.mark.timeout(900)
+def test_host_in_guest_nobody_reaches_the_export_its_files_or_a_restart() -> None:
+    """After a real attach in the guest, as nobody (no groups, no capabilities;
+    lab/guestprivate.py): connecting to the export and its spare, reading or listing
+    /run/netswap and /var/log/netswap, reading the device, seeing the area's key, all
+    refused; binding both socket paths over and over through a real `netswap restart`
+    and the next spare's start gets none of them, and the restart serves (#30)."""
+    result = host_lab("--ram", str(HOST_RAM_MIB), "--size", "0", "--private",
+                      "--timeout", "700")  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    for check in ("who", "connect", "tcp", "read", "keys", "squat"):
+        assert re.search(rf"check attached nobody-{check}: ok", out), (check, out[-3000:])
+    assert re.search(r"nobody-connect: ok attempts=2 got=EACCES", out), out[-3000:]
+    assert re.search(r"nobody-squat: ok served again after [\d.]+s; spare ready", out), out[-3000:]
+    assert "detach: rc=0 restored=yes" in out, out[-3000:]
+
+
+@SHORT_GUEST
 @pytest.mark.timeout(600)
 def test_host_in_guest_attach_failing_halfway_undoes_everything() -> None:
     """No store answers: serve starts, nbd-client connects, mkswap fails; attach undoes."""

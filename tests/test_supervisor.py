@@ -17,20 +17,19 @@ from pathlib import Path
 import pytest
 from netswap.client.supervise import netlink
 from netswap.client.supervise.child import Child
-from netswap.client.supervise.handshake import HandshakeError
+from netswap.client.supervise.handshake import HandshakeError, endpoint
 from netswap.client.supervise.handshake import connect as nbd_connect
 
 from .conftest import free_port
 from .nbdserver import netswap_serve
 
 NBD_REQUEST_MAGIC, NBD_REPLY_MAGIC = 0x25609513, 0x67446698
-LOOPBACK = (socket.AF_INET, "127.0.0.1")
 
 
 def test_the_handshake_leaves_a_socket_the_kernel_could_use(tmp_path: Path) -> None:
     with netswap_serve("--size", "16M") as uri:
         port = int(uri.split(":")[2].split("/")[0])
-        sock, export = nbd_connect(LOOPBACK, port, "swap", 10)
+        sock, export = nbd_connect(endpoint(f"127.0.0.1:{port}"), "swap", 10)
         with sock:
             assert export.size == 16 << 20
             assert export.flags & 1  # NBD_FLAG_HAS_FLAGS, and the rest the plugin declares
@@ -56,7 +55,7 @@ def test_a_server_that_is_not_nbd_is_one_clear_error() -> None:
 
     threading.Thread(target=talk, daemon=True).start()
     with pytest.raises(HandshakeError, match="not a newstyle NBD server"):
-        nbd_connect(LOOPBACK, port, "swap", 5)
+        nbd_connect(endpoint(f"127.0.0.1:{port}"), "swap", 5)
     listener.close()
 
 
@@ -184,12 +183,12 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
     with stores(2) as procs:
         with agent(procs) as (uri, _):
             truth = write_random(uri, 50, 9)
-        port = free_port()
+        place = endpoint(f"unix:{tmp_path / 'spare.sock'}")
         cmd = [
             NETSWAP,
             "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
+            "--unix",
+            place.path,
             "--no-exit-with-parent",
             "--size",
             "16M",
@@ -208,7 +207,7 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
                                             check=True).stdout)  # fmt: skip
         log = tmp_path / "spare.log"
         env = {**os.environ, **command["env"], "NETSWAP_TAKEOVER_AUDIT": "1"}
-        spare = Spare.spawn(command["argv"], env, str(log), port)
+        spare = Spare.spawn(command["argv"], env, str(log), place)
         try:
             deadline = time.monotonic() + 60
             while not spare.ready:
@@ -220,12 +219,12 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
                         f"{spare.child.alive()}; log: {log.read_text()!r}"
                     )
             with pytest.raises(HandshakeError, match="in time"):
-                nbd_connect(LOOPBACK, port, "swap", 1.0)  # listening, not serving
+                nbd_connect(place, "swap", 1.0, spare.child.pid)  # listening, not serving
             spare.go(7)
-            sock, export = nbd_connect(LOOPBACK, port, "swap", 60)
+            sock, export = nbd_connect(place, "swap", 60, spare.child.pid)
             sock.close()
             assert export.size == 16 << 20
-            h = connect(f"nbd://127.0.0.1:{port}/swap")
+            h = connect(f"nbd+unix:///swap?socket={place.path}")
             for slot, data in truth.items():
                 assert h.pread(PAGE, slot * PAGE) == data, slot
             h.shutdown()
@@ -244,16 +243,19 @@ def test_a_spare_serves_only_after_go_and_then_rebuilds_what_the_dead_one_wrote(
 
 def test_the_supervisor_reads_the_command_line_attach_writes() -> None:
     from netswap.client.cli import build_parser
-    from netswap.client.nbd.attach import supervisor_options
+    from netswap.client.nbd.attach import serve_socket, supervisor_options
     from netswap.client.supervise.options import UsageError, parse_args
 
     args = build_parser().parse_args(["attach", "--device", "/dev/nbd3"])
-    opts = parse_args(supervisor_options(args, "127.0.0.1", 10809, Path("/run/cmd.json")))
+    first = f"unix:{serve_socket('/dev/nbd3')}"
+    opts = parse_args(supervisor_options(args, first, Path("/run/cmd.json")))
     assert (opts.device, opts.export, opts.command) == ("/dev/nbd3", "swap", "/run/cmd.json")
-    assert (opts.dead_conn_timeout, opts.io_timeout, opts.standby_port) == (120, 0, 10810)
+    assert (opts.dead_conn_timeout, opts.io_timeout) == (120, 0)
+    assert opts.server == "unix:/run/netswap/nbd3-1.sock"
+    assert opts.standby_socket == "/run/netswap/nbd3-2.sock"
     args = build_parser().parse_args(["attach", "--no-standby", "--no-serve"])
-    opts = parse_args(supervisor_options(args, "127.0.0.1", 10809, None))
-    assert (opts.command, opts.standby_port) == ("", 0)
+    opts = parse_args(supervisor_options(args, "127.0.0.1:10809", None))
+    assert (opts.command, opts.standby_socket, opts.server) == ("", "", "127.0.0.1:10809")
     bad_lines = (["--device"], "needs a value"), (["--bogus", "1"], "unknown option")
     bad_lines += (["--io-timeout", "x"], "takes a number"), ([], "missing --device")
     for bad, why in bad_lines:

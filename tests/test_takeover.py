@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from netswap.client.agent.keys import drop_key
 from netswap.client.supervise.logs import Logs, Ring
-from netswap.lab.ports import wait_port
+from netswap.lab.ports import ExitedEarly, wait_socket
 
 from .conftest import free_port
 from .nbdserver import NETSWAP, connect
@@ -177,13 +177,13 @@ def test_a_takeover_under_a_stuck_log_serves_every_page_and_imports_or_opens_not
     from netswap.client.supervise.child import Child
     from netswap.client.supervise.state import StatePage
 
-    port, spare_port = free_port(), free_port()
+    first, spare_path = tmp_path / "nbd0-1.sock", tmp_path / "nbd0-2.sock"
     fifo = tmp_path / "serve.log"
     os.mkfifo(fifo)
     serve_reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     state = tmp_path / "state.json"
     with stores(2) as procs, log_pipe() as (own_reader, own_writer):
-        cmd = [NETSWAP, "serve", "--listen", f"127.0.0.1:{port}", "--no-exit-with-parent",
+        cmd = [NETSWAP, "serve", "--unix", str(first), "--no-exit-with-parent",
                "--size", "16M", "--backend", "remote", "--no-mlock", "--area", AREA,
                "--replicas", "2", *[f"--store={p.address}" for p in procs],
                f"--http=127.0.0.1:{free_port()}", "--print-command"]  # fmt: skip
@@ -198,20 +198,25 @@ def test_a_takeover_under_a_stuck_log_serves_every_page_and_imports_or_opens_not
         os.close(dead_write)
         sup: subprocess.Popen[str] | None = None
         try:
-            wait_port(port, served.alive)
-            h = connect(f"nbd://127.0.0.1:{port}/swap")
+            try:
+                wait_socket(first, served.alive)
+            except ExitedEarly as exc:
+                os.set_blocking(dead_read, False)
+                said = os.read(dead_read, 8192)
+                raise AssertionError(f"nbdkit exited at start: {said!r}") from exc
+            h = connect(f"nbd+unix:///swap?socket={first}")
             truth = {slot: os.urandom(PAGE) for slot in range(0, 4096, 37)}
             for slot, data in truth.items():
                 h.pwrite(data, slot * PAGE)
             h.shutdown()
             os.close(dead_read)  # serving; now the supervisor that emptied its pipe dies
             page = StatePage(str(state))  # as the dead supervisor left it
-            page.write({"serve_pid": served.pid, "port": port, "epoch": 1})
+            page.write({"serve_pid": served.pid, "socket": str(first), "epoch": 1})
             page.close()
             parent = Path(supervise.__file__).resolve().parent.parent  # as attach's boot
-            options = ["--device", "/dev/nbd0", "--server", f"127.0.0.1:{port}",
+            options = ["--device", "/dev/nbd0", "--server", f"unix:{first}",
                        "--state", str(state), "--serve-log", str(fifo),
-                       "--command", str(command), "--standby-port", str(spare_port),
+                       "--command", str(command), "--standby-socket", str(spare_path),
                        "--adopt"]  # fmt: skip
             sup = subprocess.Popen(
                 [sys.executable, "-S", str(SCRIPT), str(parent), str(own_writer), "--",
@@ -245,9 +250,9 @@ def test_a_takeover_under_a_stuck_log_serves_every_page_and_imports_or_opens_not
                 )
             took = json.loads(sup.stdout.readline())
             assert took["seen"] == [], took["seen"]
-            assert took["restarts"] == 1 and took["port"] == spare_port
-            assert took["kernel"] == [spare_port]  # adopted: the link was the dead one's
-            h = connect(f"nbd://127.0.0.1:{spare_port}/swap")
+            assert took["restarts"] == 1 and took["socket"] == str(spare_path)
+            assert took["kernel"] == [str(spare_path)]  # adopted: the link was the dead one's
+            h = connect(f"nbd+unix:///swap?socket={spare_path}")
             for slot, data in truth.items():
                 assert h.pread(PAGE, slot * PAGE) == data, slot
             h.shutdown()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_root()
+    os.umask(0o077)  # as attach: what the new supervisor makes is root's alone
     device = args.device
     attached = state_path(device)
     try:
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                               f"(log {log})")  # fmt: skip
     state.supervisor_pid = proc.pid
     attached.write_text(json.dumps(asdict(state)))  # detach stops this one now
-    if "--standby-port" in options:  # as attach does: protected once the spare is ready
+    if "--standby-socket" in options:  # as attach does: protected once the spare is ready
         wait_for_spare(device)
         now = read_state(str(supervisor_state(device)))
     print(f"netswap: supervisor {proc.pid} watches nbdkit {now.get('serve_pid')} serving "

@@ -20,6 +20,12 @@ are nbdkit, which `netswap serve` mlocks, exempts from reclaim recursion
 (PR_SET_IO_FLUSHER) and from the OOM killer, and the supervisor, which holds
 itself to the same rules.
 
+Private (#30): the export attach starts is a Unix socket in /run/netswap, a
+directory only root reaches (private.py), as are its files and its logs' directory;
+attach never hands the kernel a server that merely answers somewhere (a user could
+have started it), only the one its supervisor started, checked by SO_PEERCRED, or
+the one named with --no-serve --server.
+
 vm.min_free_kbytes floor: swapping over nbd needs atomic reserves for the
 network send path; a stock 6.1 kernel in a 128 MiB guest deadlocked in 4 of 12
 runs at its default and in 0 of 14 at 16384 KiB, so attach raises it to at
@@ -41,10 +47,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from netswap.server.units import parse_hostport
+from netswap.server.units import UsageError, parse_hostport
 
 from .. import supervise
 from ..agent.keys import KeyringError, drop_key
+from .private import private_dir, tcp_exposure
 
 MIN_FREE_KBYTES_FLOOR = 16384
 # The kernel holds a dead connection's IO this long for a new one (NBD_ATTR_DEAD_CONN_
@@ -65,6 +72,13 @@ STATE_DIR = Path(os.environ.get("NETSWAP_STATE_DIR", "/run/netswap"))
 # (supervise/logs.py).
 LOG_DIR = Path(os.environ.get("NETSWAP_LOG_DIR", "/var/log/netswap"))
 SYSCTL = Path("/proc/sys/vm/min_free_kbytes")
+# The least RAM (MemTotal) that holds a spare: ~57 MiB locked (nbd/standby.py's cushion
+# included) beside the nbdkit serving (~50 MiB) and the supervisor (16 MiB), with the
+# kernel's own (~20 MiB of slab here) and the 16 MiB min_free_kbytes floor, and room for
+# the host's work. Measured: a 256 MiB guest (MemTotal 205 MiB) holds one through the
+# drill; a 224 MiB guest (MemTotal 173 MiB) OOM-killed attach while its spare loaded,
+# with 124 MiB unevictable and free memory at the min watermark.
+SPARE_MIN_MEMTOTAL_KIB = 192 * 1024
 WATERMARK_SCALE = Path("/proc/sys/vm/watermark_scale_factor")
 
 
@@ -93,9 +107,9 @@ def add_attach_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="/dev/nbd0")
     parser.add_argument(
         "--server",
-        default="127.0.0.1:10809",
-        metavar="HOST:PORT",
-        help="the netswap NBD export to attach (default 127.0.0.1:10809)",
+        metavar="unix:PATH|HOST:PORT",
+        help="with --no-serve: the export of a server already running (e.g. netswap-agent."
+        "service's); without it attach starts its own, on a socket only root reaches",
     )
     parser.add_argument("--export", default="swap")
     parser.add_argument("--priority", type=int, help="swapon priority (-p)")
@@ -164,8 +178,14 @@ def add_restart_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long to wait for the new agent to serve")  # fmt: skip
 
 
-def nbd_client_command(host: str, port: int, device: str, export: str) -> list[str]:
-    return ["nbd-client", host, str(port), device, "-N", export, "-b", "4096"]
+def nbd_client_command(server: str, device: str, export: str) -> list[str]:
+    """nbd-client for unix:PATH (its -unix flag takes the path as the host) or HOST:PORT."""
+    if server.startswith("unix:"):
+        where = ["-unix", server.removeprefix("unix:")]
+    else:
+        host, port = parse_hostport(server, 10809)
+        where = [host, str(port)]
+    return ["nbd-client", *where, device, "-N", export, "-b", "4096"]
 
 
 def swapon_command(device: str, priority: int | None, discard: bool) -> list[str]:
@@ -177,15 +197,29 @@ def swapon_command(device: str, priority: int | None, discard: bool) -> list[str
     return [*cmd, device]
 
 
-def plan(args: argparse.Namespace, host: str, port: int) -> list[list[str]]:
-    """The commands attach runs, in order (also what the VM lab's guest runs)."""
-    return [
-        ["modprobe", "nbd"],
-        ["sysctl", "-w", f"vm.min_free_kbytes={args.min_free_kbytes}"],
-        nbd_client_command(host, port, args.device, args.export),
-        ["mkswap", args.device],
-        swapon_command(args.device, args.priority, args.discard),
-    ]
+def plan(args: argparse.Namespace, server: str | None) -> list[list[str]]:
+    """The commands attach runs, in order (also what the VM lab's guest runs): with a
+    server of its own (server None), `netswap serve` on a root-only socket first (a
+    command ending in "&" goes to the background)."""
+    steps = [["modprobe", "nbd"], ["sysctl", "-w", f"vm.min_free_kbytes={args.min_free_kbytes}"]]
+    if server is None:
+        path = serve_socket(args.device)
+        steps += [["mkdir", "-p", "-m", "0700", str(path.parent)],
+                  ["netswap", "serve", "--unix", str(path), "--no-exit-with-parent",
+                   *serve_arguments(getattr(args, "serve_args", [])), "&"]]  # fmt: skip
+        server = f"unix:{path}"
+    return [*steps, nbd_client_command(server, args.device, args.export), ["mkswap", args.device],
+            swapon_command(args.device, args.priority, args.discard)]  # fmt: skip
+
+
+def serve_socket(device: str, which: int = 1) -> Path:
+    """The Unix socket of the nbdkit attach starts (which=1) and of its spare (2): the
+    two alternate, in a directory only root reaches."""
+    return STATE_DIR / f"{Path(device).name}-{which}.sock"
+
+
+def serve_arguments(serve_args: list[str]) -> list[str]:
+    return serve_args[1:] if serve_args[:1] == ["--"] else serve_args
 
 
 def state_path(device: str) -> Path:
@@ -193,13 +227,17 @@ def state_path(device: str) -> Path:
 
 
 def run_attach(args: argparse.Namespace) -> int:
-    host, port = parse_hostport(args.server, 10809)
+    server = check_server(args)
     if args.print_plan:
-        for cmd in plan(args, host, port):
-            print(shlex.join(cmd))
+        for cmd in plan(args, server):
+            background = cmd[-1:] == ["&"]
+            print(shlex.join(cmd[:-1] if background else cmd) + (" &" if background else ""))
         return 0
     require_root()
+    os.umask(0o077)  # what attach and its children make is root's alone
     require_nbd(args.device)
+    if not (args.no_standby or args.no_supervisor or args.no_serve) and not spare_fits():
+        args.no_standby = True
     if not args.no_supervisor:
         check_supervisable(args)
         if args.io_timeout and args.io_timeout < args.dead_conn_timeout:
@@ -214,16 +252,19 @@ def run_attach(args: argparse.Namespace) -> int:
         state.old_watermark_scale, state.new_watermark_scale = raise_floor(
             WATERMARK_SCALE, args.watermark_scale_factor
         )
+        private_dirs()
         if args.no_supervisor:
-            if not answers(host, port):
-                if args.no_serve:
-                    raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
-                state.area = area_of(serve_command(host, port, args.serve_args))
-                state.serve_pid = start_serve(host, port, args.serve_args, serve_log(args.device))
-            run(nbd_client_command(host, port, args.device, args.export))
+            if server is None:
+                path = serve_socket(args.device)
+                state.area = area_of(serve_command(path, args.serve_args))
+                state.serve_pid = start_serve(path, args.serve_args, serve_log(args.device))
+                server = f"unix:{path}"
+            elif not answers(server):
+                raise AttachError(f"nothing answers on {server} (--no-serve)")
+            run(nbd_client_command(server, args.device, args.export))
             state.steps.append("nbd-client")
         else:
-            state.supervisor_pid, state.area = start_supervisor(args, host, port)
+            state.supervisor_pid, state.area = start_supervisor(args, server)
             state.steps.append("supervisor")
         run(["mkswap", args.device])
         run(swapon_command(args.device, args.priority, args.discard))
@@ -238,14 +279,62 @@ def run_attach(args: argparse.Namespace) -> int:
             raise
         raise
     save_state(state)
-    print(f"netswap: {args.device} is swap on nbd://{host}:{port}/{args.export}")
+    print(f"netswap: {args.device} is swap on {server or 'a root-only socket'}, export "
+          f"{args.export}")  # fmt: skip
     return 0
 
 
 def save_state(state: AttachState) -> None:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    private_dirs()
     state_path(state.device).write_text(json.dumps(asdict(state)))
+
+
+def spare_fits(meminfo: Path = Path("/proc/meminfo")) -> bool:
+    """Whether this host's RAM holds a spare nbdkit beside the one serving; says why not."""
+    total = next((int(line.split()[1]) for line in meminfo.read_text().splitlines()
+                  if line.startswith("MemTotal:")), 0)  # fmt: skip
+    if total >= SPARE_MIN_MEMTOTAL_KIB:
+        return True
+    print(f"netswap: no spare nbdkit: {total // 1024} MiB of RAM cannot hold one (~57 MiB "
+          f"locked) beside the nbdkit serving and the supervisor (it takes "
+          f"{SPARE_MIN_MEMTOTAL_KIB // 1024} MiB): a restart is a cold start (--no-standby)",
+          file=sys.stderr)  # fmt: skip
+    return False
+
+
+def check_server(args: argparse.Namespace) -> str | None:
+    """The server attach connects to: --server with --no-serve (unix:PATH or HOST:PORT,
+    a TCP one said to be open to every local user), else None: its own, private."""
+    if args.server is None:
+        if args.no_serve:
+            raise AttachError("--no-serve needs --server unix:PATH or HOST:PORT")
+        return None
+    if not args.no_serve:
+        raise AttachError("--server names a server already running: give --no-serve too "
+                          "(without it attach starts its own, on a socket only root "
+                          "reaches)")  # fmt: skip
+    server: str = args.server
+    if server.startswith("/"):
+        server = f"unix:{server}"
+    if not server.startswith("unix:"):
+        try:
+            host, port = parse_hostport(server, 10809)
+        except UsageError as exc:
+            raise AttachError(str(exc)) from None
+        if not args.print_plan:
+            print(f"netswap: warning: {tcp_exposure(host, port)}; and who answers on TCP "
+                  "cannot be checked", file=sys.stderr)  # fmt: skip
+        server = f"{host}:{port}"
+    return server
+
+
+def private_dirs() -> None:
+    """attach's directories, root's alone (private.py)."""
+    try:
+        private_dir(STATE_DIR)
+        private_dir(LOG_DIR)
+    except UsageError as exc:
+        raise AttachError(str(exc)) from None
 
 
 def check_supervisable(args: argparse.Namespace) -> None:
@@ -294,37 +383,39 @@ def supervisor_env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONMALLOC": "malloc"}
 
 
-def supervisor_options(args: argparse.Namespace, host: str, port: int,
+def supervisor_options(args: argparse.Namespace, server: str,
                        command: Path | None) -> list[str]:  # fmt: skip
     """The supervisor's command line (supervise/options.py reads it); with `command` (serve's
-    nbdkit argv) it starts and restarts nbdkit itself, without it it only watches the link."""
+    nbdkit argv) it starts and restarts nbdkit itself on `server` (unix:PATH), without it
+    it only watches the link to `server`."""
     device = args.device
-    opts = ["--device", device, "--server", f"{host}:{port}", "--export", args.export,
+    opts = ["--device", device, "--server", server, "--export", args.export,
             "--dead-conn-timeout", str(args.dead_conn_timeout),
             "--io-timeout", str(args.io_timeout), "--state", str(supervisor_state(device)),
             "--serve-log", str(serve_log(device))]  # fmt: skip
     if command is not None:
         opts += ["--command", str(command)]
-        if not args.no_standby:  # the spare listens on the next port; the two alternate
-            opts += ["--standby-port", str(port + 1)]
+        if not args.no_standby:  # the spare listens on the other socket; the two alternate
+            opts += ["--standby-socket", str(serve_socket(device, 2)), "--spare-after-swapon"]
     return opts
 
 
-def start_supervisor(args: argparse.Namespace, host: str, port: int) -> tuple[int, str]:
+def start_supervisor(args: argparse.Namespace, server: str | None) -> tuple[int, str]:
     """Start the supervisor, detached; return once the device is connected (its pid, and
-    the area of the server it started, if it did)."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    the area of the server it started, if it did). `server` None: it starts nbdkit on
+    attach's private socket; else it watches that server, which must answer now."""
     device = args.device
     command: Path | None = None
     area = ""
-    if not answers(host, port):
-        if args.no_serve:
-            raise AttachError(f"nothing answers on {host}:{port} (and --no-serve)")
+    if server is None:
+        path = serve_socket(device)
         command = STATE_DIR / f"serve-{Path(device).name}.json"
-        command.write_text(serve_command(host, port, args.serve_args))
+        command.write_text(serve_command(path, args.serve_args))
         area = area_of(command.read_text())
-    options = supervisor_options(args, host, port, command)
+        server = f"unix:{path}"
+    elif not answers(server):
+        raise AttachError(f"nothing answers on {server} (--no-serve)")
+    options = supervisor_options(args, server, command)
     # Kept for `netswap adopt` (adopt.py): a supervisor that dies is replaced by one
     # started with the same options.
     supervisor_options_path(device).write_text(json.dumps(options))
@@ -362,11 +453,11 @@ def area_of(command: str) -> str:
     return next((a.partition("=")[2] for a in argv if a.startswith("area=")), "")
 
 
-def serve_command(host: str, port: int, serve_args: list[str]) -> str:
-    """nbdkit's argv and environment, from `netswap serve --print-command` (JSON)."""
-    extra = serve_args[1:] if serve_args[:1] == ["--"] else serve_args
-    cmd = [sys.executable, "-m", "netswap.client.cli", "serve", "--listen", f"{host}:{port}",
-           "--no-exit-with-parent", *extra, "--print-command"]  # fmt: skip
+def serve_command(path: Path, serve_args: list[str]) -> str:
+    """nbdkit's argv and environment, on the Unix socket `path`, from `netswap serve
+    --print-command` (JSON)."""
+    cmd = [sys.executable, "-m", "netswap.client.cli", "serve", "--unix", str(path),
+           "--no-exit-with-parent", *serve_arguments(serve_args), "--print-command"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
@@ -529,11 +620,17 @@ def is_active_swap(device: str) -> bool:
     return any(line.split()[0] == device for line in lines if line.split())
 
 
-def answers(host: str, port: int) -> bool:
+def answers(server: str) -> bool:
+    """Whether something accepts a connection on `server` (unix:PATH or HOST:PORT)."""
     try:
-        with socket.create_connection((host, port), timeout=1):
+        if server.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1)
+                sock.connect(server.removeprefix("unix:"))
             return True
-    except OSError:
+        with socket.create_connection(parse_hostport(server, 10809), timeout=1):
+            return True
+    except (OSError, UsageError):
         return False
 
 
@@ -541,18 +638,18 @@ def serve_log(device: str) -> Path:
     return LOG_DIR / f"serve-{Path(device).name}.log"
 
 
-def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
-    """Start `netswap serve` for good; its output goes to `log`, never to our pipes
-    (a caller capturing attach's output would otherwise wait on it forever)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    extra = serve_args[1:] if serve_args[:1] == ["--"] else serve_args
+def start_serve(path: Path, serve_args: list[str], log: Path) -> int:
+    """Start `netswap serve` for good on the Unix socket `path`; its output goes to `log`,
+    never to our pipes (a caller capturing attach's output would otherwise wait on it
+    forever)."""
+    extra = serve_arguments(serve_args)
     cmd = [
         sys.executable,
         "-m",
         "netswap.client.cli",
         "serve",
-        "--listen",
-        f"{host}:{port}",
+        "--unix",
+        str(path),
         # The server must outlive this command: serve stays nbdkit's parent (and
         # passes on SIGTERM from detach) instead of exec'ing into an nbdkit that
         # --exit-with-parent would stop the moment attach returns.
@@ -565,15 +662,14 @@ def start_serve(host: str, port: int, serve_args: list[str], log: Path) -> int:
         "fifo",
         *extra,
     ]
-    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out)  # fmt: skip
     deadline = time.monotonic() + SERVE_START_S
-    while not answers(host, port):
+    while not answers(f"unix:{path}"):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid)
-            raise AttachError(f"`netswap serve` did not come up on {host}:{port}"
+            raise AttachError(f"`netswap serve` did not come up on unix:{path}"
                               f"{last_line(log)} (log {log})")  # fmt: skip
         time.sleep(0.2)
     return proc.pid

@@ -51,6 +51,13 @@ READ_PATHS = ("direct", "loop")
 KINDS = {"size": "SIZE", "count": "N", "text": "", "address": "HOST:PORT", "choice": ""}
 
 
+def absolute(path: str) -> str:
+    """`path` made absolute, symlinks resolved -- but a descriptor the supervisor handed
+    down (/proc/self/fd/N: a memfd, supervise/held.py) stays as it is: resolved, it would
+    name the memfd, which has no path."""
+    return path if path.startswith("/proc/self/fd/") else str(Path(path).resolve())
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -211,7 +218,7 @@ class PluginConfig:
         self._check_tls()
         parse_cpus_option(self.cpus)  # a bad list is a one-line error now
         if self.http_token_file:  # read now: nbdkit changes directory after forking
-            self.http_token_file = str(Path(self.http_token_file).resolve())
+            self.http_token_file = absolute(self.http_token_file)
             try:
                 read_secret(self.http_token_file)
             except OSError as exc:
@@ -229,7 +236,7 @@ class PluginConfig:
             raise ConfigError(f"store-tls-ca is only for backend=remote, not {self.backend}")
         for name in ("store_tls_ca", "tls_cert", "tls_key"):  # nbdkit changes directory
             if getattr(self, name):
-                setattr(self, name, str(Path(getattr(self, name)).resolve()))
+                setattr(self, name, absolute(getattr(self, name)))
         if self.store_tls_ca:
             self.tls_context()  # a bad file is a one-line error now, not at connect
 

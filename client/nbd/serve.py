@@ -10,6 +10,7 @@ it never outlives whoever started it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -24,19 +25,28 @@ from pathlib import Path
 from netswap.server.units import UsageError, is_loopback, parse_hostport
 
 from ..hardening import harden_for_swap
+from ..supervise.knobs import Overcommit
 from .affinity import SCHED_POLICIES, check_available, parse_cpus_option, set_policy
 from .config import ConfigError, PluginConfig, add_serve_options, plugin_params
+from .private import check_socket_dir, free_socket_path, tcp_exposure, unix_exposure
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 PLUGIN = Path(__file__).resolve().with_name("nbdkit_plugin.py")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--listen",
-        default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help=f"NBD address (default {DEFAULT_LISTEN})",
+        help=f"NBD over TCP (default {DEFAULT_LISTEN}): every local user, and off loopback "
+        "every host that reaches it, can read and write the swapped pages",
+    )
+    where.add_argument(
+        "--unix",
+        metavar="PATH",
+        type=Path,
+        help="NBD on a Unix socket only this user may connect to (attach's way)",
     )
     parser.add_argument("--export", default="swap", help="NBD export name (default swap)")
     add_serve_options(parser)
@@ -83,11 +93,18 @@ def _default_area() -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:64]
 
 
-def check_nbdkit() -> str:
+def check_nbdkit(overcommit: bool = False) -> str:
+    """nbdkit and its Python plugin, installed and able to start. `overcommit`: for the
+    supervisor's nbdkit (serve --print-command), which starts it under the overcommit
+    it allows while nbdkit starts on a host whose RAM and swap are below nbdkit's .bss
+    (knobs.Overcommit); so is this check, as root."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise UsageError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
-    out = subprocess.run([nbdkit, "--dump-config"], capture_output=True, text=True, check=False)
+    allowed = Overcommit(lambda line: print(f"netswap serve: {line}", file=sys.stderr))
+    with allowed.held() if overcommit and os.geteuid() == 0 else contextlib.nullcontext():
+        out = subprocess.run([nbdkit, "--dump-config"], capture_output=True, text=True,
+                             check=False)  # fmt: skip
     if out.returncode != 0:
         # Seen on a 192 MiB host: nbdkit's 192 MiB .bss fails the kernel's overcommit check.
         why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
@@ -114,7 +131,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def nbdkit_command(nbdkit: str, args: argparse.Namespace, host: str, port: int) -> list[str]:
-    cmd = [nbdkit, "-f", "-i", host, "-p", str(port), "-e", args.export]
+    """nbdkit's argv: on args.unix when set (-U: the supervisor swaps the path), else
+    on host:port."""
+    where = ["-U", str(args.unix)] if args.unix else ["-i", host, "-p", str(port)]
+    cmd = [nbdkit, "-f", *where, "-e", args.export]
     if not args.no_exit_with_parent:
         cmd.append("--exit-with-parent")
     if args.threads:
@@ -138,7 +158,7 @@ def plugin_env() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        host, port = parse_hostport(args.listen, 10809)
+        host, port = parse_hostport(args.listen or DEFAULT_LISTEN, 10809)
         config = PluginConfig()
         for param in serve_params(args):
             key, _, value = param.partition("=")
@@ -149,12 +169,9 @@ def run(args: argparse.Namespace) -> int:
             check_available(cpus)
     except (ValueError, ConfigError) as exc:
         raise UsageError(str(exc)) from None
-    if not is_loopback(host):
-        print(
-            f"netswap serve: warning: NBD has no authentication; {host} is reachable by others",
-            file=sys.stderr,
-        )
-    nbdkit = check_nbdkit()
+    if args.unix:
+        args.unix = args.unix.absolute()  # nbdkit changes directory as it starts
+    nbdkit = check_nbdkit(overcommit=args.print_command)
     cmd = nbdkit_command(nbdkit, args, host, port)
     if args.dry_run:
         print(" ".join(cmd))
@@ -165,7 +182,15 @@ def run(args: argparse.Namespace) -> int:
             env[LOCK_AT_LOAD] = "1"
         print(json.dumps({"argv": cmd, "env": env}))
         return 0
-    check_port_free(host, port)
+    if args.unix:
+        check_socket_dir(args.unix.parent)
+        free_socket_path(args.unix)
+        os.umask(0o077)  # nbdkit's socket: mode 0700, its owner's alone
+        print(f"netswap serve: {unix_exposure(args.unix)}", file=sys.stderr)
+    else:
+        check_port_free(host, port)
+        print(f"netswap serve: {'' if is_loopback(host) else 'warning: '}"
+              f"{tcp_exposure(host, port)}", file=sys.stderr)  # fmt: skip
     for outcome in harden_for_swap(io_flusher=not args.no_io_flusher):
         print(f"netswap serve: {outcome}", file=sys.stderr)
     if args.sched != "normal":
@@ -200,15 +225,18 @@ def supervise(cmd: list[str]) -> int:
 
 
 def print_next_steps(args: argparse.Namespace, host: str, port: int) -> None:
+    where, client = f"nbd://{host}:{port}/{args.export}", f"{host} {port}"
+    server = f"{host}:{port}"
+    if args.unix:
+        where, client, server = f"unix:{args.unix}", f"-unix {args.unix}", f"unix:{args.unix}"
     print(
-        f"netswap: serving a {args.size} {args.backend} export {args.export!r} "
-        f"on nbd://{host}:{port}/{args.export}\n"
+        f"netswap: serving a {args.size} {args.backend} export {args.export!r} on {where}\n"
         "Attach it as swap, as root on the host that swaps:\n"
         "  modprobe nbd\n"
-        f"  nbd-client {host} {port} /dev/nbd0 -N {args.export} -b 4096\n"
+        f"  nbd-client {client} /dev/nbd0 -N {args.export} -b 4096\n"
         "  mkswap /dev/nbd0\n"
         "  swapon /dev/nbd0\n"
-        f"(or all of it: netswap attach --no-serve --server {host}:{port} --export {args.export})\n"
+        f"(or all of it: netswap attach --no-serve --server {server} --export {args.export})\n"
         "Detach: swapoff /dev/nbd0 && nbd-client -d /dev/nbd0   (Ctrl-C stops this server)",
         flush=True,
     )

@@ -56,7 +56,7 @@ class Child:
                     if isinstance(output, int):
                         out = output
                     else:
-                        out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                        out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                     # Ignored, as the supervisor's Python has it: an nbdkit that outlives
                     # the supervisor's pipe gets EPIPE for a line, not a fatal signal.
                     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -1,4 +1,4 @@
-"""The NBD handshake, client side: a TCP connection to an export, made ready for the kernel.
+"""The NBD handshake, client side: a connection to an export, made ready for the kernel.
 
 Fixed newstyle negotiation (the NBD protocol, doc/proto.md), as nbd-client does
 before it hands a socket to the kernel: the server's greeting, our flags, one
@@ -7,10 +7,19 @@ NBD_REP_ACK. After that the socket is in the transmission phase, which the
 kernel's driver speaks itself; netlink.py hands it over. Every read is bounded
 (an option reply's data at MAX_REPLY, the whole exchange at `deadline`), and a
 server that says anything unexpected is one line, never a hang.
+
+Who answers is checked before a byte is read (#30): the export attach starts is a
+Unix socket in a root-only directory, and the kernel gets a connection only when
+SO_PEERCRED names the nbdkit the supervisor started (its pid: nbdkit runs in the
+foreground, so the process that listens is the one exec'd), or, for a server not
+ours (attach --no-serve), a process of root's. Whoever else answers -- a user who bound
+a freed path first -- gets refused, never handed the device's pages. A TCP
+endpoint (--no-serve HOST:PORT) cannot be checked: attach says so.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -30,6 +39,56 @@ MAX_REPLY = 4096
 
 class HandshakeError(ConnectionError):
     """The server is not an NBD server, or refused the export."""
+
+
+class PeerError(HandshakeError):
+    """The process that answers is not the server the kernel may be handed."""
+
+
+class Endpoint:
+    """Where an export answers: a Unix socket's path, or a TCP address resolved once.
+    A plain class, as Export (no dataclasses in the supervisor)."""
+
+    __slots__ = ("address", "family", "text")
+
+    def __init__(self, family: int, address: str | tuple[str, int], text: str) -> None:
+        self.family, self.address, self.text = family, address, text
+
+    @property
+    def path(self) -> str:
+        return self.address if isinstance(self.address, str) else ""
+
+
+def endpoint(server: str) -> Endpoint:
+    """`unix:PATH` (or an absolute path), or HOST:PORT (PORT 10809 when absent), the
+    host looked up now (resolve() says why only now)."""
+    if server.startswith(("unix:", "/")):
+        path = server.removeprefix("unix:")
+        return Endpoint(socket.AF_UNIX, path, f"unix:{path}")
+    host, sep, port = server.rpartition(":")
+    if not sep or "]" in port:
+        host, port = server, "10809"
+    host = host.strip("[]")
+    family, numeric = resolve(host)
+    return Endpoint(family, (numeric, int(port)), f"nbd://{host}:{port}")
+
+
+# struct ucred: pid, uid, gid (<sys/socket.h>), what SO_PEERCRED answers.
+_UCRED = struct.Struct("=iII")
+
+
+def check_peer(sock: socket.socket, where: Endpoint, pid: int) -> None:
+    """The process listening on a Unix socket must be nbdkit `pid` (0: any process of
+    this user's -- root's -- for a server attach did not start), and run as this user,
+    as the kernel recorded it at listen()."""
+    if sock.family != socket.AF_UNIX:
+        return  # TCP: who listens cannot be known; attach --no-serve warns of it
+    got, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                _UCRED.size))  # fmt: skip
+    if (pid and got != pid) or uid != os.geteuid():
+        want = f"nbdkit {pid}" if pid else f"a process of uid {os.geteuid()}"
+        raise PeerError(f"{where.text} is served by pid {got} (uid {uid}), not {want}: "
+                        "refused, the device is not handed to it")  # fmt: skip
 
 
 class Export:
@@ -105,16 +164,27 @@ def resolve(host: str) -> tuple[int, str]:
     return family, str(address[0])
 
 
-def connect(address: tuple[int, str], port: int, export: str,
-            deadline: float) -> tuple[socket.socket, Export]:  # fmt: skip
-    """A TCP connection to the export at a resolved `address` (family, numeric host),
-    negotiated and ready for the kernel."""
-    family, host = address
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def open_checked(where: Endpoint, deadline: float, pid: int) -> socket.socket:
+    """A connection to `where` whose peer passed check_peer (not yet negotiated)."""
+    sock = socket.socket(where.family, socket.SOCK_STREAM)
     try:
         sock.settimeout(deadline)
-        sock.connect((host, port))  # numeric: no lookup (CPython parses it with inet_pton)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect(where.address)  # numeric: no lookup (CPython parses it with inet_pton)
+        if where.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        check_peer(sock, where, pid)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect(where: Endpoint, export: str, deadline: float,
+            pid: int = 0) -> tuple[socket.socket, Export]:  # fmt: skip
+    """A connection to the export at `where`, its peer checked (check_peer: nbdkit
+    `pid`), negotiated and ready for the kernel."""
+    sock = open_checked(where, deadline, pid)
+    try:
         return sock, negotiate(sock, export, deadline)
     except BaseException:
         sock.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .logs import Logs
 
@@ -54,9 +54,10 @@ class Overcommit:
     are smaller; while an nbdkit starts, overcommit is allowed (it never touches those
     pages). Held by count: the one serving and a spare may start together."""
 
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.holders = 0
         self.changed = False
+        self.say = say or log  # the supervisor's log; serve's stderr (serve.check_nbdkit)
 
     def allow(self) -> None:
         self.holders += 1
@@ -69,7 +70,7 @@ class Overcommit:
         with open(OVERCOMMIT, "w") as f:
             f.write("1\n")
         self.changed = True
-        log(f"RAM + swap ({total // 1024} MiB) is below nbdkit's .bss: overcommit allowed "
+        self.say(f"RAM + swap ({total // 1024} MiB) is below nbdkit's .bss: overcommit allowed "
             "while nbdkit starts")  # fmt: skip
 
     def restore(self) -> None:

@@ -2,15 +2,16 @@
 
 connect() is the first (NBD_CMD_CONNECT with the dead-connection timeout and the
 IO timeout); reconfigure() hands a device whose connection died a new socket
-(NBD_CMD_RECONFIGURE); both do the NBD handshake first (handshake.py), here, so
-the kernel only ever sees a socket in the transmission phase. events() reports
-the links the kernel found dead.
+(NBD_CMD_RECONFIGURE); both check who answers and do the NBD handshake first
+(handshake.py), here, so the kernel only ever sees a socket of the server it was
+meant for, in the transmission phase. events() reports the links the kernel found
+dead.
 """
 
 from __future__ import annotations
 
+from .handshake import Endpoint
 from .handshake import connect as nbd_connect
-from .handshake import resolve
 from .knobs import log, set_requeue_period
 from .netlink import NBD_CMD_LINK_DEAD, Netlink, NetlinkError, device_index
 
@@ -19,26 +20,27 @@ BLOCK_SIZE = 4096
 
 
 class Link:
-    def __init__(self, device: str, host: str, export: str, dead_conn_timeout: int,
+    def __init__(self, device: str, export: str, dead_conn_timeout: int,
                  io_timeout: int) -> None:  # fmt: skip
-        self.device, self.host, self.export = device, host, export
+        self.device, self.export = device, export
         self.dead_conn_timeout, self.io_timeout = dead_conn_timeout, io_timeout
-        self.address = resolve(host)  # at start: a takeover looks nothing up
         self.index = device_index(device)
         self.netlink = Netlink()
 
-    def connect(self, port: int, patience: float) -> None:
-        sock, export = nbd_connect(self.address, port, self.export, patience)
+    def connect(self, where: Endpoint, patience: float, pid: int) -> None:
+        """The device's first connection: to `where`, served by nbdkit `pid` (0: a
+        server not ours, of root's; handshake.check_peer)."""
+        sock, export = nbd_connect(where, self.export, patience, pid)
         with sock:
             self.netlink.connect(self.index, sock, export.size, BLOCK_SIZE, export.flags,
                                  self.io_timeout, self.dead_conn_timeout)  # fmt: skip
         set_requeue_period(self.device)
-        log(f"{self.device} connected to nbd://{self.host}:{port}/{self.export} "
+        log(f"{self.device} connected to {where.text} export {self.export} "
             f"(dead-connection timeout {self.dead_conn_timeout}s, io timeout "
             f"{self.io_timeout or 'none'})")  # fmt: skip
 
-    def reconfigure(self, port: int, patience: float) -> None:
-        sock, _ = nbd_connect(self.address, port, self.export, patience)
+    def reconfigure(self, where: Endpoint, patience: float, pid: int) -> None:
+        sock, _ = nbd_connect(where, self.export, patience, pid)
         with sock:
             self.netlink.reconfigure(self.index, sock)
 

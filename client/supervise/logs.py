@@ -146,7 +146,7 @@ class Logs:
     def serve_log(self, path: str) -> int:
         """nbdkit's output: a pipe (its write end returned, for every nbdkit started)
         that the reader thread empties into a ring the writer appends to `path`."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         read, self.pipe_write = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # else the default size, the same on Linux
             fcntl.fcntl(read, F_SETPIPE_SZ, PIPE_SIZE)

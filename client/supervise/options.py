@@ -8,30 +8,29 @@ supervisor's 16).
 from __future__ import annotations
 
 
-def host_port(server: str) -> tuple[str, int]:
-    """HOST:PORT (PORT 10809 when absent; [v6]:PORT), without netswap's own parser."""
-    host, sep, port = server.rpartition(":")
-    if not sep or "]" in port:
-        host, port = server, "10809"
-    return host.strip("[]"), int(port)
-
-
 class Options:
     """What attach passes; the defaults are attach's."""
 
     __slots__ = ("adopt", "command", "dead_conn_timeout", "device", "export", "footprint",
-                 "io_timeout", "serve_log", "server", "standby_port", "state")  # fmt: skip
+                 "io_timeout", "serve_log", "server", "spare_after_swapon", "standby_socket",
+                 "state")  # fmt: skip
 
     def __init__(self) -> None:
+        # server: unix:PATH where the nbdkit it starts serves (--command), or the server
+        # it only watches (attach --no-serve: unix:PATH or HOST:PORT).
         self.device = self.server = self.state = self.serve_log = self.command = ""
         self.export = "swap"
         self.dead_conn_timeout, self.io_timeout = 120, 0
-        self.standby_port = 0  # the spare's port; 0: no spare
+        self.standby_socket = ""  # the spare's socket path; "": no spare
         self.adopt = self.footprint = False  # --adopt: watch the nbdkit already running
+        # --spare-after-swapon (attach's): the spare loads once the device is swap, when
+        # the host can make room for it by swapping others out (a 224 MiB host cannot
+        # hold nbdkit, the spare and the supervisor, all locked, before).
+        self.spare_after_swapon = False
 
 
-FLAGS = ("adopt", "footprint")
-NUMBERS = ("dead_conn_timeout", "io_timeout", "standby_port")
+FLAGS = ("adopt", "footprint", "spare_after_swapon")
+NUMBERS = ("dead_conn_timeout", "io_timeout")
 REQUIRED = ("device", "server", "state", "serve_log")
 
 

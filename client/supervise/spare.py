@@ -2,7 +2,7 @@
 
 A spare is nbdkit with standby=FD (netswap.client.nbd.standby): it builds and
 locks its device, writes `ready` on its end of a socketpair, and serves only
-after `go EPOCH`. It listens on the other of the supervisor's two ports (nbdkit
+after `go EPOCH`. It listens on the other of the supervisor's two sockets (nbdkit
 binds before the plugin's after_fork, so the one serving keeps its own), and
 takes over the moment the one serving dies: no cold start of Python and the
 agent while the device's IO is held and the storm takes any memory freed.
@@ -15,19 +15,21 @@ import os
 import socket
 
 from .child import Child
+from .handshake import Endpoint
 
 # "ready\n" and nothing else comes from a spare; anything longer is not one.
 READY = b"ready\n"
 
 
 class Spare:
-    def __init__(self, child: Child, sock: socket.socket, port: int) -> None:
-        self.child, self.sock, self.port = child, sock, port
+    def __init__(self, child: Child, sock: socket.socket, where: Endpoint) -> None:
+        self.child, self.sock, self.where = child, sock, where
         self.ready = False
         self._heard = b""
 
     @classmethod
-    def spawn(cls, argv: list[str], env: dict[str, str], output: str | int, port: int) -> Spare:
+    def spawn(cls, argv: list[str], env: dict[str, str], output: str | int,
+              where: Endpoint) -> Spare:  # fmt: skip
         """`output`: as Child.spawn's (a log file, or the supervisor's pipe)."""
         ours, theirs = socket.socketpair()
         try:
@@ -39,7 +41,7 @@ class Spare:
             raise
         finally:
             theirs.close()
-        return cls(child, ours, port)
+        return cls(child, ours, where)
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -22,7 +22,7 @@ SIZE = 4096  # one page: the state is a few hundred bytes of JSON
 class StatePage:
     def __init__(self, path: str) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, SIZE)
             self._page = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)

@@ -25,7 +25,9 @@ PR_SET_IO_FLUSHER, SCHED_FIFO and oom_score_adj -1000. Nothing a takeover runs
 may wait on a page swap could hold (#29: on a diskless host the log is tmpfs): its
 lines go through a ring a thread writes out, nbdkit's through a pipe it empties
 (logs.py), the server's address was resolved at start, nothing is imported or
-read (tests/test_takeover.py audits it).
+read (tests/test_takeover.py audits it), and the files nbdkit reads as it loads
+(tokens, TLS) are handed down from memfds it holds locked (held.py): even a cold
+start reads none from a page swap could hold.
 
 Where a new nbdkit's memory comes from while swap is held: the dead one's
 locked pages (~45 MiB, freed at its death) and, below the min watermark, the
@@ -36,6 +38,12 @@ watermark, but the new nbdkit too would only get a quarter of it, and kswapd
 would evict the page cache it starts from. The state file (JSON,
 /run/netswap/supervise-nbdN.json) says what happened: restarts, the last
 outage (death to serving), the epoch.
+
+The export is private (#30): nbdkit and its spare serve on Unix sockets in a
+directory only root reaches (checked at start), every file it makes is its user's
+alone (umask 077), and the kernel is handed a connection only once SO_PEERCRED
+names the nbdkit it started or adopted (handshake.check_peer): a user who binds a
+freed path first is refused, not served swap.
 """
 
 from __future__ import annotations
@@ -46,16 +54,16 @@ import json
 import os
 import select
 import signal
-import socket
 import sys
 import time
 
 from .child import Child
-from .handshake import HandshakeError
+from .handshake import Endpoint, HandshakeError, PeerError, endpoint, open_checked
+from .held import HeldFiles
 from .knobs import LOGS, OVERCOMMIT_FOR_NBDKIT, log
 from .link import Link
 from .netlink import NetlinkError
-from .options import Options, UsageError, host_port, parse_args
+from .options import Options, UsageError, parse_args
 from .protect import (
     MCL_CURRENT,
     MCL_FUTURE,
@@ -83,15 +91,26 @@ RESIDENT_BOUND_KIB = 16 * 1024
 SPARE_DELAY_S = 5.0
 # A spare that died or never said ready is tried again this much later.
 SPARE_RETRY_S = 30.0
+# How often a spare that waits for swapon (--spare-after-swapon) looks at /proc/swaps:
+# attach runs mkswap and swapon right after the device connects (well under a second).
+SWAPON_POLL_S = 0.5
 # The environment nbdkit must not inherit from the supervisor: the allocator the
 # supervisor chose for its own small footprint would slow the agent.
 NOT_INHERITED = ("PYTHONMALLOC",)
+# What no other user may do to a directory holding the export's sockets or the
+# supervisor's files: read, write or search it (#30).
+OTHERS = 0o077
 
 
 class Supervisor:
     def __init__(self, args: Options) -> None:
         self.device = args.device
-        self.host, self.port = host_port(args.server)
+        # Where nbdkit serves (resolved now: a takeover looks nothing up), and the
+        # spare's socket; the two alternate (one: no spare, a cold start).
+        self.where = endpoint(args.server)
+        self.places: tuple[Endpoint, ...] = (self.where,)
+        if args.standby_socket:
+            self.places += (endpoint(f"unix:{args.standby_socket}"),)
         self.dead_conn_timeout = args.dead_conn_timeout
         self.state_path: str = args.state
         self.log_path: str = args.serve_log
@@ -100,10 +119,16 @@ class Supervisor:
         self.output = LOGS.serve_log(self.log_path)
         self.argv: list[str] = []
         given: dict[str, str] = {}
+        # The files nbdkit reads as it loads, read now into locked memory (held.py).
+        self.held = HeldFiles()
         if args.command:  # serve --print-command's JSON: nbdkit's argv and environment
             with open(args.command) as f:
                 command = json.load(f)
-            self.argv, given = command["argv"], command["env"]
+            self.argv, given = self.held.hold(command["argv"]), command["env"]
+        if self.argv:  # the nbdkit it starts: on a socket only root reaches
+            for place in self.places:
+                private_socket(place)
+            private_dir(os.path.dirname(self.state_path) or ".")
         inherited = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
         self.env: dict[str, str] = {**inherited, **given}
         self.state: dict[str, object] = {"supervisor_pid": os.getpid(), "device": self.device}
@@ -111,13 +136,11 @@ class Supervisor:
         self.state.update(self._saved())
         self.page = StatePage(self.state_path)
         self.child: Child | None = None
-        # The spare's port and the one serving swap alternate (0: no spare, a cold start).
-        self.ports = (self.port, args.standby_port) if args.standby_port else (self.port,)
         self.spare: Spare | None = None
         self.spare_due = 0.0  # monotonic time the next spare starts (0: none planned)
         self.spares = True  # False from SIGUSR1 to SIGUSR2: detach's swapoff needs the RAM
-        self.link = Link(args.device, self.host, args.export, args.dead_conn_timeout,
-                         args.io_timeout)  # fmt: skip
+        self.spare_after_swapon = args.spare_after_swapon and not args.adopt
+        self.link = Link(args.device, args.export, args.dead_conn_timeout, args.io_timeout)
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self._signals: list[int] = []
@@ -137,11 +160,11 @@ class Supervisor:
         self.page.write(self.state)
 
     # -- nbdkit ------------------------------------------------------------------
-    def _argv(self, start: str, port: int) -> list[str]:
+    def _argv(self, start: str, where: Endpoint) -> list[str]:
         epoch = int(self.state["epoch"])  # type: ignore[call-overload]
         keep = [a for a in self.argv if not a.startswith(("start=", "epoch="))]
-        if "-p" in keep:  # serve's argv: nbdkit ... -p PORT ...
-            keep[keep.index("-p") + 1] = str(port)
+        if "-U" in keep:  # serve's argv: nbdkit ... -U PATH ...
+            keep[keep.index("-U") + 1] = where.path
         return [*keep, f"start={start}", f"epoch={epoch}"]
 
     def _env(self) -> dict[str, str]:
@@ -149,24 +172,31 @@ class Supervisor:
 
     def start_child(self, start: str) -> None:
         with OVERCOMMIT_FOR_NBDKIT.held():
-            self.child = Child.spawn(self._argv(start, self.port), self._env(), self.output)
+            free_socket(self.where)
+            self.child = Child.spawn(self._argv(start, self.where), self._env(), self.output)
             self.state["serve_pid"] = self.child.pid
-            self.state["port"] = self.port
+            self.state["socket"] = self.where.path
             self.save()  # before the device connects: attach returns once it has
             self.wait_answering()
 
     # -- the spare -----------------------------------------------------------------
     def start_spare(self) -> None:
         self.spare_due = 0.0
-        if len(self.ports) < 2 or not self.argv or self.spare is not None or not self.spares:
+        if len(self.places) < 2 or not self.argv or self.spare is not None or not self.spares:
             return
-        port = self.ports[1] if self.port == self.ports[0] else self.ports[0]
+        if self.spare_after_swapon:
+            if not is_swap(self.device):
+                self.spare_due = time.monotonic() + SWAPON_POLL_S
+                return
+            self.spare_after_swapon = False
+        where = self.places[1] if self.where is self.places[0] else self.places[0]
         OVERCOMMIT_FOR_NBDKIT.allow()  # until it is ready or gone (drop_spare)
         try:
             # Its cushion serves every object; it loads unlocked (it locks at ready).
             env = {**self._env(), "PYTHONMALLOC": "malloc"}
             env.pop("NETSWAP_LOCK_AT_LOAD", None)
-            self.spare = Spare.spawn(self._argv("rebuild", port), env, self.output, port)
+            free_socket(where)
+            self.spare = Spare.spawn(self._argv("rebuild", where), env, self.output, where)
         except OSError as exc:
             OVERCOMMIT_FOR_NBDKIT.restore()
             log(f"no spare nbdkit ({exc}); trying again in {SPARE_RETRY_S:.0f}s")
@@ -183,7 +213,7 @@ class Supervisor:
                 OVERCOMMIT_FOR_NBDKIT.restore()
                 self.state["standby"] = "ready"
                 self.save()
-                log(f"spare nbdkit {spare.child.pid} ready on port {spare.port}")
+                log(f"spare nbdkit {spare.child.pid} ready on {spare.where.text}")
             return
         log(f"the spare nbdkit died before serving (its log: {self.log_path}); another in "
             f"{SPARE_RETRY_S:.0f}s")  # fmt: skip
@@ -224,12 +254,11 @@ class Supervisor:
 
     def adopt(self) -> None:
         """--adopt (`netswap adopt`): the supervisor before this one died, and nbdkit,
-        detached, may serve on. Watch it on the port it serves; its spare, which
+        detached, may serve on. Watch it on the socket it serves; its spare, which
         answered to the dead one, goes. Were nbdkit gone too, a new one rebuilds."""
         saved = read_state(self.state_path)
-        port, pid, spare = saved.get("port"), saved.get("serve_pid"), saved.get("standby_pid")
-        if isinstance(port, int) and port in self.ports:
-            self.port = port
+        path, pid, spare = saved.get("socket"), saved.get("serve_pid"), saved.get("standby_pid")
+        self.where = next((p for p in self.places if p.path and p.path == path), self.where)
         if isinstance(spare, int) and spare != pid and is_nbdkit(spare):
             with contextlib.suppress(ProcessLookupError):
                 orphan = Child(spare)
@@ -242,8 +271,8 @@ class Supervisor:
         if isinstance(pid, int) and is_nbdkit(pid):
             with contextlib.suppress(ProcessLookupError):
                 self.child = Child(pid)
-                self.state.update(serve_pid=pid, port=self.port)
-                log(f"adopted nbdkit {pid} serving on port {self.port}{self.follow(pid)}")
+                self.state.update(serve_pid=pid, socket=self.where.path)
+                log(f"adopted nbdkit {pid} serving on {self.where.text}{self.follow(pid)}")
                 return
         self.restart("nbdkit was gone when this supervisor adopted it", graceful=False)
 
@@ -262,13 +291,17 @@ class Supervisor:
         return ", its output followed"
 
     def wait_answering(self) -> None:
+        """Until nbdkit answers on its socket; whoever else answers there is an error."""
         deadline = time.monotonic() + START_S
+        pid = self.child.pid if self.child is not None else 0
         while True:
-            family, host = self.link.address  # resolved at start: nothing looked up now
-            with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.settimeout(1)
-                probe.connect((host, self.port))
+            try:
+                open_checked(self.where, 1, pid).close()
                 return
+            except PeerError:
+                raise
+            except OSError:
+                pass
             if self.child is not None and not self.child.alive():
                 raise RuntimeError(f"nbdkit exited at start (its log: {self.log_path})")
             if time.monotonic() > deadline:
@@ -276,11 +309,15 @@ class Supervisor:
             time.sleep(POLL_S)
 
     # -- the kernel ----------------------------------------------------------------
+    def serving_pid(self) -> int:
+        """Who must answer on the socket: the nbdkit watched (0: a server not ours)."""
+        return self.child.pid if self.child is not None else 0
+
     def connect_device(self) -> None:
-        self.link.connect(self.port, START_S)
+        self.link.connect(self.where, START_S, self.serving_pid())
 
     def reconnect_device(self, patience: float = START_S) -> None:
-        self.link.reconfigure(self.port, patience)
+        self.link.reconfigure(self.where, patience, self.serving_pid())
 
     # -- the watch -----------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -350,14 +387,14 @@ class Supervisor:
                     return
                 held = time.monotonic() - began
                 if held > self.dead_conn_timeout:
-                    log(f"nbd://{self.host}:{self.port} has not answered for {held:.0f}s, past "
+                    log(f"{self.where.text} has not answered for {held:.0f}s, past "
                         f"the dead-connection timeout: the kernel fails {self.device}'s IO "
                         f"({exc}); still trying")  # fmt: skip
                 time.sleep(0.5)
         outage = time.monotonic() - began
         self.state["last_outage_s"] = round(outage, 3)
         self.save()
-        log(f"the connection to nbd://{self.host}:{self.port} died; a new one in {outage:.2f}s")
+        log(f"the connection to {self.where.text} died; a new one in {outage:.2f}s")
 
     def restart(self, why: str, graceful: bool) -> None:
         """A new nbdkit serves: the spare if there is one (for an upgrade, a spare of the
@@ -387,14 +424,14 @@ class Supervisor:
         self.state["last_reason"] = why
         self.save()
         log(f"serving again after {outage:.2f}s (restart {self.state['restarts']}, epoch "
-            f"{self.state['epoch']}, port {self.port})")  # fmt: skip
+            f"{self.state['epoch']}, {self.where.text})")  # fmt: skip
         self.spare_due = time.monotonic() + SPARE_DELAY_S
 
     def take_over(self, spare: Spare, why: str, began: float) -> bool:
-        log(f"{why}: spare nbdkit {spare.child.pid} takes over on port {spare.port}")
+        log(f"{why}: spare nbdkit {spare.child.pid} takes over on {spare.where.text}")
         self.spare = None
-        self.child, self.port = spare.child, spare.port
-        self.state.update(serve_pid=spare.child.pid, port=spare.port, standby="none")
+        self.child, self.where = spare.child, spare.where
+        self.state.update(serve_pid=spare.child.pid, socket=spare.where.path, standby="none")
         self.state.pop("standby_pid", None)
         self.save()
         try:
@@ -439,6 +476,37 @@ class Supervisor:
         self.drop_spare()
         self.page.remove()
         return 0
+
+
+def private_dir(path: str) -> None:
+    """`path` must be a directory of this user's (root's) that no one else reaches."""
+    info = os.stat(path)
+    if info.st_uid != os.geteuid() or info.st_mode & OTHERS:
+        raise ValueError(f"{path} is open to other users (owner uid {info.st_uid}, mode "
+                         f"{info.st_mode & 0o777:o}): the export's socket and files must "
+                         "be in a directory only root reaches")  # fmt: skip
+
+
+def private_socket(where: Endpoint) -> None:
+    if not where.path:
+        raise ValueError(f"the nbdkit it starts serves on a Unix socket, not {where.text}")
+    private_dir(os.path.dirname(where.path) or ".")
+
+
+def free_socket(where: Endpoint) -> None:
+    """The path a dead nbdkit bound (nbdkit leaves its socket file behind), freed for
+    the next: in a directory only root reaches, nobody else can have bound it since."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(where.path)
+
+
+def is_swap(device: str) -> bool:
+    """Whether `device` is swap now (attach's swapon done)."""
+    try:
+        with open("/proc/swaps") as f:
+            return any(line.split()[:1] == [device] for line in f)
+    except OSError:
+        return False
 
 
 def is_nbdkit(pid: int) -> bool:
@@ -491,6 +559,7 @@ def supervise(argv: list[str]) -> int:
         lock()
         print(json.dumps({"resident_kib": resident_kib(), "modules": sorted(sys.modules)}))
         return 0
+    os.umask(0o077)  # its files and nbdkit's sockets are root's alone (#30)
     try:
         protect()
         LOGS.start()  # after protect(): IO_FLUSHER and SCHED_FIFO are per thread, inherited
@@ -503,8 +572,9 @@ def supervise(argv: list[str]) -> int:
                 supervisor.start_child("fresh")
             supervisor.save()  # whoever sees the device connected finds the state
             supervisor.connect_device()
-        # The spare loads while attach runs swapon (it locks as it loads: swap may take
-        # others' pages, never its own); attach waits for it to be ready.
+        # The spare loads once attach has run swapon (--spare-after-swapon: it locks as
+        # it loads, and swap may then take others' pages to make room, never its own);
+        # attach waits for it to be ready.
         supervisor.start_spare()
         lock()
         what = f"nbdkit {supervisor.state['serve_pid']}" if supervisor.argv else "the link"
