@@ -296,7 +296,10 @@ def test_sigusr1_drops_the_spare_and_none_starts_till_sigusr2(
     sup.spare, sup.spare_due, sup.spares = first, 0.0, True  # type: ignore[assignment]
     sup.state = {"spares": True, "standby": "ready", "standby_pid": 4242, "epoch": 3}
     sup.page = type("Page", (), {"write": lambda self, state: saved.append(dict(state))})()  # type: ignore[assignment]
-    sup.ports, sup.port, sup.argv, sup.env = (10809, 10810), 10809, ["nbdkit"], {}
+    monkeypatch.setattr(module, "free_socket", lambda where: None)
+    sup.where = module.endpoint("unix:/nonexistent/nbd0.sock")
+    sup.places = (sup.where, module.endpoint("unix:/nonexistent/nbd0-spare.sock"))
+    sup.spare_after_swapon, sup.argv, sup.env = False, ["nbdkit"], {}
     sup.state_path, sup.output = "/nonexistent/state.json", 1
     sup.want_spares(False)
     assert first.discarded and sup.spare is None and sup.spare_due == 0.0
