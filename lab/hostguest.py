@@ -323,7 +323,10 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
     config = CONFIGS[name]
     ram = config.ram or args.ram
     mib = 3 * ram if args.size is None else args.size  # 0: attach, check, detach; no storm
-    run = Run(name, log=CACHE / f"serial-host-{name}-{index}.log")
+    # Its own log: make test runs two host-in-guest guests at once (the drill; a short
+    # one on the other worker), and one log for both had the drill read the other
+    # guest's lines and call its own storm a HANG.
+    run = Run(name, log=CACHE / f"serial-host-{name}-{index}-{os.getpid()}.log")
     with ExitStack() as stack:
         ports, stores = [], []
         for _ in range(args.stores):
