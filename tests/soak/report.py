@@ -68,5 +68,12 @@ def report(out: Outcome) -> None:
               "(tracemalloc); the sites that grew most:")  # fmt: skip
         for where, grown in out.growth:
             print(f"    {grown / 1024:+9.1f} KiB  {where}")
+    if out.memory:
+        print("  the agent's memory over the slope's window (MiB; slope per 10 min):")
+        for name, first, last, per in out.memory:
+            print(f"    {name:<30} {first:9.2f} -> {last:9.2f}  {per:+7.3f}")
+        print("  the mappings that grew most in it:")
+        for line in out.mappings:
+            print(f"    {line}")
     for error in out.errors[:5]:
         print(f"  ERROR {error}")

@@ -14,7 +14,10 @@ either way). The RSS chart goes to artifacts/soak-rss.png (matplotlib). With
 --trace, the agent runs under tracemalloc and the report names where its Python
 memory grew between the end of the warm-up and the end of the run (of the last
 agent, when the nemesis restarted it): its allocation sites (ops endpoint
-/debug/allocations), diffed.
+/debug/allocations), diffed. Every minute it also reads the agent's mappings (smaps)
+and its allocators' figures (/debug/memory): the report fits each one's slope over the
+same window as RSS's, names the mappings that grew, and keeps the samples in
+artifacts/soak-memory.jsonl (memory.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from netswap.client.agent.keys import drop_key
 from netswap.client.statscmd import StatsError, fetch
@@ -39,6 +43,7 @@ from netswap.lab.ports import free_port
 
 from ..faultkit import AgentProc
 from ..procs import StoreProc
+from . import memory
 from .nemesis import KINDS, Fault, Nemesis
 from .report import SLOPE_BOUND_MIB, draw, report
 from .workload import Workload
@@ -149,6 +154,10 @@ class Outcome:
     seed: int = 0  # the nemesis's
     snapshots: list[float] = field(default_factory=list)  # seconds each held the loop
     downs: int = 0  # stores the agents found down (logged), whatever the cause
+    # Each memory figure's (name, first, last, MiB per 10 min) over the slope's window,
+    # and the mappings that grew most in it (memory.py).
+    memory: list[tuple[str, float, float, float]] = field(default_factory=list)
+    mappings: list[str] = field(default_factory=list)
 
     @property
     def repairs(self) -> list[float]:
@@ -177,6 +186,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
     traced_growth = 0
     logs: list[Path] = []
     snapshots: list[float] = []  # seconds each tracemalloc snapshot held the agent's loop
+    mem: list[dict[str, Any]] = []  # the agent's mappings and allocators, a minute apart
     with ExitStack() as stack:
         files = tempfile.mkdtemp(prefix="netswap-soak-")
         stack.callback(shutil.rmtree, files, True)
@@ -219,7 +229,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
         work.start()
         nemesis.start()
         began = time.monotonic()
-        seen = 1
+        seen, mem_next = 1, 0.0
         while (now := time.monotonic()) - began < seconds and not work.errors:
             if len(agents) != seen:  # a new agent: its warm-up starts again
                 seen, warm_sites = len(agents), None
@@ -229,6 +239,9 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
             pid = agents[-1].proc.pid if agents[-1].proc else 0
             samples.agent_pids.append(pid)
             samples.add("agent", pid)
+            if now - began >= mem_next and pid:
+                mem.append(memory.sample(now - began, pid, http))
+                mem_next = now - began + memory.MEMORY_EVERY_S
             for i, s in enumerate(stores):
                 samples.add(f"store{i + 1}", s.proc.pid if s.proc else None)
             time.sleep(1.0)
@@ -252,13 +265,17 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
     slope = slope_mib_per_10min(t[warm:], agent_rss[warm:])
     window = (t[warm], t[-1]) if warm < len(t) else (0.0, 0.0)
     draw(chart, samples, int(len(samples.t) * WARMUP_FRACTION), slope)
+    memory.save(chart.with_name("soak-memory.jsonl"), mem)
+    life_pid = samples.agent_pids[life.start] if life else 0
+    table, mappings = memory.growth([m for m in mem if m["pid"] == life_pid
+                                     and window[0] <= m["t"] <= window[1]])  # fmt: skip
     peaks = {name: tuple(max(f[i] for f in figs) for i in range(3))
              for name, figs in samples.by_name.items()}  # fmt: skip
     return Outcome(samples.t[-1] if samples.t else 0, errors, work.checked, nemesis.faults,
                    slope, window, peaks, chart, swept, work.write_retries,  # type: ignore[arg-type]
                    nemesis.waiting, sum(len(LOST.findall(text)) for text in texts), growth,
                    traced_growth, seed, snapshots,
-                   sum(text.count(" is down: ") for text in texts))  # fmt: skip
+                   sum(text.count(" is down: ") for text in texts), table, mappings)  # fmt: skip
 
 
 def main() -> int:
