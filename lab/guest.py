@@ -399,8 +399,9 @@ def storm(args: argparse.Namespace) -> int:
     """The verifier, with the drill's events at their points in its progress."""
     events = [e for e in DRILL if e[0] in KILLS][: args.kills]
     events += [e for e in DRILL if e[0] == "restart"][: args.restarts]
+    env = {**os.environ, "SWAPTEST_CONTENT": args.content}
     proc = subprocess.Popen([args.swaptest, str(args.mib), str(args.seed)],
-                            stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
+                            stdout=subprocess.PIPE, text=True, bufsize=1, env=env)  # fmt: skip
     assert proc.stdout is not None
     stop = threading.Event()
     if events:
@@ -607,6 +608,7 @@ def main() -> None:
     parser.add_argument("--export-mib", type=int, default=1024, help="the swap device's size")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--swaptest", default="/run/swaptest")
+    parser.add_argument("--content", choices=("random", "mixed"), default="random")
     parser.add_argument("--kills", type=int, default=0,
                         help="kill -9 nbdkit mid-storm (0-2; the second after the supervisor "
                         "was killed -9 and adopted)")  # fmt: skip

@@ -97,6 +97,7 @@ class Run:
     pswpout: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     cpu: str = ""  # the storm's NETSWAP-CPU line: where the guest's time went
+    held: str = ""  # what the stores held after the storm (#31)
     log: Path = Path()
     screenshot: str = ""
     kills: list[dict[str, str]] = field(default_factory=list)  # the drill's NETSWAP-KILL lines
@@ -126,7 +127,8 @@ def guest_script(args: argparse.Namespace, stores: list[int], attach: list[str],
     cmd = [sys.executable, "-m", "netswap.lab.guest", "--mib", str(mib),
            f"--export-mib={mib + 256}", "--seed", str(seed),
            "--http", f"0.0.0.0:{GUEST_HTTP}", f"--http-token={OPS_TOKEN}",
-           f"--kills={args.kills}", f"--restarts={args.restarts}"]  # fmt: skip
+           f"--kills={args.kills}", f"--restarts={args.restarts}",
+           f"--content={getattr(args, 'content', 'random')}"]  # fmt: skip
     cmd += [f"--store=10.0.2.2:{port}" for port in stores]
     cmd += [f"--attach-arg={a}" for a in [*attach, *args.attach_arg]]
     cmd += [f"--serve-arg={a}" for a in [*serve, *args.serve_arg]]
@@ -288,6 +290,34 @@ def take_screenshot(url: str, path: Path) -> str:
     return str(path)
 
 
+def stores_held(ports: list[int]) -> str:
+    """Each store's payloads, their bytes and the capacity they use (its Stats)."""
+    import asyncio
+
+    from netswap.client.rpc import StoreClient
+
+    async def ask(port: int) -> dict[str, int]:
+        client = await StoreClient.connect("127.0.0.1", port, "probe", deadline=10)
+        try:
+            return await client.stats()
+        finally:
+            await client.close()
+
+    parts = []
+    for port in ports:
+        try:
+            st = asyncio.run(ask(port))
+        except Exception as exc:
+            parts.append(f"{port}: unreadable ({exc})")
+            continue
+        pages, payload = st.get("used_pages", 0), st.get("payload_bytes", 0)
+        per_page = payload / pages if pages else 0
+        parts.append(f"{pages:,} pages in {payload / 2**20:.1f} MiB of payloads "
+                     f"({per_page:,.0f} B each, {per_page / 4096:.2f} of a page), "
+                     f"{st.get('used_bytes', 0) / 2**20:.1f} MiB used")  # fmt: skip
+    return "; ".join(parts)
+
+
 def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
     config = CONFIGS[name]
     ram = config.ram or args.ram
@@ -330,6 +360,9 @@ def run_once(args: argparse.Namespace, name: str, index: int) -> Run:
         boot = run_guest(ram, initrd, "loglevel=7", run.log, args.timeout, on_line, qemu, nic,
                          sysrq="wt", cpu=args.cpu_model, stall_s=args.stall,
                          progress=PROGRESS, sysrq_now=lambda: stuck_now(run))  # fmt: skip
+        if mib and config.reachable:  # what the stores hold, against the pages swapped (#31)
+            run.held = stores_held(ports)
+            print(f"    stores hold: {run.held} (pswpout {run.pswpout:,} pages)", flush=True)
     if boot.timed_out:
         run.verdict, run.reason = "HANG", boot.hang_reason(args.timeout, run.log)
     elif run.stuck and run.verdict != "PASS":  # the guest may have died of it (SIGBUS, panic)

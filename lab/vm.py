@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--stall-stores", type=float, default=0, metavar="SECONDS",
                       help="stop the stores (SIGSTOP) for this long mid-storm, then let them "
                       "go on; every page must still verify (0: no stall)")  # fmt: skip
+    host.add_argument("--content", choices=("random", "mixed"), default="random",
+                      help="what the storm writes: random pages, or pages like real memory's "
+                      "(zero, same-filled, random, text-like: netswap compresses them); the "
+                      "stores' bytes are reported against the pages swapped")  # fmt: skip
     host.add_argument("--attach-arg", action="append", default=[],
                       help="extra attach option in the guest: --attach-arg=--discard")  # fmt: skip
     host.add_argument("--serve-arg", action="append", default=[],

@@ -105,8 +105,12 @@ def file_store(path: Path, capacity: str = "64M") -> StoreProc:
 
 
 def page_of(tag: bytes, slot: int) -> bytes:
-    """A page that names its slot and what wrote it (4 bytes of tag)."""
-    return (tag.ljust(4)[:4] + slot.to_bytes(4, "little")) * (PAGE // 8)
+    """A page that names its slot and what wrote it (its first 8 bytes: 4 of tag, the
+    slot), then bytes no compressor shrinks, drawn from both: a whole page on every
+    store, and read from a store (a same-filled page is answered by the agent itself,
+    payload.py, and a compressible one changes what a store of N bytes holds)."""
+    name = tag.ljust(4)[:4] + slot.to_bytes(4, "little")
+    return name + random.Random(name).randbytes(PAGE - len(name))
 
 
 def write_pages(uri: str, tag: bytes, slots: range | list[int], flush: bool = False

@@ -22,11 +22,11 @@ import nbd
 import pytest
 from netswap.client.agent.keys import drop_key
 from netswap.client.cluster.client import ClusterClient
-from netswap.client.cluster.layout import parse_url
+from netswap.client.cluster.layout import BUCKET_CHUNKS, CHUNK_PAGES, chunk_keys, parse_url
 from netswap.client.cluster.lineage import NO_REPLID, Entry, Master, State, judge
 from netswap.client.cluster.router import Cmd, refusal
 from netswap.lab.cluster import DEFAULT_NODE_TIMEOUT_MS, Cluster, RedisNode, cluster
-from netswap.protocol import StoreError, area_seed, tags_of
+from netswap.protocol import StoreError, area_seed, tags_of_sized
 from redis import exceptions as rx
 
 from .conftest import free_port, wait_for_port
@@ -34,6 +34,7 @@ from .nbdserver import NETSWAP, connect, errno_of
 
 PAGE = 4096
 AREA = f"clu{os.getpid()}"
+BUCKET = BUCKET_CHUNKS * CHUNK_PAGES  # slots a bucket (one hash tag) holds
 pytestmark = pytest.mark.xdist_group("cluster")  # one cluster's worth of servers at a time
 
 
@@ -175,7 +176,7 @@ def test_area_b_cannot_touch_area_a_on_any_node(six: Cluster) -> None:
         h = connect(uri)
         h.pwrite(os.urandom(PAGE), 0)
         h.shutdown()
-    key = f"netswap:{{{AREA}:0}}:p:0"
+    key = chunk_keys(AREA, 0)[1]
     for node in six.masters():
         for command in (["GET", key], ["SET", key, "x"], ["DEL", key]):
             out = subprocess.run(["redis-cli", "-p", str(node.port), "--user", user_b,
@@ -235,9 +236,9 @@ def test_a_master_killed_mid_storm_fails_over_with_nothing_stale() -> None:
         assert eio == 0
 
 
-# 256 slots in each of 24 buckets (layout.BUCKET_CHUNKS x CHUNK_PAGES slots apart): the
-# buckets' hash tags spread over every master, so resharding moves some of them.
-SPREAD = [b * 64 * 255 + k for b in range(24) for k in range(256)]
+# 256 slots in each of 24 buckets: the buckets' hash tags spread over every master, so
+# resharding moves some of them.
+SPREAD = [b * BUCKET + k for b in range(24) for k in range(256)]
 
 
 def test_a_master_added_and_resharded_during_a_storm_loses_nothing() -> None:
@@ -259,11 +260,19 @@ async def store_client(c: Cluster, area: str) -> ClusterClient:
 
 
 async def swap_out(client: ClusterClient, slot: int, page: bytes, gen: int) -> None:
-    """One page through the batch path, as the agent sends it; raises what it failed with."""
-    gens = array("Q", [gen])
+    """One payload through the batch path, as the agent sends it; raises what it failed with."""
+    await swap_out_run(client, slot, [page], [gen])
+
+
+async def swap_out_run(client: ClusterClient, first: int, payloads: Sequence[bytes],
+                       generations: Sequence[int], seals: bytes | None = None) -> None:  # fmt: skip
+    """Payloads of consecutive slots from `first`, tagged over each payload (the agent's
+    tags), through the batch path; raises what it failed with."""
+    gens, lengths = array("Q", generations), array("H", [len(p) for p in payloads])
+    slots = range(first, first + len(payloads))
+    tags = tags_of_sized(b"".join(payloads), lengths, area_seed(client.area), slots, gens)
     done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-    client.start_swap_out([range(slot, slot + 1)], [page], tags_of(page, area_seed(client.area),
-                          [slot], gens), gens, None, done.set_result)  # fmt: skip
+    client.start_swap_out([slots], payloads, tags, gens, seals, done.set_result)
     failure = await done
     if failure is not None:
         raise failure
@@ -285,8 +294,8 @@ async def test_the_stores_rules_hold_on_the_cluster(six: Cluster) -> None:
         held = await old.read_pages([5])
         assert bytes(held.data) == b"A" * PAGE and list(held.generations) == [3 << 32 | 2]
         assert old.superseded == 2
-        with pytest.raises(StoreError) as info:  # a compressed payload: whole pages only
-            await swap_out(old, 6, b"F" * 100, 3 << 32 | 3)
+        with pytest.raises(StoreError) as info:  # longer than a page: no payload
+            await swap_out(old, 6, b"F" * (PAGE + 1), 3 << 32 | 3)
         assert info.value.errno == errno.EINVAL
         await new.fence(4)  # a newer agent of the same host
         for change in (
@@ -373,7 +382,7 @@ def test_an_agent_of_netswap_stores_does_not_load_the_cluster_client() -> None:
 
 # -- failover at Redis's default node timeout, and P3 (lineage.py) --------------------
 
-BUCKET0 = f"netswap:{{{AREA}:0}}:p:0"  # the first bucket's first chunk (layout.chunk_keys)
+BUCKET0 = chunk_keys(AREA, 0)[0]  # the first bucket's first chunk
 
 
 def write(uri: str, slots: Sequence[int], seed: int) -> dict[int, bytes]:
@@ -444,7 +453,7 @@ def test_a_failover_at_redis_default_node_timeout_costs_time_not_a_page() -> Non
         cluster(3, 1, node_timeout_ms=DEFAULT_NODE_TIMEOUT_MS) as c,
         agent(c.url, size="512M") as (uri, log),
     ):
-        others = [b * 64 * 255 + k for b in (1, 2, 3) for k in range(512)]
+        others = [b * BUCKET + k for b in (1, 2, 3) for k in range(512)]
         kept = write(uri, [*range(2048), *others], seed=6)
         truth: dict[int, bytes] = {}
         lock, stop = threading.Lock(), threading.Event()
@@ -453,7 +462,7 @@ def test_a_failover_at_redis_default_node_timeout_costs_time_not_a_page() -> Non
 
         def writer(k: int) -> None:  # a kernel: writes, and writes a failed page again
             rng = random.Random(k)
-            mine = [2048 + k * 997 + i for i in range(900)] + [5 * 64 * 255 + k * 900 + i
+            mine = [2048 + k * 997 + i for i in range(900)] + [5 * BUCKET + k * 900 + i
                                                                for i in range(900)]  # fmt: skip
             h = connect(uri)
             again: dict[int, bytes] = {}
@@ -595,7 +604,7 @@ def test_an_agent_dead_through_a_failover_that_lost_nothing_rebuilds_every_page(
     and an agent restarted after it proves every page from the promoted replica."""
     with cluster(3, 1) as c:
         with agent(c.url, size="128M") as (uri, _):
-            pages = write(uri, [*range(1024), *range(64 * 255, 64 * 255 + 512)], seed=12)
+            pages = write(uri, [*range(1024), *range(BUCKET, BUCKET + 512)], seed=12)
         c.owner(BUCKET0).kill()
         c.wait_ok(60)
         with agent(c.url, "--start", "rebuild", size="128M") as (uri, log):

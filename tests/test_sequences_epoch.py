@@ -62,7 +62,7 @@ def generation(store: StoreProc, slot: int = SLOT) -> int:
     async def ask() -> int:
         client = await _probe(store)
         try:
-            held, gens = await client.inventory(slot, 1)
+            held, gens, _lengths = await client.inventory(slot, 1)
             return gens[0] if len(held) else 0
         finally:
             await client.close()

@@ -330,10 +330,14 @@ async def test_a_page_from_an_older_write_is_eio_unless_a_raced_write_explains_i
 
     async with ScriptedStore(pages) as port:
         client = await StoreClient.connect("127.0.0.1", port, "a", deadline=5)
-        with pytest.raises(StoreError, match="holds write 2, not write 3"):
-            await client.swap_in([3], [3])
-        assert await client.swap_in([3], [1], lambda: array("I", [2])) == page
-        assert await client.swap_in([3], [2]) == page
+        gen = 7 << 32
+        with pytest.raises(StoreError, match="holds generation 0x700000002, not 0x700000003"):
+            await client.swap_in([3], [gen | 3])
+        # The same write count under another epoch is another agent's page, not this one.
+        with pytest.raises(StoreError, match="holds generation 0x700000002, not 0x2"):
+            await client.swap_in([3], [2])
+        assert await client.swap_in([3], [gen | 1], lambda: array("Q", [gen | 2])) == page
+        assert await client.swap_in([3], [gen | 2]) == page
         await client.close()
 
 

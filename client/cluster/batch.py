@@ -1,11 +1,12 @@
 """A batch's commands and what their answers mean (sans-IO: no connection here).
 
 A batch of runs is cut into chunk pieces (layout.py). A write is one WRITE script per
-piece (scripts.py: the floor, the chunk made, newer pages only); a read is three
-GETRANGEs per piece (page bytes, generations, tags) and a fourth for the seals; an
-Inventory reads each chunk's generations region whole. The answers are put back in
-the batch's order; a chunk never made reads as zeros at generation 0 (held by no one:
-the agent's proof makes that EIO, never a page).
+piece (scripts.py: the floor, the index made, newer payloads only, spliced into the
+chunk's stream); a read is one FETCH per piece; an Inventory reads each chunk's index
+whole. The answers are put back in the batch's order. A slot that holds nothing (a
+chunk never made, a slot never written or discarded) reads as a page of zeros at
+generation 0, as from a netswap store: held by no one, which the agent's proof makes
+EIO, never a page.
 """
 
 from __future__ import annotations
@@ -14,96 +15,116 @@ import errno
 from array import array
 from collections.abc import Sequence
 
-from netswap.protocol import PAGE_SIZE, SEAL_SIZE, Pages, StoreError
+from netswap.protocol import MAX_PAYLOAD, MIN_PAYLOAD, PAGE_SIZE, SEAL_SIZE, Pages, StoreError
 from netswap.protocol.messages import Buffer
 
 from .layout import (
     CHUNK_PAGES,
     GEN_SIZE,
-    SEALS_AT,
-    TAG_SIZE,
-    TAGS_AT,
+    INDEX_BYTES,
+    LEN_SIZE,
+    LENS_AT,
     Piece,
     chunk_keys,
     floor_key_of,
     pieces,
 )
 from .router import Cmd
-from .scripts import WRITE
+from .scripts import FETCH, WRITE
+
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 def write_cmds(area: str, epoch: int, runs: Sequence[range], pages: Sequence[Buffer],
                tags: array[int], generations: array[int],
                seals: Buffer | None) -> list[Cmd]:  # fmt: skip
-    """One WRITE per piece, its pages copied now (the caller's buffers may be reused).
-    Whole pages only: a compressed payload (compress=lz4) is refused, never misplaced."""
-    if any(len(memoryview(page)) != PAGE_SIZE for page in pages):
-        raise StoreError(errno.EINVAL, "the cluster tier stores whole pages: compress=lz4 "
-                         "is for netswap's stores")  # fmt: skip
+    """One WRITE per piece, its payloads copied now (the caller's buffers may be reused).
+    A payload of any length the protocol allows (1..PAGE_SIZE); another is EINVAL."""
+    lengths = array("H")
+    for page in pages:
+        length = memoryview(page).nbytes
+        if not MIN_PAYLOAD <= length <= MAX_PAYLOAD:
+            raise StoreError(errno.EINVAL, f"a payload is {MIN_PAYLOAD}..{MAX_PAYLOAD} bytes, "
+                             f"not {length}")  # fmt: skip
+        lengths.append(length)
     cmds: list[Cmd] = []
     seal_view = memoryview(seals) if seals is not None else None
     for p in pieces(runs):
-        pk, mk = chunk_keys(area, p.chunk)
+        ik, dk = chunk_keys(area, p.chunk)
         i, n = p.index, p.count
-        data = b"".join(bytes(pages[j]) for j in range(i, i + n))
+        data = b"".join(pages[i : i + n])
         sealed = (bytes(seal_view[i * SEAL_SIZE : (i + n) * SEAL_SIZE])
                   if seal_view is not None else b"")  # fmt: skip
-        cmds.append(Cmd(pk, *WRITE.args([pk, mk, floor_key_of(area, p.chunk)], epoch, p.offset,
-                                        n, data, generations[i : i + n].tobytes(),
+        cmds.append(Cmd(ik, *WRITE.args([ik, dk, floor_key_of(area, p.chunk)], epoch, p.offset,
+                                        n, data, lengths[i : i + n].tobytes(),
+                                        generations[i : i + n].tobytes(),
                                         tags[i : i + n].tobytes(), sealed)))  # fmt: skip
     return cmds
 
 
 def read_cmds(area: str, runs: Sequence[range], sealed: bool) -> tuple[list[Piece], list[Cmd]]:
     plan = list(pieces(runs))
-    cmds: list[Cmd] = []
+    cmds = []
     for p in plan:
-        pk, mk = chunk_keys(area, p.chunk)
-        off, n = p.offset, p.count
-        cmds.append(Cmd(pk, "GETRANGE", pk, off * PAGE_SIZE, (off + n) * PAGE_SIZE - 1))
-        cmds.append(Cmd(mk, "GETRANGE", mk, off * GEN_SIZE, (off + n) * GEN_SIZE - 1))
-        cmds.append(Cmd(mk, "GETRANGE", mk, TAGS_AT + off * TAG_SIZE,
-                        TAGS_AT + (off + n) * TAG_SIZE - 1))  # fmt: skip
-        if sealed:
-            cmds.append(Cmd(mk, "GETRANGE", mk, SEALS_AT + off * SEAL_SIZE,
-                            SEALS_AT + (off + n) * SEAL_SIZE - 1))  # fmt: skip
+        ik, dk = chunk_keys(area, p.chunk)
+        cmds.append(Cmd(ik, *FETCH.args([ik, dk], p.offset, p.count, int(sealed))))
     return plan, cmds
 
 
 def pages_of(plan: list[Piece], cmds: list[Cmd], sealed: bool) -> Pages:
-    """The read's answers as a store's Pages reply (unproven: the agent proves them)."""
+    """The read's answers as a store's Pages reply (unproven: the agent proves them).
+    A chunk whose stream is shorter than its index says is EIO: its node lost part
+    of it (a script is atomic, so only a failure outside netswap does that)."""
     total = sum(p.count for p in plan)
-    data, gens, tags = bytearray(total * PAGE_SIZE), array("Q"), array("I")
+    parts: list[Buffer] = []
+    lengths, gens, tags = array("H"), array("Q"), array("I")
     seals = bytearray(total * SEAL_SIZE) if sealed else None
-    step = 4 if sealed else 3
-    for k, p in enumerate(plan):
-        got = [bytes(c.result or b"") for c in cmds[k * step : (k + 1) * step]]
+    for p, cmd in zip(plan, cmds, strict=True):
         n, at = p.count, p.index
-        data[at * PAGE_SIZE : (at + n) * PAGE_SIZE] = got[0].ljust(n * PAGE_SIZE, b"\0")
-        gens.frombytes(got[1].ljust(n * GEN_SIZE, b"\0"))  # a chunk never made: 0
-        tags.frombytes(got[2].ljust(n * TAG_SIZE, b"\0"))
+        got = [bytes(part) for part in cmd.result or ()]
+        if not got:  # a chunk never made
+            parts.extend([_ZERO_PAGE] * n)
+            lengths.extend([PAGE_SIZE] * n)
+            gens.extend([0] * n)
+            tags.extend([0] * n)
+            continue
+        data, held = memoryview(got[0]), array("H", got[3])
+        gens.frombytes(got[1])
+        tags.frombytes(got[2])
+        if sum(held) != len(data) or len(held) != n:
+            raise StoreError(errno.EIO, f"chunk {p.chunk}: its stream does not match its index")
+        place = 0
+        for length in held:
+            if length:
+                parts.append(data[place : place + length])
+                place += length
+            else:  # nothing held: zeros at generation 0, as a netswap store answers
+                parts.append(_ZERO_PAGE)
+            lengths.append(length or PAGE_SIZE)
         if seals is not None:
-            seals[at * SEAL_SIZE : (at + n) * SEAL_SIZE] = got[3].ljust(n * SEAL_SIZE, b"\0")
-    return Pages(0, data, tags, gens, seals)
+            seals[at * SEAL_SIZE : (at + n) * SEAL_SIZE] = got[4]
+    return Pages(0, b"".join(parts), tags, gens, seals, lengths)
 
 
 def inventory_cmds(area: str, first: int, count: int) -> tuple[range, list[Cmd]]:
     chunks = range(first // CHUNK_PAGES, (first + count - 1) // CHUNK_PAGES + 1)
-    cmds = [Cmd(m, "GETRANGE", m, 0, TAGS_AT - 1)
-            for m in (chunk_keys(area, c)[1] for c in chunks)]  # fmt: skip
+    cmds = [Cmd(i, "GET", i) for i in (chunk_keys(area, c)[0] for c in chunks)]
     return chunks, cmds
 
 
 def held_of(chunks: range, cmds: list[Cmd], first: int,
-            count: int) -> tuple[array[int], array[int]]:  # fmt: skip
-    """The slots of first..first+count-1 held (generation not 0), and their generations."""
-    slots, gens = array("Q"), array("Q")
+            count: int) -> tuple[array[int], array[int], array[int]]:  # fmt: skip
+    """The slots of first..first+count-1 held (generation not 0), their generations
+    and their payloads' lengths."""
+    slots, gens, lengths = array("Q"), array("Q"), array("H")
     for chunk, cmd in zip(chunks, cmds, strict=True):
-        held = array("Q")
-        held.frombytes(bytes(cmd.result or b"").ljust(TAGS_AT, b"\0"))
+        index = bytes(cmd.result or b"").ljust(INDEX_BYTES, b"\0")
+        held = array("Q", index[: CHUNK_PAGES * GEN_SIZE])
+        sizes = array("H", index[LENS_AT : LENS_AT + CHUNK_PAGES * LEN_SIZE])
         for i, gen in enumerate(held):
             slot = chunk * CHUNK_PAGES + i
             if gen and first <= slot < first + count:
                 slots.append(slot)
                 gens.append(gen)
-    return slots, gens
+                lengths.append(sizes[i])
+    return slots, gens, lengths

@@ -193,9 +193,12 @@ class ClusterClient:
         await self.record.fence_buckets(range(buckets_of(self.slots)), epoch)
 
     async def stats(self) -> dict[str, int]:
-        """Used pages (the masters' used_memory); the nodes and the masters' histories
-        looked at again (a possible loss reports the store lost)."""
-        used = sum(int(info.get("used_memory", 0)) for info in await self.watch.memory())
+        """Used pages and bytes (the masters' used_memory) and capacity bytes (their
+        maxmemory); the nodes and the masters' histories looked at again (a possible
+        loss reports the store lost)."""
+        memory = await self.watch.memory()
+        used = sum(int(info.get("used_memory", 0)) for info in memory)
+        capacity = sum(int(info.get("maxmemory", 0)) or 1 << 40 for info in memory)
         if self._on_lost is not None:  # the agent's store holds this client (not at connect)
             with contextlib.suppress(Exception):  # a node failing: the next refresh tells
                 await self.watch.refresh_figures()
@@ -203,7 +206,7 @@ class ClusterClient:
                 await self.watch.check()
             except ConnectionLost as exc:
                 self._lost(exc)
-        return {"used_pages": used // PAGE_SIZE}
+        return {"used_pages": used // PAGE_SIZE, "used_bytes": used, "capacity_bytes": capacity}
 
     async def flush(self) -> None:
         """Nothing to do: a write was answered once WAIT had counted its replicas."""
@@ -227,15 +230,17 @@ class ClusterClient:
     async def read_pages(self, slots: Sequence[int], sealed: bool = False) -> Pages:
         return await self._read([range(s, s + 1) for s in slots], sealed)
 
-    async def inventory(self, first: int, count: int) -> tuple[array[int], array[int]]:
-        """The slots of first..first+count-1 held (generation not 0), and their generations."""
+    async def inventory(self, first: int,
+                        count: int) -> tuple[array[int], array[int], array[int]]:  # fmt: skip
+        """The slots of first..first+count-1 held (generation not 0), their generations
+        and their payloads' lengths."""
         chunks, cmds = batch.inventory_cmds(self.area, first, count)
         await self.router.run(cmds)
         return batch.held_of(chunks, cmds, first, count)
 
     async def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Whole chunks are unlinked (their memory freed); a part of one has its
-        generations zeroed (held no longer). A write to a chunk waits for its discard."""
+        """Whole chunks are unlinked; a part of one is cut out of its stream (its memory
+        freed either way). A write to a chunk waits for its discard."""
         todo = [p for start, count in ranges for p in pieces([range(start, start + count)])]
         await self._discard([(p.chunk, p.offset, p.count) for p in todo])
 

@@ -1,22 +1,32 @@
-"""Where an area's pages live in a Redis-protocol cluster (sans-IO: keys and offsets).
+"""Where an area's payloads live in a Redis-protocol cluster (sans-IO: keys and offsets).
 
-Pages go in **chunks** of CHUNK_PAGES consecutive slots, one string value per chunk,
-each page at (slot % CHUNK_PAGES) * 4096, written with SETRANGE and read with
-GETRANGE; beside it a metadata value per chunk holds each slot's generation (u64),
-tag (u32) and seal (16 B) in three regions. Why 255 pages and not the kernel's 256:
-a value of 256 pages is 1 MiB plus the string's 10-byte header, which jemalloc puts
-in its 1.25 MiB class (25 % lost); 255 pages fit the 1 MiB class (0.4 %). Both
-values are made at their final size on a chunk's first write (scripts.WRITE: a SET of
-zeros server-side), because SETRANGE grows a string greedily (to twice its length
-under 1 MiB, by another 1 MiB above), which would double what a chunk holds.
+A slot holds a **payload** (client/agent/payload.py): a same-filled page's 8-byte
+word, an lz4 block in 256-byte granules up to 3,072 B, or a whole page. Slots go in
+**chunks** of CHUNK_PAGES consecutive slots. A chunk's payloads are **packed**, in
+slot order, into one byte stream; its **index** value holds each slot's generation
+(u64), tag (u32), seal (16 B) and payload length (u16; 0: nothing held) in four
+regions, and a slot's place in the stream is the sum of the lengths before it.
+The stream is cut into SEGMENT-byte **segments**, the fields 0, 1, 2, ... of one
+hash per chunk (the last one shorter): a write that changes a payload's length
+rewrites the stream from that payload on, a write of the same lengths only the
+segments it touches (scripts.py). Why this layout (measured by `INFO memory` on a
+3+3 cluster, 81,920 pages of the corpus's payload lengths, README: the cluster
+tier): each segment is exactly a jemalloc class (16 KiB with the string's 6-byte
+header), so a chunk costs its payloads plus one part-filled segment; one value per
+chunk instead lands wherever jemalloc's classes fall (0.47x a whole page against
+0.43x), one value per payload pays a class and a key for each (0.51x-0.53x), and
+whole pages cost 1.013x a page (the 255-page strings before: 1.023x). 64 slots a
+chunk: a quarter of the kernel's 256-slot swap cluster, and a length change moves
+at most 256 KiB.
 
 Chunks are grouped under one hash tag per **bucket** of BUCKET_CHUNKS chunks
-(`netswap:{AREA:BUCKET}:p:CHUNK`), so a batch of neighbouring slots goes to one
-node in one pipeline, while an area's buckets spread over every master. Each bucket
-has its own fencing floor (`netswap:{AREA:BUCKET}:f`): a script can only touch keys
-of one hash slot, so the floor a write is checked against lives beside its chunks.
-The area's own record (`netswap:{AREA}:area`: slots, area id, holder) and its floor
-(`netswap:{AREA}:floor`) share the hash tag `{AREA}`.
+(`netswap:{AREA:BUCKET}:i:CHUNK` and `...:d:CHUNK`), so a batch of neighbouring
+slots goes to one node in one pipeline, while an area's buckets spread over every
+master. Each bucket has its own fencing floor (`netswap:{AREA:BUCKET}:f`): a
+script can only touch keys of one hash slot, so the floor a write is checked
+against lives beside its chunks. The area's own record (`netswap:{AREA}:area`:
+slots, area id, holder) and its floor (`netswap:{AREA}:floor`) share the hash tag
+`{AREA}`.
 """
 
 from __future__ import annotations
@@ -26,17 +36,22 @@ from collections.abc import Iterator, Sequence
 from netswap.protocol import PAGE_SIZE, SEAL_SIZE
 from netswap.protocol.messages import area_name_ok
 
-CHUNK_PAGES = 255
-GEN_SIZE, TAG_SIZE = 8, 4
-META_SIZE = GEN_SIZE + TAG_SIZE + SEAL_SIZE  # 28 B per slot
-# Regions of a chunk's metadata value: generations, then tags, then seals.
+CHUNK_PAGES = 64
+GEN_SIZE, TAG_SIZE, LEN_SIZE = 8, 4, 2
+INDEX_SIZE = GEN_SIZE + TAG_SIZE + SEAL_SIZE + LEN_SIZE  # 30 B per slot
+# Regions of a chunk's index value: generations, tags, seals, payload lengths.
 TAGS_AT = CHUNK_PAGES * GEN_SIZE
 SEALS_AT = TAGS_AT + CHUNK_PAGES * TAG_SIZE
-META_BYTES = CHUNK_PAGES * META_SIZE  # 7,140 B: jemalloc's 7,168 class with its header
-PAGES_BYTES = CHUNK_PAGES * PAGE_SIZE  # 1,044,480 B: the 1 MiB class with its header
-# 64 chunks (16,320 slots, ~64 MiB of swap) per bucket, so a 16 GiB area has 257
+LENS_AT = SEALS_AT + CHUNK_PAGES * SEAL_SIZE
+INDEX_BYTES = CHUNK_PAGES * INDEX_SIZE  # 1,920 B: jemalloc's 2,048 class with its header
+# A segment fills jemalloc's 16 KiB class exactly with the string's header (5 B for a
+# string under 64 KiB) and its terminating zero: no byte of a full segment is lost.
+SEGMENT = 16384 - 6
+# The most segments a chunk's stream can have (every payload a whole page: 17).
+MAX_SEGMENTS = -(-CHUNK_PAGES * PAGE_SIZE // SEGMENT)
+# 256 chunks (16,384 slots, 64 MiB of swap) per bucket, so a 16 GiB area has 256
 # buckets to spread over the masters' 16,384 hash slots.
-BUCKET_CHUNKS = 64
+BUCKET_CHUNKS = 256
 
 
 class Piece:
@@ -68,9 +83,11 @@ def pieces(runs: Sequence[range]) -> Iterator[Piece]:
 
 
 def chunk_keys(area: str, chunk: int) -> tuple[str, str]:
-    """The pages key and the metadata key of one chunk (one hash tag: one node)."""
+    """The index key and the stream's hash of one chunk (one hash tag: one node). Not
+    the 255-page layout's `:p:` and `:m:` keys: an area written by an older client is
+    never read as this layout (swap does not outlive its host's boot anyway)."""
     tag = f"netswap:{{{area}:{chunk // BUCKET_CHUNKS}}}"
-    return f"{tag}:p:{chunk}", f"{tag}:m:{chunk}"
+    return f"{tag}:i:{chunk}", f"{tag}:d:{chunk}"
 
 
 def bucket_floor_key(area: str, bucket: int) -> str:

@@ -368,8 +368,7 @@ class PluginConfig:
                 direct_writes=self.writes == "direct", rebuild=self.rebuilds(),
                 epoch=self.epoch, key=self.area_key(), holder=holder_id(self.area),
                 force=self.force == "on",
-                # The cluster tier's layout holds whole pages (README: the cluster tier).
-                compress=self.compress == "lz4" and not self.cluster,
+                compress=self.compress == "lz4",
             )  # fmt: skip
         from netswap.server.backends import open_backend
 
