@@ -11,12 +11,15 @@ every minute, unlike a tracemalloc snapshot, which holds the loop for seconds):
     arenas, the bytes in blocks in use and free;
   - tracemalloc's traced bytes and its own memory, when it traces.
 A libc or an interpreter without these calls gives the figures it can (an empty dict).
+pymalloc's figures are empty while tracemalloc traces: CPython reports nothing when its
+object allocator is wrapped (_PyMem_PymallocEnabled is false).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import re
 import sys
 from typing import Any
@@ -26,18 +29,21 @@ _HEAP = re.compile(r'<heap nr="(\d+)">(.*?)</heap>', re.S)
 _PYMALLOC = re.compile(r"^# ([a-z ]+?)\s*=\s*([\d,]+)$", re.M)
 
 
-def _libc() -> Any:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _read_stream(write: Any) -> str:
-    """Call write(FILE *) on an open_memstream(3) and return what it wrote."""
-    libc = _libc()
+@functools.cache  # once: every CDLL builds a class of its own (a minute's sample grew
+def _libc() -> Any:  # the traced bytes by ~1 KiB when each call made one)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.open_memstream.restype = ctypes.c_void_p
     libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p),
                                     ctypes.POINTER(ctypes.c_size_t)]  # fmt: skip
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.free.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    return libc
+
+
+def _read_stream(write: Any) -> str:
+    """Call write(FILE *) on an open_memstream(3) and return what it wrote."""
+    libc = _libc()
     buf, size = ctypes.c_void_p(), ctypes.c_size_t()
     stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
     if not stream:
@@ -56,7 +62,6 @@ def malloc_arenas() -> dict[str, Any]:
     """glibc's arenas: [{nr, system, free}] and the totals, mmap'd chunks included."""
     try:
         libc = _libc()
-        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
         text = _read_stream(lambda stream: libc.malloc_info(0, stream))
     except (OSError, AttributeError):
         return {}
@@ -82,8 +87,8 @@ def _sums(xml: str) -> dict[str, int]:
     return out
 
 
-def pymalloc() -> dict[str, int]:
-    """pymalloc's counters: arenas allocated now, bytes in blocks in use and free, ..."""
+@functools.cache
+def _pymalloc_dump() -> Any:
     try:
         dump = ctypes.pythonapi._PyObject_DebugMallocStats
     except AttributeError:
@@ -91,8 +96,16 @@ def pymalloc() -> dict[str, int]:
             name = f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
             dump = ctypes.PyDLL(name)._PyObject_DebugMallocStats
         except (OSError, AttributeError):
-            return {}
+            return None
     dump.argtypes = [ctypes.c_void_p]
+    return dump
+
+
+def pymalloc() -> dict[str, int]:
+    """pymalloc's counters: arenas allocated now, bytes in blocks in use and free, ..."""
+    dump = _pymalloc_dump()
+    if dump is None:
+        return {}
     text = _read_stream(dump)
     return {k.replace(" ", "_"): int(v.replace(",", "")) for k, v in _PYMALLOC.findall(text)}
 
