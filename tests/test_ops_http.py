@@ -162,3 +162,13 @@ async def test_memory_names_the_allocators_figures(ops: http.OpsServer) -> None:
     assert body["malloc"]["system"] > 0 and body["malloc"]["arenas"]
     assert body["allocated_blocks"] > 0
     assert body["pymalloc"]["arenas_allocated_current"] > 0  # not tracing: pymalloc answers
+
+
+async def test_trim_gives_back_what_malloc_held_free(ops: http.OpsServer) -> None:
+    held = [bytearray(100_000) for _ in range(300)]  # below the mmap threshold: the heap's
+    del held[::2]  # holes no trim at the heap's top reaches: 15 MB free inside it
+    auth = b"Authorization: Bearer s3cret\r\n"
+    reply = await exchange(port_of(ops), b"GET /debug/memory?trim=1 HTTP/1.1\r\n" + auth + b"\r\n")
+    trimmed = json.loads(reply.split(b"\r\n\r\n", 1)[1])["trim"]
+    assert trimmed["rss_after_kib"] < trimmed["rss_before_kib"] - 5_000, trimmed
+    assert len(held) == 150

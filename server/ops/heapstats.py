@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import re
 import sys
 from typing import Any
@@ -38,6 +39,7 @@ def _libc() -> Any:  # the traced bytes by ~1 KiB when each call made one)
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.free.argtypes = [ctypes.c_void_p]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
 
 
@@ -119,3 +121,22 @@ def memory() -> dict[str, Any]:
         body["traced_bytes"], body["traced_peak"] = tracemalloc.get_traced_memory()
         body["tracemalloc_own"] = tracemalloc.get_tracemalloc_memory()
     return body
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:  # in pages
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+def trim() -> dict[str, int]:
+    """malloc_trim(0): every arena's free pages back to the kernel. What RSS was before
+    and after (KiB) says how much of it was memory malloc held free, not memory in use.
+    The soak calls it once, at its end; it walks every arena under its lock, so it is
+    never called on a schedule."""
+    try:
+        libc = _libc()
+    except (OSError, AttributeError):
+        return {}
+    before = _rss_kib()
+    libc.malloc_trim(0)
+    return {"rss_before_kib": before, "rss_after_kib": _rss_kib()}

@@ -77,7 +77,10 @@ class Routes:
         if url.path == "/debug/allocations":  # seconds of work: answered off the loop
             return allocations
         if url.path == "/debug/memory":  # the allocators' figures: cheap (heapstats.py)
-            return 200, "application/json", json.dumps(heapstats.memory()).encode()
+            body = heapstats.memory()
+            if parse_qs(url.query).get("trim") == ["1"]:  # once, at a soak's end
+                body["trim"] = heapstats.trim()
+            return 200, "application/json", json.dumps(body).encode()
         return 404, "text/plain", b"not found\n"
 
     def _allowed(self, headers: dict[str, str], query: str) -> bool:

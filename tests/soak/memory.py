@@ -63,13 +63,20 @@ def _kind(lo: int, hi: int, perms: str, path: str) -> str:
     return "anon"
 
 
-def allocators(http: str) -> dict[str, Any]:
+def allocators(http: str, query: str = "") -> dict[str, Any]:
     try:
-        with urllib.request.urlopen(f"http://{http}/debug/memory", timeout=10) as r:
+        with urllib.request.urlopen(f"http://{http}/debug/memory{query}", timeout=10) as r:
             body: dict[str, Any] = json.loads(r.read())
             return body
     except (OSError, ValueError):
         return {}
+
+
+def trim(http: str) -> tuple[int, int]:
+    """Have the agent call malloc_trim(0): its RSS (KiB) before and after; zeros if it
+    could not say."""
+    t = allocators(http, "?trim=1").get("trim", {})
+    return t.get("rss_before_kib", 0), t.get("rss_after_kib", 0)
 
 
 def sample(t: float, pid: int, http: str) -> dict[str, Any]:

@@ -75,5 +75,11 @@ def report(out: Outcome) -> None:
         print("  the mappings that grew most in it:")
         for line in out.mappings:
             print(f"    {line}")
+    if out.trimmed[0]:
+        before, after = out.trimmed
+        print(
+            f"  malloc_trim(0) at the end: the agent's RSS {before / 1024:.1f} -> "
+            f"{after / 1024:.1f} MiB ({(after - before) / 1024:+.1f}: what malloc held free)"
+        )
     for error in out.errors[:5]:
         print(f"  ERROR {error}")

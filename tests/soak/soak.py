@@ -17,7 +17,8 @@ agent, when the nemesis restarted it): its allocation sites (ops endpoint
 /debug/allocations), diffed. Every minute it also reads the agent's mappings (smaps)
 and its allocators' figures (/debug/memory): the report fits each one's slope over the
 same window as RSS's, names the mappings that grew, and keeps the samples in
-artifacts/soak-memory.jsonl (memory.py).
+artifacts/soak-memory.jsonl (memory.py). Last, it has the agent call malloc_trim(0) and
+reports what RSS lost: memory malloc held free.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class Outcome:
     # and the mappings that grew most in it (memory.py).
     memory: list[tuple[str, float, float, float]] = field(default_factory=list)
     mappings: list[str] = field(default_factory=list)
+    trimmed: tuple[int, int] = (0, 0)  # the agent's RSS (KiB) before and after malloc_trim(0)
 
     @property
     def repairs(self) -> list[float]:
@@ -187,6 +189,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
     logs: list[Path] = []
     snapshots: list[float] = []  # seconds each tracemalloc snapshot held the agent's loop
     mem: list[dict[str, Any]] = []  # the agent's mappings and allocators, a minute apart
+    trimmed: tuple[int, int] = (0, 0)  # the agent's RSS (KiB) before and after malloc_trim
     with ExitStack() as stack:
         files = tempfile.mkdtemp(prefix="netswap-soak-")
         stack.callback(shutil.rmtree, files, True)
@@ -255,6 +258,7 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
             before = warm_sites[1]
             grown = {w: b - before.get(w, 0) for w, b in sites.items()}
             growth = sorted(grown.items(), key=lambda item: -item[1])[:GROWTH_SHOWN]
+        trimmed = memory.trim(http)  # last: it changes what RSS holds
     texts = [log.read_text(errors="replace") for log in logs]
     errors += [f"{log}: a traceback" for log, text in zip(logs, texts, strict=True)
                if "Traceback" in text]  # fmt: skip
@@ -275,7 +279,8 @@ def soak(seconds: float, chart: Path, replicas: int = 2, trace: bool = False,
                    slope, window, peaks, chart, swept, work.write_retries,  # type: ignore[arg-type]
                    nemesis.waiting, sum(len(LOST.findall(text)) for text in texts), growth,
                    traced_growth, seed, snapshots,
-                   sum(text.count(" is down: ") for text in texts), table, mappings)  # fmt: skip
+                   sum(text.count(" is down: ") for text in texts), table, mappings,
+                   trimmed)  # fmt: skip
 
 
 def main() -> int:
