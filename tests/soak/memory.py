@@ -93,6 +93,7 @@ def figures(s: dict[str, Any]) -> dict[str, float]:
     if m := a.get("malloc"):
         out["malloc from system (arenas)"] = m["system"] / KIB
         out["malloc free in arenas"] = m["free"] / KIB
+        out["malloc in use (system - free)"] = (m["system"] - m["free"]) / KIB  # #29: flat
         out["malloc mmap'd chunks"] = m["mmap"] / KIB
         out["malloc arenas"] = len(m["arenas"])
     if p := a.get("pymalloc"):
@@ -102,6 +103,9 @@ def figures(s: dict[str, Any]) -> dict[str, float]:
     if "traced_bytes" in a:
         out["traced (tracemalloc)"] = a["traced_bytes"] / KIB
         out["tracemalloc's own"] = a["tracemalloc_own"] / KIB
+        out["rss outside Python (total - traced - own)"] = (  # what tracemalloc cannot see
+            out["rss total"] - out["traced (tracemalloc)"] - out["tracemalloc's own"]
+        )
     return out
 
 
