@@ -61,7 +61,7 @@ def report(out: Outcome) -> None:
     print(f"  RSS chart: {out.chart}")
     print(f"  stores found down by the agent: {out.downs}")
     if out.snapshots:
-        print(f"  tracemalloc snapshots held the agent's loop "
+        print(f"  tracemalloc snapshots took (off the agent's loop) "
               f"{', '.join(f'{s:.1f}s' for s in out.snapshots)}")  # fmt: skip
     if out.growth:
         print(f"  agent's Python memory after warm-up: {out.traced_growth / 1024:+.1f} KiB "
