@@ -225,3 +225,11 @@ def test_the_plugin_keeps_locked_only_the_code_a_seal_runs() -> None:
     assert works
     assert before > 7 * 1024, f"{before} KiB locked before: the library's code was not resident"
     assert 0 < after < before // 2, (before, after)
+
+
+def test_the_keyring_calls_share_one_libc_handle() -> None:
+    """Every save of the record calls add_key: a CDLL made per call is a class per call,
+    garbage only a full collection frees (the hour soak's ctypes/__init__.py:370)."""
+    from netswap.client.agent import keys
+
+    assert keys._libc() is keys._libc()

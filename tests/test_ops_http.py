@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -125,3 +126,49 @@ def test_the_exposition_parses_with_prometheus_clients_own_parser() -> None:
     assert [(s.labels, s.value) for s in decisions.samples] == [({"reason": 'odd "reason"\\n'}, 4)]
     assert families["netswap_build_info"].samples[0].labels["role"] == "embedded"
     assert families["netswap_host_memory_available_bytes"].samples[0].value > 0
+
+
+async def test_a_slow_answer_leaves_the_loop_turning(
+    monkeypatch: pytest.MonkeyPatch, ops: http.OpsServer
+) -> None:
+    """A tracemalloc snapshot takes seconds: on the agent's loop it timed batches out
+    (#29 §6). It runs on a thread of its own, and the loop keeps its pace meanwhile."""
+
+    def snapshot() -> http.Response:
+        time.sleep(1.0)  # a snapshot's work, holding its thread (not the GIL)
+        return 200, "application/json", b'{"sites": []}'
+
+    monkeypatch.setattr(http, "allocations", snapshot)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    auth = b"Authorization: Bearer s3cret\r\n"
+    reply = await exchange(port_of(ops), b"GET /debug/allocations HTTP/1.1\r\n" + auth + b"\r\n")
+    ticker.cancel()
+    assert status(reply) == 200 and reply.endswith(b'{"sites": []}')
+    assert ticks >= 50, f"the loop turned {ticks} times in the snapshot's second"
+
+
+async def test_memory_names_the_allocators_figures(ops: http.OpsServer) -> None:
+    auth = b"Authorization: Bearer s3cret\r\n"
+    reply = await exchange(port_of(ops), b"GET /debug/memory HTTP/1.1\r\n" + auth + b"\r\n")
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert body["malloc"]["system"] > 0 and body["malloc"]["arenas"]
+    assert body["allocated_blocks"] > 0
+    assert body["pymalloc"]["arenas_allocated_current"] > 0  # not tracing: pymalloc answers
+
+
+async def test_trim_gives_back_what_malloc_held_free(ops: http.OpsServer) -> None:
+    held = [bytearray(100_000) for _ in range(300)]  # below the mmap threshold: the heap's
+    del held[::2]  # holes no trim at the heap's top reaches: 15 MB free inside it
+    auth = b"Authorization: Bearer s3cret\r\n"
+    reply = await exchange(port_of(ops), b"GET /debug/memory?trim=1 HTTP/1.1\r\n" + auth + b"\r\n")
+    trimmed = json.loads(reply.split(b"\r\n\r\n", 1)[1])["trim"]
+    assert trimmed["rss_after_kib"] < trimmed["rss_before_kib"] - 5_000, trimmed
+    assert len(held) == 150

@@ -44,7 +44,7 @@ from netswap.client.nbd import takeover  # noqa: E402
 from netswap.client.nbd.config import ConfigError, PluginConfig, help_text  # noqa: E402
 from netswap.client.nbd.standby import CUSHION, StandbyError, wait_for_go  # noqa: E402
 from netswap.protocol import StoreError  # noqa: E402
-from netswap.server.heap import grow_cushion, tune_heap  # noqa: E402
+from netswap.server.heap import grow_cushion, one_arena, tune_heap  # noqa: E402
 
 # A supervisor's spare loads while the host may be swapping hard: what it touches from
 # here on is locked at once, or a page of it swapped out before after_fork could need
@@ -114,6 +114,7 @@ def after_fork() -> None:
     # Build the device here, not at load: threads and sockets must not cross
     # nbdkit's fork into the background.
     global _device
+    one_arena()  # before any thread of ours mallocs: one arena for all (heap.py)
     takeover.start()  # from here the plugin's lines go through the ring
     frames = os.environ.get("NETSWAP_TRACEMALLOC", "")
     if frames.isdigit():  # the soak's leak hunt: /debug/allocations on the ops endpoint

@@ -16,6 +16,7 @@ sends it as a header from then on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ from importlib import resources
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
+from . import heapstats
 from .metrics import render
 from .sources import Source
 
@@ -43,6 +45,11 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            431: "Request Header Fields Too Large", 500: "Internal Server Error"}  # fmt: skip
 
 Response = tuple[int, str, bytes]
+# A route whose answer takes long (a tracemalloc snapshot: seconds with many traces) is
+# answered by a function run on a thread of its own, so that the loop it would hold --
+# the agent's, with batches whose deadlines run meanwhile -- keeps turning (#29 §6: a
+# snapshot on the loop timed batches out and marked stores down).
+Slow = Callable[[], Response]
 
 
 def dashboard_html() -> bytes:
@@ -55,7 +62,7 @@ class Routes:
     def __init__(self, source: Source, token: str) -> None:
         self.source, self.token, self.page = source, token, dashboard_html()
 
-    def answer(self, method: str, target: str, headers: dict[str, str]) -> Response:
+    def answer(self, method: str, target: str, headers: dict[str, str]) -> Response | Slow:
         if method != "GET":
             return 405, "text/plain", b"only GET\n"
         url = urlsplit(target)
@@ -67,8 +74,13 @@ class Routes:
             return 200, "application/json", json.dumps(self.source().to_json()).encode()
         if url.path == "/":
             return 200, "text/html; charset=utf-8", self.page
-        if url.path == "/debug/allocations":
-            return allocations()
+        if url.path == "/debug/allocations":  # seconds of work: answered off the loop
+            return allocations
+        if url.path == "/debug/memory":  # the allocators' figures: cheap (heapstats.py)
+            body = heapstats.memory()
+            if parse_qs(url.query).get("trim") == ["1"]:  # once, at a soak's end
+                body["trim"] = heapstats.trim()
+            return 200, "application/json", json.dumps(body).encode()
         return 404, "text/plain", b"not found\n"
 
     def _allowed(self, headers: dict[str, str], query: str) -> bool:
@@ -99,6 +111,11 @@ def allocations() -> Response:
     return 200, "application/json", json.dumps(body).encode()
 
 
+# Slow answers run one at a time: at most MAX_CONNECTIONS threads wait on it, each
+# holding nothing but its request.
+SLOW_ONE_AT_A_TIME = threading.Lock()
+
+
 class OpsProtocol(asyncio.Protocol):
     """One connection: read a bounded head, answer it, close."""
 
@@ -126,9 +143,33 @@ class OpsProtocol(asyncio.Protocol):
         if end > MAX_HEAD or (end < 0 and len(self._head) > MAX_HEAD):
             self._reply(431, "text/plain", b"request head over 8 KiB\n")
         elif end >= 0:
-            self._reply(*self._answer(bytes(self._head[:end])))
+            answer = self._answer(bytes(self._head[:end]))
+            if callable(answer):
+                self._off_loop(answer)
+            else:
+                self._reply(*answer)
 
-    def _answer(self, head: bytes) -> Response:
+    def _off_loop(self, slow: Slow) -> None:
+        """Answer on a thread of its own; one at a time (a second waits its turn: a
+        snapshot's copy of the traces is as large as the traced memory)."""
+        if self._timer is not None:  # the head is in: its deadline no longer applies
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            with SLOW_ONE_AT_A_TIME:
+                try:
+                    answer = slow()
+                except Exception:
+                    log.exception("ops endpoint: a slow answer failed")
+                    answer = 500, "text/plain", b"internal error\n"
+            with contextlib.suppress(RuntimeError):  # the loop closed: no one to answer
+                loop.call_soon_threadsafe(self._send, *answer)
+
+        threading.Thread(target=run, name="netswap-http-slow", daemon=True).start()
+
+    def _answer(self, head: bytes) -> Response | Slow:
         try:
             line, *fields = head.decode("latin-1").split("\r\n")
             method, target, version = line.split(" ")
@@ -150,6 +191,9 @@ class OpsProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._send(status, kind, body)
+
+    def _send(self, status: int, kind: str, body: bytes) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return

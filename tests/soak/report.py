@@ -61,12 +61,25 @@ def report(out: Outcome) -> None:
     print(f"  RSS chart: {out.chart}")
     print(f"  stores found down by the agent: {out.downs}")
     if out.snapshots:
-        print(f"  tracemalloc snapshots held the agent's loop "
+        print(f"  tracemalloc snapshots took (off the agent's loop) "
               f"{', '.join(f'{s:.1f}s' for s in out.snapshots)}")  # fmt: skip
     if out.growth:
         print(f"  agent's Python memory after warm-up: {out.traced_growth / 1024:+.1f} KiB "
               "(tracemalloc); the sites that grew most:")  # fmt: skip
         for where, grown in out.growth:
             print(f"    {grown / 1024:+9.1f} KiB  {where}")
+    if out.memory:
+        print("  the agent's memory over the slope's window (MiB; slope per 10 min):")
+        for name, first, last, per in out.memory:
+            print(f"    {name:<30} {first:9.2f} -> {last:9.2f}  {per:+7.3f}")
+        print("  the mappings that grew most in it:")
+        for line in out.mappings:
+            print(f"    {line}")
+    if out.trimmed[0]:
+        before, after = out.trimmed
+        print(
+            f"  malloc_trim(0) at the end: the agent's RSS {before / 1024:.1f} -> "
+            f"{after / 1024:.1f} MiB ({(after - before) / 1024:+.1f}: what malloc held free)"
+        )
     for error in out.errors[:5]:
         print(f"  ERROR {error}")
