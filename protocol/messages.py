@@ -280,7 +280,30 @@ def _shown(message: Message) -> str:
     return f"{type(message).__name__}{_batch_key(message)!r}"[:200]
 
 
-class SwapOut(Request):
+class _Payloads:
+    """What SwapOut and Pages say of their payloads' lengths (None: all whole pages)."""
+
+    __slots__ = ()
+    _lengths: array[int] | None
+    tags: array[int]
+
+    @property
+    def sized(self) -> bool:
+        """Whether some payload is not a whole page (the frame carries lengths)."""
+        return self._lengths is not None
+
+    @property
+    def lengths(self) -> array[int]:
+        """Each payload's length (a new array of PAGE_SIZE when all are whole pages)."""
+        return self._lengths if self._lengths is not None else _whole(len(self.tags))
+
+    @property
+    def sized_lengths(self) -> array[int] | None:
+        """The lengths, or None when every payload is a whole page."""
+        return self._lengths
+
+
+class SwapOut(_Payloads, Request):
     """Store a batch of payloads: the i-th payload of `data` (lengths[i] bytes; without
     lengths, each a whole page) goes to the i-th slot of `runs`, written for
     generations[i] (nonzero), tagged tags[i]; seals[i] is kept beside it."""
@@ -315,21 +338,6 @@ class SwapOut(Request):
     @property
     def slots(self) -> range | array[int]:
         return flat(self.runs)
-
-    @property
-    def sized(self) -> bool:
-        """Whether some payload is not a whole page (the frame then carries lengths)."""
-        return self._lengths is not None
-
-    @property
-    def lengths(self) -> array[int]:
-        """Each payload's length (a new array of PAGE_SIZE when all are whole pages)."""
-        return self._lengths if self._lengths is not None else _whole(len(self.tags))
-
-    @property
-    def sized_lengths(self) -> array[int] | None:
-        """The lengths, or None when every payload is a whole page."""
-        return self._lengths
 
     def offsets(self) -> array[int]:
         """Where each payload starts in `data`, then where the last ends (n + 1)."""
@@ -504,7 +512,7 @@ class Welcome(Reply):
         _check_holder(self.holder)
 
 
-class Pages(Reply):
+class Pages(_Payloads, Reply):
     """Answer to SwapIn: the payloads in request order, back to back in `data`, with
     their stored generations, tags and lengths (a slot never written reads as a page
     of zeros at generation 0), and their seals when the SwapIn asked for them (zeros
@@ -535,21 +543,6 @@ class Pages(Reply):
         self.seals = seals
         self._lengths = sized
         self._offsets: array[int] | None = None
-
-    @property
-    def sized(self) -> bool:
-        """Whether some payload is not a whole page (the frame carried lengths)."""
-        return self._lengths is not None
-
-    @property
-    def lengths(self) -> array[int]:
-        """Each payload's length (a new array of PAGE_SIZE when all are whole pages)."""
-        return self._lengths if self._lengths is not None else _whole(len(self.tags))
-
-    @property
-    def sized_lengths(self) -> array[int] | None:
-        """The lengths, or None when every payload is a whole page."""
-        return self._lengths
 
     def offsets(self) -> array[int]:
         """Where each payload starts in `data`, then where the last ends (n + 1)."""
